@@ -1,0 +1,34 @@
+"""The supported architectures, one declarative table each, looked up by Hugging Face class name."""
+
+from __future__ import annotations
+
+from converters.architectures.base import Architecture, ModelConfig
+from converters.architectures.llama import LLAMA
+from converters.errors import UnsupportedModelError
+
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA,)
+
+_BY_HF_NAME = {hf_name: arch for arch in ARCHITECTURES for hf_name in arch.hf_architectures}
+
+
+def supported_names() -> list[str]:
+    return sorted(_BY_HF_NAME)
+
+
+def architecture_for(config: ModelConfig) -> Architecture:
+    """The table for this config's `architectures[0]`, or a clear error listing what is supported."""
+    names = config.get("architectures") or []
+    if not names:
+        raise UnsupportedModelError(
+            "config.json does not name the model's architecture (`architectures`); "
+            f"qdesk converts {', '.join(supported_names())}."
+        )
+    for name in names:
+        if name in _BY_HF_NAME:
+            return _BY_HF_NAME[name]
+    raise UnsupportedModelError(
+        f"qdesk cannot convert {names[0]} models yet; it converts {', '.join(supported_names())}."
+    )
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "ModelConfig", "architecture_for", "supported_names"]
