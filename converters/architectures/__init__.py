@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from converters.architectures.base import Architecture, ModelConfig
+from converters.architectures.gemma3 import GEMMA3
 from converters.architectures.llama import LLAMA
+from converters.architectures.phi3 import PHI3
+from converters.architectures.qwen2 import QWEN2
+from converters.architectures.qwen3 import QWEN3
 from converters.errors import UnsupportedModelError
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLAMA,)
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3, PHI3)
 
 _BY_HF_NAME = {hf_name: arch for arch in ARCHITECTURES for hf_name in arch.hf_architectures}
 

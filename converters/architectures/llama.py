@@ -14,6 +14,7 @@ from converters.architectures.base import (
     common_hparams,
     rope_freq_base,
 )
+from converters.architectures.common import head_size_metadata, rope_kind, rope_scaling_metadata
 from converters.architectures.rope import llama3_rope_frequencies
 
 
@@ -41,25 +42,19 @@ def _permute_k(weight: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 def _metadata(config: ModelConfig) -> dict[str, Any]:
     arch = "llama"
-    values: dict[str, Any] = {
+    scaling = config.rope_scaling
+    return {
         **rope_freq_base(config, arch),
         f"{arch}.rope.dimension_count": config.head_dim,
+        **head_size_metadata(config, arch),
+        # Llama 3.1-style scaling is carried by the rope_freqs tensor, not by metadata.
+        **({} if rope_kind(scaling) == "llama3" else rope_scaling_metadata(scaling, arch)),
     }
-    if config.get("head_dim") is not None:
-        values[f"{arch}.attention.key_length"] = config.head_dim
-        values[f"{arch}.attention.value_length"] = config.head_dim
-    scaling = config.rope_scaling
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "linear":
-            values[f"{arch}.rope.scaling.type"] = "linear"
-            values[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
-    return values
 
 
 def _extra_tensors(config: ModelConfig):
     scaling = config.rope_scaling
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    if scaling is not None and rope_kind(scaling) == "llama3":
         theta = config.rope_theta or 10000.0
         yield "rope_freqs.weight", llama3_rope_frequencies(config.head_dim, theta, scaling)
 
