@@ -84,10 +84,10 @@ def read_config(folder: Path) -> ModelConfig:
     return ModelConfig(values)
 
 
-def open_checkpoint(source: Path) -> Checkpoint:
-    """Read the config and the table of contents of every weight file; no tensor data is read."""
+def open_checkpoint(source: Path, config: ModelConfig | None = None) -> Checkpoint:
+    """Read the config (unless given) and the table of contents of every weight file; no tensor data is read."""
     folder = resolve_checkpoint_folder(source)
-    config = read_config(folder)
+    config = config or read_config(folder)
     weight_files = _weight_files(folder)
     tensors: dict[str, SourceTensor] = {}
     for path in weight_files:

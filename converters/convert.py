@@ -14,7 +14,14 @@ import numpy as np
 
 from converters.architectures import Architecture, ModelConfig, architecture_for
 from converters.atomic import atomic_output, check_free_space
-from converters.checkpoint import Checkpoint, SourceTensor, check_dtypes, open_checkpoint
+from converters.checkpoint import (
+    Checkpoint,
+    SourceTensor,
+    check_dtypes,
+    open_checkpoint,
+    read_config,
+    resolve_checkpoint_folder,
+)
 from converters.errors import CheckpointError, UnsupportedModelError, UserError
 from converters.gguf_stream import DeclaredTensor, StreamingGGUFWriter
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
@@ -70,8 +77,9 @@ def convert_checkpoint(
         raise UserError(f"Unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}.")
     out = OUTTYPES[outtype.lower()]
 
-    checkpoint = open_checkpoint(source)
-    arch = architecture_for(checkpoint.config)
+    config = read_config(resolve_checkpoint_folder(source))
+    arch = architecture_for(config)
+    checkpoint = open_checkpoint(source, config)
     check_dtypes(checkpoint)
     block_count = int(checkpoint.config.require("num_hidden_layers"))
     plan = _plan_tensors(checkpoint, arch, out, block_count)

