@@ -59,9 +59,9 @@ def atomic_output(path: Path) -> Iterator[Path]:
         fd, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as error:
         raise OutputError(describe_os_error(error, path)) from error
-    os.close(fd)
     temporary = Path(temporary_name)
     try:
+        os.close(fd)
         yield temporary
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
 import time
 from collections.abc import Iterator
@@ -25,10 +27,11 @@ from converters.checkpoint import (
 from converters.errors import CheckpointError, UnsupportedModelError, UserError
 from converters.gguf_stream import DeclaredTensor, StreamingGGUFWriter
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.prefetch import prefetched
 from converters.tensor_types import OUTTYPES, OutType, encode, tensor_type
 from converters.tokenizer import TokenizerSummary, export_tokenizer
 
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 """Largest float32 slice of one tensor held in memory at once while converting."""
 
 
@@ -234,12 +237,19 @@ def _write_tensors(
     report: ProgressFn,
     cancel: CancelToken,
 ) -> None:
+    """Encode in a worker thread while this one writes, so reading and writing overlap."""
     total = sum(p.element_count for p in plan)
+    encoded = prefetched(
+        (index, piece)
+        for index, planned in enumerate(plan)
+        for piece in _encoded_pieces(planned, arch, config, cancel)
+    )
     done = 0
-    for planned in plan:
+    for index, pieces in itertools.groupby(encoded, key=operator.itemgetter(0)):
         cancel.raise_if_cancelled()
+        planned = plan[index]
         report(Progress(done, total, "parameters", planned.declared.name))
-        writer.write(planned.declared, _encoded_pieces(planned, arch, config, cancel))
+        writer.write(planned.declared, (piece for _, piece in pieces))
         done += planned.element_count
     report(Progress(total, total, "parameters", "done"))
 

@@ -8,6 +8,7 @@ from qdesk.info import read_model_info, render_text
 from qdesk.starter import starter_model_path
 
 DEMO_QUESTION = "What is the capital of France?"
+DEMO_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def run_demo() -> int:
@@ -30,7 +31,9 @@ def _ask(model_path: str, question: str) -> tuple[str, float]:
     started = time.monotonic()
     model = Llama(model_path=model_path, n_ctx=512, seed=0, verbose=False)
     reply = model.create_chat_completion(
-        messages=[{"role": "user", "content": question}], temperature=0.0, max_tokens=48
+        messages=[{"role": "system", "content": DEMO_SYSTEM_PROMPT}, {"role": "user", "content": question}],
+        temperature=0.0,
+        max_tokens=48,
     )
     content = str(reply["choices"][0]["message"]["content"]).strip()
     return content, time.monotonic() - started

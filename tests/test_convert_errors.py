@@ -253,7 +253,7 @@ def test_ctrl_c_in_cli_exits_130_and_leaves_nothing(tmp_path: Path, smollm2_hf: 
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert (process.returncode, left) == (130, []), stderr
     assert "cancelled" in stderr
     assert "Traceback" not in stderr
-    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,59 @@
+"""The command-line contract: help, usage errors, commands not yet available, and the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def qdesk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_contract_command() -> None:
+    result = qdesk("--help")
+    assert result.returncode == 0
+    for command in ("gui", "convert", "calibrate", "quantize", "eval", "chat", "compare", "info", "models",
+                    "download", "demo"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "info"])
+def test_command_help(command: str) -> None:
+    result = qdesk(command, "--help")
+    assert result.returncode == 0
+    assert "usage: qdesk" in result.stdout
+
+
+def test_bad_usage_exits_2() -> None:
+    assert qdesk("convert").returncode == 2
+    assert qdesk("convert", "x", "--outtype", "q4_k").returncode == 2
+    assert qdesk("no-such-command").returncode == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["calibrate", "m.gguf"], ["quantize", "m.gguf", "--preset", "Q4_K_M"], ["chat", "m.gguf"],
+     ["models", "list"], ["download", "org/repo"], ["gui"]],
+)
+def test_commands_not_yet_available_say_so(args: list[str]) -> None:
+    result = qdesk(*args)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not yet available" in lines[0]
+
+
+def test_debug_shows_the_traceback() -> None:
+    assert "Traceback" in qdesk("--debug", "info", "/nonexistent.gguf").stderr
+    assert "Traceback" not in qdesk("info", "/nonexistent.gguf").stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_starter_model() -> None:
+    result = qdesk("demo", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "134.5M" in result.stdout
