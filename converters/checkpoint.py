@@ -16,7 +16,7 @@ import numpy as np
 
 from converters.architectures.base import ModelConfig
 from converters.errors import CheckpointError, UnsupportedModelError
-from converters.safetensors_file import FLOAT_DTYPES, SafetensorsFile
+from converters.safetensors_file import FLOAT_DTYPES, SafetensorsFile, unsupported_dtype
 
 RowReader = Callable[[int, int], np.ndarray]
 
@@ -191,7 +191,4 @@ def check_dtypes(checkpoint: Checkpoint) -> None:
     """Refuse quantized or integer checkpoints before any output is written."""
     for tensor in checkpoint.tensors.values():
         if tensor.dtype not in FLOAT_DTYPES:
-            raise UnsupportedModelError(
-                f"Tensor {tensor.name} is stored as {tensor.dtype}; qdesk converts F32, F16 and BF16 checkpoints, "
-                "so use the unquantized release of this model."
-            )
+            raise unsupported_dtype(tensor.name, tensor.dtype)

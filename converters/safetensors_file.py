@@ -22,6 +22,14 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 _MAX_HEADER_BYTES = 100_000_000
 
 
+def unsupported_dtype(tensor_name: str, dtype: str) -> UnsupportedModelError:
+    """The error for a tensor stored in a type the converter does not read (quantized, integer, FP8)."""
+    return UnsupportedModelError(
+        f"Tensor {tensor_name} is stored as {dtype}; qdesk converts F32, F16 and BF16 checkpoints, "
+        "so use the unquantized release of this model."
+    )
+
+
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen bfloat16 bit patterns (as uint16) to float32: they are float32's upper halves."""
     return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -59,10 +67,7 @@ class SafetensorsFile:
     def read_rows(self, entry: SafetensorsEntry, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the tensor's first axis, as float32."""
         if entry.dtype not in FLOAT_DTYPES:
-            raise UnsupportedModelError(
-                f"Tensor {entry.name} in {self.path.name} is stored as {entry.dtype}; qdesk converts "
-                "F32, F16 and BF16 checkpoints, so use the unquantized release of this model."
-            )
+            raise unsupported_dtype(entry.name, entry.dtype)
         item = _ITEM_SIZES[entry.dtype]
         row_elements = math.prod(entry.shape[1:]) if len(entry.shape) > 1 else 1
         rows = max(0, stop - start)
