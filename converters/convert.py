@@ -80,9 +80,10 @@ def convert_checkpoint(
         raise UserError(f"Unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}.")
     out = OUTTYPES[outtype.lower()]
 
-    config = read_config(resolve_checkpoint_folder(source))
+    folder = resolve_checkpoint_folder(source)
+    config = read_config(folder)
     arch = architecture_for(config)
-    checkpoint = open_checkpoint(source, config)
+    checkpoint = open_checkpoint(folder, config)
     check_dtypes(checkpoint)
     block_count = int(checkpoint.config.require("num_hidden_layers"))
     plan = _plan_tensors(checkpoint, arch, out, block_count)
