@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,40 @@ def starter_gguf() -> Path:
 def smollm2_hf(test_cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face checkpoint folder (BF16 safetensors), read-only for tests."""
     return smollm2_checkpoint(test_cache)
+
+
+def _cached_gguf(cache: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """Build a GGUF once under the test cache (atomically, so an interrupted build is redone) and reuse it."""
+    target = cache / name
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".building-") as staging:
+        built = Path(staging) / target.name
+        build(built)
+        built.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(test_cache: Path, smollm2_hf: Path) -> Path:
+    """SmolLM2-135M-Instruct converted by qdesk to an F16 GGUF: the reference model for quantization tests."""
+    from converters.convert import convert_checkpoint
+
+    return _cached_gguf(test_cache, "smollm2-135m-f16.gguf",
+                        lambda out: convert_checkpoint(smollm2_hf, out, outtype="f16"))
+
+
+KQUANT_SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4}
+
+
+@pytest.fixture(scope="session")
+def kquant_f16(test_cache: Path) -> Path:
+    """A tiny random Llama (8 layers, rows of 256 and 512) as F16 GGUF, so every k-quant applies to every matrix."""
+    from converters.convert import convert_checkpoint
+    from tests.builders.checkpoints import build_tiny_checkpoint
+
+    def build(out: Path) -> None:
+        checkpoint = build_tiny_checkpoint(out.parent / "hf", "llama", tied=False, sizes=KQUANT_SIZES)
+        convert_checkpoint(checkpoint, out, outtype="f16")
+
+    return _cached_gguf(test_cache, "kquant-tiny-llama-f16-v1.gguf", build)

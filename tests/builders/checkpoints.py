@@ -192,11 +192,13 @@ def build_tiny_checkpoint(
     tied: bool = True,
     shards: int = 1,
     weights_format: str = "safetensors",
+    sizes: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random `arch` checkpoint (config, weights, tokenizer) into `folder`; returns `folder`.
 
     `shards` > 1 splits the safetensors weights into about that many files with an index;
     `weights_format="bin"` writes one `pytorch_model.bin` instead (transformers 5 no longer writes them).
+    `sizes` overrides the family's dimensions, e.g. `{"hidden_size": 256}` for rows that k-quants accept.
     """
     import torch
     import transformers
@@ -216,7 +218,8 @@ def build_tiny_checkpoint(
         token_count = _add_special_tokens(folder, family.added_special_tokens)
     vocab_size = family.vocab_multiple * math.ceil(token_count / family.vocab_multiple)
     config_class = getattr(transformers, family.config_class)
-    language = {**family.common, **family.settings, "vocab_size": vocab_size, "tie_word_embeddings": tied}
+    language = {**family.common, **family.settings, **(sizes or {})}
+    language.update(vocab_size=vocab_size, tie_word_embeddings=tied)
     if family.multimodal is None:
         config = config_class(**language)
     else:
