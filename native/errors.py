@@ -21,3 +21,7 @@ class QuantizerFailed(NativeError):
 
 class EvaluationFailed(NativeError):
     """llama.cpp could not load a model or evaluate a batch of tokens."""
+
+
+class Stopped(NativeError):
+    """The caller asked a running native operation to stop, and it did."""
