@@ -66,10 +66,12 @@ def convert_checkpoint(
     output: Path | None = None,
     *,
     outtype: str = "f16",
+    output_folder: Path | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> ConversionResult:
-    """Convert the checkpoint folder `source` to a GGUF at `output` (default: GGUF naming convention).
+    """Convert the checkpoint folder `source` to a GGUF at `output` (default: named by the GGUF naming
+    convention, in `output_folder` or else in the checkpoint folder).
 
     The file appears only when complete: a failure or cancellation leaves no partial output behind.
     """
@@ -89,7 +91,8 @@ def convert_checkpoint(
     plan = _plan_tensors(checkpoint, arch, out, block_count)
     parameter_count = sum(p.element_count for p in plan)
     metadata = _model_metadata(checkpoint.folder, parameter_count)
-    target = Path(output) if output is not None else checkpoint.folder / _default_file_name(metadata, out)
+    target = Path(output) if output is not None else (output_folder or checkpoint.folder) / _default_file_name(
+        metadata, out)
     check_free_space(target, sum(p.declared.nbytes for p in plan) + 64 * 1024 * 1024)
 
     vocab_rows = _vocab_rows(plan)

@@ -10,6 +10,7 @@ anything, which is how a preset becomes a per-tensor plan.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pickle
@@ -93,7 +94,7 @@ def run_quantizer(
         reader.start()
     try:
         assert child.stdin is not None
-        child.stdin.write(pickle.dumps(request))
+        child.stdin.write(pickle.dumps(_child_request(request)))
         child.stdin.close()
     except BrokenPipeError:
         pass
@@ -188,69 +189,137 @@ def parse_tensor_line(line: str) -> tuple[int, int, TensorRecord] | None:
 
 
 # --- the child process ------------------------------------------------------------------------------------------
+# The child loads libllama with ctypes alone (no llama_cpp or numpy import), so it starts in a few
+# milliseconds; the declarations below are llama.h's for the pinned llama-cpp-python.
+
+
+class _ImatrixData(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
+
+
+class _TensorOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("type", ctypes.c_int)]
+
+
+class _KVValue(ctypes.Union):
+    _fields_ = [("val_i64", ctypes.c_int64), ("val_f64", ctypes.c_double), ("val_bool", ctypes.c_bool),
+                ("val_str", ctypes.c_char * 128)]
+
+
+class _KVOverride(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_int), ("key", ctypes.c_char * 128), ("value", _KVValue)]
+
+
+class _QuantizeParams(ctypes.Structure):
+    _fields_ = [
+        ("nthread", ctypes.c_int32),
+        ("ftype", ctypes.c_int),
+        ("output_tensor_type", ctypes.c_int),
+        ("token_embedding_type", ctypes.c_int),
+        ("allow_requantize", ctypes.c_bool),
+        ("quantize_output_tensor", ctypes.c_bool),
+        ("only_copy", ctypes.c_bool),
+        ("pure", ctypes.c_bool),
+        ("keep_split", ctypes.c_bool),
+        ("dry_run", ctypes.c_bool),
+        ("imatrix", ctypes.POINTER(_ImatrixData)),
+        ("kv_overrides", ctypes.POINTER(_KVOverride)),
+        ("tt_overrides", ctypes.POINTER(_TensorOverride)),
+        ("prune_layers", ctypes.POINTER(ctypes.c_int32)),
+        ("max_buf_size", ctypes.c_size_t),
+    ]
+
+
+_LogCallback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_KV_INT, _KV_FLOAT, _KV_BOOL, _KV_STR = 0, 1, 2, 3
+_LOG_WARN, _LOG_ERROR = 3, 4
 
 
 def _child_main() -> int:
-    import llama_cpp  # before numpy: CUDA builds have crashed when numpy came first
-
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    request: QuantizeRequest = pickle.loads(sys.stdin.buffer.read())
+    request: _ChildRequest = pickle.loads(sys.stdin.buffer.read())
+    library = ctypes.CDLL(request.library)
+    library.llama_model_quantize_default_params.restype = _QuantizeParams
+    library.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_QuantizeParams)]
+    library.llama_model_quantize.restype = ctypes.c_uint32
+    library.llama_log_set.argtypes = [_LogCallback, ctypes.c_void_p]
+    library.llama_backend_init()
 
     def emit(event: dict[str, Any]) -> None:
         protocol.write(json.dumps(event) + "\n")
 
     pending = [""]
 
-    @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, _: Any) -> None:
         pending[0] += text.decode(errors="replace")
         *lines, pending[0] = pending[0].split("\n")
         for line in lines:
             _emit_log_line(emit, level, line)
 
-    llama_cpp.llama_log_set(on_log, None)
-    params = _quantize_params(llama_cpp, request)
-    return_code = llama_cpp.llama_model_quantize(request.source.encode(), request.output.encode(), params.pointer)
+    log_callback = _LogCallback(on_log)
+    library.llama_log_set(log_callback, None)
+    params, keep_alive = _quantize_params(library, request)
+    return_code = library.llama_model_quantize(request.source.encode(), request.output.encode(), ctypes.byref(params))
     if pending[0]:
         _emit_log_line(emit, 0, pending[0])
     emit({"return_code": int(return_code)})
     protocol.close()
+    del keep_alive
     return 0
 
 
 def _emit_log_line(emit: Callable[[dict[str, Any]], None], level: int, line: str) -> None:
-    error_level, warn_level = 4, 3
     parsed = parse_tensor_line(line)
     if parsed is not None:
         index, count, record = parsed
         emit({"index": index, "count": count, "tensor": record.__dict__})
-    elif level == error_level or "failed" in line or "error" in line.lower():
+    elif level == _LOG_ERROR or "failed" in line or "error" in line.lower():
         emit({"error": line.strip()})
-    elif level == warn_level and "manual override" not in line:
+    elif level == _LOG_WARN and "manual override" not in line:
         emit({"warning": line.strip()})
 
 
 @dataclass
-class _Params:
-    """The params struct and every buffer it points into, kept alive together for the call."""
+class _ChildRequest:
+    """What the child needs, in plain Python values: paths, numbers, type ids and float32 bytes."""
 
-    params: Any
-    keep_alive: list[Any]
+    library: str
+    source: str
+    output: str
+    ftype: int
+    threads: int
+    allow_requantize: bool
+    dry_run: bool
+    imatrix: dict[str, bytes]
+    tensor_types: dict[str, int]
+    metadata: dict[str, MetadataValue]
 
-    @property
-    def pointer(self) -> Any:
-        import ctypes
 
-        return ctypes.byref(self.params)
-
-
-def _quantize_params(llama_cpp: Any, request: QuantizeRequest) -> _Params:
-    import ctypes
-
+def _child_request(request: QuantizeRequest) -> _ChildRequest:
+    import llama_cpp.llama_cpp
     import numpy as np
 
-    params = llama_cpp.llama_model_quantize_default_params()
+    from native.ggml import ggml
+
+    lib = ggml()
+    return _ChildRequest(
+        library=str(llama_cpp.llama_cpp._lib._name),
+        source=request.source,
+        output=request.output,
+        ftype=request.ftype,
+        threads=request.threads,
+        allow_requantize=request.allow_requantize,
+        dry_run=request.dry_run,
+        imatrix={name: np.ascontiguousarray(values, dtype="<f4").tobytes()
+                 for name, values in (request.imatrix or {}).items()},
+        tensor_types={name: lib.type_id(type_name) for name, type_name in request.tensor_types.items()},
+        metadata=dict(request.metadata),
+    )
+
+
+def _quantize_params(library: ctypes.CDLL, request: _ChildRequest) -> tuple[_QuantizeParams, list[Any]]:
+    params = library.llama_model_quantize_default_params()
     params.ftype = request.ftype
     params.nthread = request.threads
     params.allow_requantize = request.allow_requantize
@@ -258,51 +327,44 @@ def _quantize_params(llama_cpp: Any, request: QuantizeRequest) -> _Params:
     keep_alive: list[Any] = []
 
     if request.imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(request.imatrix) + 1))()
-        for slot, (name, values) in zip(entries, request.imatrix.items(), strict=False):
-            array = np.ascontiguousarray(values, dtype=np.float32)
-            keep_alive.append(array)
+        entries = (_ImatrixData * (len(request.imatrix) + 1))()
+        for slot, (name, raw) in zip(entries, request.imatrix.items(), strict=False):
+            values = (ctypes.c_float * (len(raw) // 4)).from_buffer_copy(raw)
+            keep_alive.append(values)
             slot.name = name.encode()
-            slot.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            slot.size = array.size
+            slot.data = values
+            slot.size = len(values)
         keep_alive.append(entries)
         params.imatrix = entries
 
     if request.tensor_types:
-        from native.ggml import ggml
-
-        lib = ggml()
-        overrides = (llama_cpp.llama_model_tensor_override * (len(request.tensor_types) + 1))()
-        for slot, (name, type_name) in zip(overrides, request.tensor_types.items(), strict=False):
+        overrides = (_TensorOverride * (len(request.tensor_types) + 1))()
+        for slot, (name, type_id) in zip(overrides, request.tensor_types.items(), strict=False):
             slot.pattern = ("^" + re.escape(name) + "$").encode()
-            slot.type = lib.type_id(type_name)
+            slot.type = type_id
         keep_alive.append(overrides)
         params.tt_overrides = overrides
 
     if request.metadata:
-        kv = (llama_cpp.llama_model_kv_override * (len(request.metadata) + 1))()
+        kv = (_KVOverride * (len(request.metadata) + 1))()
         for slot, (key, value) in zip(kv, request.metadata.items(), strict=False):
             slot.key = key.encode()[:_MAX_METADATA_CHARS]
-            _set_override_value(llama_cpp, slot, value)
+            _set_override_value(slot, value)
         keep_alive.append(kv)
         params.kv_overrides = kv
 
-    return _Params(params, keep_alive)
+    return params, keep_alive
 
 
-def _set_override_value(llama_cpp: Any, slot: Any, value: MetadataValue) -> None:
+def _set_override_value(slot: _KVOverride, value: MetadataValue) -> None:
     if isinstance(value, bool):
-        slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
-        slot.value.val_bool = value
+        slot.tag, slot.value.val_bool = _KV_BOOL, value
     elif isinstance(value, int):
-        slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-        slot.value.val_i64 = value
+        slot.tag, slot.value.val_i64 = _KV_INT, value
     elif isinstance(value, float):
-        slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
-        slot.value.val_f64 = value
+        slot.tag, slot.value.val_f64 = _KV_FLOAT, value
     else:
-        slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-        slot.value.val_str = str(value).encode()[:_MAX_METADATA_CHARS]
+        slot.tag, slot.value.val_str = _KV_STR, str(value).encode()[:_MAX_METADATA_CHARS]
 
 
 if __name__ == "__main__":

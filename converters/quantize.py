@@ -1,0 +1,289 @@
+"""Quantize a model: an HF checkpoint or a GGUF in, a llama.cpp preset or a per-tensor plan applied, a GGUF out.
+
+`quantize(source, output, plan_or_preset, imatrix, progress, cancel)` is the function the CLI and the
+GUI call. The work itself is llama.cpp's quantizer (`native.quantizer`); this module chooses what it
+is given: the reference GGUF (converting an HF folder on the fly), the importance matrix (computed on
+the built-in calibration text for "auto", read from a file, or none) and, for a plan, an exact type
+override for every tensor. The output is written to a temporary file, checked tensor for tensor
+against what was asked, and renamed into place only then.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from gguf import GGMLQuantizationType
+
+from converters.atomic import atomic_output, check_free_space
+from converters.calibration import DEFAULT_CHUNKS, DEFAULT_CTX, CalibrationText, calibrate
+from converters.errors import Cancelled, UserError
+from converters.gguf_file import GGUFHeader, check_gguf
+from converters.imatrix import ImportanceMatrix, check_matches_model, read_imatrix
+from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.plan import PlannedTensor, QuantPlan, type_name
+from converters.presets import Preset, preset_named
+
+ImatrixChoice = ImportanceMatrix | str | Path | None
+"""An importance matrix, a path to one, "auto" (calibrate on the built-in text) or "none"/None."""
+
+_T = TypeVar("_T")
+
+AUTO = "auto"
+NONE = "none"
+_UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+_TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*)$", re.IGNORECASE)
+
+
+class QuantizeError(UserError):
+    """A quantization that cannot be done as asked."""
+
+
+@dataclass(frozen=True)
+class ImatrixUse:
+    """Which importance matrix went into a quantization."""
+
+    origin: str
+    """"auto" (computed on the built-in text), "calibrated on TEXT", or the file it was read from."""
+    datasets: tuple[str, ...]
+    entries: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    bytes: int
+    plan: QuantPlan
+    preset: str | None
+    imatrix: ImatrixUse | None
+    warnings: tuple[str, ...]
+    seconds: float
+
+
+def quantize(
+    source: str | Path,
+    output: str | Path | None = None,
+    plan_or_preset: QuantPlan | str = "Q4_K_M",
+    imatrix: ImatrixChoice = AUTO,
+    *,
+    texts: Sequence[CalibrationText] | None = None,
+    chunks: int = DEFAULT_CHUNKS,
+    ctx: int = DEFAULT_CTX,
+    threads: int = 0,
+    plan_out: str | Path | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> QuantizeResult:
+    """Quantize `source` (an HF checkpoint folder or a GGUF) with a preset name or a `QuantPlan`."""
+    started = time.monotonic()
+    cancel = cancel or CancelToken()
+    preset = preset_named(plan_or_preset) if isinstance(plan_or_preset, str) else None
+    plan = plan_or_preset if isinstance(plan_or_preset, QuantPlan) else None
+    label = preset.name if preset is not None else plan.base if plan is not None else ""
+    warnings: list[str] = []
+
+    scratch = Path(output).parent if output is not None else None
+    with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output):
+        header = check_gguf(reference)
+        requantize = _already_quantized(header)
+        if requantize:
+            warnings.append(f"{reference.name} is already quantized ({requantize}); quantizing it again loses "
+                            "quality, so start from an F16/BF16 GGUF or the HF checkpoint when you can.")
+        base = preset or preset_named(plan.base if plan is not None else label)
+        if plan is not None:
+            plan.check_model(((t.name, t.shape) for t in header.tensors), reference.name)
+        matrix, use = _importance_matrix(imatrix, base, reference, header, texts, chunks, ctx, progress, cancel)
+        if base.requires_imatrix and matrix is None:
+            raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
+
+        target = Path(output) if output is not None else default_output.with_name(
+            _TYPE_SUFFIX.sub("", default_output.stem) + f"-{label}.gguf")
+        check_free_space(target, plan.n_bytes if plan is not None else reference.stat().st_size)
+        cancel.raise_if_cancelled()
+        with atomic_output(target) as temporary:
+            records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
+                           progress, cancel)
+            written = check_gguf(temporary)
+            result_plan = _plan_from_header(written, reference_header=header, base=base.name,
+                                            label=plan.label if plan is not None else f"preset {base.name}")
+            if plan is not None and result_plan.types() != plan.types():
+                raise QuantizeError(_mismatch_sentence(plan, result_plan))
+            warnings.extend(records)
+    if plan_out is not None:
+        result_plan.save(plan_out)
+    return QuantizeResult(target, target.stat().st_size, result_plan, preset.name if preset else None, use,
+                          tuple(warnings), time.monotonic() - started)
+
+
+def preset_plan(source: str | Path, preset: str, imatrix: ImportanceMatrix | None = None) -> QuantPlan:
+    """The plan llama.cpp's quantizer would follow for `preset` on the GGUF `source` (a dry run; writes nothing)."""
+    from native.quantizer import QuantizeRequest, run_quantizer
+
+    source = Path(source)
+    header = check_gguf(source)
+    base = preset_named(preset)
+    request = QuantizeRequest(str(source), str(source.with_suffix(".dry-run")), base.ftype, dry_run=True,
+                              imatrix=matrix_data(imatrix), allow_requantize=_already_quantized(header) is not None)
+    report = _native(lambda: run_quantizer(request))
+    chosen = {record.name: record.target_type for record in report.tensors}
+    tensors = tuple(PlannedTensor(t.name, t.shape, type_name(t.type), chosen.get(t.name, type_name(t.type)))
+                    for t in header.tensors)
+    return QuantPlan(tensors, base.name, f"preset {base.name}")
+
+
+def matrix_data(matrix: ImportanceMatrix | None) -> dict[str, object] | None:
+    return matrix.quantizer_data() if matrix is not None else None
+
+
+@contextmanager
+def _reference_gguf(
+    source: Path, scratch: Path | None, progress: ProgressFn, cancel: CancelToken
+) -> Iterator[tuple[Path, Path]]:
+    """(reference GGUF, default output path): the GGUF itself, or an HF folder converted into a temporary file
+    under `scratch` (the output's folder; the checkpoint folder by default)."""
+    if not source.is_dir():
+        yield source, source
+        return
+    from converters.convert import convert_checkpoint
+
+    outtype = _reference_outtype(source)
+
+    def converting(step: Progress) -> None:
+        progress(Progress(step.done, step.total, step.unit, "converting"))
+
+    with tempfile.TemporaryDirectory(dir=scratch or source, prefix=".qdesk-reference-") as folder:
+        converted = convert_checkpoint(source, None, outtype=outtype, output_folder=Path(folder),
+                                       progress=converting, cancel=cancel)
+        yield converted.path, source / converted.path.name
+
+
+def _reference_outtype(folder: Path) -> str:
+    """BF16 checkpoints stay BF16 (exact); everything else becomes F16."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "f16"
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return "bf16" if dtype == "bfloat16" else "f16"
+
+
+def _already_quantized(header: GGUFHeader) -> str | None:
+    quantized = {t.type.name for t in header.tensors if len(t.shape) >= 2 and t.type not in _UNQUANTIZED}
+    return ", ".join(sorted(quantized)) if quantized else None
+
+
+def _importance_matrix(
+    choice: ImatrixChoice,
+    preset: Preset,
+    reference: Path,
+    header: GGUFHeader,
+    texts: Sequence[CalibrationText] | None,
+    chunks: int,
+    ctx: int,
+    progress: ProgressFn,
+    cancel: CancelToken,
+) -> tuple[ImportanceMatrix | None, ImatrixUse | None]:
+    if choice is None or (isinstance(choice, str) and choice.lower() == NONE):
+        return None, None
+    if isinstance(choice, ImportanceMatrix):
+        matrix, origin = choice, "given"
+    elif isinstance(choice, str) and choice.lower() == AUTO:
+        if not preset.uses_imatrix:
+            return None, None
+
+        def calibrating(step: Progress) -> None:
+            progress(Progress(step.done, step.total, step.unit, "calibrating"))
+
+        matrix = calibrate(reference, None, texts, chunks=chunks, ctx=ctx, progress=calibrating, cancel=cancel).matrix
+        origin = AUTO if not texts else "calibrated on " + ", ".join(Path(t.name).name for t in texts)
+    else:
+        matrix, origin = read_imatrix(Path(choice)), str(choice)
+    check_matches_model(matrix, {t.name: t.shape for t in header.tensors})
+    return matrix, ImatrixUse(origin, tuple(matrix.datasets), len(matrix.entries), matrix.chunk_count)
+
+
+def _run(
+    reference: Path,
+    temporary: Path,
+    preset: Preset,
+    plan: QuantPlan | None,
+    matrix: ImportanceMatrix | None,
+    use: ImatrixUse | None,
+    requantize: bool,
+    threads: int,
+    progress: ProgressFn,
+    cancel: CancelToken,
+) -> tuple[str, ...]:
+    from native.quantizer import QuantizeRequest, run_quantizer
+
+    metadata: dict[str, str | int | float | bool] = {
+        "qdesk.version": _qdesk_version(),
+        "qdesk.plan": plan.label if plan is not None else f"preset {preset.name}",
+        "qdesk.source": reference.name,
+        "qdesk.imatrix": use.origin if use is not None else NONE,
+    }
+    if use is not None and matrix is not None:
+        metadata.update({
+            "quantize.imatrix.file": use.origin,
+            "quantize.imatrix.dataset": ", ".join(use.datasets),
+            "quantize.imatrix.entries_count": use.entries,
+            "quantize.imatrix.chunks_count": use.chunks,
+        })
+    request = QuantizeRequest(
+        str(reference), str(temporary), preset.ftype, threads=threads, imatrix=matrix_data(matrix),
+        tensor_types=plan.types() if plan is not None else {}, metadata=metadata, allow_requantize=requantize,
+    )
+
+    def quantizing(done: int, total: int, name: str) -> None:
+        progress(Progress(done, total, "tensors", "quantizing"))
+
+    report = _native(lambda: run_quantizer(request, quantizing, lambda: cancel.cancelled))
+    return report.warnings
+
+
+def _qdesk_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qdesk")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _native(call: Callable[[], _T]) -> _T:
+    from native.errors import NativeError, Stopped
+
+    try:
+        return call()
+    except Stopped:
+        raise Cancelled("quantization was cancelled") from None
+    except NativeError as error:
+        raise QuantizeError(str(error)) from error
+
+
+def _plan_from_header(written: GGUFHeader, *, reference_header: GGUFHeader, base: str, label: str) -> QuantPlan:
+    sources = {t.name: t for t in reference_header.tensors}
+    tensors = tuple(
+        PlannedTensor(t.name, t.shape, type_name(sources[t.name].type) if t.name in sources else type_name(t.type),
+                      type_name(t.type))
+        for t in written.tensors
+    )
+    return QuantPlan(tensors, base, label)
+
+
+def _mismatch_sentence(asked: QuantPlan, got: QuantPlan) -> str:
+    wanted = asked.types()
+    for name, type_ in got.types().items():
+        if wanted.get(name) != type_:
+            return (f"llama.cpp wrote {name} as {type_} although the plan asked for {wanted.get(name)}; "
+                    "the plan cannot be applied as it is.")
+    return "llama.cpp's output does not follow the plan; the plan cannot be applied as it is."
+

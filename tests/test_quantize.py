@@ -1,0 +1,194 @@
+"""`quantize`: presets tensor for tensor as llama.cpp's own quantizer makes them, plans applied exactly,
+and one clear sentence, with nothing left behind, for every kind of bad input."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from converters.errors import Cancelled, GGUFFileError
+from converters.gguf_file import check_gguf
+from converters.imatrix import ImatrixEntry, ImatrixError, ImportanceMatrix
+from converters.jobs import CancelToken, Progress
+from converters.plan import PlanError, QuantPlan
+from converters.presets import PRESETS
+from converters.quantize import QuantizeError, preset_plan, quantize
+
+REQUIRED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                    "Q8_0")
+
+
+def bare_llama_quantize(source: Path, output: Path, ftype: int, imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's quantizer called directly, the way its own tool calls it: the peer every preset must match."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for slot, (name, values) in zip(entries, imatrix.items(), strict=False):
+            array = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(array)
+            slot.name, slot.size = name.encode(), array.size
+            slot.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_llama() -> None:
+    import llama_cpp
+
+    global _silence
+    _silence = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_silence, None)
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    return {t.name: t.type.name for t in check_gguf(path).tensors}
+
+
+def tensor_data(path: Path) -> dict[str, bytes]:
+    return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".partial")
+
+
+@pytest.mark.parametrize("preset", REQUIRED_PRESETS)
+def test_preset_matches_llama_cpp_tensor_for_tensor(preset: str, kquant_f16: Path, tmp_path: Path) -> None:
+    ours = quantize(kquant_f16, tmp_path / "ours.gguf", preset, imatrix="none")
+    peer = tmp_path / "peer.gguf"
+    bare_llama_quantize(kquant_f16, peer, PRESETS[preset].ftype)
+
+    assert tensor_types(ours.path) == tensor_types(peer)
+    assert ours.plan.n_bytes == sum(t.n_bytes for t in check_gguf(peer).tensors)
+    metadata_bytes = sum(len(k) + len(str(v)) + 32 for k, v in _qdesk_keys(ours.path).items())
+    assert 0 < ours.bytes - peer.stat().st_size <= metadata_bytes + 64  # the same but for qdesk's own keys
+    assert tensor_data(ours.path) == tensor_data(peer)
+    assert preset_plan(kquant_f16, preset).types() == ours.plan.types()
+
+
+def _qdesk_keys(path: Path) -> dict[str, object]:
+    reader = gguf.GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith(("qdesk.", "quantize."))}
+
+
+def test_presets_differ_as_llama_cpp_says(kquant_f16: Path) -> None:
+    q4 = preset_plan(kquant_f16, "Q4_K_M")
+    q3 = preset_plan(kquant_f16, "Q3_K_S")
+    assert q4.tensor("blk.0.attn_q.weight").type == "q4_K"
+    assert q4.tensor("blk.0.attn_v.weight").type == "q6_K"  # Q4_K_M keeps some attn_v at Q6_K
+    assert q3.n_bytes < q4.n_bytes < preset_plan(kquant_f16, "Q8_0").n_bytes
+    assert q4.tensor("output_norm.weight").type == "f32"
+
+
+def test_plan_is_applied_exactly_and_recorded(kquant_f16: Path, tmp_path: Path) -> None:
+    plan = preset_plan(kquant_f16, "Q4_K_M").with_types(
+        {"blk.3.ffn_down.weight": "q8_0", "blk.0.attn_q.weight": "q2_K", "token_embd.weight": "q5_K"},
+        label="hand-made test mix",
+    )
+    result = quantize(kquant_f16, tmp_path / "mix.gguf", plan, imatrix="none", plan_out=tmp_path / "mix.plan.json")
+    assert result.plan.types() == plan.types()
+    assert tensor_types(result.path)["blk.3.ffn_down.weight"] == "Q8_0"
+    assert tensor_types(result.path)["blk.0.attn_q.weight"] == "Q2_K"
+    assert sum(t.n_bytes for t in check_gguf(result.path).tensors) == plan.n_bytes
+    assert QuantPlan.load(tmp_path / "mix.plan.json").types() == plan.types()
+    assert _qdesk_keys(result.path)["qdesk.plan"] == "hand-made test mix"
+
+
+def test_imatrix_is_used_and_recorded(kquant_f16: Path, tmp_path: Path) -> None:
+    header = check_gguf(kquant_f16)
+    rng = np.random.default_rng(7)
+    entries = {
+        t.name: ImatrixEntry(rng.gamma(0.5, 2.0, size=(1, t.shape[0])) * 100, np.array([100]))
+        for t in header.tensors if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+    matrix = ImportanceMatrix(entries, ["test-text"], chunk_count=1, chunk_size=100)
+    ours = quantize(kquant_f16, tmp_path / "ours.gguf", "Q4_K_M", imatrix=matrix)
+    peer = tmp_path / "peer.gguf"
+    bare_llama_quantize(kquant_f16, peer, PRESETS["Q4_K_M"].ftype, matrix.quantizer_data())
+    without = quantize(kquant_f16, tmp_path / "plain.gguf", "Q4_K_M", imatrix="none")
+
+    assert tensor_data(ours.path) == tensor_data(peer)
+    assert tensor_data(ours.path)["blk.0.attn_q.weight"] != tensor_data(without.path)["blk.0.attn_q.weight"]
+    keys = _qdesk_keys(ours.path)
+    assert keys["quantize.imatrix.entries_count"] == len(entries)
+    assert keys["quantize.imatrix.chunks_count"] == 1
+    assert keys["quantize.imatrix.dataset"] == "test-text"
+    assert ours.imatrix is not None and ours.imatrix.entries == len(entries)
+
+
+def test_hf_folder_is_converted_on_the_fly(tmp_path: Path) -> None:
+    from tests.builders.checkpoints import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(tmp_path / "tiny", "llama", dtype="bfloat16")
+    result = quantize(folder, None, "Q8_0", imatrix="none")
+    assert result.path.parent == folder and result.path.name.endswith("-Q8_0.gguf")
+    assert {t.type.name for t in check_gguf(result.path).tensors} <= {"Q8_0", "F32"}
+    assert leftovers(folder) == []
+
+
+def test_preset_that_needs_a_matrix_without_one(kquant_f16: Path, tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="needs an importance matrix"):
+        quantize(kquant_f16, tmp_path / "out.gguf", "IQ2_XS", imatrix="none")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_gguf_is_refused_before_llama_cpp_sees_it(kquant_f16: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(kquant_f16.read_bytes()[: kquant_f16.stat().st_size // 2])
+    with pytest.raises(GGUFFileError, match="truncated"):
+        quantize(damaged, tmp_path / "out.gguf", "Q4_K_M", imatrix="none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.gguf"]
+
+
+def test_imatrix_of_another_model_is_refused(kquant_f16: Path, tmp_path: Path) -> None:
+    wrong_names = ImportanceMatrix({"blk.0.other.weight": ImatrixEntry(np.ones((1, 256)), np.array([1]))}, [], 1, 1)
+    with pytest.raises(ImatrixError, match="another model"):
+        quantize(kquant_f16, tmp_path / "out.gguf", "Q4_K_M", imatrix=wrong_names)
+    wrong_size = ImportanceMatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 576)), np.array([1]))}, [], 1, 1)
+    with pytest.raises(ImatrixError, match="576"):
+        quantize(kquant_f16, tmp_path / "out.gguf", "Q4_K_M", imatrix=wrong_size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_type_that_does_not_fit_a_row(smollm2_f16: Path) -> None:
+    plan = preset_plan(smollm2_f16, "Q4_K_M")
+    assert plan.tensor("blk.0.attn_q.weight").type != "q4_K"  # rows of 576: llama.cpp falls back
+    with pytest.raises(PlanError, match="576"):
+        plan.with_types({"blk.0.attn_q.weight": "q4_K"})
+
+
+def test_plan_of_another_model_is_refused(kquant_f16: Path, smollm2_f16: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="another model"):
+        quantize(kquant_f16, tmp_path / "out.gguf", preset_plan(smollm2_f16, "Q8_0"), imatrix="none")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_leaves_nothing_behind(smollm2_f16: Path, tmp_path: Path) -> None:
+    cancel = CancelToken()
+
+    def cancel_after_first_tensor(step: Progress) -> None:
+        if step.message == "quantizing" and step.done >= 1:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        quantize(smollm2_f16, tmp_path / "out.gguf", "Q4_K_M", imatrix="none", progress=cancel_after_first_tensor,
+                 cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requantizing_warns(starter_gguf: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "starter.gguf"
+    shutil.copyfile(starter_gguf, copy)
+    result = quantize(copy, tmp_path / "out.gguf", "Q8_0", imatrix="none")
+    assert any("already quantized" in warning for warning in result.warnings)
+    assert tensor_types(result.path)["blk.0.attn_q.weight"] == "Q8_0"
