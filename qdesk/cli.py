@@ -117,8 +117,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from qdesk.terminal import ProgressBar
 
     if args.preset is None:
-        raise NotYetAvailable("--like, --target-size and --target-bpw arrive with the sensitivity-based mix; "
-                              "use --preset NAME for now.")
+        raise NotYetAvailable("--like, --target-size and --target-bpw are not yet available; they arrive with the "
+                              "sensitivity-based mix, so use --preset NAME for now.")
     bar = ProgressBar("quantize")
     try:
         result = quantize(args.source, args.output, args.preset, args.imatrix, texts=_calibration_texts(args),
