@@ -23,6 +23,10 @@ class GGUFFileError(UserError):
     """A file is not a GGUF file, or is a damaged one."""
 
 
+class ImatrixError(UserError):
+    """An importance-matrix file is unreadable, damaged, or made for another model."""
+
+
 class OutputError(UserError):
     """The output cannot be written (permissions, missing folder, full disk)."""
 

@@ -206,7 +206,7 @@ def _importance_matrix(
         origin = AUTO if not texts else "calibrated on " + ", ".join(Path(t.name).name for t in texts)
     else:
         matrix, origin = read_imatrix(Path(choice)), str(choice)
-    check_matches_model(matrix, {t.name: t.shape for t in header.tensors})
+    check_matches_model(matrix, {t.name: t.shape for t in header.tensors}, model=reference.name)
     return matrix, ImatrixUse(origin, tuple(matrix.datasets), len(matrix.entries), matrix.chunk_count)
 
 
