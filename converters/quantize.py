@@ -39,6 +39,7 @@ _T = TypeVar("_T")
 AUTO = "auto"
 NONE = "none"
 _UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+_FALLBACK_SUMMARY = re.compile(r"(?P<count>\d+) of (?P<total>\d+) tensor\(s\) required fallback")
 _TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*)$", re.IGNORECASE)
 
 
@@ -77,6 +78,7 @@ def quantize(
     texts: Sequence[CalibrationText] | None = None,
     chunks: int = DEFAULT_CHUNKS,
     ctx: int = DEFAULT_CTX,
+    gpu_layers: int = 0,
     threads: int = 0,
     plan_out: str | Path | None = None,
     progress: ProgressFn = no_progress,
@@ -100,7 +102,8 @@ def quantize(
         base = preset or preset_named(plan.base if plan is not None else label)
         if plan is not None:
             plan.check_model(((t.name, t.shape) for t in header.tensors), reference.name)
-        matrix, use = _importance_matrix(imatrix, base, reference, header, texts, chunks, ctx, progress, cancel)
+        matrix, use = _importance_matrix(imatrix, base, reference, header,
+                                         _Calibration(texts, chunks, ctx, gpu_layers), progress, cancel)
         if base.requires_imatrix and matrix is None:
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
 
@@ -141,6 +144,16 @@ def preset_plan(source: str | Path, preset: str, imatrix: ImportanceMatrix | Non
 
 def matrix_data(matrix: ImportanceMatrix | None) -> dict[str, object] | None:
     return matrix.quantizer_data() if matrix is not None else None
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """How to calibrate when the importance matrix is "auto"."""
+
+    texts: Sequence[CalibrationText] | None
+    chunks: int
+    ctx: int
+    gpu_layers: int
 
 
 @contextmanager
@@ -185,9 +198,7 @@ def _importance_matrix(
     preset: Preset,
     reference: Path,
     header: GGUFHeader,
-    texts: Sequence[CalibrationText] | None,
-    chunks: int,
-    ctx: int,
+    calibration: _Calibration,
     progress: ProgressFn,
     cancel: CancelToken,
 ) -> tuple[ImportanceMatrix | None, ImatrixUse | None]:
@@ -202,7 +213,9 @@ def _importance_matrix(
         def calibrating(step: Progress) -> None:
             progress(Progress(step.done, step.total, step.unit, "calibrating"))
 
-        matrix = calibrate(reference, None, texts, chunks=chunks, ctx=ctx, progress=calibrating, cancel=cancel).matrix
+        texts = calibration.texts
+        matrix = calibrate(reference, None, texts, chunks=calibration.chunks, ctx=calibration.ctx,
+                           gpu_layers=calibration.gpu_layers, progress=calibrating, cancel=cancel).matrix
         origin = AUTO if not texts else "calibrated on " + ", ".join(Path(t.name).name for t in texts)
     else:
         matrix, origin = read_imatrix(Path(choice)), str(choice)
@@ -246,7 +259,15 @@ def _run(
         progress(Progress(done, total, "tensors", "quantizing"))
 
     report = _native(lambda: run_quantizer(request, quantizing, lambda: cancel.cancelled))
-    return report.warnings
+    return tuple(_reworded(warning) for warning in report.warnings if "falling back" not in warning)
+
+
+def _reworded(warning: str) -> str:
+    fallback = _FALLBACK_SUMMARY.search(warning)
+    if fallback is None:
+        return warning
+    return (f"{fallback['count']} of {fallback['total']} tensors have rows whose length is not a multiple of the "
+            "preset's block size, so they got the nearest type that fits, as llama.cpp's own quantizer does.")
 
 
 def _qdesk_version() -> str:

@@ -122,7 +122,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     bar = ProgressBar("quantize")
     try:
         result = quantize(args.source, args.output, args.preset, args.imatrix, texts=_calibration_texts(args),
-                          chunks=args.chunks, ctx=args.ctx, threads=args.threads, plan_out=args.plan_out,
+                          chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
+                          plan_out=args.plan_out,
                           progress=bar)
     finally:
         bar.close()
