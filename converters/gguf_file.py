@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from converters.errors import GGUFFileError
 
-__all__ = ["check_gguf", "open_gguf"]
+__all__ = ["GGUFHeader", "TensorHeader", "check_gguf", "open_gguf"]
 
 _MAGIC = b"GGUF"
 try:
@@ -156,13 +156,24 @@ class _HeaderWalk:
 
 
 @dataclass(frozen=True)
-class _HeaderFacts:
+class TensorHeader:
+    """One tensor as the header describes it: ggml shape (`shape[0]` is the row length), type, data size."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
     version: int
     data_offset: int
     data_end: int  # one past the last byte of tensor data the header describes
+    tensors: tuple[TensorHeader, ...]
 
 
-def _walk_header(buf: mmap.mmap, order: str, version: int) -> _HeaderFacts:
+def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
     walk = _HeaderWalk(buf, order)
     walk.pos = 8
     tensor_count = walk.u64()
@@ -186,7 +197,7 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> _HeaderFacts:
             walk.skip_value(vtype, key)
 
     walk._need(tensor_count, 8 + 4 + 4 + 8)  # name length, dimension count, type, offset
-    tensors: list[tuple[str, int, int]] = []
+    tensors: list[tuple[TensorHeader, int]] = []
     names: set[str] = set()
     for _ in range(tensor_count):
         name = walk.string("a tensor name")
@@ -214,14 +225,15 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> _HeaderFacts:
         if offset % alignment:
             raise _Damaged(f"the tensor {name!r} starts at offset {offset}, not a multiple of "
                            f"the alignment {alignment}")
-        tensors.append((name, offset, n_elements * type_size // block_size))
+        header = TensorHeader(name, tuple(dims), GGMLQuantizationType(raw_type), n_elements * type_size // block_size)
+        tensors.append((header, offset))
 
     data_offset = walk.pos + (-walk.pos % alignment)
-    data_end = max((data_offset + offset + n_bytes for _, offset, n_bytes in tensors), default=walk.pos)
-    return _HeaderFacts(version=version, data_offset=data_offset, data_end=data_end)
+    data_end = max((data_offset + offset + header.n_bytes for header, offset in tensors), default=walk.pos)
+    return GGUFHeader(version, data_offset, data_end, tuple(header for header, _ in tensors))
 
 
-def check_gguf(path: Path) -> _HeaderFacts:
+def check_gguf(path: Path) -> GGUFHeader:
     """Raise GGUFFileError unless `path` is a complete GGUF file gguf-py can read."""
     if not path.exists():
         raise GGUFFileError(f"{path} does not exist; check the path.")
