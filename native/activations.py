@@ -1,0 +1,650 @@
+"""Activation statistics gathered while llama.cpp evaluates a GGUF: what an importance matrix is made of.
+
+llama.cpp's scheduler can hand every node of the compute graph to an observer (`cb_eval` in
+`llama_context_params`): first it asks whether the observer wants the node (ask=True), then, for the
+nodes it said yes to, it calls again once the node is computed (ask=False). `ModelEvaluator` answers yes
+for the matrix products whose first operand is a model weight (`blk.*` tensors, and `output.weight` on
+request), and on the second call adds the squares of the product's input activations (`src[1]`) per input
+column into float64 sums, and the number of input rows into counts. That is the data llama.cpp's own
+imatrix tool records; the same rules decide which tensors count:
+
+* `MUL_MAT`: weight ne = [n_in, n_out, n2, n3], input ne = [n_in, rows, i2, i3]. Input slice (i2, i3) is
+  multiplied by weight matrix (i2 mod n2, i3 mod n3); an ordinary 2-D weight has a single matrix.
+* `MUL_MAT_ID` (mixture-of-experts): weight ne = [n_in, n_out, n_expert], expert ids ne = [n_used,
+  n_tokens] (int32), input ne = [n_in, n_in_slots, n_tokens] with n_in_slots either 1 (every chosen
+  expert reads the token's one row) or n_used (slot k has its own row). The row of token t for its k-th
+  expert is input[:, k mod n_in_slots, t]; it goes to expert ids[k, t], whose count grows by one.
+
+Weight names may carry the scheduler's copy marks (`CUDA0#blk.0.attn_q.weight#0`); the part between the
+'#'s is the name. Inputs that live in device memory are copied to the host first
+(`ggml_backend_tensor_get`); host inputs are read in place.
+
+While collecting, every token of a chunk is an output of the decode: llama.cpp drops the rows of tokens
+whose logits are not wanted before the last layer's feed-forward block, which would then see one row per
+batch instead of all of them. Unless `output.weight` is collected too, the callback then cancels the rest
+of the graph after the final norm (the node llama.cpp names `result_norm`), so the output product for every
+token, which nobody reads, is not computed: the evaluator never hands out logits. It does so only after the
+model's first decode has shown that no watched product comes after that node.
+
+A chunk's statistics join the totals only when the whole chunk has been evaluated; a chunk that fails or is
+stopped leaves no trace in them.
+
+Nothing raised inside a callback crosses into C: the callback remembers the exception, asks llama.cpp to
+abort through the abort callback, and the exception is raised again when `llama_decode` returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import weakref
+from collections.abc import Callable, Iterable, Sequence, Sized
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp.llama_cpp as llama  # before numpy: on CUDA builds, numpy loaded first has crashed model loading
+import numpy as np
+
+from native.errors import EvaluationFailed, Stopped
+from native.ggml import GGML, GGMLTensor, ggml
+
+__all__ = ["CollectedStats", "MatrixStats", "ModelEvaluator", "collect_activation_stats", "weight_name"]
+
+DEFAULT_UBATCH = 512
+"""Tokens per `llama_decode` call and per physical batch (llama.cpp's default); longer chunks take several."""
+
+_TYPE_F32 = 0
+_NAME_MARK = b"#"
+_OUTPUT_WEIGHT = "output.weight"
+_FINAL_NORM = b"result_norm"
+"""llama.cpp's name for the final norm, the node just before the output product, in most architectures."""
+_LAYER_PREFIX = "blk."
+_DECODE_ABORTED = 2
+_DECODE_NO_SLOT = 1
+
+_OP_OFFSET = GGMLTensor.op.offset
+_SRC_OFFSET = GGMLTensor.src.offset
+_NAME_OFFSET = GGMLTensor.name.offset
+_POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
+_SRC1_OFFSET = _SRC_OFFSET + _POINTER_SIZE
+
+
+@dataclass
+class MatrixStats:
+    """Statistics of one weight tensor: one row of sums and one count per matrix (per expert for MoE)."""
+
+    sums: np.ndarray
+    """float64, shape (n_mat, n_in): the sum of squared inputs per input column."""
+    counts: np.ndarray
+    """int64, shape (n_mat,): how many input rows (tokens) each matrix multiplied."""
+
+
+@dataclass
+class CollectedStats:
+    """Everything gathered over an evaluation: per weight tensor name, and how much text produced it."""
+
+    matrices: dict[str, MatrixStats]
+    chunks: int
+    tokens: int
+    chunk_size: int
+
+
+def weight_name(raw_name: bytes) -> str:
+    """The model weight's name inside a scheduler copy name: `CUDA0#blk.0.attn_k.weight#0` → `blk.0.attn_k.weight`."""
+    first = raw_name.find(_NAME_MARK)
+    if first >= 0:
+        rest = raw_name[first + 1 :]
+        second = rest.find(_NAME_MARK)
+        raw_name = rest if second < 0 else rest[:second]
+    return raw_name.decode(errors="replace")
+
+
+def _read_int(address: int) -> int:
+    return ctypes.c_int.from_address(address).value
+
+
+def _read_pointer(address: int) -> int:
+    return ctypes.c_void_p.from_address(address).value or 0
+
+
+def _extent(tensor: GGMLTensor, element_size: int) -> int:
+    """Bytes from the tensor's first element to the end of its last (what `ggml_nbytes` gives for plain types)."""
+    if any(n <= 0 for n in tensor.ne):
+        return 0
+    return element_size + sum((tensor.ne[i] - 1) * tensor.nb[i] for i in range(4))
+
+
+class _Accumulator:
+    """Totals of finished chunks, and the running chunk's part, added to the totals only once the chunk succeeds."""
+
+    __slots__ = ("chunk_counts", "chunk_sums", "counts", "sums", "touched")
+
+    def __init__(self, n_mat: int, n_in: int) -> None:
+        self.sums = np.zeros((n_mat, n_in), dtype=np.float64)
+        self.counts = np.zeros(n_mat, dtype=np.int64)
+        self.chunk_sums = np.zeros_like(self.sums)
+        self.chunk_counts = np.zeros_like(self.counts)
+        self.touched = False
+
+    def commit(self) -> None:
+        if self.touched:
+            self.sums += self.chunk_sums
+            self.counts += self.chunk_counts
+            self.discard()
+
+    def discard(self) -> None:
+        if self.touched:
+            self.chunk_sums.fill(0)
+            self.chunk_counts.fill(0)
+            self.touched = False
+
+    def snapshot(self) -> MatrixStats:
+        return MatrixStats(self.sums.copy(), self.counts.copy())
+
+
+class _OutputProductSkip:
+    """Whether to cancel the graph once the final norm is computed, decided on the model's first decode.
+
+    The first decode runs whole, noting whether a node named `result_norm` came and whether any watched
+    product came after it. Only if it came, and nothing watched followed, do later decodes stop there.
+    """
+
+    def __init__(self, wanted: bool) -> None:
+        self.learning = wanted
+        self.active = False
+        self._norm_seen = False
+        self._watched_after_norm = False
+
+    def begin_decode(self) -> None:
+        self._norm_seen = False
+
+    def end_decode(self) -> None:
+        if self.learning:
+            self.learning = False
+            self.active = self._norm_seen and not self._watched_after_norm
+
+    def watches_norm(self) -> bool:
+        return self.learning or self.active
+
+    def continue_after_norm(self) -> bool:
+        self._norm_seen = True
+        return not self.active
+
+    def note_watched_product(self) -> None:
+        if self.learning and self._norm_seen:
+            self._watched_after_norm = True
+
+
+class _Collector:
+    """The eval callback's state: which weights to watch, the running sums, and the first error seen."""
+
+    def __init__(self, lib: GGML, *, collect_output: bool, skip_output_product: bool) -> None:
+        self._lib = lib
+        self._collect_output = collect_output
+        self.output_skip = _OutputProductSkip(skip_output_product)
+        self._watched: dict[bytes, str | None] = {}
+        self._staging: dict[str, np.ndarray] = {}
+        self.matrices: dict[str, _Accumulator] = {}
+        self.error: BaseException | None = None
+
+    def on_eval(self, node: int, ask: bool, _user_data: int | None) -> bool:
+        """`ggml_backend_sched_eval_callback`: must never raise, and returns True to let the graph go on."""
+        if self.error is not None:
+            return False
+        try:
+            if ask:
+                return self._wants(node)
+            if self._is_final_norm(node):
+                return self.output_skip.continue_after_norm()  # False cancels the rest of this graph split
+            self._record(node)
+        except BaseException as error:  # nothing may escape into C; raised again after the decode
+            self.error = error
+            return False
+        return True
+
+    def _name_if_watched(self, weight: int) -> str | None:
+        raw = ctypes.string_at(weight + _NAME_OFFSET)
+        try:
+            return self._watched[raw]
+        except KeyError:
+            name = weight_name(raw)
+            watched = name.startswith(_LAYER_PREFIX) or (self._collect_output and name == _OUTPUT_WEIGHT)
+            self._watched[raw] = name if watched else None
+            return self._watched[raw]
+
+    def _is_final_norm(self, node: int) -> bool:
+        return self.output_skip.watches_norm() and ctypes.string_at(node + _NAME_OFFSET) == _FINAL_NORM
+
+    def _wants(self, node: int) -> bool:
+        op = _read_int(node + _OP_OFFSET)
+        if op != self._lib.op_mul_mat and op != self._lib.op_mul_mat_id:
+            return self._is_final_norm(node)
+        weight = _read_pointer(node + _SRC_OFFSET)
+        activations = _read_pointer(node + _SRC1_OFFSET)
+        if not weight or not activations or _read_int(activations) != _TYPE_F32:
+            return False
+        if self._name_if_watched(weight) is None:
+            return False
+        self.output_skip.note_watched_product()
+        return True
+
+    def _record(self, node: int) -> None:
+        product = GGMLTensor.from_address(node)
+        weight = GGMLTensor.from_address(product.src[0])
+        name = self._name_if_watched(product.src[0])
+        if name is None:
+            return
+        activations = self._host_view(GGMLTensor.from_address(product.src[1]), product.src[1], np.float32)
+        if product.op == self._lib.op_mul_mat_id:
+            ids = self._copied_view(GGMLTensor.from_address(product.src[2]), product.src[2], np.int32, "ids")
+            self._add_experts(name, weight, activations, ids)
+        else:
+            self._add_dense(name, weight, activations)
+
+    def _accumulator(self, name: str, n_mat: int, n_in: int) -> _Accumulator:
+        found = self.matrices.get(name)
+        if found is None:
+            found = self.matrices[name] = _Accumulator(n_mat, n_in)
+        elif found.sums.shape != (n_mat, n_in):
+            raise EvaluationFailed(
+                f"llama.cpp multiplied {name} as {n_mat}×{n_in} after {found.sums.shape[0]}×{found.sums.shape[1]}; "
+                "this model's graph is not one qdesk can collect statistics from."
+            )
+        found.touched = True
+        return found
+
+    def _add_dense(self, name: str, weight: GGMLTensor, activations: np.ndarray) -> None:
+        n_slices3, n_slices2, n_rows, n_in = activations.shape
+        weight_ne2, weight_ne3 = int(weight.ne[2]), int(weight.ne[3])
+        target = self._accumulator(name, weight_ne2 * weight_ne3, n_in)
+        if weight_ne2 == weight_ne3 == 1:
+            target.chunk_sums[0] += _column_square_sums(activations.reshape(-1, n_in))
+            target.chunk_counts[0] += n_slices3 * n_slices2 * n_rows
+            return
+        for i3 in range(n_slices3):
+            for i2 in range(n_slices2):
+                matrix = (i3 % weight_ne3) * weight_ne2 + (i2 % weight_ne2)
+                target.chunk_sums[matrix] += _column_square_sums(activations[i3, i2])
+                target.chunk_counts[matrix] += n_rows
+
+    def _add_experts(self, name: str, weight: GGMLTensor, activations: np.ndarray, ids: np.ndarray) -> None:
+        _, n_tokens, n_slots, n_in = activations.shape
+        n_expert = int(weight.ne[2])
+        expert_ids = ids[0, 0]  # (n_tokens, n_used)
+        n_used = expert_ids.shape[1]
+        if expert_ids.shape[0] != n_tokens or activations.shape[0] != 1:
+            raise EvaluationFailed(
+                f"llama.cpp chose experts of {name} for {expert_ids.shape[0]} tokens but gave {n_tokens} input rows; "
+                "this model's graph is not one qdesk can collect statistics from."
+            )
+        target = self._accumulator(name, n_expert, n_in)
+        experts = expert_ids.reshape(-1)
+        if experts.size and (experts.min() < 0 or experts.max() >= n_expert):
+            raise EvaluationFailed(f"llama.cpp routed a token of {name} to an expert outside 0..{n_expert - 1}; "
+                                   "the model file may be damaged.")
+        # pair p = token t, slot k (p = t * n_used + k) reads input row t * n_slots + k mod n_slots
+        pairs = np.arange(experts.size)
+        rows = (pairs // n_used) * n_slots + (pairs % n_used) % n_slots
+        order = np.argsort(experts, kind="stable")
+        sorted_experts = experts[order]
+        present, starts = np.unique(sorted_experts, return_index=True)
+        squares = np.square(activations.reshape(-1, n_in)[rows[order]], dtype=np.float64)
+        target.chunk_sums[present] += np.add.reduceat(squares, starts, axis=0)
+        target.chunk_counts += np.bincount(experts, minlength=n_expert).astype(np.int64)
+
+    def _host_view(self, tensor: GGMLTensor, address: int, dtype: type[np.generic]) -> np.ndarray:
+        """The tensor as a numpy array of shape (ne3, ne2, ne1, ne0): in place if it is in host memory."""
+        if not self._lib.ggml_backend_buffer_is_host(tensor.buffer):
+            return self._copied_view(tensor, address, dtype, "activations")
+        return _array_at(tensor.data, tensor, dtype)
+
+    def _copied_view(self, tensor: GGMLTensor, address: int, dtype: type[np.generic], role: str) -> np.ndarray:
+        """The tensor copied out of its backend buffer (device or host) into staging memory reused per `role`."""
+        size = _extent(tensor, np.dtype(dtype).itemsize)
+        staging = self._staging.get(role)
+        if staging is None or size > staging.size:
+            staging = self._staging[role] = np.empty(size, dtype=np.uint8)
+        if size:
+            self._lib.ggml_backend_tensor_get(address, staging.ctypes.data, 0, size)
+        return _array_at(staging.ctypes.data, tensor, dtype)
+
+    def commit_chunk(self) -> None:
+        """Add the finished chunk to the totals, unless some input was infinite or NaN."""
+        for name, accumulator in self.matrices.items():
+            if accumulator.touched and not np.isfinite(accumulator.chunk_sums).all():
+                self.discard_chunk()
+                raise EvaluationFailed(
+                    f"the inputs of {name} became infinite or NaN during evaluation; the model file may be damaged "
+                    "or its weights overflow in this precision."
+                )
+        for accumulator in self.matrices.values():
+            accumulator.commit()
+
+    def discard_chunk(self) -> None:
+        """Forget what a failed or stopped chunk added, and the weights first seen in it."""
+        for accumulator in self.matrices.values():
+            accumulator.discard()
+        self.matrices = {name: found for name, found in self.matrices.items() if found.counts.any()}
+
+
+class _RawMemory:
+    """Memory at an address, described to numpy through the array interface so that it is viewed, not copied."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, address: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: np.dtype) -> None:
+        self.__array_interface__ = {
+            "version": 3, "data": (address, True), "shape": shape, "strides": strides, "typestr": dtype.str,
+        }
+
+
+def _array_at(address: int, tensor: GGMLTensor, dtype: type[np.generic]) -> np.ndarray:
+    """A read-only numpy view (ne3, ne2, ne1, ne0) with the tensor's byte strides, valid while the memory is."""
+    shape = tuple(int(tensor.ne[i]) for i in (3, 2, 1, 0))
+    strides = tuple(int(tensor.nb[i]) for i in (3, 2, 1, 0))
+    return np.asarray(_RawMemory(address, shape, strides, np.dtype(dtype)))
+
+
+def _column_square_sums(rows: np.ndarray) -> np.ndarray:
+    """Sum over rows of the squared values, per column, computed in float64 (squares of float32 are exact)."""
+    return np.square(rows, dtype=np.float64).sum(axis=0)
+
+
+@functools.cache
+def _quiet_llama() -> Callable[[int, bytes, int | None], None]:
+    """Route llama.cpp's and ggml's logging to a callback that drops it; the callback object lives forever."""
+
+    @llama.llama_log_callback
+    def discard(_level: int, _text: bytes, _user_data: int | None) -> None:
+        return None
+
+    llama.llama_log_set(discard, None)
+    llama.llama_backend_init()
+    return discard
+
+
+def _release(context: int, model: int, batch: llama.llama_batch | None, _keep_alive: tuple[object, ...]) -> None:
+    if context:
+        llama.llama_free(context)
+    if model:
+        llama.llama_model_free(model)
+    if batch is not None:
+        llama.llama_batch_free(batch)
+
+
+class _AbortPoll:
+    """`ggml_abort_callback` state, polled by llama.cpp between graph nodes: True stops the computation.
+
+    It holds no reference to the evaluator, so that an evaluator nobody closed can still be collected.
+    """
+
+    def __init__(self, should_stop: Callable[[], bool] | None, collector: _Collector | None) -> None:
+        self._should_stop = should_stop
+        self._collector = collector
+        self.stop_requested = False
+        self.error: BaseException | None = None
+
+    def __call__(self, _data: int | None) -> bool:
+        if self._collector is not None and self._collector.error is not None:
+            return True
+        if self._should_stop is None:
+            return False
+        try:
+            if self._should_stop():
+                self.stop_requested = True
+                return True
+        except BaseException as error:  # nothing may escape into C; raised again after the decode
+            self.error = error
+            return True
+        return False
+
+    def take_error(self) -> BaseException | None:
+        """The first exception raised in a callback since the last call (and forget it)."""
+        error = self.error or (self._collector.error if self._collector is not None else None)
+        self.error = None
+        if self._collector is not None:
+            self._collector.error = None
+        return error
+
+
+class ModelEvaluator:
+    """A GGUF loaded into llama.cpp with one context, evaluating chunks of tokens and collecting statistics.
+
+    Use it as a context manager (or call `close()`); the model and its context are freed on exit.
+    `should_stop` is polled by llama.cpp while it computes, so a long decode stops promptly with `Stopped`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 512,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        collect: bool = True,
+        collect_output: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
+        self._path = Path(model_path)
+        self._n_ctx = n_ctx
+        self._collect = collect or collect_output
+        self._chunks = 0
+        self._tokens = 0
+        self._collector = (
+            _Collector(ggml(), collect_output=collect_output, skip_output_product=not collect_output)
+            if self._collect else None
+        )
+        self._abort_poll = _AbortPoll(should_stop, self._collector)
+        self._context = 0
+        self._model = 0
+        self._batch: llama.llama_batch | None = None
+        _quiet_llama()
+
+        if not self._path.is_file():
+            raise EvaluationFailed(f"{self._path} is not a file; check the path of the model.")
+        model_params = llama.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        self._model = llama.llama_model_load_from_file(os.fsencode(self._path), model_params) or 0
+        if not self._model:
+            raise EvaluationFailed(
+                f"llama.cpp could not load {self._path.name}; check that it is a complete GGUF model of an "
+                "architecture this llama.cpp supports."
+            )
+        self._vocab = llama.llama_model_get_vocab(self._model)
+
+        threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
+        context_params = llama.llama_context_default_params()
+        context_params.n_ctx = n_ctx
+        self._n_batch = min(n_ctx, DEFAULT_UBATCH)
+        context_params.n_batch = self._n_batch
+        context_params.n_ubatch = self._n_batch
+        context_params.n_seq_max = 1
+        context_params.n_threads = threads
+        context_params.n_threads_batch = threads
+        context_params.no_perf = True
+        callbacks: list[object] = []
+        if self._collector is not None:
+            eval_callback = llama.ggml_backend_sched_eval_callback(self._collector.on_eval)
+            context_params.cb_eval = eval_callback
+            context_params.cb_eval_user_data = None
+            callbacks.append(eval_callback)
+        if self._collector is not None or should_stop is not None:
+            abort_callback = llama.ggml_abort_callback(self._abort_poll)
+            context_params.abort_callback = abort_callback
+            context_params.abort_callback_data = None
+            callbacks.append(abort_callback)
+        self._callbacks = tuple(callbacks)
+        self._context = llama.llama_init_from_model(self._model, context_params) or 0
+        if not self._context:
+            llama.llama_model_free(self._model)
+            self._model = 0
+            raise EvaluationFailed(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {self._path.name}; "
+                "try a smaller context or fewer GPU layers."
+            )
+        self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
+        self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._n_batch,))
+        self._batch_positions = np.ctypeslib.as_array(self._batch.pos, shape=(self._n_batch,))
+        self._batch_outputs = np.ctypeslib.as_array(self._batch.logits, shape=(self._n_batch,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._n_batch,))[:] = 1
+        for index in range(self._n_batch):
+            self._batch.seq_id[index][0] = 0
+        self._finalizer = weakref.finalize(self, _release, self._context, self._model, self._batch, self._callbacks)
+        self._finalizer.atexit = False
+
+    def __enter__(self) -> ModelEvaluator:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the context and the model (safe to call twice)."""
+        if self._context or self._model:
+            self._finalizer()
+            self._context = self._model = 0
+            self._batch = None
+
+    def _live_context(self) -> int:
+        if not self._context:
+            raise EvaluationFailed(f"the evaluator of {self._path.name} is closed; open a new one.")
+        return self._context
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of `text` with the model's own tokenizer (`add_special` adds BOS/EOS as the model asks)."""
+        self._live_context()
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        for _ in range(2):
+            buffer = (llama.llama_token * capacity)()
+            count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+            if count >= 0:
+                return list(buffer[:count])
+            capacity = -count
+        raise EvaluationFailed(f"llama.cpp could not tokenize a text of {len(data)} bytes; the tokenizer of "
+                               f"{self._path.name} may be damaged.")
+
+    def chat_template(self) -> str | None:
+        """The model's default chat template (`tokenizer.chat_template`), or None when it has none."""
+        self._live_context()
+        template = llama.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8", errors="replace") if template else None
+
+    def bos_token(self) -> int | None:
+        self._live_context()
+        token = int(llama.llama_vocab_bos(self._vocab))
+        return token if token >= 0 else None
+
+    def n_ctx_train(self) -> int:
+        self._live_context()
+        return int(llama.llama_model_n_ctx_train(self._model))
+
+    def n_vocab(self) -> int:
+        self._live_context()
+        return int(llama.llama_vocab_n_tokens(self._vocab))
+
+    def evaluate_chunk(self, tokens: Sequence[int]) -> None:
+        """Decode `tokens` as one sequence from position 0 (the memory is cleared first), exactly as given.
+
+        The chunk goes to llama.cpp in physical batches of up to 512 tokens, which keeps llama.cpp's logits
+        buffer (n_vocab floats per output token; every token is an output while collecting) at one batch.
+
+        The caller puts a BOS token in front where the model wants one. Raises `Stopped` when `should_stop`
+        said so during the decode, `EvaluationFailed` when llama.cpp could not evaluate the tokens; either way
+        nothing of this chunk is added to the statistics.
+        """
+        context = self._live_context()
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("a chunk must be a non-empty sequence of token ids")
+        if ids.size > self._n_ctx:
+            raise ValueError(f"a chunk of {ids.size} tokens does not fit the context of {self._n_ctx}")
+        n_vocab = self.n_vocab()
+        if ids.min() < 0 or ids.max() >= n_vocab:
+            raise ValueError(f"token ids must lie in 0..{n_vocab - 1} for {self._path.name}")
+        llama.llama_memory_clear(llama.llama_get_memory(context), True)
+        try:
+            for start in range(0, ids.size, self._n_batch):
+                self._decode(context, ids[start : start + self._n_batch], start)
+        except BaseException:
+            if self._collector is not None:
+                self._collector.discard_chunk()
+            raise
+        if self._collector is not None:
+            self._collector.commit_chunk()
+        self._chunks += 1
+        self._tokens += int(ids.size)
+
+    def _decode(self, context: int, ids: np.ndarray, first_position: int) -> None:
+        """One `llama_decode` of at most one physical batch, continuing the sequence at `first_position`."""
+        count = int(ids.size)
+        self._batch_tokens[:count] = ids
+        self._batch_positions[:count] = np.arange(first_position, first_position + count)
+        self._batch_outputs[:count] = 1 if self._collect else 0
+        self._batch_outputs[count - 1] = 1
+        self._batch.n_tokens = count
+        self._abort_poll.stop_requested = False
+        if self._collector is not None:
+            self._collector.output_skip.begin_decode()
+        status = llama.llama_decode(context, self._batch)
+        error = self._abort_poll.take_error()
+        if error is not None:
+            raise error
+        if status == _DECODE_ABORTED and self._abort_poll.stop_requested:
+            raise Stopped(f"evaluation of {self._path.name} was stopped on request")
+        if status == _DECODE_NO_SLOT:
+            raise EvaluationFailed(f"llama.cpp found no room for {count} more tokens in its context of "
+                                   f"{self._n_ctx}; use a larger context or shorter chunks.")
+        if status != 0:
+            raise EvaluationFailed(f"llama.cpp failed to evaluate {count} tokens of {self._path.name} (code "
+                                   f"{status}); check the model with `qdesk info`, or try fewer GPU layers.")
+        if self._collector is not None:
+            self._collector.output_skip.end_decode()
+
+    def stats(self) -> CollectedStats:
+        """A copy of the statistics so far (no matrices when the evaluator does not collect)."""
+        matrices = {} if self._collector is None else {
+            name: accumulator.snapshot() for name, accumulator in self._collector.matrices.items()
+        }
+        return CollectedStats(matrices, chunks=self._chunks, tokens=self._tokens, chunk_size=self._n_ctx)
+
+
+def _known_length(items: Iterable[object]) -> int:
+    return len(items) if isinstance(items, Sized) else 0
+
+
+def collect_activation_stats(
+    model_path: str | Path,
+    chunks: Iterable[Sequence[int]],
+    *,
+    n_ctx: int,
+    n_gpu_layers: int = 0,
+    n_threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    total_chunks: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    collect_output: bool = False,
+) -> CollectedStats:
+    """Evaluate each chunk of token ids with llama.cpp and return the activation statistics of every weight.
+
+    `progress(done, total)` is called after loading (done = 0) and after every chunk; total is
+    `total_chunks`, else `len(chunks)` when it has one, else 0 (unknown). `should_stop` is checked between
+    chunks and while llama.cpp computes; when it returns True, `Stopped` is raised.
+    """
+    total = total_chunks if total_chunks is not None else _known_length(chunks)
+    with ModelEvaluator(
+        model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, collect_output=collect_output,
+        should_stop=should_stop,
+    ) as evaluator:
+        if progress is not None:
+            progress(0, total)
+        for done, chunk in enumerate(chunks, start=1):
+            if should_stop is not None and should_stop():
+                raise Stopped("activation statistics were stopped on request")
+            evaluator.evaluate_chunk(chunk)
+            if progress is not None:
+                progress(done, total)
+        return evaluator.stats()
