@@ -124,6 +124,18 @@ class _HeaderWalk:
     def skip_string(self) -> None:
         self._take(self.u64())
 
+    def skip_strings(self, count: int) -> None:
+        """Skip `count` length-prefixed strings: the tokenizer's vocabulary, so this loop is kept tight."""
+        length_at = struct.Struct(self.order + "Q").unpack_from
+        buf, end, pos = self.buf, self.size, self.pos
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Truncated
+            pos += 8 + length_at(buf, pos)[0]
+        if pos > end:
+            raise _Truncated
+        self.pos = pos
+
     def _need(self, count: int, min_size: int) -> None:
         """Refuse `count` items of at least `min_size` bytes when fewer bytes are left."""
         if count * min_size > self.size - self.pos:
@@ -143,8 +155,7 @@ class _HeaderWalk:
                 self._take(count * _SCALAR_SIZES[item_type])
             elif item_type == GGUFValueType.STRING:
                 self._need(count, 8)
-                for _ in range(count):
-                    self.skip_string()
+                self.skip_strings(count)
             elif item_type == GGUFValueType.ARRAY:
                 self._need(count, 12)
                 for _ in range(count):

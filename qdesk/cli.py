@@ -113,15 +113,17 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from converters.plan import QuantPlan
     from converters.quantize import quantize
     from qdesk.terminal import ProgressBar
 
-    if args.preset is None:
+    recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset
+    if recipe is None:
         raise NotYetAvailable("--like, --target-size and --target-bpw are not yet available; they arrive with the "
                               "sensitivity-based mix, so use --preset NAME for now.")
     bar = ProgressBar("quantize")
     try:
-        result = quantize(args.source, args.output, args.preset, args.imatrix, texts=_calibration_texts(args),
+        result = quantize(args.source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
                           chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
                           plan_out=args.plan_out,
                           progress=bar)
@@ -182,6 +184,8 @@ def _build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--like", metavar="NAME", help="a sensitivity-based mix no larger than preset NAME")
     budget.add_argument("--target-size", metavar="SIZE", help="a sensitivity-based mix of at most SIZE (e.g. 95MB)")
     budget.add_argument("--target-bpw", type=float, metavar="X", help="a sensitivity-based mix of at most X bpw")
+    budget.add_argument("--plan", type=Path, metavar="PLAN.json",
+                        help="apply a per-tensor plan written by --plan-out (and perhaps edited)")
     quantize.add_argument("--imatrix", default="auto", metavar="FILE|auto|none",
                           help="importance matrix: auto (calibrate on the built-in or --text text; the default), "
                                "a file from `qdesk calibrate` or llama.cpp, or none")

@@ -4,7 +4,10 @@ and one clear sentence, with nothing left behind, for every kind of bad input.""
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -192,3 +195,46 @@ def test_requantizing_warns(starter_gguf: Path, tmp_path: Path) -> None:
     result = quantize(copy, tmp_path / "out.gguf", "Q8_0", imatrix="none")
     assert any("already quantized" in warning for warning in result.warnings)
     assert tensor_types(result.path)["blk.0.attn_q.weight"] == "Q8_0"
+
+
+def qdesk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_input_is_one_sentence_and_leaves_nothing(kquant_f16: Path, smollm2_f16: Path,
+                                                          tmp_path: Path) -> None:
+    truncated = tmp_path / "inputs" / "truncated.gguf"
+    truncated.parent.mkdir()
+    truncated.write_bytes(kquant_f16.read_bytes()[:100_000])
+    foreign_matrix = tmp_path / "inputs" / "foreign.imatrix.gguf"
+    from converters.imatrix import write_imatrix
+
+    write_imatrix(ImportanceMatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 576)), np.array([4]))},
+                                   ["x"], 1, 4), foreign_matrix)
+    misfit = preset_plan(smollm2_f16, "Q8_0").to_json()
+    next(t for t in misfit["tensors"] if t["name"] == "blk.0.attn_q.weight")["type"] = "q4_K"
+    misfit_plan = tmp_path / "inputs" / "misfit.plan.json"
+    misfit_plan.write_text(json.dumps(misfit))
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = {
+        "truncated": [str(truncated), "--preset", "Q4_K_M", "--imatrix", "none"],
+        "another model": [str(kquant_f16), "--preset", "Q4_K_M", "--imatrix", str(foreign_matrix)],
+        "needs an importance matrix": [str(kquant_f16), "--preset", "IQ2_XS", "--imatrix", "none"],
+        "does not fit": [str(smollm2_f16), "--plan", str(misfit_plan), "--imatrix", "none"],
+        "not a quantization preset": [str(kquant_f16), "--preset", "Q7_X", "--imatrix", "none"],
+    }
+    for expected, args in cases.items():
+        result = qdesk("quantize", *args, "-o", str(out / "model.gguf"))
+        assert result.returncode == 1, (expected, result.stderr)
+        assert result.stdout == "" and result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+        assert list(out.iterdir()) == []
+
+
+def test_cli_applies_a_saved_plan(kquant_f16: Path, tmp_path: Path) -> None:
+    plan = preset_plan(kquant_f16, "Q4_K_S").with_types({"blk.1.ffn_up.weight": "q8_0"})
+    plan.save(tmp_path / "edited.plan.json")
+    result = qdesk("quantize", str(kquant_f16), "--plan", str(tmp_path / "edited.plan.json"), "--imatrix", "none",
+                   "-o", str(tmp_path / "out.gguf"))
+    assert result.returncode == 0, result.stderr
+    assert tensor_types(tmp_path / "out.gguf") == {name: type_.upper() for name, type_ in plan.types().items()}
