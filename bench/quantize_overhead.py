@@ -13,7 +13,6 @@ with the ratio qdesk/peer. The target is at most 1.1x.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,6 @@ import time
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -29,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from converters.imatrix import read_imatrix  # noqa: E402
 from converters.presets import preset_named  # noqa: E402
 from converters.quantize import quantize  # noqa: E402
+from tests.builders.llama_quantizer import bare_llama_quantize  # noqa: E402
 
 DEFAULT_MODEL = REPO / ".cache" / "tests" / "smollm2-135m-f16.gguf"
 SYNTHETIC_MODEL = REPO / ".cache" / "bench" / "random-llama-0.6b-f16.gguf"
@@ -46,22 +45,6 @@ def synthetic_model() -> Path:
             convert_checkpoint(checkpoint, SYNTHETIC_MODEL, outtype="f16")
     return SYNTHETIC_MODEL
 _silence = llama_cpp.llama_log_callback(lambda level, text, data: None)
-
-
-def bare_quantize(source: Path, output: Path, ftype: int, imatrix: dict[str, np.ndarray] | None) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for slot, (name, values) in zip(entries, imatrix.items(), strict=False):
-            array = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(array)
-            slot.name, slot.size = name.encode(), array.size
-            slot.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = entries
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit("llama_model_quantize failed")
 
 
 def main() -> None:
@@ -83,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.model.parent) as scratch:
         for _ in range(args.repeat):
             start = time.perf_counter()
-            bare_quantize(args.model, Path(scratch) / "peer.gguf", preset.ftype, peer_matrix)
+            bare_llama_quantize(args.model, Path(scratch) / "peer.gguf", preset.ftype, peer_matrix)
             peer.append(time.perf_counter() - start)
             start = time.perf_counter()
             quantize(args.model, Path(scratch) / "ours.gguf", preset.name, args.imatrix or "none")

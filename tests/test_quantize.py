@@ -3,7 +3,6 @@ and one clear sentence, with nothing left behind, for every kind of bad input.""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import subprocess
@@ -21,27 +20,10 @@ from converters.jobs import CancelToken, Progress
 from converters.plan import PlanError, QuantPlan
 from converters.presets import PRESETS
 from converters.quantize import QuantizeError, preset_plan, quantize
+from tests.builders.llama_quantizer import bare_llama_quantize
 
 REQUIRED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                     "Q8_0")
-
-
-def bare_llama_quantize(source: Path, output: Path, ftype: int, imatrix: dict[str, np.ndarray] | None = None) -> None:
-    """llama.cpp's quantizer called directly, the way its own tool calls it: the peer every preset must match."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for slot, (name, values) in zip(entries, imatrix.items(), strict=False):
-            array = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(array)
-            slot.name, slot.size = name.encode(), array.size
-            slot.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = entries
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params)) == 0
 
 
 @pytest.fixture(scope="module", autouse=True)
