@@ -42,6 +42,8 @@ _PRESET_LIST = (
     Preset("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "large, very low quality loss"),
     Preset("Q6_K", LlamaFileType.MOSTLY_Q6_K, "very large, extremely low quality loss"),
     Preset("Q8_0", LlamaFileType.MOSTLY_Q8_0, "very large, practically lossless", uses_imatrix=False),
+    Preset("F16", LlamaFileType.MOSTLY_F16, "16-bit floats: a reference to measure the others against",
+           uses_imatrix=False),
     Preset("IQ3_XXS", LlamaFileType.MOSTLY_IQ3_XXS, "3.06 bpw i-quant; needs an importance matrix",
            requires_imatrix=True),
     Preset("IQ2_XS", LlamaFileType.MOSTLY_IQ2_XS, "2.31 bpw i-quant; needs an importance matrix",

@@ -39,6 +39,7 @@ _T = TypeVar("_T")
 AUTO = "auto"
 NONE = "none"
 _UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+_UNQUANTIZED_PRESETS = {"F16"}
 _FALLBACK_SUMMARY = re.compile(r"(?P<count>\d+) of (?P<total>\d+) tensor\(s\) required fallback")
 _TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*)$", re.IGNORECASE)
 
@@ -96,7 +97,7 @@ def quantize(
     with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output):
         header = check_gguf(reference)
         requantize = _already_quantized(header)
-        if requantize:
+        if requantize and label not in _UNQUANTIZED_PRESETS:
             warnings.append(f"{reference.name} is already quantized ({requantize}); quantizing it again loses "
                             "quality, so start from an F16/BF16 GGUF or the HF checkpoint when you can.")
         base = preset or preset_named(plan.base if plan is not None else label)

@@ -17,6 +17,7 @@ from qdesk.errors import Cancelled, NotYetAvailable, UserError
 
 if TYPE_CHECKING:
     from converters.calibration import CalibrationText
+    from qdesk.engine import LoadedModel, LoadOptions, SamplingOptions
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
@@ -138,6 +139,121 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    parser.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
+    parser.add_argument("--gpu-layers", default="auto", metavar="N|auto",
+                        help="layers to offload to a GPU (default auto: all when a GPU is present)")
+
+
+def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
+    from qdesk.engine import LoadOptions, SamplingOptions
+
+    if args.max_tokens < 1 or args.ctx < 16:
+        raise UsageError("--max-tokens must be at least 1 and --ctx at least 16")
+    gpu_layers: int | str = args.gpu_layers
+    if gpu_layers != "auto":
+        try:
+            gpu_layers = int(gpu_layers)
+        except ValueError:
+            raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
+    return (SamplingOptions(temperature=args.temp, max_tokens=args.max_tokens, seed=args.seed),
+            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers))
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from qdesk.engine import load_model
+
+    sampling, load = _sampling(args)
+    with load_model(args.model, load) as model:
+        if args.prompt is not None:
+            _chat_turn(model, [{"role": "user", "content": args.prompt}], sampling, args.system)
+            return EXIT_OK
+        history: list[dict[str, str]] = []
+        print(f"Chatting with {args.model.name}. Ctrl-C stops an answer; Ctrl-D or /exit leaves.", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return EXIT_OK
+            if line.strip() in ("/exit", "/quit"):
+                return EXIT_OK
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            answer = _chat_turn(model, history, sampling, args.system)
+            history.append({"role": "assistant", "content": answer})
+
+
+def _chat_turn(model: LoadedModel, messages: list[dict[str, str]], sampling: SamplingOptions,
+               system: str | None) -> str:
+    """One answer streamed to stdout; Ctrl-C stops the answer, not the program."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(model.chat, messages, sampling, system=system,
+                             on_token=lambda event: print(event.text, end="", flush=True))
+        while not answer.done():
+            try:
+                answer.exception(timeout=0.05)
+            except TimeoutError:
+                continue
+            except KeyboardInterrupt:
+                model.stop()
+        result = answer.result()
+    print()
+    stats = result.stats
+    if sys.stderr.isatty():
+        print(f"[{stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tokens/s, first token after "
+              f"{stats.time_to_first_token_s:.2f} s{', stopped' if stats.stop_reason == 'cancelled' else ''}]",
+              file=sys.stderr)
+    return result.text
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from qdesk.compare import MAX_VARIANTS, compare, render_comparison
+
+    if not 2 <= len(args.models) <= MAX_VARIANTS:
+        raise UsageError(f"compare takes 2 to {MAX_VARIANTS} models, not {len(args.models)}")
+    sampling, load = _sampling(args)
+    comparison = compare(args.models, args.prompt, system=args.system, sampling=sampling, load=load)
+    print(json.dumps(comparison.to_json(), indent=2) if args.json else render_comparison(comparison))
+    failed = [answer for answer in comparison.answers if answer.error]
+    if failed and not args.json:
+        for answer in failed:
+            print(f"qdesk: {answer.path.name}: {answer.error}", file=sys.stderr)
+    return EXIT_USER_ERROR if len(failed) == len(comparison.answers) else EXIT_OK
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from qdesk.library import Library, render_text
+
+    library = Library()
+    if args.action == "list":
+        library.ensure_starter()
+        library.refresh()
+        entries = library.entries()
+        print(json.dumps([entry.to_json() for entry in entries], indent=2) if args.json else render_text(entries))
+        return EXIT_OK
+    if args.action == "scan":
+        found = library.register_known_folders()
+        print("registered: " + (", ".join(found) if found else "no Hugging Face, LM Studio or Ollama folders found"))
+        return EXIT_OK
+    if args.target is None:
+        raise UsageError(f"`qdesk models {args.action}` needs a " + ("GGUF file" if args.action == "import" else
+                                                                    "model name from `qdesk models list`"))
+    if args.action == "import":
+        entry = library.import_model(Path(args.target), link=args.link)
+        print(f"imported {entry.id} ({entry.path})")
+    else:
+        library.remove(args.target)
+        print(f"removed {args.target}")
+    return EXIT_OK
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from qdesk.demo import run_demo
 
@@ -205,31 +321,30 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks")
     evaluate.add_argument("--json", action="store_true")
 
-    chat = command("chat", "chat with a model", _not_yet("chat", "the engine"))
-    chat.add_argument("model", type=Path)
-    chat.add_argument("--prompt")
-    chat.add_argument("--system")
-    chat.add_argument("--temp", type=float)
-    chat.add_argument("--seed", type=int)
-    chat.add_argument("--max-tokens", type=int)
+    chat = command("chat", "chat with a model (interactive, or one answer with --prompt)", _run_chat)
+    chat.add_argument("model", type=Path, metavar="MODEL.gguf")
+    chat.add_argument("--prompt", help="answer this one prompt and exit")
+    _generation_arguments(chat)
+    chat.add_argument("--temp", type=float, default=0.7, help="temperature (default 0.7; 0 is deterministic)")
 
-    compare = command("compare", "one prompt through several models", _not_yet("compare", "the engine"))
-    compare.add_argument("models", type=Path, nargs="*")
-    compare.add_argument("--prompt")
-    compare.add_argument("--system")
-    compare.add_argument("--seed", type=int)
-    compare.add_argument("--max-tokens", type=int)
-    compare.add_argument("--json", action="store_true")
+    compare = command("compare", "one prompt through several models, answers side by side", _run_compare)
+    compare.add_argument("models", type=Path, nargs="+", metavar="MODEL.gguf", help="2 to 4 variants")
+    compare.add_argument("--prompt", required=True)
+    _generation_arguments(compare)
+    compare.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: deterministic)")
+    compare.add_argument("--json", action="store_true", help="print one JSON document")
 
     info = command("info", "describe a GGUF file", _run_info)
     info.add_argument("file", type=Path, metavar="FILE.gguf", nargs="?")
     info.add_argument("--backends", action="store_true", help="describe the compute backends instead of a file")
     info.add_argument("--json", action="store_true", help="print one JSON document")
 
-    models = command("models", "the local model library", _not_yet("models", "the model library"))
-    models.add_argument("action", choices=("list", "import", "rm"))
-    models.add_argument("target", nargs="?")
-    models.add_argument("--json", action="store_true")
+    models = command("models", "the local model library", _run_models)
+    models.add_argument("action", choices=("list", "import", "rm", "scan"),
+                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only")
+    models.add_argument("target", nargs="?", help="import: a GGUF file; rm: a model's name from `models list`")
+    models.add_argument("--link", action="store_true", help="import: link the file instead of copying it")
+    models.add_argument("--json", action="store_true", help="list: print one JSON document")
 
     download = command("download", "download from the Hugging Face Hub", _not_yet("download", "hub support"))
     download.add_argument("repo_id")

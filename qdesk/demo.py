@@ -1,39 +1,107 @@
-"""`qdesk demo`: the headless story on the bundled starter model, as far as this version goes."""
+"""`qdesk demo`: the headless story on the bundled starter model, end to end.
+
+From the starter (SmolLM2-135M-Instruct, shipped as Q4_1) it makes an F16 reference, computes an importance
+matrix on the built-in calibration text, quantizes the reference to Q8_0, Q4_K_M and Q2_K, asks every
+variant the same questions side by side, and prints a table of sizes, speeds and answers. The files go to
+the user cache folder and are reused on the next run.
+"""
 
 from __future__ import annotations
 
-import time
+import os
+from pathlib import Path
 
-from qdesk.info import read_model_info, render_text
+from qdesk.compare import Comparison, compare
+from qdesk.engine import LoadOptions, SamplingOptions
+from qdesk.info import read_model_info
 from qdesk.starter import starter_model_path
 
-DEMO_QUESTION = "What is the capital of France?"
+DEMO_QUESTIONS = ("What is the capital of France?", "Name three primary colors.")
 DEMO_SYSTEM_PROMPT = "You are a helpful assistant."
+DEMO_PRESETS = ("Q8_0", "Q4_K_M", "Q2_K")
+DEMO_CALIBRATION_CHUNKS = 8
+DEMO_CALIBRATION_CTX = 256
+DEMO_MAX_TOKENS = 40
+
+
+def demo_folder() -> Path:
+    override = os.environ.get("QDESK_DEMO_DIR")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qdesk")) / "demo"
 
 
 def run_demo() -> int:
-    path = starter_model_path()
-    print("qdesk demo: the starter model\n")
-    print(render_text(read_model_info(path)))
-    print(f"\nAsking it: {DEMO_QUESTION}")
-    answer, seconds = _ask(str(path), DEMO_QUESTION)
-    print(f"Answer ({seconds:.1f} s): {answer}\n")
-    print(
-        "Next: convert a Hugging Face checkpoint with `qdesk convert CHECKPOINT_FOLDER`.\n"
-        "Quantization, evaluation and side-by-side compare join this demo as they land."
-    )
+    folder = demo_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    starter = starter_model_path()
+    info = read_model_info(starter)
+    print(f"qdesk demo: {info.name} ({info.parameters / 1e6:.1f}M parameters, shipped as {info.file_type}) "
+          f"in {folder}\n")
+    variants = make_variants(starter, folder)
+    print()
+    sampling = SamplingOptions(temperature=0.0, max_tokens=DEMO_MAX_TOKENS, seed=0)
+    comparisons = [compare(variants, question, system=DEMO_SYSTEM_PROMPT, sampling=sampling,
+                           load=LoadOptions(n_ctx=512)) for question in DEMO_QUESTIONS]
+    print(render_report(variants, comparisons))
     return 0
 
 
-def _ask(model_path: str, question: str) -> tuple[str, float]:
-    from llama_cpp import Llama
+def make_variants(starter: Path, folder: Path) -> list[Path]:
+    """The F16 reference and the preset variants, made once and reused."""
+    from converters.calibration import calibrate
+    from converters.imatrix import read_imatrix
+    from converters.quantize import quantize
 
-    started = time.monotonic()
-    model = Llama(model_path=model_path, n_ctx=512, seed=0, verbose=False)
-    reply = model.create_chat_completion(
-        messages=[{"role": "system", "content": DEMO_SYSTEM_PROMPT}, {"role": "user", "content": question}],
-        temperature=0.0,
-        max_tokens=48,
-    )
-    content = str(reply["choices"][0]["message"]["content"]).strip()
-    return content, time.monotonic() - started
+    reference = folder / "SmolLM2-135M-Instruct-F16.gguf"
+    if not reference.is_file():
+        _step(f"reference: dequantizing the starter to {reference.name}")
+        quantize(starter, reference, "F16", imatrix="none")
+    matrix_path = folder / "SmolLM2-135M-Instruct.imatrix.gguf"
+    if not matrix_path.is_file():
+        _step(f"importance matrix: {DEMO_CALIBRATION_CHUNKS} chunks of built-in calibration text")
+        calibrate(reference, matrix_path, chunks=DEMO_CALIBRATION_CHUNKS, ctx=DEMO_CALIBRATION_CTX)
+    matrix = read_imatrix(matrix_path)
+    variants = [reference]
+    for preset in DEMO_PRESETS:
+        target = folder / f"SmolLM2-135M-Instruct-{preset}.gguf"
+        if not target.is_file():
+            _step(f"quantizing to {preset}")
+            quantize(reference, target, preset, imatrix=matrix if preset != "Q8_0" else "none")
+        variants.append(target)
+    _step("variants ready: " + ", ".join(path.name for path in variants))
+    return variants
+
+
+def _step(message: str) -> None:
+    print(f"- {message}", flush=True)
+
+
+def render_report(variants: list[Path], comparisons: list[Comparison]) -> str:
+    rows = [("variant", "size MB", "bpw", "tok/s")]
+    for index, path in enumerate(variants):
+        info = read_model_info(path)
+        speeds = [c.answers[index].result.stats.tokens_per_second for c in comparisons
+                  if c.answers[index].result is not None]
+        speed = f"{sum(speeds) / len(speeds):.0f}" if speeds else "-"
+        rows.append((path.stem.rsplit("-", 1)[-1], f"{info.file_bytes / 1e6:.1f}", f"{info.bits_per_weight or 0:.2f}",
+                     speed))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for comparison in comparisons:
+        lines.append("")
+        lines.append(f"Q: {comparison.prompt}")
+        for index, answer in enumerate(comparison.answers):
+            label = rows[index + 1][0]
+            text = " ".join(answer.text.split()) if answer.result is not None else f"(failed: {answer.error})"
+            mark = "" if index == 0 or answer.divergence is None else \
+                f"  [differs from F16 at token {answer.divergence.token_index}]"
+            lines.append(f"  {label:>7}: {text}{mark}")
+    lines.append("")
+    lines.append("Next: quality against the reference (`qdesk eval`) and the sensitivity mix join this demo as "
+                 "they land.")
+    return "\n".join(lines)

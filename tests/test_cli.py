@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
-def qdesk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=timeout)
+def qdesk(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def test_help_lists_every_contract_command() -> None:
@@ -35,8 +38,7 @@ def test_bad_usage_exits_2() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["quantize", "m.gguf", "--target-size", "95MB"], ["chat", "m.gguf"], ["models", "list"],
-     ["download", "org/repo"], ["gui"]],
+    [["quantize", "m.gguf", "--target-size", "95MB"], ["download", "org/repo"], ["gui"]],
 )
 def test_commands_not_yet_available_say_so(args: list[str]) -> None:
     result = qdesk(*args)
@@ -52,8 +54,11 @@ def test_debug_shows_the_traceback() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_on_the_starter_model() -> None:
-    result = qdesk("demo", timeout=300)
+def test_demo_runs_the_whole_flow_on_the_starter_model(test_cache: Path) -> None:
+    result = qdesk("demo", timeout=600, env={"QDESK_DEMO_DIR": str(test_cache / "demo")})
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
     assert "134.5M" in result.stdout
+    for variant in ("F16", "Q8_0", "Q4_K_M", "Q2_K"):
+        assert (test_cache / "demo" / f"SmolLM2-135M-Instruct-{variant}.gguf").is_file()
+        assert f"\n{variant}" in result.stdout or f" {variant}:" in result.stdout
+    assert "Paris" in result.stdout.split("Q: What is the capital of France?")[1]
