@@ -35,9 +35,31 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
 
     def cancel(self) -> None:
-        self._event.set()
+        with self._lock:
+            self._event.set()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` (from the cancelling thread) when cancelled, at once if already; returns the unsubscribe."""
+        with self._lock:
+            already = self._event.is_set()
+            if not already:
+                self._listeners.append(listener)
+        if already:
+            listener()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
 
     @property
     def cancelled(self) -> bool:

@@ -30,6 +30,10 @@ from converters.jobs import CancelToken
 WORKER_MODULE = "qdesk.engine_worker"
 POLL_S = 0.02
 """How often a waiting chat looks at its cancel token."""
+STREAM_BATCH_S = 0.05
+"""After a token, the caller rests this long (or until `stop()`) before reading again, so it takes the CPU from
+the worker's threads once per batch of tokens rather than once per token (timings use the worker's own clock);
+a cancel token wakes it through `stop()` at once."""
 STOP_GRACE_S = 2.0
 """How long a stopped worker may take to answer before it is killed."""
 EXIT_GRACE_S = 2.0
@@ -150,6 +154,9 @@ class _Worker:
                 return False
         return True
 
+    def has_pending_line(self) -> bool:
+        return b"\n" in self._buffer
+
     def receive(self, timeout: float) -> dict[str, Any] | None:
         """The next message, None on timeout; raises EOFError when the worker has closed its end."""
         while b"\n" not in self._buffer:
@@ -215,6 +222,7 @@ class LoadedModel:
         self._generation = 0
         self._active: int | None = None
         self._stop_requested_at: float | None = None
+        self._wake = threading.Event()
         self._closed = False
         self._broken: str | None = None
         self._finalizer = weakref.finalize(self, worker.shut)
@@ -247,6 +255,7 @@ class LoadedModel:
         if active is not None:
             self._stop_requested_at = time.perf_counter()
             self._worker.send({"op": "stop", "id": active})
+            self._wake.set()
 
     def chat(self, messages: Sequence[Message], sampling: SamplingOptions = SamplingOptions(), *,
              system: str | None = None, on_token: Callable[[TokenEvent], None] | None = None,
@@ -262,12 +271,18 @@ class LoadedModel:
             generation = self._generation
             started = time.perf_counter()
             self._stop_requested_at = None
+            self._wake.clear()
             self._active = generation
             try:
                 if not self._worker.send({"op": "chat", "id": generation, "messages": conversation,
                                           "sampling": asdict(sampling)}):
                     raise self._crashed("while starting an answer")
-                return self._stream(started, on_token, cancel)
+                unsubscribe = cancel.subscribe(self.stop) if cancel is not None else None
+                try:
+                    return self._stream(started, on_token, cancel)
+                finally:
+                    if unsubscribe is not None:
+                        unsubscribe()
             finally:
                 self._active = None
 
@@ -312,7 +327,7 @@ class LoadedModel:
                     return self._result(pieces, token_ids, started, first_at, last_at, 0, "cancelled", 0)
                 continue
             if "token" in message:
-                last_at = time.perf_counter()
+                last_at = float(message.get("at", time.perf_counter()))
                 first_at = first_at if first_at is not None else last_at
                 event = TokenEvent(message["text"], len(token_ids))
                 pieces.append(event.text)
@@ -324,6 +339,8 @@ class LoadedModel:
                         callback_error = error
                         self.stop()
                         stop_sent_at = time.perf_counter()
+                if stop_sent_at is None and not self._worker.has_pending_line():
+                    self._wake.wait(STREAM_BATCH_S)
             elif "done" in message:
                 done = message["done"]
                 if callback_error is not None:

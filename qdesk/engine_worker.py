@@ -173,7 +173,8 @@ def _generate(llm: llama_cpp.Llama, format_chat: Callable[[list[dict[str, str]]]
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 stop_reason = "stop"
                 break
-            channel.send({"token": token, "text": decoder.decode(_token_piece(vocab, token))})
+            channel.send({"token": token, "text": decoder.decode(_token_piece(vocab, token)),
+                          "at": time.perf_counter()})
             produced += 1
             if commands.stop_requested(generation):
                 stop_reason = "cancelled"
