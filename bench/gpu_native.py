@@ -23,6 +23,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.imatrix_overhead import calibration_chunks  # noqa: E402
 from native.activations import ModelEvaluator  # noqa: E402
 from native.backends import discover, render_text  # noqa: E402
 
@@ -59,13 +60,8 @@ def main() -> None:
     print(render_text(discover()))
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or build_model(Path(scratch))
-        text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted((REPO_ROOT / "resources/calibration")
-                                                                          .glob("*.txt")))
         with ModelEvaluator(model, n_ctx=args.ctx, collect=False) as tokenizer:
-            bos = tokenizer.tokenize("", add_special=True)
-            body = tokenizer.tokenize(text, add_special=False)
-        step = args.ctx - len(bos)
-        chunks = [bos + body[i * step:(i + 1) * step] for i in range(args.chunks)]
+            chunks = calibration_chunks(tokenizer, args.chunks, args.ctx)
         tokens = sum(len(chunk) for chunk in chunks)
         gpu, gpu_seconds = collect(model, chunks, args.ctx, gpu_layers=999)
         cpu, cpu_seconds = collect(model, chunks, args.ctx, gpu_layers=0)

@@ -119,7 +119,8 @@ def calibrate(
     started = time.monotonic()
     progress(Progress(0, chunks, "chunks", "reading calibration text"))
     try:
-        with ModelEvaluator(model, n_ctx=ctx, n_gpu_layers=gpu_layers) as evaluator:
+        should_stop = (lambda: cancel.cancelled) if cancel is not None else None
+        with ModelEvaluator(model, n_ctx=ctx, n_gpu_layers=gpu_layers, should_stop=should_stop) as evaluator:
             token_chunks = _token_chunks(evaluator, sources, ctx, chunks)
             for index, chunk in enumerate(token_chunks):
                 if cancel is not None:
@@ -153,15 +154,14 @@ def _token_chunks(evaluator: Any, sources: Sequence[CalibrationText], ctx: int, 
     bos = evaluator.tokenize("", add_special=True)
     body = ctx - len(bos)
     template = evaluator.chat_template()
-    per_source = [_chunks_of(evaluator.tokenize(_render(source, template), add_special=False), body)
-                  for source in sources]
+    token_lists = [evaluator.tokenize(_render(source, template), add_special=False) for source in sources]
     picked: list[list[int]] = []
-    for round_ in zip_longest(*per_source):
+    for round_ in zip_longest(*(_chunks_of(tokens, body) for tokens in token_lists)):
         for chunk in round_:
             if chunk is not None and len(picked) < chunks:
                 picked.append(bos + chunk)
     if not picked:
-        counted = sum(len(evaluator.tokenize(_render(s, template), add_special=False)) for s in sources)
+        counted = sum(len(tokens) for tokens in token_lists)
         raise CalibrationError(f"the calibration text has {counted} tokens, fewer than one chunk of {ctx}; "
                                "give more text or a smaller --ctx.")
     return picked

@@ -88,19 +88,23 @@ def quantize(
     """Quantize `source` (an HF checkpoint folder or a GGUF) with a preset name or a `QuantPlan`."""
     started = time.monotonic()
     cancel = cancel or CancelToken()
-    preset = preset_named(plan_or_preset) if isinstance(plan_or_preset, str) else None
-    plan = plan_or_preset if isinstance(plan_or_preset, QuantPlan) else None
-    label = preset.name if preset is not None else plan.base if plan is not None else ""
+    plan: QuantPlan | None
+    preset: Preset | None
+    if isinstance(plan_or_preset, QuantPlan):
+        plan, preset = plan_or_preset, None
+        base = preset_named(plan.base)
+    else:
+        plan, preset = None, preset_named(plan_or_preset)
+        base = preset
     warnings: list[str] = []
 
     scratch = Path(output).parent if output is not None else None
     with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output):
         header = check_gguf(reference)
         requantize = _already_quantized(header)
-        if requantize and label not in _UNQUANTIZED_PRESETS:
+        if requantize and base.name not in _UNQUANTIZED_PRESETS:
             warnings.append(f"{reference.name} is already quantized ({requantize}); quantizing it again loses "
                             "quality, so start from an F16/BF16 GGUF or the HF checkpoint when you can.")
-        base = preset or preset_named(plan.base if plan is not None else label)
         if plan is not None:
             plan.check_model(((t.name, t.shape) for t in header.tensors), reference.name)
         matrix, use = _importance_matrix(imatrix, base, reference, header,
@@ -109,7 +113,7 @@ def quantize(
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
 
         target = Path(output) if output is not None else default_output.with_name(
-            _TYPE_SUFFIX.sub("", default_output.stem) + f"-{label}.gguf")
+            _TYPE_SUFFIX.sub("", default_output.stem) + f"-{base.name}.gguf")
         check_free_space(target, plan.n_bytes if plan is not None else reference.stat().st_size)
         cancel.raise_if_cancelled()
         with atomic_output(target) as temporary:

@@ -29,7 +29,7 @@ from converters.jobs import CancelToken
 
 WORKER_MODULE = "qdesk.engine_worker"
 POLL_S = 0.02
-"""How often a waiting chat looks at its cancel token."""
+"""How long one wait for the worker's next message lasts before a chat checks its stop deadline again."""
 STREAM_BATCH_S = 0.05
 """After a token, the caller rests this long (or until `stop()`) before reading again, so it takes the CPU from
 the worker's threads once per batch of tokens rather than once per token (timings use the worker's own clock);
@@ -279,7 +279,7 @@ class LoadedModel:
                     raise self._crashed("while starting an answer")
                 unsubscribe = cancel.subscribe(self.stop) if cancel is not None else None
                 try:
-                    return self._stream(started, on_token, cancel)
+                    return self._stream(started, on_token)
                 finally:
                     if unsubscribe is not None:
                         unsubscribe()
@@ -301,25 +301,21 @@ class LoadedModel:
         return ModelCrashed(f"the worker running {self.path.name} stopped unexpectedly {when}: {how}{hint}; "
                             "load the model again, and if it keeps happening the file may be damaged.")
 
-    def _stream(self, started: float, on_token: Callable[[TokenEvent], None] | None,
-                cancel: CancelToken | None) -> ChatResult:
+    def _stream(self, started: float, on_token: Callable[[TokenEvent], None] | None) -> ChatResult:
+        """Read the worker's answer; a stop (by `stop()`, a cancel token or a failing callback) is sent by `stop()`,
+        which records when, so a worker that does not answer it in time is ended here."""
         pieces: list[str] = []
         token_ids: list[int] = []
         first_at: float | None = None
         last_at = started
-        stop_sent_at: float | None = None
         callback_error: BaseException | None = None
         while True:
-            if stop_sent_at is None and cancel is not None and cancel.cancelled:
-                self.stop()
-                stop_sent_at = time.perf_counter()
             try:
                 message = self._worker.receive(POLL_S)
             except EOFError:
                 raise self._crashed("while generating") from None
             if message is None:
-                if stop_sent_at is None and self._stop_requested_at is not None:
-                    stop_sent_at = self._stop_requested_at
+                stop_sent_at = self._stop_requested_at
                 if stop_sent_at is not None and time.perf_counter() - stop_sent_at > STOP_GRACE_S:
                     self._worker.kill()
                     self._broken = "it did not answer a stop request in time and was ended"
@@ -338,8 +334,7 @@ class LoadedModel:
                     except BaseException as error:  # stop the worker, then let the caller see its own error
                         callback_error = error
                         self.stop()
-                        stop_sent_at = time.perf_counter()
-                if stop_sent_at is None and not self._worker.has_pending_line():
+                if self._stop_requested_at is None and not self._worker.has_pending_line():
                     self._wake.wait(STREAM_BATCH_S)
             elif "done" in message:
                 done = message["done"]
