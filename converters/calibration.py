@@ -72,22 +72,27 @@ def builtin_texts() -> list[CalibrationText]:
     return texts
 
 
-def read_text_file(path: str | Path) -> CalibrationText:
-    """A user's calibration text file (UTF-8 plain text), with one clear sentence for anything unusable."""
+def read_plain_text(path: str | Path, purpose: str = "calibration") -> str:
+    """A user's UTF-8 text file, with one clear sentence for anything unusable (`purpose` names its use)."""
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"the calibration text {path} does not exist or is not a file; check the path.")
+        raise CalibrationError(f"the {purpose} text {path} does not exist or is not a file; check the path.")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        raise CalibrationError(f"{path} is not UTF-8 text; pass a plain text file for calibration.") from None
+        raise CalibrationError(f"{path} is not UTF-8 text; pass a plain text file for {purpose}.") from None
     except OSError as error:
         raise CalibrationError(f"{path} cannot be read ({error.strerror}); check its permissions.") from error
     if "\x00" in text[:4096]:
-        raise CalibrationError(f"{path} looks like a binary file, not text; pass a plain text file for calibration.")
+        raise CalibrationError(f"{path} looks like a binary file, not text; pass a plain text file for {purpose}.")
     if not text.strip():
         raise CalibrationError(f"{path} is empty; pass a file with text from your task.")
-    return CalibrationText(str(path), _documents(text))
+    return text
+
+
+def read_text_file(path: str | Path) -> CalibrationText:
+    """A user's calibration text file (UTF-8 plain text), with one clear sentence for anything unusable."""
+    return CalibrationText(str(path), _documents(read_plain_text(path)))
 
 
 def _documents(text: str) -> tuple[str, ...]:

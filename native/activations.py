@@ -49,7 +49,17 @@ import numpy as np
 from native.errors import EvaluationFailed, Stopped
 from native.ggml import GGML, GGMLTensor, ggml
 
-__all__ = ["CollectedStats", "MatrixStats", "ModelEvaluator", "collect_activation_stats", "weight_name"]
+__all__ = [
+    "CollectedStats",
+    "LogitsConsumer",
+    "MatrixStats",
+    "ModelEvaluator",
+    "collect_activation_stats",
+    "weight_name",
+]
+
+LogitsConsumer = Callable[[int, np.ndarray], None]
+"""Receives (position of the first row, logits of rows × n_vocab float32); the array is valid only during the call."""
 
 DEFAULT_UBATCH = 512
 """Tokens per `llama_decode` call and per physical batch (llama.cpp's default); longer chunks take several."""
@@ -413,6 +423,7 @@ class ModelEvaluator:
 
     Use it as a context manager (or call `close()`); the model and its context are freed on exit.
     `should_stop` is polled by llama.cpp while it computes, so a long decode stops promptly with `Stopped`.
+    With `vocab_only` only the tokenizer is loaded (fast, no weights): tokenize and read the vocabulary, no more.
     """
 
     def __init__(
@@ -425,6 +436,7 @@ class ModelEvaluator:
         collect: bool = True,
         collect_output: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        vocab_only: bool = False,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
@@ -447,6 +459,7 @@ class ModelEvaluator:
             raise EvaluationFailed(f"{self._path} is not a file; check the path of the model.")
         model_params = llama.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        model_params.vocab_only = vocab_only
         self._model = llama.llama_model_load_from_file(os.fsencode(self._path), model_params) or 0
         if not self._model:
             raise EvaluationFailed(
@@ -454,6 +467,11 @@ class ModelEvaluator:
                 "architecture this llama.cpp supports."
             )
         self._vocab = llama.llama_model_get_vocab(self._model)
+        if vocab_only:
+            self._callbacks: tuple[object, ...] = ()
+            self._finalizer = weakref.finalize(self, _release, 0, self._model, None, ())
+            self._finalizer.atexit = False
+            return
 
         threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
         context_params = llama.llama_context_default_params()
@@ -510,12 +528,18 @@ class ModelEvaluator:
 
     def _live_context(self) -> int:
         if not self._context:
-            raise EvaluationFailed(f"the evaluator of {self._path.name} is closed; open a new one.")
+            state = "opened for its vocabulary only" if self._model else "closed"
+            raise EvaluationFailed(f"the evaluator of {self._path.name} is {state}; open a new one to evaluate.")
         return self._context
+
+    def _live_model(self) -> int:
+        if not self._model:
+            raise EvaluationFailed(f"the evaluator of {self._path.name} is closed; open a new one.")
+        return self._model
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of `text` with the model's own tokenizer (`add_special` adds BOS/EOS as the model asks)."""
-        self._live_context()
+        self._live_model()
         data = text.encode("utf-8")
         capacity = len(data) + 8
         for _ in range(2):
@@ -529,22 +553,96 @@ class ModelEvaluator:
 
     def chat_template(self) -> str | None:
         """The model's default chat template (`tokenizer.chat_template`), or None when it has none."""
-        self._live_context()
+        self._live_model()
         template = llama.llama_model_chat_template(self._model, None)
         return template.decode("utf-8", errors="replace") if template else None
 
     def bos_token(self) -> int | None:
-        self._live_context()
+        self._live_model()
         token = int(llama.llama_vocab_bos(self._vocab))
         return token if token >= 0 else None
 
     def n_ctx_train(self) -> int:
-        self._live_context()
+        self._live_model()
         return int(llama.llama_model_n_ctx_train(self._model))
 
     def n_vocab(self) -> int:
-        self._live_context()
+        self._live_model()
         return int(llama.llama_vocab_n_tokens(self._vocab))
+
+    def adds_bos(self) -> bool:
+        """Whether the model's tokenizer puts a BOS token in front of a text (`add_special`)."""
+        self._live_model()
+        return bool(llama.llama_vocab_get_add_bos(self._vocab))
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes token `token` stands for in a text (special tokens as their text)."""
+        self._live_model()
+        buffer = ctypes.create_string_buffer(64)
+        count = llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        if count < 0:
+            buffer = ctypes.create_string_buffer(-count)
+            count = llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[: max(count, 0)]
+
+    def vocabulary(self) -> list[bytes]:
+        """Every token's text, in id order: two models share a vocabulary when these lists are equal."""
+        self._live_model()
+        return [llama.llama_vocab_get_text(self._vocab, token) or b"" for token in range(self.n_vocab())]
+
+    def evaluate_logits(self, tokens: Sequence[int], first_output: int, consume: LogitsConsumer) -> None:
+        """Decode `tokens` as one sequence from position 0 and hand the logits of positions >= `first_output`.
+
+        `consume(position, logits)` is called after each physical batch with the rows of that batch's outputs
+        (rows × n_vocab float32, position of the first row); the array points into llama.cpp's buffer and is
+        valid only during the call. Only the wanted rows are computed, as in llama.cpp's perplexity tool.
+        """
+        if self._collector is not None and self._collector.output_skip.watches_norm():
+            raise EvaluationFailed("this evaluator collects statistics and skips the output product; open one with "
+                                   "collect=False to read logits.")
+        context = self._checked_chunk(tokens)
+        ids = np.asarray(tokens, dtype=np.int64)
+        if not 0 <= first_output < ids.size:
+            raise ValueError(f"first_output must lie in 0..{ids.size - 1} (got {first_output})")
+        n_vocab = self.n_vocab()
+        llama.llama_memory_clear(llama.llama_get_memory(context), True)
+        for start in range(0, ids.size, self._n_batch):
+            batch = ids[start : start + self._n_batch]
+            first_row = max(first_output - start, 0)
+            if first_row >= batch.size:
+                self._decode(context, batch, start)
+                continue
+            self._decode(context, batch, start, first_output_row=first_row)
+            rows = batch.size - first_row
+            pointer = llama.llama_get_logits(context)
+            logits = np.ctypeslib.as_array(pointer, shape=(rows, n_vocab))
+            consume(start + first_row, logits)
+
+    def clear(self) -> None:
+        """Forget every token decoded so far (the next decode starts a new sequence)."""
+        llama.llama_memory_clear(llama.llama_get_memory(self._live_context()), True)
+
+    def decode_at(self, tokens: Sequence[int], first_position: int) -> None:
+        """Decode `tokens` continuing the current sequence at `first_position` (at most one physical batch)."""
+        context = self._live_context()
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or not 0 < ids.size <= self._n_batch:
+            raise ValueError(f"decode_at takes 1..{self._n_batch} tokens (got {ids.size})")
+        if first_position + ids.size > self._n_ctx:
+            raise ValueError(f"positions up to {first_position + ids.size} do not fit the context of {self._n_ctx}")
+        self._decode(context, ids, first_position)
+
+    def _checked_chunk(self, tokens: Sequence[int]) -> int:
+        context = self._live_context()
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("a chunk must be a non-empty sequence of token ids")
+        if ids.size > self._n_ctx:
+            raise ValueError(f"a chunk of {ids.size} tokens does not fit the context of {self._n_ctx}")
+        n_vocab = self.n_vocab()
+        if ids.min() < 0 or ids.max() >= n_vocab:
+            raise ValueError(f"token ids must lie in 0..{n_vocab - 1} for {self._path.name}")
+        return context
 
     def evaluate_chunk(self, tokens: Sequence[int]) -> None:
         """Decode `tokens` as one sequence from position 0 (the memory is cleared first), exactly as given.
@@ -556,15 +654,8 @@ class ModelEvaluator:
         said so during the decode, `EvaluationFailed` when llama.cpp could not evaluate the tokens; either way
         nothing of this chunk is added to the statistics.
         """
-        context = self._live_context()
+        context = self._checked_chunk(tokens)
         ids = np.asarray(tokens, dtype=np.int64)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("a chunk must be a non-empty sequence of token ids")
-        if ids.size > self._n_ctx:
-            raise ValueError(f"a chunk of {ids.size} tokens does not fit the context of {self._n_ctx}")
-        n_vocab = self.n_vocab()
-        if ids.min() < 0 or ids.max() >= n_vocab:
-            raise ValueError(f"token ids must lie in 0..{n_vocab - 1} for {self._path.name}")
         llama.llama_memory_clear(llama.llama_get_memory(context), True)
         try:
             for start in range(0, ids.size, self._n_batch):
@@ -578,12 +669,17 @@ class ModelEvaluator:
         self._chunks += 1
         self._tokens += int(ids.size)
 
-    def _decode(self, context: int, ids: np.ndarray, first_position: int) -> None:
-        """One `llama_decode` of at most one physical batch, continuing the sequence at `first_position`."""
+    def _decode(self, context: int, ids: np.ndarray, first_position: int, first_output_row: int | None = None) -> None:
+        """One `llama_decode` of at most one physical batch, continuing the sequence at `first_position`.
+
+        Outputs: every row while collecting, rows from `first_output_row` on when given, else the last row.
+        """
         count = int(ids.size)
         self._batch_tokens[:count] = ids
         self._batch_positions[:count] = np.arange(first_position, first_position + count)
         self._batch_outputs[:count] = 1 if self._collect else 0
+        if first_output_row is not None:
+            self._batch_outputs[first_output_row:count] = 1
         self._batch_outputs[count - 1] = 1
         self._batch.n_tokens = count
         self._abort_poll.stop_requested = False

@@ -53,17 +53,51 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from qdesk.info import read_model_info, render_text
+    from qdesk.info import memory_report, read_model_info, render_text
+    from qdesk.memory import parse_size
 
     if args.backends:
         return _run_backends(args)
     if args.file is None:
         raise UsageError("give a GGUF file to describe, or --backends")
+    if args.ctx < 0:
+        raise UsageError("--ctx must be 0 (the model's trained context) or more")
+    ram = None if args.ram is None else parse_size(args.ram, option="--ram")
+    vram = None if args.vram is None else parse_size(args.vram, option="--vram")
     info = read_model_info(args.file)
+    memory = memory_report(args.file, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, kv_type=args.kv_type,
+                           ram_bytes=ram, vram_bytes=vram)
     if args.json:
-        print(json.dumps(info.to_json(), indent=2))
+        print(json.dumps({**info.to_json(), "memory": None if memory is None else memory.to_json()}, indent=2))
     else:
-        print(render_text(info))
+        print(render_text(info, memory))
+    return EXIT_OK
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from qdesk.eval_table import render_evaluation
+    from qdesk.eval_text import read_eval_texts
+    from qdesk.evaluate import evaluate
+    from qdesk.terminal import ProgressBar
+
+    if args.report is not None and args.report.suffix.lower() == ".json":
+        raise UsageError("--report takes the HTML file's name (OUT.html); the JSON is written beside it")
+    texts = read_eval_texts(args.text) if args.text else None
+    bar = ProgressBar("eval")
+    try:
+        result = evaluate(args.ref, args.candidates, texts=texts, ctx=args.ctx, chunks=args.chunks,
+                          tasks=args.tasks or (), threshold_pct=args.threshold, speed=args.speed,
+                          memory_ctx=args.memory_ctx or None, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                          cache=not args.no_cache, progress=bar)
+    finally:
+        bar.close()
+    document = result.to_json()
+    if args.report is not None:
+        from qdesk.report import write_report
+
+        html_path, json_path = write_report(document, args.report)
+        print(f"wrote {html_path} and {json_path}", file=sys.stderr)
+    print(json.dumps(document, indent=2) if args.json else render_evaluation(result))
     return EXIT_OK
 
 
@@ -312,14 +346,30 @@ def _build_parser() -> argparse.ArgumentParser:
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)
     backends.add_argument("--json", action="store_true", help="print one JSON document")
 
-    evaluate = command("eval", "measure candidates against a reference", _not_yet("eval", "evaluation"))
-    evaluate.add_argument("candidates", type=Path, nargs="*")
-    evaluate.add_argument("--ref", type=Path)
-    evaluate.add_argument("--text", type=Path, action="append")
-    evaluate.add_argument("--chunks", type=int)
-    evaluate.add_argument("--ctx", type=int)
-    evaluate.add_argument("--tasks")
-    evaluate.add_argument("--json", action="store_true")
+    evaluate = command("eval", "measure quantized candidates against their reference: quality, tasks, memory, speed",
+                       _run_eval)
+    evaluate.add_argument("candidates", type=Path, nargs="*", metavar="CAND.gguf", help="variants to measure")
+    evaluate.add_argument("--ref", type=Path, required=True, metavar="REF.gguf",
+                          help="the reference (F32/F16/BF16, or the best variant you have)")
+    evaluate.add_argument("--text", type=Path, action="append", metavar="FILE",
+                          help="evaluation text (repeatable; default: the built-in held-out text)")
+    evaluate.add_argument("--chunks", type=int, metavar="N", help="at most N chunks (default: all of the text)")
+    evaluate.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default: 512)")
+    evaluate.add_argument("--tasks", action="append", metavar="SUITE|FILE.jsonl",
+                          help="also run task suites: json, arithmetic, facts, code, builtin (all four), or a JSONL "
+                               "file (repeatable)")
+    evaluate.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                          help="task degradation that still recommends deploy (default: 5%%)")
+    evaluate.add_argument("--speed", action="store_true", help="also measure prompt and generation tokens/s")
+    evaluate.add_argument("--memory-ctx", type=int, default=4096, metavar="N",
+                          help="context length for the memory estimate (default: 4096; 0: no estimate)")
+    evaluate.add_argument("--report", type=Path, metavar="OUT.html",
+                          help="also write a self-contained HTML report and the JSON behind it (OUT.json)")
+    evaluate.add_argument("--no-cache", action="store_true",
+                          help="do not keep the reference's distributions in the cache for later runs")
+    evaluate.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    evaluate.add_argument("--gpu-layers", type=int, default=0, metavar="N", help="layers to offload (default 0)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON document")
 
     chat = command("chat", "chat with a model (interactive, or one answer with --prompt)", _run_chat)
     chat.add_argument("model", type=Path, metavar="MODEL.gguf")
@@ -338,6 +388,15 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", type=Path, metavar="FILE.gguf", nargs="?")
     info.add_argument("--backends", action="store_true", help="describe the compute backends instead of a file")
     info.add_argument("--json", action="store_true", help="print one JSON document")
+    info.add_argument("--ctx", type=int, default=4096, metavar="N",
+                      help="context length for the memory estimate (default: 4096; 0: the model's trained context)")
+    info.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                      help="layers on the GPU for the memory estimate, as llama.cpp counts them (default: 0; -1: all)")
+    info.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16",
+                      help="KV cache type for the memory estimate (default: f16)")
+    info.add_argument("--ram", metavar="SIZE", help="RAM to check the fit against, e.g. 16GB (default: available now)")
+    info.add_argument("--vram", metavar="SIZE",
+                      help="VRAM to check the fit against, e.g. 8GiB (default: free on this machine's GPUs)")
 
     models = command("models", "the local model library", _run_models)
     models.add_argument("action", choices=("list", "import", "rm", "scan"),
