@@ -24,8 +24,14 @@ CLI prints, and `ModelInfo.to_json()` the document `--json` prints. Its keys are
       "has_chat_template": bool,      # tokenizer.chat_template is present
       "tensor_count": int,
       "tensor_types": {str: int},     # tensors per type, most frequent first, e.g. {"Q4_1": 210}
-      "general": {str: value}         # every general.* key without the prefix, e.g. "license"
+      "general": {str: value},        # every general.* key without the prefix, e.g. "license"
+      "memory": {...} | null          # `qdesk info` only: `MemoryEstimate.to_json()` plus "fit":
+                                      # `FitVerdict.to_json()` (see qdesk/memory.py); null when the file's
+                                      # metadata does not allow an estimate
     }
+
+`memory_report(path, ...)` is the memory part: what llama.cpp will allocate at a context (weights, KV cache,
+compute buffers, in RAM and VRAM) and whether it fits this machine; `render_text(info, memory)` adds its table.
 """
 
 from __future__ import annotations
@@ -41,8 +47,16 @@ from gguf import GGUFValueType, LlamaFileType
 
 from converters.errors import GGUFFileError
 from converters.gguf_file import open_gguf
+from qdesk.memory import (
+    DEFAULT_N_CTX,
+    FitVerdict,
+    MemoryEstimate,
+    check_fit,
+    estimate_memory,
+    render_memory_text,
+)
 
-__all__ = ["ModelInfo", "open_gguf", "read_model_info", "render_text"]
+__all__ = ["MemoryReport", "ModelInfo", "memory_report", "open_gguf", "read_model_info", "render_text"]
 
 # --- the model's facts ------------------------------------------------------------------------
 
@@ -207,6 +221,37 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         del reader
 
 
+# --- the memory it takes -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """The memory estimate at one setting and the fit verdict for this machine (or the sizes given)."""
+
+    estimate: MemoryEstimate
+    fit: FitVerdict
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.estimate.to_json(), "fit": self.fit.to_json()}
+
+
+def memory_report(
+    path: str | os.PathLike[str],
+    *,
+    n_ctx: int = DEFAULT_N_CTX,
+    n_gpu_layers: int = 0,
+    kv_type: str = "f16",
+    ram_bytes: int | None = None,
+    vram_bytes: int | None = None,
+) -> MemoryReport | None:
+    """The memory part of `qdesk info`; None for a GGUF whose metadata does not describe a runnable model."""
+    try:
+        estimate = estimate_memory(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, kv_type=kv_type)
+        fit = check_fit(path, ram_bytes=ram_bytes, vram_bytes=vram_bytes, n_ctx=n_ctx, kv_type=kv_type)
+    except GGUFFileError:
+        return None
+    return MemoryReport(estimate, fit)
+
+
 # --- the text table -----------------------------------------------------------------------------
 
 def _count(n: int) -> str:
@@ -237,8 +282,8 @@ def _metadata_text(value: Any, limit: int = 80) -> str:
 _SHOWN_GENERAL = {"name", "architecture", "file_type", "alignment"}
 
 
-def render_text(info: ModelInfo) -> str:
-    """A readable two-column table of `info`, one fact per line."""
+def render_text(info: ModelInfo, memory: MemoryReport | None = None) -> str:
+    """A readable two-column table of `info`, one fact per line, then the memory table when given."""
     bpw = info.bits_per_weight
     file_type = info.file_type or "-"
     if info.dominant_type and info.dominant_type != info.file_type:
@@ -264,4 +309,7 @@ def render_text(info: ModelInfo) -> str:
     rows += [(f"general.{key}", _metadata_text(value))
              for key, value in info.general.items() if key not in _SHOWN_GENERAL]
     width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    text = "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    if memory is not None:
+        text += "\n\n" + render_memory_text(memory.estimate, memory.fit)
+    return text
