@@ -92,6 +92,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     document = result.to_json()
+    if result.reference.tasks is not None:
+        for warning in result.reference.tasks.warnings():
+            print(f"qdesk: warning: reference {warning}", file=sys.stderr)
     if args.report is not None:
         from qdesk.report import write_report
 

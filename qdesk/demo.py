@@ -1,9 +1,10 @@
 """`qdesk demo`: the headless story on the bundled starter model, end to end.
 
 From the starter (SmolLM2-135M-Instruct, shipped as Q4_1) it makes an F16 reference, computes an importance
-matrix on the built-in calibration text, quantizes the reference to Q8_0, Q4_K_M and Q2_K, asks every
-variant the same questions side by side, and prints a table of sizes, speeds and answers. The files go to
-the user cache folder and are reused on the next run.
+matrix on the built-in calibration text, quantizes the reference to Q8_0, Q4_K_M and Q2_K, measures each
+variant against the reference on held-out text (`qdesk eval`), asks every variant the same questions side by
+side, and ends with a table of sizes, divergence, speeds and answers and an HTML report. The files go to the
+user cache folder and are reused on the next run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from qdesk.compare import Comparison, compare
 from qdesk.engine import LoadOptions, SamplingOptions
+from qdesk.evaluate import Evaluation, ModelFacts, evaluate
 from qdesk.info import read_model_info
+from qdesk.report import write_report
 from qdesk.starter import starter_model_path
 
 DEMO_QUESTIONS = ("What is the capital of France?", "Name three primary colors.")
@@ -22,6 +25,7 @@ DEMO_PRESETS = ("Q8_0", "Q4_K_M", "Q2_K")
 DEMO_CALIBRATION_CHUNKS = 8
 DEMO_CALIBRATION_CTX = 256
 DEMO_MAX_TOKENS = 40
+DEMO_EVAL_CHUNKS = 8
 
 
 def demo_folder() -> Path:
@@ -41,11 +45,15 @@ def run_demo() -> int:
     print(f"qdesk demo: {info.name} ({info.parameters / 1e6:.1f}M parameters, shipped as {info.file_type}) "
           f"in {folder}\n")
     variants = make_variants(starter, folder)
+    _step(f"measuring each variant against the F16 reference on {DEMO_EVAL_CHUNKS} chunks of held-out text")
+    evaluation = evaluate(variants[0], variants[1:], chunks=DEMO_EVAL_CHUNKS, memory_ctx=2048)
+    html_path, _ = write_report(evaluation.to_json(), folder / "report.html")
     print()
     sampling = SamplingOptions(temperature=0.0, max_tokens=DEMO_MAX_TOKENS, seed=0)
     comparisons = [compare(variants, question, system=DEMO_SYSTEM_PROMPT, sampling=sampling,
                            load=LoadOptions(n_ctx=512)) for question in DEMO_QUESTIONS]
-    print(render_report(variants, comparisons))
+    print(render_report(variants, comparisons, evaluation))
+    print(f"\nThe full report (chart, memory, where each variant disagrees): {html_path}")
     return 0
 
 
@@ -79,19 +87,26 @@ def _step(message: str) -> None:
     print(f"- {message}", flush=True)
 
 
-def render_report(variants: list[Path], comparisons: list[Comparison]) -> str:
-    rows = [("variant", "size MB", "bpw", "tok/s")]
+def render_report(variants: list[Path], comparisons: list[Comparison], evaluation: Evaluation) -> str:
+    divergence = {candidate.model.path: candidate for candidate in evaluation.candidates}
+    rows = [("variant", "size MB", "bpw", "PPL", "KLD", "top-1", "tok/s")]
     for index, path in enumerate(variants):
-        info = read_model_info(path)
+        header = ModelFacts.of(path)
         speeds = [c.answers[index].result.stats.tokens_per_second for c in comparisons
                   if c.answers[index].result is not None]
         speed = f"{sum(speeds) / len(speeds):.0f}" if speeds else "-"
-        rows.append((path.stem.rsplit("-", 1)[-1], f"{info.file_bytes / 1e6:.1f}", f"{info.bits_per_weight or 0:.2f}",
-                     speed))
+        measured = divergence.get(path)
+        ppl = evaluation.reference.ppl if measured is None else measured.ppl
+        kld = "ref" if measured is None or measured.divergence is None else f"{measured.divergence.mean:.4f}"
+        top1 = "" if measured is None or measured.divergence is None else \
+            f"{measured.divergence.top1_agreement * 100:.1f}%"
+        rows.append((path.stem.rsplit("-", 1)[-1], f"{header.bytes / 1e6:.1f}", f"{header.bpw or 0:.2f}",
+                     f"{ppl:.2f}", kld, top1, speed))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"(PPL and KLD over {evaluation.scored_tokens} held-out tokens; KLD in nats per token against F16)")
     for comparison in comparisons:
         lines.append("")
         lines.append(f"Q: {comparison.prompt}")
@@ -102,6 +117,5 @@ def render_report(variants: list[Path], comparisons: list[Comparison]) -> str:
                 f"  [differs from F16 at token {answer.divergence.token_index}]"
             lines.append(f"  {label:>7}: {text}{mark}")
     lines.append("")
-    lines.append("Next: quality against the reference (`qdesk eval`) and the sensitivity mix join this demo as "
-                 "they land.")
+    lines.append("Next: the sensitivity mix (the best variant for a size budget) joins this demo as it lands.")
     return "\n".join(lines)

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from native.activations import ModelEvaluator
     from native.speed import SpeedResult
     from qdesk.memory import MemoryEstimate
-    from qdesk.tasks import TaskRun, TaskVerdict
+    from qdesk.reference_cache import CacheEntry
+    from qdesk.tasks import TaskRun, TaskSuite, TaskVerdict
 
 SAMPLE_TOKENS = 160
 """Tokens of the sample paragraph whose per-token divergence the report shows as a heat map."""
@@ -236,7 +237,7 @@ def _chunk_logits(evaluator: ModelEvaluator, chunks: TokenChunks, index: int,
     evaluator.evaluate_logits(chunks.ids[index], first, scored)
 
 
-def _reference_pass(reference: Path, chunks: TokenChunks, entry: Any, work: _Work, settings: _Settings
+def _reference_pass(reference: Path, chunks: TokenChunks, entry: CacheEntry, work: _Work, settings: _Settings
                     ) -> tuple[float, bool]:
     """Fill the cache entry with every chunk's reference rows; returns (perplexity, all from cache).
 
@@ -270,7 +271,7 @@ def _reference_pass(reference: Path, chunks: TokenChunks, entry: Any, work: _Wor
     return float(np.exp(nll_sum / chunks.scored_tokens)), not missing
 
 
-def _candidate_pass(evaluator: ModelEvaluator, chunks: TokenChunks, entry: Any, work: _Work, label: str,
+def _candidate_pass(evaluator: ModelEvaluator, chunks: TokenChunks, entry: CacheEntry, work: _Work, label: str,
                     cancel: CancelToken | None) -> tuple[float, Divergence, np.ndarray]:
     kld, logp, matches, delta_p = [], [], [], []
     for index in range(chunks.count):
@@ -434,7 +435,7 @@ def evaluate(
 
 
 def _evaluate_candidate(path: Path, reference_path: Path, reference_vocab: list[bytes], sources: list[EvalText],
-                        chunk_set: TokenChunks, entry: Any, work: _Work, settings: _Settings) -> CandidateResult:
+                        chunk_set: TokenChunks, entry: CacheEntry, work: _Work, settings: _Settings) -> CandidateResult:
     cancel = settings.cancel
     with _open(path, settings) as evaluator:
         vocab = evaluator.vocabulary()
@@ -448,20 +449,24 @@ def _evaluate_candidate(path: Path, reference_path: Path, reference_vocab: list[
         return CandidateResult(ModelFacts.of(path), ppl, None, notes=(note,))
 
 
-def _load_suites(tasks: Sequence[str | Path]) -> list[Any]:
+def _load_suites(tasks: Sequence[str | Path]) -> list[TaskSuite]:
+    """Every suite named (built-in names, `builtin`, comma-separated lists, JSONL paths), read and checked now,
+    before any model is loaded, so that a malformed line stops the evaluation at once."""
     if not tasks:
         return []
-    from qdesk.tasks import load_suite
+    from qdesk.tasks import load_suites
 
-    return [load_suite(name) for name in tasks]
+    entries = [part.strip() for task in tasks
+               for part in (task.split(",") if isinstance(task, str) else [task]) if str(part).strip()]
+    return load_suites(entries)
 
 
-def _extra_steps(suites: list[Any], speed: bool, models: int) -> int:
+def _extra_steps(suites: list[TaskSuite], speed: bool, models: int) -> int:
     items = sum(len(suite.items) for suite in suites)
     return models * (items + (1 if speed else 0))
 
 
-def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ...], suites: list[Any],
+def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ...], suites: list[TaskSuite],
                threshold_pct: float, n_threads: int | None, n_gpu_layers: int, work: _Work,
                cancel: CancelToken | None) -> tuple[ReferenceResult, tuple[CandidateResult, ...]]:
     if not suites:
@@ -483,8 +488,9 @@ def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ..
     reference_run = run(reference.model.path)
     updated = []
     for candidate in candidates:
-        verdict = compare_runs(reference_run, run(candidate.model.path), threshold_pct=threshold_pct)
-        updated.append(replace(candidate, tasks=verdict))
+        candidate_run = run(candidate.model.path)
+        verdict = compare_runs(reference_run, candidate_run, threshold_pct=threshold_pct)
+        updated.append(replace(candidate, tasks=verdict, notes=(*candidate.notes, *candidate_run.warnings())))
     return replace(reference, tasks=reference_run), tuple(updated)
 
 

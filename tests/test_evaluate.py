@@ -217,3 +217,55 @@ def test_cli_eval_bad_input_is_one_sentence(problem: str, smollm2_f16: Path, tmp
 def test_a_text_shorter_than_one_chunk_is_refused(smollm2_f16: Path) -> None:
     with pytest.raises(EvalError, match="less than one chunk"):
         evaluate(smollm2_f16, [], texts=[EvalText("tiny", "Hello there.")], ctx=64, memory_ctx=None)
+
+
+def _suite(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_tasks_speed_and_memory_join_the_evaluation(smollm2_f16: Path, starter_gguf: Path, tmp_path: Path) -> None:
+    suite = _suite(tmp_path, [
+        json.dumps({"id": "capital", "prompt": "What is the capital of France? Answer in one word.",
+                    "checker": {"type": "regex", "pattern": "paris", "flags": "i"}, "max_tokens": 16}),
+        json.dumps({"id": "sum", "prompt": "What is 2 + 2? Answer with the number only.",
+                    "checker": {"type": "regex", "pattern": "\\b4\\b"}, "max_tokens": 16}),
+        json.dumps({"id": "code", "prompt": "Write a Python function that returns 1.",
+                    "checker": {"type": "python_compiles"}, "max_tokens": 48}),
+    ])
+    result = evaluate(smollm2_f16, [starter_gguf], ctx=64, chunks=1, tasks=[str(suite)], speed=True,
+                      memory_ctx=1024)
+    reference_tasks = result.reference.tasks
+    assert reference_tasks is not None and reference_tasks.items == 3
+    (candidate,) = result.candidates
+    assert candidate.tasks is not None
+    verdict = candidate.tasks.to_json()
+    assert verdict["recommendation"] in ("deploy", "investigate")
+    assert verdict["reference_score"] == reference_tasks.score
+    if verdict["degradation_pct"] is not None:
+        assert (verdict["recommendation"] == "deploy") == (verdict["degradation_pct"] <= 5.0)
+    for model in (result.reference, candidate):
+        assert model.speed is not None and model.speed.prompt_tps > 0 and model.speed.generation_tps > 0
+        assert model.memory is not None and model.memory.to_json()["n_ctx"] == 1024
+    assert candidate.memory.total_bytes < result.reference.memory.total_bytes
+
+
+def test_cli_a_malformed_task_line_stops_before_any_model_runs(smollm2_f16: Path, tmp_path: Path) -> None:
+    suite = _suite(tmp_path, [
+        json.dumps({"id": "ok", "prompt": "Say hi.", "checker": {"type": "contains", "value": "hi"}}),
+        '{"id": "broken", "prompt": "no closing brace"',
+    ])
+    result = qdesk("eval", "--ref", str(smollm2_f16), "--tasks", str(suite), "--ctx", "64",
+                   env={"QDESK_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "line 2" in lines[0]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_an_unknown_suite_names_the_builtin_ones(smollm2_f16: Path, tmp_path: Path) -> None:
+    result = qdesk("eval", "--ref", str(smollm2_f16), "--tasks", "poetry", env={"QDESK_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert "arithmetic" in result.stderr and len(result.stderr.strip().splitlines()) == 1
