@@ -126,7 +126,7 @@ def calibrate(
     try:
         should_stop = (lambda: cancel.cancelled) if cancel is not None else None
         with ModelEvaluator(model, n_ctx=ctx, n_gpu_layers=gpu_layers, should_stop=should_stop) as evaluator:
-            token_chunks = _token_chunks(evaluator, sources, ctx, chunks)
+            token_chunks = calibration_chunks(evaluator, sources, ctx, chunks)
             for index, chunk in enumerate(token_chunks):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
@@ -154,7 +154,7 @@ def calibrate(
     return CalibrationResult(matrix, path, len(token_chunks), tokens, time.monotonic() - started)
 
 
-def _token_chunks(evaluator: Any, sources: Sequence[CalibrationText], ctx: int, chunks: int) -> list[list[int]]:
+def calibration_chunks(evaluator: Any, sources: Sequence[CalibrationText], ctx: int, chunks: int) -> list[list[int]]:
     """Up to `chunks` chunks of `ctx` tokens, taken in turn from each source so every domain is represented."""
     bos = evaluator.tokenize("", add_special=True)
     body = ctx - len(bos)

@@ -39,6 +39,10 @@ def type_name(quant_type: GGMLQuantizationType) -> str:
     return name[:-2] + "_K" if name.endswith("_k") else name
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def fits(type_: str, row_length: int) -> bool:
     block_size, _ = GGML_QUANT_SIZES[ggml_type(type_)]
     return row_length % block_size == 0
@@ -56,6 +60,10 @@ class PlannedTensor:
     """ggml order: shape[0] is the row length."""
     source_type: str
     type: str
+    gain: float | None = None
+    """For a sensitivity mix: the tensor's measured KLD per unit of importance-weighted squared error."""
+    predicted_kld: float | None = None
+    """For a sensitivity mix: the predicted contribution of this tensor at this type to the mean KLD."""
 
     @property
     def n_elements(self) -> int:
@@ -140,7 +148,9 @@ class QuantPlan:
             "bytes": self.n_bytes,
             "bpw": round(self.bits_per_weight, 4),
             "tensors": [
-                {"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "type": t.type}
+                {"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "type": t.type,
+                 **({} if t.gain is None else {"gain": t.gain}),
+                 **({} if t.predicted_kld is None else {"predicted_kld": t.predicted_kld})}
                 for t in self.tensors
             ],
         }
@@ -152,7 +162,8 @@ class QuantPlan:
                             "write one with `qdesk quantize --plan-out`.")
         try:
             tensors = tuple(
-                PlannedTensor(str(t["name"]), tuple(int(d) for d in t["shape"]), str(t["source_type"]), str(t["type"]))
+                PlannedTensor(str(t["name"]), tuple(int(d) for d in t["shape"]), str(t["source_type"]), str(t["type"]),
+                              _optional_float(t.get("gain")), _optional_float(t.get("predicted_kld")))
                 for t in document["tensors"]
             )
             return cls(tensors, str(document["base"]), str(document.get("label", "")))

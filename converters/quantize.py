@@ -14,7 +14,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,10 @@ from converters.errors import Cancelled, UserError
 from converters.gguf_file import GGUFHeader, check_gguf
 from converters.imatrix import ImportanceMatrix, check_matches_model, read_imatrix
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.mix import MIX_BASE_PRESET, MixBudget, MixPlan, plan_mix
 from converters.plan import PlannedTensor, QuantPlan, type_name
 from converters.presets import Preset, preset_named
+from converters.sensitivity import measure_sensitivity
 
 ImatrixChoice = ImportanceMatrix | str | Path | None
 """An importance matrix, a path to one, "auto" (calibrate on the built-in text) or "none"/None."""
@@ -73,7 +75,7 @@ class QuantizeResult:
 def quantize(
     source: str | Path,
     output: str | Path | None = None,
-    plan_or_preset: QuantPlan | str = "Q4_K_M",
+    plan_or_preset: QuantPlan | MixBudget | str = "Q4_K_M",
     imatrix: ImatrixChoice = AUTO,
     *,
     texts: Sequence[CalibrationText] | None = None,
@@ -85,12 +87,20 @@ def quantize(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> QuantizeResult:
-    """Quantize `source` (an HF checkpoint folder or a GGUF) with a preset name or a `QuantPlan`."""
+    """Quantize `source` (an HF checkpoint folder or a GGUF) with a preset name, a `QuantPlan`, or a `MixBudget`
+    (a sensitivity-based mix within that budget; see converters/mix.py)."""
     started = time.monotonic()
     cancel = cancel or CancelToken()
     plan: QuantPlan | None
     preset: Preset | None
-    if isinstance(plan_or_preset, QuantPlan):
+    budget = plan_or_preset if isinstance(plan_or_preset, MixBudget) else None
+    mix: MixPlan | None = None
+    if budget is not None:
+        plan, preset = None, None
+        base = preset_named(MIX_BASE_PRESET)
+        if budget.like is not None:
+            preset_named(budget.like)
+    elif isinstance(plan_or_preset, QuantPlan):
         plan, preset = plan_or_preset, None
         base = preset_named(plan.base)
     else:
@@ -111,19 +121,24 @@ def quantize(
                                          _Calibration(texts, chunks, ctx, gpu_layers), progress, cancel)
         if base.requires_imatrix and matrix is None:
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
+        if budget is not None:
+            mix = _mix_plan(reference, header, budget, matrix, texts, gpu_layers, progress, cancel)
+            plan = mix.plan
 
         target = Path(output) if output is not None else default_output.with_name(
-            _TYPE_SUFFIX.sub("", default_output.stem) + f"-{base.name}.gguf")
+            _TYPE_SUFFIX.sub("", default_output.stem) + (f"-{base.name}.gguf" if budget is None else "-mix.gguf"))
         check_free_space(target, plan.n_bytes if plan is not None else reference.stat().st_size)
         cancel.raise_if_cancelled()
         with atomic_output(target) as temporary:
             records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
-                           progress, cancel)
+                           progress, cancel, mix.metadata() if mix is not None else {})
             written = check_gguf(temporary)
             result_plan = _plan_from_header(written, reference_header=header, base=base.name,
                                             label=plan.label if plan is not None else f"preset {base.name}")
             if plan is not None and result_plan.types() != plan.types():
                 raise QuantizeError(_mismatch_sentence(plan, result_plan))
+            if mix is not None:
+                result_plan = mix.plan
             warnings.extend(records)
     if plan_out is not None:
         result_plan.save(plan_out)
@@ -239,10 +254,12 @@ def _run(
     threads: int,
     progress: ProgressFn,
     cancel: CancelToken,
+    extra_metadata: Mapping[str, str | int | float],
 ) -> tuple[str, ...]:
     from native.quantizer import QuantizeRequest, run_quantizer
 
     metadata: dict[str, str | int | float | bool] = {
+        **extra_metadata,
         "qdesk.version": _qdesk_version(),
         "qdesk.plan": plan.label if plan is not None else f"preset {preset.name}",
         "qdesk.source": reference.name,
@@ -265,6 +282,19 @@ def _run(
 
     report = _native(lambda: run_quantizer(request, quantizing, lambda: cancel.cancelled))
     return tuple(_reworded(warning) for warning in report.warnings if "falling back" not in warning)
+
+
+def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, matrix: ImportanceMatrix | None,
+              texts: Sequence[CalibrationText] | None, gpu_layers: int, progress: ProgressFn,
+              cancel: CancelToken) -> MixPlan:
+    like_bytes = preset_plan(reference, budget.like, matrix).n_bytes if budget.like is not None else None
+
+    def measuring(step: Progress) -> None:
+        progress(Progress(step.done, step.total, step.unit, step.message))
+
+    sensitivity = measure_sensitivity(reference, matrix, texts, gpu_layers=gpu_layers, progress=measuring,
+                                      cancel=cancel)
+    return plan_mix(reference, header, budget, sensitivity, like_bytes)
 
 
 def _reworded(warning: str) -> str:

@@ -47,7 +47,7 @@ import llama_cpp.llama_cpp as llama  # before numpy: on CUDA builds, numpy loade
 import numpy as np
 
 from native.errors import EvaluationFailed, Stopped
-from native.ggml import GGML, GGMLTensor, ggml
+from native.ggml import GGML, MAX_SRC, GGMLTensor, ggml
 
 __all__ = [
     "CollectedStats",
@@ -70,6 +70,9 @@ _OUTPUT_WEIGHT = "output.weight"
 _FINAL_NORM = b"result_norm"
 """llama.cpp's name for the final norm, the node just before the output product, in most architectures."""
 _LAYER_PREFIX = "blk."
+_LOAD_INTO_MEMORY = 0
+"""`LLAMA_LOAD_MODE_NONE`: read the weights into buffers of their own rather than mapping the file (read-only)."""
+_LAZY_OFF = 0
 _DECODE_ABORTED = 2
 _DECODE_NO_SLOT = 1
 
@@ -383,6 +386,28 @@ def _release(context: int, model: int, batch: llama.llama_batch | None, _keep_al
         llama.llama_batch_free(batch)
 
 
+class _WeightLocator:
+    """An eval callback that notes where every named weight the graph reads lives, and asks for no node."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, int] = {}
+        self.error: BaseException | None = None
+
+    def on_eval(self, node: int, ask: bool, _user_data: int | None) -> bool:
+        if not ask:
+            return True
+        try:
+            for index in range(MAX_SRC):
+                source = _read_pointer(node + _SRC_OFFSET + index * _POINTER_SIZE)
+                if source:
+                    raw = ctypes.string_at(source + _NAME_OFFSET)
+                    if raw.endswith(b"weight") and b"#" not in raw:
+                        self.weights.setdefault(raw.decode("utf-8", errors="replace"), source)
+        except BaseException as error:  # nothing may escape into C
+            self.error = error
+        return False
+
+
 class _AbortPoll:
     """`ggml_abort_callback` state, polled by llama.cpp between graph nodes: True stops the computation.
 
@@ -424,6 +449,9 @@ class ModelEvaluator:
     Use it as a context manager (or call `close()`); the model and its context are freed on exit.
     `should_stop` is polled by llama.cpp while it computes, so a long decode stops promptly with `Stopped`.
     With `vocab_only` only the tokenizer is loaded (fast, no weights): tokenize and read the vocabulary, no more.
+    With `editable_weights` the weights are read into memory rather than mapped, and `write_weight` replaces a
+    weight's data in place (to measure what degrading one tensor does to the output), once a decode has shown
+    where each weight lives.
     """
 
     def __init__(
@@ -437,6 +465,7 @@ class ModelEvaluator:
         collect_output: bool = False,
         should_stop: Callable[[], bool] | None = None,
         vocab_only: bool = False,
+        editable_weights: bool = False,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
@@ -460,6 +489,9 @@ class ModelEvaluator:
         model_params = llama.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
         model_params.vocab_only = vocab_only
+        if editable_weights:
+            model_params.load_mode = _LOAD_INTO_MEMORY
+            model_params.lazy_mode = _LAZY_OFF
         self._model = llama.llama_model_load_from_file(os.fsencode(self._path), model_params) or 0
         if not self._model:
             raise EvaluationFailed(
@@ -484,6 +516,12 @@ class ModelEvaluator:
         context_params.n_threads_batch = threads
         context_params.no_perf = True
         callbacks: list[object] = []
+        self._locator = _WeightLocator() if editable_weights and self._collector is None else None
+        if self._locator is not None:
+            locate_callback = llama.ggml_backend_sched_eval_callback(self._locator.on_eval)
+            context_params.cb_eval = locate_callback
+            context_params.cb_eval_user_data = None
+            callbacks.append(locate_callback)
         if self._collector is not None:
             eval_callback = llama.ggml_backend_sched_eval_callback(self._collector.on_eval)
             context_params.cb_eval = eval_callback
@@ -617,6 +655,42 @@ class ModelEvaluator:
             pointer = llama.llama_get_logits(context)
             logits = np.ctypeslib.as_array(pointer, shape=(rows, n_vocab))
             consume(start + first_row, logits)
+
+    def weight_names(self) -> tuple[str, ...]:
+        """The weights the graph has read so far (all of them after one decode), when opened with editable_weights."""
+        return tuple(self._locator.weights) if self._locator is not None else ()
+
+    def read_weight(self, name: str) -> np.ndarray:
+        """The stored bytes of weight `name` (as uint8)."""
+        tensor = self._weight(name)
+        out = np.empty(ggml().ggml_nbytes(tensor), dtype=np.uint8)
+        ggml().ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+        return out
+
+    def write_weight(self, name: str, data: np.ndarray) -> None:
+        """Replace the stored bytes of weight `name` with `data` (same size and layout: the weight's own type)."""
+        tensor = self._weight(name)
+        raw = np.ascontiguousarray(data).view(np.uint8)
+        size = ggml().ggml_nbytes(tensor)
+        if raw.nbytes != size:
+            raise ValueError(f"{name} holds {size} bytes; got {raw.nbytes}")
+        ggml().ggml_backend_tensor_set(tensor, raw.ctypes.data, 0, size)
+
+    def weight_type(self, name: str) -> str:
+        """ggml's name of the stored type of weight `name` ("f16", "f32", …)."""
+        return ggml().type_name(GGMLTensor.from_address(self._weight(name)).type)
+
+    def _weight(self, name: str) -> int:
+        self._live_context()
+        if self._locator is None:
+            raise EvaluationFailed("open the evaluator with editable_weights=True to read or write weights.")
+        if self._locator.error is not None:
+            raise EvaluationFailed(f"locating the weights failed: {self._locator.error}")
+        try:
+            return self._locator.weights[name]
+        except KeyError:
+            raise EvaluationFailed(f"{name} is not a weight the model's graph has used; evaluate a chunk first.")\
+                from None
 
     def clear(self) -> None:
         """Forget every token decoded so far (the next decode starts a new sequence)."""

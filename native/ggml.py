@@ -103,6 +103,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_nrows": (ctypes.c_int64, [ctypes.c_void_p]),
     "ggml_backend_buffer_is_host": (ctypes.c_bool, [ctypes.c_void_p]),
     "ggml_backend_tensor_get": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
+    "ggml_backend_tensor_set": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
     "ggml_backend_reg_count": (ctypes.c_size_t, []),
     "ggml_backend_reg_get": (ctypes.c_void_p, [ctypes.c_size_t]),
     "ggml_backend_reg_name": (ctypes.c_char_p, [ctypes.c_void_p]),

@@ -155,10 +155,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from converters.quantize import quantize
     from qdesk.terminal import ProgressBar
 
-    recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset
-    if recipe is None:
-        raise NotYetAvailable("--like, --target-size and --target-bpw are not yet available; they arrive with the "
-                              "sensitivity-based mix, so use --preset NAME for now.")
+    recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset or _mix_budget(args)
     bar = ProgressBar("quantize")
     try:
         result = quantize(args.source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
@@ -171,9 +168,26 @@ def _run_quantize(args: argparse.Namespace) -> int:
         print(f"qdesk: warning: {warning}", file=sys.stderr)
     matrix = f", importance matrix: {result.imatrix.origin}" if result.imatrix else ", no importance matrix"
     types = ", ".join(f"{count} {name}" for name, count in result.plan.type_counts().items())
+    predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
+    predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
-          f"{types}{matrix})")
+          f"{types}{matrix}{predicted})")
     return EXIT_OK
+
+
+def _mix_budget(args: argparse.Namespace) -> object:
+    from converters.mix import MixBudget
+    from qdesk.memory import parse_size
+
+    if args.like is not None:
+        if args.like.upper() not in PRESET_NAMES:
+            raise UsageError(f"--like takes a preset name: {', '.join(PRESET_NAMES)}")
+        return MixBudget(like=args.like.upper())
+    if args.target_size is not None:
+        return MixBudget(size_bytes=parse_size(args.target_size, option="--target-size"))
+    if args.target_bpw is None or args.target_bpw <= 0:
+        raise UsageError("--target-bpw takes a positive number of bits per weight, e.g. 4.6")
+    return MixBudget(bpw=args.target_bpw)
 
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -288,6 +302,58 @@ def _run_models(args: argparse.Namespace) -> int:
     else:
         library.remove(args.target)
         print(f"removed {args.target}")
+    return EXIT_OK
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from qdesk.hub import (
+        DownloadCancelled,
+        add_to_library,
+        download,
+        list_repo,
+        render_download,
+        render_listing,
+        render_search,
+        search_models,
+    )
+    from qdesk.terminal import ProgressBar
+
+    if args.search is not None:
+        if args.repo_id is not None or args.limit < 1:
+            raise UsageError("give either a repository or --search TEXT, and a --limit of at least 1")
+        results = search_models(args.search, formats=args.format, sort=args.sort, limit=args.limit)
+        print(json.dumps([result.to_json() for result in results], indent=2) if args.json else render_search(results))
+        return EXIT_OK
+    if args.repo_id is None:
+        raise UsageError("give a repository (owner/name) to download, or --search TEXT")
+    if args.list:
+        listing = list_repo(args.repo_id, revision=args.revision)
+        print(json.dumps(listing.to_json(), indent=2) if args.json else render_listing(listing))
+        return EXIT_OK
+    bar = ProgressBar("download")
+    try:
+        result = download(args.repo_id, include=args.include, revision=args.revision, progress=bar,
+                          keep_partial=not args.discard_partial)
+    except (DownloadCancelled, KeyboardInterrupt) as stopped:
+        bar.close()
+        print("qdesk: " + (str(stopped) if isinstance(stopped, DownloadCancelled) else
+                           "download stopped; run the same command again to resume."), file=sys.stderr)
+        return EXIT_CANCELLED
+    bar.close()
+    if result.offline_note:
+        print(f"qdesk: {result.offline_note}", file=sys.stderr)
+    library: dict[str, str] = {}
+    if result.gguf_files and not args.no_library:
+        try:
+            entries = {entry.path.resolve(): entry.id for entry in add_to_library(result)}
+        except UserError as error:
+            print(f"qdesk: warning: the files were not added to the library: {error}", file=sys.stderr)
+        else:
+            library = {str(path): entries[path.resolve()] for path in result.gguf_files if path.resolve() in entries}
+    if args.json:
+        print(json.dumps({**result.to_json(), "library": library}, indent=2))
+    else:
+        print(render_download(result, library))
     return EXIT_OK
 
 
@@ -408,10 +474,25 @@ def _build_parser() -> argparse.ArgumentParser:
     models.add_argument("--link", action="store_true", help="import: link the file instead of copying it")
     models.add_argument("--json", action="store_true", help="list: print one JSON document")
 
-    download = command("download", "download from the Hugging Face Hub", _not_yet("download", "hub support"))
-    download.add_argument("repo_id")
-    download.add_argument("--include", action="append")
-    download.add_argument("--revision")
+    download = command("download", "download from the Hugging Face Hub into its cache (resumable), list a "
+                       "repository's files, or search the Hub", _run_download)
+    download.add_argument("repo_id", nargs="?", metavar="REPO_ID", help="a model repository, owner/name")
+    download.add_argument("--include", action="append", metavar="GLOB",
+                          help="only the files matching GLOB, e.g. '*Q4_K_M*' (repeatable; default: every file)")
+    download.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
+    download.add_argument("--list", action="store_true",
+                          help="show the files, GGUF types and whether each fits this machine; download nothing")
+    download.add_argument("--discard-partial", action="store_true",
+                          help="on Ctrl-C or an error, delete the partial file (default: keep it to resume)")
+    download.add_argument("--no-library", action="store_true",
+                          help="do not add the downloaded GGUF files to the model library")
+    download.add_argument("--search", metavar="TEXT", help="search the Hub for models instead of downloading")
+    download.add_argument("--format", choices=("gguf", "safetensors", "any"), default="any",
+                          help="search: GGUF files, safetensors checkpoints or either (default: any)")
+    download.add_argument("--sort", choices=("downloads", "recent"), default="downloads",
+                          help="search: most downloaded or most recently updated first (default: downloads)")
+    download.add_argument("--limit", type=int, default=20, metavar="N", help="search: at most N results")
+    download.add_argument("--json", action="store_true", help="print one JSON document")
 
     command("demo", "the whole flow on the bundled starter model", _run_demo)
     return parser

@@ -38,7 +38,7 @@ def test_bad_usage_exits_2() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["quantize", "m.gguf", "--target-size", "95MB"], ["download", "org/repo"], ["gui"]],
+    [["download", "org/repo"], ["gui"]],
 )
 def test_commands_not_yet_available_say_so(args: list[str]) -> None:
     result = qdesk(*args)

@@ -1,0 +1,125 @@
+"""The sensitivity-based mix: allocation under a budget, and whole quantizations through the function and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+from converters.mix import MixBudget, MixError, allocate
+from converters.plan import QuantPlan
+from converters.quantize import preset_plan, quantize
+from converters.sensitivity import TensorSensitivity, TypeCost, tensor_group
+
+
+def _tensor(name: str, gain: float, options: dict[str, tuple[int, float]]) -> TensorSensitivity:
+    costs = tuple(TypeCost(type_name, size, damage) for type_name, (size, damage) in options.items())
+    return TensorSensitivity(name, (256, 4), "f16", name, gain, costs)
+
+
+LADDER = {"q2_K": (100, 9.0), "q4_K": (200, 3.0), "q6_K": (300, 1.0), "q5_0": (290, 2.5), "f16": (800, 0.0)}
+
+
+def _predicted(tensors: list[TensorSensitivity], types: dict[str, str]) -> float:
+    return sum(tensor.predicted_kld(types[tensor.name]) for tensor in tensors)
+
+
+def _bytes(tensors: list[TensorSensitivity], types: dict[str, str]) -> int:
+    return sum(tensor.option(types[tensor.name]).bytes for tensor in tensors)
+
+
+def test_allocation_spends_bytes_where_they_buy_the_most() -> None:
+    tensors = [_tensor("sensitive", 10.0, LADDER), _tensor("robust", 0.1, LADDER)]
+    types = allocate(tensors, 450)
+    assert types == {"sensitive": "q6_K", "robust": "q2_K"}
+    assert allocate(tensors, 500) == {"sensitive": "q6_K", "robust": "q4_K"}
+
+
+def test_allocation_respects_every_budget_and_improves_with_it() -> None:
+    tensors = [_tensor(f"t{i}", gain, LADDER) for i, gain in enumerate((0.2, 1.0, 3.0, 7.0, 0.05))]
+    previous = float("inf")
+    for budget in range(500, 4001, 250):
+        types = allocate(tensors, budget)
+        assert _bytes(tensors, types) <= budget
+        predicted = _predicted(tensors, types)
+        assert predicted <= previous + 1e-12
+        previous = predicted
+    assert all(t == "f16" for t in allocate(tensors, 4000).values())
+
+
+def test_allocation_below_the_smallest_types_says_so() -> None:
+    with pytest.raises(MixError, match="smallest types need"):
+        allocate([_tensor("a", 1.0, LADDER)], 50)
+
+
+def test_tensors_are_grouped_by_class_and_band_of_layers() -> None:
+    assert tensor_group("blk.0.ffn_down.weight", 30, 4) == "ffn_down@0"
+    assert tensor_group("blk.29.ffn_down.weight", 30, 4) == "ffn_down@3"
+    assert tensor_group("blk.8.attn_q.weight", 30, 4) == "attn_q@1"
+    assert tensor_group("token_embd.weight", 30, 4) == "token_embd"
+
+
+@pytest.fixture(scope="module")
+def calibrated(kquant_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.calibration import calibrate
+
+    path = tmp_path_factory.mktemp("mix") / "tiny.imatrix.gguf"
+    calibrate(kquant_f16, path, chunks=4, ctx=128)
+    return path
+
+
+@pytest.mark.slow
+def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibrated: Path, tmp_path: Path) -> None:
+    from converters.imatrix import read_imatrix
+
+    matrix = read_imatrix(calibrated)
+    plan_path = tmp_path / "plan.json"
+    result = quantize(kquant_f16, tmp_path / "mix.gguf", MixBudget(like="Q4_K_M"), matrix, plan_out=plan_path)
+    preset = preset_plan(kquant_f16, "Q4_K_M", matrix)
+    assert result.plan.n_bytes <= preset.n_bytes
+    reader = gguf.GGUFReader(result.path)
+    keys = {key for key in reader.fields if key.startswith("qdesk.mix.")}
+    assert {"qdesk.mix.budget", "qdesk.mix.predicted_kld", "qdesk.mix.method"} <= keys
+    saved = QuantPlan.load(plan_path)
+    quantized = [t for t in saved.tensors if t.predicted_kld is not None]
+    assert quantized and all(t.gain is not None and t.gain >= 0 for t in quantized)
+    assert saved.types() == {t.name: gguf.GGMLQuantizationType(t.tensor_type).name.lower().replace("_k", "_K")
+                             for t in reader.tensors}
+
+    again = quantize(kquant_f16, tmp_path / "again.gguf", saved, matrix)
+    assert again.plan.types() == saved.types()
+
+
+def qdesk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_target_bpw_writes_a_mix_within_budget(kquant_f16: Path, calibrated: Path, tmp_path: Path) -> None:
+    output = tmp_path / "bpw.gguf"
+    result = qdesk("quantize", str(kquant_f16), "-o", str(output), "--target-bpw", "5.5", "--imatrix", str(calibrated))
+    assert result.returncode == 0, result.stderr
+    assert "predicted KLD" in result.stdout
+    header = gguf.GGUFReader(output)
+    bits = 8 * sum(int(t.n_bytes) for t in header.tensors) / sum(int(t.n_elements) for t in header.tensors)
+    assert bits <= 5.5
+
+
+@pytest.mark.parametrize("budget", ["1KB", "10GB"])
+def test_cli_a_budget_out_of_range_gives_the_range(budget: str, kquant_f16: Path, calibrated: Path,
+                                                   tmp_path: Path) -> None:
+    output = tmp_path / "never.gguf"
+    result = qdesk("quantize", str(kquant_f16), "-o", str(output), "--target-size", budget, "--imatrix",
+                   str(calibrated))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bpw" in lines[0] and "range" in lines[0]
+    assert not output.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_cli_like_needs_a_preset_name(kquant_f16: Path, tmp_path: Path) -> None:
+    result = qdesk("quantize", str(kquant_f16), "-o", str(tmp_path / "x.gguf"), "--like", "Q9_Z")
+    assert result.returncode == 2
