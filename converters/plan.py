@@ -123,7 +123,8 @@ class QuantPlan:
         unknown = set(changes) - {tensor.name for tensor in self.tensors}
         if unknown:
             raise PlanError(f"the plan has no tensor {sorted(unknown)[0]!r}; plans apply to one model only.")
-        tensors = tuple(replace(t, type=changes.get(t.name, t.type)) for t in self.tensors)
+        tensors = tuple(replace(t, type=changes[t.name], predicted_kld=None) if t.name in changes else t
+                        for t in self.tensors)
         return QuantPlan(tensors, self.base, self.label if label is None else label)
 
     def check_model(self, model_tensors: Iterable[tuple[str, tuple[int, ...]]], model_name: str) -> None:

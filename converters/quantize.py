@@ -31,7 +31,7 @@ from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.mix import MIX_BASE_PRESET, MixBudget, MixPlan, plan_mix
 from converters.plan import PlannedTensor, QuantPlan, type_name
 from converters.presets import Preset, preset_named
-from converters.sensitivity import measure_sensitivity
+from converters.sensitivity import ProbeEffort, effort_named, measure_sensitivity
 
 ImatrixChoice = ImportanceMatrix | str | Path | None
 """An importance matrix, a path to one, "auto" (calibrate on the built-in text) or "none"/None."""
@@ -84,6 +84,7 @@ def quantize(
     gpu_layers: int = 0,
     threads: int = 0,
     plan_out: str | Path | None = None,
+    mix_effort: str = "default",
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> QuantizeResult:
@@ -100,6 +101,7 @@ def quantize(
         base = preset_named(MIX_BASE_PRESET)
         if budget.like is not None:
             preset_named(budget.like)
+        effort = effort_named(mix_effort)
     elif isinstance(plan_or_preset, QuantPlan):
         plan, preset = plan_or_preset, None
         base = preset_named(plan.base)
@@ -122,7 +124,7 @@ def quantize(
         if base.requires_imatrix and matrix is None:
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
         if budget is not None:
-            mix = _mix_plan(reference, header, budget, matrix, texts, gpu_layers, progress, cancel)
+            mix = _mix_plan(reference, header, budget, matrix, texts, gpu_layers, effort, progress, cancel)
             plan = mix.plan
 
         target = Path(output) if output is not None else default_output.with_name(
@@ -285,7 +287,7 @@ def _run(
 
 
 def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, matrix: ImportanceMatrix | None,
-              texts: Sequence[CalibrationText] | None, gpu_layers: int, progress: ProgressFn,
+              texts: Sequence[CalibrationText] | None, gpu_layers: int, effort: ProbeEffort, progress: ProgressFn,
               cancel: CancelToken) -> MixPlan:
     like_bytes = preset_plan(reference, budget.like, matrix).n_bytes if budget.like is not None else None
 
@@ -293,7 +295,8 @@ def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, matrix: Im
         progress(Progress(step.done, step.total, step.unit, step.message))
 
     sensitivity = measure_sensitivity(reference, matrix, texts, gpu_layers=gpu_layers, progress=measuring,
-                                      cancel=cancel)
+                                      layer_bands=effort.layer_bands, probe_chunks=effort.probe_chunks,
+                                      probe_ctx=effort.probe_ctx, cancel=cancel)
     return plan_mix(reference, header, budget, sensitivity, like_bytes)
 
 

@@ -54,6 +54,31 @@ DEFAULT_SAMPLE_ROWS = 256
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+@dataclass(frozen=True)
+class ProbeEffort:
+    """How much probing a mix does: more groups and tokens cost time and make the gains finer."""
+
+    layer_bands: int
+    probe_chunks: int
+    probe_ctx: int
+
+
+EFFORTS = {
+    "fast": ProbeEffort(layer_bands=2, probe_chunks=1, probe_ctx=256),
+    "default": ProbeEffort(layer_bands=DEFAULT_LAYER_BANDS, probe_chunks=DEFAULT_PROBE_CHUNKS,
+                           probe_ctx=DEFAULT_PROBE_CTX),
+    "thorough": ProbeEffort(layer_bands=1 << 16, probe_chunks=4, probe_ctx=512),
+}
+"""`fast` for large models (14 groups for a Llama), `thorough` probes every layer on its own."""
+
+
+def effort_named(name: str) -> ProbeEffort:
+    try:
+        return EFFORTS[name]
+    except KeyError:
+        raise SensitivityError(f"unknown mix effort {name!r}; use one of {', '.join(EFFORTS)}.") from None
+
+
 class SensitivityError(UserError):
     """Sensitivity cannot be measured on this model as asked."""
 

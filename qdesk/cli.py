@@ -160,7 +160,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     try:
         result = quantize(args.source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
                           chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
-                          plan_out=args.plan_out,
+                          plan_out=args.plan_out, mix_effort=args.mix_effort,
                           progress=bar)
     finally:
         bar.close()
@@ -410,6 +410,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                "a file from `qdesk calibrate` or llama.cpp, or none")
     _calibration_arguments(quantize)
     quantize.add_argument("--plan-out", type=Path, metavar="PLAN.json", help="also write the per-tensor plan")
+    quantize.add_argument("--mix-effort", choices=("fast", "default", "thorough"), default="default",
+                          help="how finely a sensitivity mix probes the model (fast for large models)")
     quantize.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)
