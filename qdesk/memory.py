@@ -65,6 +65,7 @@ __all__ = [
     "available_ram",
     "available_vram",
     "check_fit",
+    "check_fit_for_shape",
     "estimate_for_shape",
     "estimate_memory",
     "format_size",
@@ -73,6 +74,7 @@ __all__ = [
     "parse_allocation_log",
     "parse_size",
     "read_model_shape",
+    "read_model_shape_from_prefix",
     "render_memory_text",
 ]
 
@@ -754,6 +756,83 @@ def _fit_summary(verdict: FitVerdict) -> str:
         return f"{gpu}; the rest needs {format_size(verdict.ram_needed)} of RAM, and {ram} is available."
     return (f"{gpu}, but the rest needs {format_size(verdict.ram_needed)} of RAM{process}, more than the {ram} "
             "available: choose a smaller variant or a shorter context.")
+
+
+def check_fit_for_shape(
+    shape: ModelShape,
+    *,
+    ram_bytes: int | None = None,
+    vram_bytes: int | None = None,
+    n_ctx: int = DEFAULT_N_CTX,
+    kv_type: str = "f16",
+) -> FitVerdict:
+    """`check_fit` for a shape already read (`read_model_shape`; `read_model_shape_from_prefix` for a remote file)."""
+    if ram_bytes is None:
+        ram_bytes = available_ram()
+    if vram_bytes is None:
+        vram_bytes = available_vram()
+    cpu_only = estimate_for_shape(shape, n_ctx=n_ctx, kv_type=kv_type)
+    gpu_layers = 0
+    if vram_bytes is not None:
+        for layers in range(1, shape.offloadable_layers + 1):
+            needed = estimate_for_shape(shape, n_ctx=n_ctx, n_gpu_layers=layers, kv_type=kv_type).vram_bytes
+            if needed + DEFAULT_VRAM_HEADROOM > vram_bytes:
+                break
+            gpu_layers = layers
+    chosen = (estimate_for_shape(shape, n_ctx=n_ctx, kv_type=kv_type, n_gpu_layers=gpu_layers) if gpu_layers
+              else cpu_only)
+    verdict = FitVerdict(
+        n_ctx=cpu_only.n_ctx, kv_type=kv_type, ram_available=ram_bytes, vram_available=vram_bytes,
+        offloadable_layers=cpu_only.offloadable_layers, gpu_layers=gpu_layers, ram_needed=chosen.ram_bytes,
+        vram_needed=chosen.vram_bytes, ram_needed_cpu_only=cpu_only.ram_bytes,
+        fits_in_ram_alone=cpu_only.ram_bytes + DEFAULT_RAM_HEADROOM <= ram_bytes,
+        fits=chosen.ram_bytes + DEFAULT_RAM_HEADROOM <= ram_bytes, summary="",
+    )
+    return FitVerdict(**{**verdict.__dict__, "summary": _fit_summary(verdict)})
+
+
+def read_model_shape_from_prefix(path: str | os.PathLike[str], *, file_size: int,
+                                 name: str | None = None) -> ModelShape | None:
+    """The shape of a GGUF file of `file_size` bytes from a file holding only its first bytes (a remote file's
+    header fetched with HTTP Range requests); None while those bytes end inside the header: fetch more.
+
+    Raises GGUFFileError (naming `name`, default the path) for bytes that are not a readable GGUF header, or a header
+    whose tensor data would end past `file_size`.
+    """
+    from converters.gguf_file import _SUPPORTED_VERSIONS, _Damaged, _Truncated, _walk_header
+
+    label = Path(name) if name else Path(path)
+    prefix = Path(path).read_bytes()
+    if len(prefix) < 8:
+        if b"GGUF".startswith(prefix[:4]):
+            return None
+        raise GGUFFileError(f"{label} is not a GGUF file (it does not start with the GGUF magic).")
+    if not prefix.startswith(b"GGUF"):
+        raise GGUFFileError(f"{label} is not a GGUF file (it does not start with the GGUF magic).")
+    order = "<"
+    version = int(struct.unpack_from("<I", prefix, 4)[0])
+    if version & 0xFFFF == 0:
+        order, version = ">", int(struct.unpack_from(">I", prefix, 4)[0])
+    if version not in _SUPPORTED_VERSIONS:
+        raise GGUFFileError(f"{label} is a GGUF version {version} file, which this qdesk cannot read.")
+    try:
+        header = _walk_header(prefix, order, version)  # type: ignore[arg-type]  # bytes serve as well as an mmap
+    except _Truncated:
+        return None
+    except _Damaged as damage:
+        raise GGUFFileError(f"{label} is damaged: {damage}.") from None
+    if header.data_end > file_size:
+        raise GGUFFileError(f"{label} is truncated: its tensor data ends at byte {header.data_end:,} but the file "
+                            f"has {file_size:,} bytes.")
+    try:
+        values, array_lengths, tensors = _MetadataWalk(prefix).read(_is_model_key)  # type: ignore[arg-type]
+        facts = _HeaderFacts(values, array_lengths, {tensor: offset for tensor, offset, _ in tensors})
+        return _shape_from_header(label, header, facts)
+    except GGUFFileError:
+        raise
+    except (ValueError, TypeError, KeyError, struct.error) as error:
+        raise GGUFFileError(f"{label} has metadata qdesk cannot make sense of ({type(error).__name__}: "
+                            f"{error}).") from error
 
 
 # --- sizes as people write them -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_bad_usage_exits_2() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["download", "org/repo"], ["gui"]],
+    [["gui"]],
 )
 def test_commands_not_yet_available_say_so(args: list[str]) -> None:
     result = qdesk(*args)
