@@ -244,6 +244,29 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
     return GGUFHeader(version, data_offset, data_end, tuple(header for header, _ in tensors))
 
 
+def header_from_prefix(prefix: bytes, label: str) -> GGUFHeader | None:
+    """The header of a GGUF file from its first bytes only (fetched with HTTP Range requests, say); None while
+    those bytes end inside the header. Raises GGUFFileError (naming `label`) for bytes that are no GGUF header."""
+    if len(prefix) < 8:
+        if _MAGIC.startswith(prefix[:4]):
+            return None
+        raise GGUFFileError(f"{label} is not a GGUF file (it does not start with the GGUF magic).")
+    if not prefix.startswith(_MAGIC):
+        raise GGUFFileError(f"{label} is not a GGUF file (it does not start with the GGUF magic).")
+    order = "<"
+    version = int(struct.unpack_from("<I", prefix, 4)[0])
+    if version & 0xFFFF == 0:
+        order, version = ">", int(struct.unpack_from(">I", prefix, 4)[0])
+    if version not in _SUPPORTED_VERSIONS:
+        raise GGUFFileError(f"{label} is a GGUF version {version} file, which this qdesk cannot read.")
+    try:
+        return _walk_header(prefix, order, version)  # type: ignore[arg-type]  # bytes serve as well as an mmap
+    except _Truncated:
+        return None
+    except _Damaged as damage:
+        raise GGUFFileError(f"{label} is damaged: {damage}.") from None
+
+
 def check_gguf(path: Path) -> GGUFHeader:
     """Raise GGUFFileError unless `path` is a complete GGUF file gguf-py can read."""
     if not path.exists():

@@ -799,28 +799,13 @@ def read_model_shape_from_prefix(path: str | os.PathLike[str], *, file_size: int
     Raises GGUFFileError (naming `name`, default the path) for bytes that are not a readable GGUF header, or a header
     whose tensor data would end past `file_size`.
     """
-    from converters.gguf_file import _SUPPORTED_VERSIONS, _Damaged, _Truncated, _walk_header
+    from converters.gguf_file import header_from_prefix
 
     label = Path(name) if name else Path(path)
     prefix = Path(path).read_bytes()
-    if len(prefix) < 8:
-        if b"GGUF".startswith(prefix[:4]):
-            return None
-        raise GGUFFileError(f"{label} is not a GGUF file (it does not start with the GGUF magic).")
-    if not prefix.startswith(b"GGUF"):
-        raise GGUFFileError(f"{label} is not a GGUF file (it does not start with the GGUF magic).")
-    order = "<"
-    version = int(struct.unpack_from("<I", prefix, 4)[0])
-    if version & 0xFFFF == 0:
-        order, version = ">", int(struct.unpack_from(">I", prefix, 4)[0])
-    if version not in _SUPPORTED_VERSIONS:
-        raise GGUFFileError(f"{label} is a GGUF version {version} file, which this qdesk cannot read.")
-    try:
-        header = _walk_header(prefix, order, version)  # type: ignore[arg-type]  # bytes serve as well as an mmap
-    except _Truncated:
+    header = header_from_prefix(prefix, str(label))
+    if header is None:
         return None
-    except _Damaged as damage:
-        raise GGUFFileError(f"{label} is damaged: {damage}.") from None
     if header.data_end > file_size:
         raise GGUFFileError(f"{label} is truncated: its tensor data ends at byte {header.data_end:,} but the file "
                             f"has {file_size:,} bytes.")
