@@ -637,7 +637,13 @@ def max_gpu_layers(
     headroom_bytes: int = DEFAULT_VRAM_HEADROOM,
 ) -> int:
     """The most layers (llama.cpp's count, output layer included) whose VRAM, plus headroom, fits `vram_bytes`."""
-    shape = read_model_shape(path)
+    return max_gpu_layers_for_shape(read_model_shape(path), vram_bytes=vram_bytes, n_ctx=n_ctx, kv_type=kv_type,
+                                    headroom_bytes=headroom_bytes)
+
+
+def max_gpu_layers_for_shape(shape: ModelShape, *, vram_bytes: int, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16",
+                             headroom_bytes: int = DEFAULT_VRAM_HEADROOM) -> int:
+    """`max_gpu_layers` for a shape already read."""
     best = 0
     for layers in range(1, shape.offloadable_layers + 1):
         needed = estimate_for_shape(shape, n_ctx=n_ctx, n_gpu_layers=layers, kv_type=kv_type).vram_bytes
@@ -716,23 +722,8 @@ def check_fit(
 ) -> FitVerdict:
     """Does the model fit in `ram_bytes` of RAM (default: available now) and how many layers fit in `vram_bytes`
     of VRAM (default: free on this machine's GPUs; no GPU, no offload)?"""
-    if ram_bytes is None:
-        ram_bytes = available_ram()
-    if vram_bytes is None:
-        vram_bytes = available_vram()
-    cpu_only = estimate_memory(path, n_ctx=n_ctx, kv_type=kv_type)
-    gpu_layers = 0 if vram_bytes is None else max_gpu_layers(path, vram_bytes=vram_bytes, n_ctx=n_ctx,
-                                                               kv_type=kv_type)
-    chosen = estimate_memory(path, n_ctx=n_ctx, kv_type=kv_type, n_gpu_layers=gpu_layers) if gpu_layers else cpu_only
-    fits_in_ram_alone = cpu_only.ram_bytes + DEFAULT_RAM_HEADROOM <= ram_bytes
-    fits = chosen.ram_bytes + DEFAULT_RAM_HEADROOM <= ram_bytes
-    verdict = FitVerdict(
-        n_ctx=cpu_only.n_ctx, kv_type=kv_type, ram_available=ram_bytes, vram_available=vram_bytes,
-        offloadable_layers=cpu_only.offloadable_layers, gpu_layers=gpu_layers, ram_needed=chosen.ram_bytes,
-        vram_needed=chosen.vram_bytes, ram_needed_cpu_only=cpu_only.ram_bytes, fits_in_ram_alone=fits_in_ram_alone,
-        fits=fits, summary="",
-    )
-    return FitVerdict(**{**verdict.__dict__, "summary": _fit_summary(verdict)})
+    return check_fit_for_shape(read_model_shape(path), ram_bytes=ram_bytes, vram_bytes=vram_bytes, n_ctx=n_ctx,
+                               kv_type=kv_type)
 
 
 def _fit_summary(verdict: FitVerdict) -> str:
@@ -772,13 +763,8 @@ def check_fit_for_shape(
     if vram_bytes is None:
         vram_bytes = available_vram()
     cpu_only = estimate_for_shape(shape, n_ctx=n_ctx, kv_type=kv_type)
-    gpu_layers = 0
-    if vram_bytes is not None:
-        for layers in range(1, shape.offloadable_layers + 1):
-            needed = estimate_for_shape(shape, n_ctx=n_ctx, n_gpu_layers=layers, kv_type=kv_type).vram_bytes
-            if needed + DEFAULT_VRAM_HEADROOM > vram_bytes:
-                break
-            gpu_layers = layers
+    gpu_layers = 0 if vram_bytes is None else max_gpu_layers_for_shape(shape, vram_bytes=vram_bytes, n_ctx=n_ctx,
+                                                                         kv_type=kv_type)
     chosen = (estimate_for_shape(shape, n_ctx=n_ctx, kv_type=kv_type, n_gpu_layers=gpu_layers) if gpu_layers
               else cpu_only)
     verdict = FitVerdict(
