@@ -338,3 +338,23 @@ def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
     except Exception as error:  # the checks above should leave nothing, but never a traceback
         raise GGUFFileError(f"{path} cannot be read as GGUF ({type(error).__name__}: {error}); "
                             "download or convert it again.") from error
+
+
+_FINGERPRINT_HEAD = 1 << 20
+_FINGERPRINT_BLOCKS = 16
+_FINGERPRINT_BLOCK = 1 << 16
+
+
+def file_fingerprint(path: Path) -> str:
+    """A digest of a file's size, its first MiB and 16 sampled blocks: changes when the model does, costs ~2 MB."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(size.to_bytes(8, "little"))
+    with path.open("rb") as file:
+        digest.update(file.read(_FINGERPRINT_HEAD))
+        for index in range(_FINGERPRINT_BLOCKS):
+            file.seek(size * index // _FINGERPRINT_BLOCKS)
+            digest.update(file.read(_FINGERPRINT_BLOCK))
+    return digest.hexdigest()

@@ -31,7 +31,7 @@ from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.mix import MIX_BASE_PRESET, MixBudget, MixPlan, plan_mix
 from converters.plan import PlannedTensor, QuantPlan, type_name
 from converters.presets import Preset, preset_named
-from converters.sensitivity import ProbeEffort, effort_named, measure_sensitivity
+from converters.sensitivity import ProbeEffort, cached_sensitivity, effort_named
 
 ImatrixChoice = ImportanceMatrix | str | Path | None
 """An importance matrix, a path to one, "auto" (calibrate on the built-in text) or "none"/None."""
@@ -294,9 +294,9 @@ def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, matrix: Im
     def measuring(step: Progress) -> None:
         progress(Progress(step.done, step.total, step.unit, step.message))
 
-    sensitivity = measure_sensitivity(reference, matrix, texts, gpu_layers=gpu_layers, progress=measuring,
-                                      layer_bands=effort.layer_bands, probe_chunks=effort.probe_chunks,
-                                      probe_ctx=effort.probe_ctx, cancel=cancel)
+    sensitivity = cached_sensitivity(reference, matrix, texts, gpu_layers=gpu_layers, progress=measuring,
+                                     layer_bands=effort.layer_bands, probe_chunks=effort.probe_chunks,
+                                     probe_ctx=effort.probe_ctx, cancel=cancel)
     return plan_mix(reference, header, budget, sensitivity, like_bytes)
 
 

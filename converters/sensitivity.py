@@ -25,18 +25,22 @@ model and the cheaper settings for large models).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from converters.calibration import CalibrationText, builtin_texts, calibration_chunks
 from converters.errors import Cancelled, UserError
-from converters.gguf_file import check_gguf
+from converters.gguf_file import check_gguf, file_fingerprint
 from converters.imatrix import ImportanceMatrix
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.plan import ggml_type, type_name
@@ -189,6 +193,82 @@ def _round_trip(values: np.ndarray, type_name: str, importance: np.ndarray | Non
     vector = importance if importance is None or importance.ndim == 1 else None
     encoded = quantize_rows(values, type_name, vector)
     return dequantize_rows(encoded, type_name, values.shape[0], values.shape[1])
+
+
+SENSITIVITY_FORMAT = "qdesk.sensitivity/1"
+
+
+def sensitivity_cache_folder() -> Path:
+    """Where measured sensitivities are kept: `$QDESK_CACHE_DIR/sensitivity`, else the user cache folder."""
+    override = os.environ.get("QDESK_CACHE_DIR")
+    if override:
+        return Path(override) / "sensitivity"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qdesk")) / "sensitivity"
+
+
+def _cache_key(reference: Path, matrix: ImportanceMatrix | None, texts: Sequence[CalibrationText] | None,
+               settings: tuple[object, ...]) -> str:
+    import llama_cpp
+
+    digest = hashlib.sha256()
+    for part in (SENSITIVITY_FORMAT, file_fingerprint(reference), llama_cpp.__version__, repr(settings)):
+        digest.update(str(part).encode() + b"\0")
+    if matrix is not None:
+        for name, entry in sorted(matrix.entries.items()):
+            digest.update(name.encode() + entry.sums.tobytes() + entry.counts.tobytes())
+    for text in texts or ():
+        digest.update(text.name.encode() + "\0".join(text.documents).encode()
+                      + json.dumps(text.conversations).encode())
+    return digest.hexdigest()[:32]
+
+
+def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
+    return {
+        "format": SENSITIVITY_FORMAT,
+        "group_kld": dict(sensitivity.group_kld),
+        "probe_types": dict(sensitivity.probe_types),
+        "baseline_kld": sensitivity.baseline_kld,
+        "probe_tokens": sensitivity.probe_tokens,
+        "seconds": sensitivity.seconds,
+        "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
+                     "gain": t.gain, "options": [[o.type, o.bytes, o.damage] for o in t.options]}
+                    for t in sensitivity.tensors],
+    }
+
+
+def _from_json(document: dict[str, Any]) -> Sensitivity:
+    tensors = tuple(TensorSensitivity(t["name"], tuple(t["shape"]), t["source_type"], t["group"], float(t["gain"]),
+                                      tuple(TypeCost(str(o[0]), int(o[1]), float(o[2])) for o in t["options"]))
+                    for t in document["tensors"])
+    return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
+                       int(document["probe_tokens"]), float(document["seconds"]))
+
+
+def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
+                       texts: Sequence[CalibrationText] | None = None, **settings: Any) -> Sensitivity:
+    """`measure_sensitivity`, remembered: a second mix of the same reference, matrix, text and settings (another
+    budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key."""
+    reference = Path(reference)
+    check_gguf(reference)
+    progress = settings.pop("progress", no_progress)
+    cancel = settings.pop("cancel", None)
+    key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
+    path = sensitivity_cache_folder() / f"{key}.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") == SENSITIVITY_FORMAT:
+            return _from_json(document)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel, **settings)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".partial")
+        temporary.write_text(json.dumps(_to_json(sensitivity)), encoding="utf-8")
+        os.replace(temporary, path)
+    return sensitivity
 
 
 def measure_sensitivity(

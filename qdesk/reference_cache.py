@@ -27,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.gguf_file import file_fingerprint
 from qdesk.divergence import ReferenceRows
 
 FORMAT = "qdesk.reference-logits/1"
 DEFAULT_LIMIT_BYTES = 8 << 30
-_SAMPLED_BLOCKS = 16
-_SAMPLE_BYTES = 1 << 16
-_HEADER_BYTES = 1 << 20
 _COMPRESSION_LEVEL = 1
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile)
 
@@ -52,24 +50,11 @@ def cache_limit_bytes() -> int:
     return int(value) if value and value.isdigit() else DEFAULT_LIMIT_BYTES
 
 
-def model_fingerprint(path: Path) -> str:
-    """A digest of the file's size, its first MiB and 16 sampled blocks: changes when the model does."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(size.to_bytes(8, "little"))
-    with path.open("rb") as file:
-        digest.update(file.read(_HEADER_BYTES))
-        for index in range(_SAMPLED_BLOCKS):
-            file.seek(size * index // _SAMPLED_BLOCKS)
-            digest.update(file.read(_SAMPLE_BYTES))
-    return digest.hexdigest()
-
-
 def entry_key(model: Path, chunks: np.ndarray, first_scored: int, device: str) -> str:
     import llama_cpp
 
     digest = hashlib.sha256()
-    for part in (FORMAT, model_fingerprint(model), llama_cpp.__version__, device, str(first_scored), str(chunks.shape)):
+    for part in (FORMAT, file_fingerprint(model), llama_cpp.__version__, device, str(first_scored), str(chunks.shape)):
         digest.update(part.encode() + b"\0")
     digest.update(np.ascontiguousarray(chunks, dtype=np.int32).tobytes())
     return digest.hexdigest()[:32]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,13 @@ import pytest
 from converters.mix import MixBudget, MixError, allocate
 from converters.plan import QuantPlan
 from converters.quantize import preset_plan, quantize
-from converters.sensitivity import TensorSensitivity, TypeCost, tensor_group
+from converters.sensitivity import TensorSensitivity, TypeCost, cached_sensitivity, tensor_group
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("QDESK_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def _tensor(name: str, gain: float, options: dict[str, tuple[int, float]]) -> TensorSensitivity:
@@ -72,7 +79,8 @@ def calibrated(kquant_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.mark.slow
-def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibrated: Path, tmp_path: Path) -> None:
+def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibrated: Path, tmp_path: Path,
+                                                        private_cache: Path) -> None:
     from converters.imatrix import read_imatrix
 
     matrix = read_imatrix(calibrated)
@@ -91,6 +99,13 @@ def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibr
 
     again = quantize(kquant_f16, tmp_path / "again.gguf", saved, matrix)
     assert again.plan.types() == saved.types()
+
+    (stored,) = (private_cache / "sensitivity").glob("*.json")
+    first = cached_sensitivity(kquant_f16, matrix, layer_bands=4, probe_chunks=2, probe_ctx=256, gpu_layers=0)
+    assert first.seconds == json.loads(stored.read_text())["seconds"]
+    smaller = quantize(kquant_f16, tmp_path / "smaller.gguf", MixBudget(like="Q3_K_M"), matrix)
+    assert smaller.plan.n_bytes < result.plan.n_bytes
+    assert len(list((private_cache / "sensitivity").glob("*.json"))) == 1
 
 
 def qdesk(*args: str) -> subprocess.CompletedProcess[str]:
