@@ -133,13 +133,23 @@ class Sensitivity:
 
 
 def tensor_group(name: str, n_layers: int, layer_bands: int) -> str:
-    """The probing group of a weight: its class within a band of layers ("ffn_down@2"), or its own name."""
+    """The probing group of a weight: its class within a band of layers ("ffn_down@2"), or its own name.
+
+    The first and the last layer are probed on their own ("ffn_down@first", "ffn_down@last"): they read the raw
+    embeddings and write the final hidden state, and their gains often differ from their neighbours'.
+    """
     match = _LAYER_NAME.match(name)
     if match is None:
         return name.removesuffix(".weight")
     layer, role = int(match.group(1)), match.group(2).removesuffix(".weight")
-    bands = max(1, min(layer_bands, n_layers))
-    return f"{role}@{layer * bands // max(n_layers, 1)}"
+    if n_layers > 2 and layer == 0:
+        return f"{role}@first"
+    if n_layers > 2 and layer == n_layers - 1:
+        return f"{role}@last"
+    inner = max(n_layers - 2, 1) if n_layers > 2 else n_layers
+    position = layer - 1 if n_layers > 2 else layer
+    bands = max(1, min(layer_bands, inner))
+    return f"{role}@{position * bands // inner}"
 
 
 def probe_type(options: Sequence[TypeCost]) -> str:
@@ -195,7 +205,7 @@ def _round_trip(values: np.ndarray, type_name: str, importance: np.ndarray | Non
     return dequantize_rows(encoded, type_name, values.shape[0], values.shape[1])
 
 
-SENSITIVITY_FORMAT = "qdesk.sensitivity/1"
+SENSITIVITY_FORMAT = "qdesk.sensitivity/2"
 
 
 def sensitivity_cache_folder() -> Path:

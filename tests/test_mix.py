@@ -63,8 +63,10 @@ def test_allocation_below_the_smallest_types_says_so() -> None:
 
 
 def test_tensors_are_grouped_by_class_and_band_of_layers() -> None:
-    assert tensor_group("blk.0.ffn_down.weight", 30, 4) == "ffn_down@0"
-    assert tensor_group("blk.29.ffn_down.weight", 30, 4) == "ffn_down@3"
+    assert tensor_group("blk.0.ffn_down.weight", 30, 4) == "ffn_down@first"
+    assert tensor_group("blk.29.ffn_down.weight", 30, 4) == "ffn_down@last"
+    assert tensor_group("blk.1.attn_q.weight", 30, 4) == "attn_q@0"
+    assert tensor_group("blk.28.attn_q.weight", 30, 4) == "attn_q@3"
     assert tensor_group("blk.8.attn_q.weight", 30, 4) == "attn_q@1"
     assert tensor_group("token_embd.weight", 30, 4) == "token_embd"
 
