@@ -117,5 +117,6 @@ def render_report(variants: list[Path], comparisons: list[Comparison], evaluatio
                 f"  [differs from F16 at token {answer.divergence.token_index}]"
             lines.append(f"  {label:>7}: {text}{mark}")
     lines.append("")
-    lines.append("Next: the sensitivity mix (the best variant for a size budget) joins this demo as it lands.")
+    lines.append("Try next: a sensitivity-based mix in the same budget as Q4_K_M, `qdesk quantize REF --like Q4_K_M` "
+                 "(docs/mix.md), then `qdesk eval --ref REF CAND…`.")
     return "\n".join(lines)
