@@ -50,6 +50,7 @@ os.environ.setdefault("QDESK_CACHE_DIR", str(DEFAULT_CACHE / "qdesk-cache"))
 
 from bench._support.mix_models import BenchModel, Timings, prepare_models  # noqa: E402
 from bench._support.rule_mixes import LEGACY_LADDER, RULES, rule_plan  # noqa: E402
+from converters.gguf_file import file_fingerprint  # noqa: E402
 from converters.imatrix import ImportanceMatrix, read_imatrix  # noqa: E402
 from converters.plan import QuantPlan  # noqa: E402
 from converters.quantize import preset_plan, quantize  # noqa: E402
@@ -153,9 +154,7 @@ class ModelContext:
 def model_context(model: BenchModel) -> ModelContext:
     import llama_cpp
 
-    from qdesk.reference_cache import model_fingerprint
-
-    key = {"reference": model_fingerprint(model.reference), "imatrix": file_digest(model.imatrix),
+    key = {"reference": file_fingerprint(model.reference), "imatrix": file_digest(model.imatrix),
            "llama": llama_cpp.__version__}
     return ModelContext(model, read_imatrix(model.imatrix), preset_plan(model.reference, "Q8_0"), key)
 
@@ -554,10 +553,9 @@ def prose_check(models: Sequence[BenchModel], cache: Path, threads: int | None) 
         return None
     from qdesk.eval_text import builtin_eval_texts
     from qdesk.evaluate import evaluate
-    from qdesk.reference_cache import model_fingerprint
 
     original, broken = by_name["original"].reference, by_name["broken"].reference
-    key = digest({"original": model_fingerprint(original), "broken": model_fingerprint(broken)})
+    key = digest({"original": file_fingerprint(original), "broken": file_fingerprint(broken)})
     record = cache / "prose-check.json"
     try:
         saved = json.loads(record.read_text(encoding="utf-8"))
