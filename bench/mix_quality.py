@@ -601,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown model {sorted(unknown)[0]!r}; choose original and/or broken")
     args.cache.mkdir(parents=True, exist_ok=True)
     settings = RunSettings(args.chunks, args.ctx, args.threads, args.keep_variants)
-    timings = Timings({})
+    timings = Timings({}, record=args.cache / "cold-timings.json")
     print(f"mix_quality: {', '.join(names)}; eval {args.chunks}×{args.ctx}, calibration {args.calibration_chunks}"
           f"×512; cache {args.cache}; {platform.machine()}, {os.cpu_count()} cores", flush=True)
 
@@ -620,17 +620,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{model.name}: {model.reference}", flush=True)
         model_started = time.monotonic()
         report = run_model(model_context(model), settings, args.mix, mix_bpw, lambda line: print(line, flush=True))
-        timings.steps[f"{model.name}: quantize (new variants)"] = report.seconds["quantize"]
-        timings.steps[f"{model.name}: evaluate (new variants)"] = report.seconds["evaluate"]
-        timings.steps[f"{model.name}: all variants"] = time.monotonic() - model_started
+        measured = unique_rows(report.results)
+        timings.remember_cold(f"{model.name}: quantize ({len(measured)} distinct variants)",
+                              sum(m.quantize_s for m in measured))
+        timings.remember_cold(f"{model.name}: evaluate ({len(measured)} distinct variants)",
+                              sum(m.eval_s for m in measured))
+        timings.steps[f"{model.name}: quantize (this run)"] = report.seconds["quantize"]
+        timings.steps[f"{model.name}: evaluate (this run)"] = report.seconds["evaluate"]
+        timings.steps[f"{model.name}: all variants (this run)"] = time.monotonic() - model_started
         reports.append(report)
-    timings.steps["total"] = time.monotonic() - started
+    timings.steps["total (this run)"] = time.monotonic() - started
 
     text = markdown(reports, prose[0], settings, args.calibration_chunks)
     print("\n" + text)
-    print("Timings (s):")
-    for step, seconds in timings.steps.items():
-        print(f"  {step:45s} {seconds:8.1f}")
+    print("Timings (s): this run, and when the step last did its work (cold)")
+    for step in dict.fromkeys([*timings.cold, *timings.steps]):
+        now, cold = timings.steps.get(step), timings.cold.get(step)
+        print(f"  {step:50s} {'' if now is None else f'{now:8.1f}':>8s} {'' if cold is None else f'{cold:8.1f}':>8s}")
     document = {
         "format": RESULTS_FORMAT,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -641,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  "n_parameters": report.n_parameters, "reference_ppl": report.reference_ppl,
                                  "variants": [asdict(m) for m in report.results], "bars": bar_rows(report)}
                    for report in reports},
-        "timings_s": timings.steps,
+        "timings_s": {"this_run": timings.steps, "cold": timings.cold},
     }
     for path, content in ((args.json_out, json.dumps(document, indent=1) + "\n"), (args.svg_out, svg_plot(reports)),
                           (args.markdown_out, text + "\n")):

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +35,40 @@ class BenchModel:
     imatrix: Path
 
 
+CACHE_HIT_SECONDS = 1.0
+"""A step that took less than this found its output in the cache; a longer one did the work."""
+
+
 @dataclass
 class Timings:
-    """Seconds spent per named step, printed at the end of a run."""
+    """Seconds spent per named step in this run, and what each step cost the last time it did its work (a cached
+    run takes milliseconds; `cold` keeps the figures of the run that built the cache, saved in `record`)."""
 
     steps: dict[str, float]
+    record: Path | None = None
+    cold: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.record is not None and self.record.is_file():
+            try:
+                self.cold = {str(k): float(v) for k, v in json.loads(self.record.read_text(encoding="utf-8")).items()}
+            except (OSError, ValueError, AttributeError):
+                self.cold = {}
 
     def timed(self, step: str, work: Callable[[], object]) -> None:
         started = time.monotonic()
         work()
-        self.steps[step] = self.steps.get(step, 0.0) + time.monotonic() - started
+        self.add(step, time.monotonic() - started)
+
+    def add(self, step: str, seconds: float) -> None:
+        self.steps[step] = self.steps.get(step, 0.0) + seconds
+        if seconds >= CACHE_HIT_SECONDS:
+            self.remember_cold(step, self.steps[step])
+
+    def remember_cold(self, step: str, seconds: float) -> None:
+        self.cold[step] = seconds
+        if self.record is not None:
+            self.record.write_text(json.dumps(self.cold, indent=1), encoding="utf-8")
 
 
 def original_checkpoint(checkpoint_cache: Path) -> Path:
