@@ -297,10 +297,10 @@ def measure_sensitivity(
     cancel: CancelToken | None = None,
 ) -> Sensitivity:
     """Measure the damage of every candidate type on every weight of `reference` and the gain of every group."""
+    from converters.divergence import compare_candidate, encode_reference
     from native.activations import ModelEvaluator
     from native.errors import NativeError, Stopped
     from native.kernels import measure_gguf, quantizable_weight
-    from qdesk.divergence import compare_candidate, encode_reference
 
     started = time.monotonic()
     reference = Path(reference)
@@ -387,6 +387,7 @@ def measure_sensitivity(
             tensor = weights[name]
             tensors.append(TensorSensitivity(name, tuple(tensor.shape), tensor.type.name.lower(), group, gain,
                                              options[name]))
-    tensors.sort(key=lambda t: list(weights).index(t.name))
+    order = {name: index for index, name in enumerate(weights)}
+    tensors.sort(key=lambda t: order[t.name])
     return Sensitivity(tuple(tensors), group_kld, probes, baseline, sum(len(c) - 1 - probe_ctx // 2 for c in chunks),
                        time.monotonic() - started)

@@ -1,7 +1,7 @@
 """`evaluate`: how far each quantized variant is from its reference, in quality, tasks, memory and speed.
 
 Quality is measured as llama.cpp's perplexity tool measures it (see `qdesk.eval_text` for the chunks and
-`qdesk.divergence` for the arithmetic): perplexity of each model over the scored tokens, and per token the KL
+`converters.divergence` for the arithmetic): perplexity of each model over the scored tokens, and per token the KL
 divergence KL(P_ref ‖ P_cand), whether both put the same token first, and the change in the probability of
 the token that actually follows. The reference is evaluated once, chunk by chunk, into an on-disk cache
 (`qdesk.reference_cache`); each candidate then streams through the same chunks, so memory stays bounded by one
@@ -22,10 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from converters.errors import Cancelled
-from converters.gguf_file import check_gguf
-from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
-from qdesk.divergence import (
+from converters.divergence import (
     CandidateRows,
     ReferenceRows,
     compare_candidate,
@@ -33,6 +30,9 @@ from qdesk.divergence import (
     join_reference,
     log_probabilities_of,
 )
+from converters.errors import Cancelled
+from converters.gguf_file import check_gguf
+from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
 from qdesk.eval_text import (
     DEFAULT_CTX,
     EvalError,
@@ -285,9 +285,7 @@ def _candidate_pass(evaluator: ModelEvaluator, chunks: TokenChunks, entry: Cache
         def compare(offset: int, logits: np.ndarray, reference: ReferenceRows = reference,
                     next_tokens: np.ndarray = next_tokens, scored: list[CandidateRows] = scored) -> None:
             rows = slice(offset, offset + logits.shape[0])
-            window = ReferenceRows(reference.roots[rows], reference.neg_entropy[rows], reference.root_norm[rows],
-                                   reference.top[rows], reference.logp_correct[rows])
-            scored.append(compare_candidate(logits, window, next_tokens[rows]))
+            scored.append(compare_candidate(logits, reference.window(rows), next_tokens[rows]))
 
         _chunk_logits(evaluator, chunks, index, compare)
         chunk_kld = np.concatenate([part.kld for part in scored])

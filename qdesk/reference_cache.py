@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.divergence import ReferenceRows
 from converters.gguf_file import file_fingerprint
-from qdesk.divergence import ReferenceRows
 
 FORMAT = "qdesk.reference-logits/1"
 DEFAULT_LIMIT_BYTES = 8 << 30

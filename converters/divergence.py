@@ -46,6 +46,11 @@ class ReferenceRows:
     def __len__(self) -> int:
         return int(self.top.size)
 
+    def window(self, rows: slice) -> ReferenceRows:
+        """The rows `rows` only (views, no copies)."""
+        return ReferenceRows(self.roots[rows], self.neg_entropy[rows], self.root_norm[rows], self.top[rows],
+                             self.logp_correct[rows])
+
 
 @dataclass(frozen=True)
 class CandidateRows:
