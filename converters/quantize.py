@@ -113,7 +113,7 @@ def quantize(
     scratch = Path(output).parent if output is not None else None
     with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output):
         header = check_gguf(reference)
-        requantize = _already_quantized(header)
+        requantize = already_quantized(header)
         if requantize and base.name not in _UNQUANTIZED_PRESETS:
             warnings.append(f"{reference.name} is already quantized ({requantize}); quantizing it again loses "
                             "quality, so start from an F16/BF16 GGUF or the HF checkpoint when you can.")
@@ -156,7 +156,7 @@ def preset_plan(source: str | Path, preset: str, imatrix: ImportanceMatrix | Non
     header = check_gguf(source)
     base = preset_named(preset)
     request = QuantizeRequest(str(source), str(source.with_suffix(".dry-run")), base.ftype, dry_run=True,
-                              imatrix=matrix_data(imatrix), allow_requantize=_already_quantized(header) is not None)
+                              imatrix=matrix_data(imatrix), allow_requantize=already_quantized(header) is not None)
     report = _native(lambda: run_quantizer(request))
     chosen = {record.name: record.target_type for record in report.tensors}
     tensors = tuple(PlannedTensor(t.name, t.shape, type_name(t.type), chosen.get(t.name, type_name(t.type)))
@@ -210,7 +210,8 @@ def _reference_outtype(folder: Path) -> str:
     return "bf16" if dtype == "bfloat16" else "f16"
 
 
-def _already_quantized(header: GGUFHeader) -> str | None:
+def already_quantized(header: GGUFHeader) -> str | None:
+    """The quantized types among the weight matrices ("Q4_1, Q6_K"), or None for a float (reference) model."""
     quantized = {t.type.name for t in header.tensors if len(t.shape) >= 2 and t.type not in _UNQUANTIZED}
     return ", ".join(sorted(quantized)) if quantized else None
 

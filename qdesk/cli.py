@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from native.errors import NativeError
 from qdesk import __version__
-from qdesk.errors import Cancelled, NotYetAvailable, UserError
+from qdesk.errors import Cancelled, UserError
 
 if TYPE_CHECKING:
     from converters.calibration import CalibrationText
@@ -32,11 +32,10 @@ class UsageError(Exception):
     """Arguments argparse accepted but that do not make sense together (exit status 2)."""
 
 
-def _not_yet(command: str, issue: str) -> Handler:
-    def handler(_: argparse.Namespace) -> int:
-        raise NotYetAvailable(f"`qdesk {command}` is not yet available in this version; it arrives with {issue}.")
+def _run_gui(args: argparse.Namespace) -> int:
+    from qdesk.gui.app import run_app
 
-    return handler
+    return run_app(quit_after_s=getattr(args, "quit_after", None))
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -377,7 +376,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("gui", "open the desktop app", _not_yet("gui", "the desktop app"))
+    gui = command("gui", "open the desktop app", _run_gui)
+    gui.add_argument("--quit-after", type=float, metavar="SECONDS",
+                     help="close the window after SECONDS (a smoke test of an installed bundle)")
 
     convert = command("convert", "convert a Hugging Face checkpoint folder to GGUF", _run_convert)
     convert.add_argument("source", type=Path, metavar="SRC", help="checkpoint folder (config.json + weights)")

@@ -1,4 +1,4 @@
-"""The command-line contract: help, usage errors, commands not yet available, and the demo."""
+"""The command-line contract: help, usage errors, the desktop app starting, and the demo."""
 
 from __future__ import annotations
 
@@ -36,16 +36,12 @@ def test_bad_usage_exits_2() -> None:
     assert qdesk("no-such-command").returncode == 2
 
 
-@pytest.mark.parametrize(
-    "args",
-    [["gui"]],
-)
-def test_commands_not_yet_available_say_so(args: list[str]) -> None:
-    result = qdesk(*args)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not yet available" in lines[0]
+def test_gui_opens_and_closes_offscreen(tmp_path: Path) -> None:
+    result = qdesk("gui", "--quit-after", "1", env={"QT_QPA_PLATFORM": "offscreen",
+                                                    "QDESK_CONFIG_DIR": str(tmp_path / "config"),
+                                                    "QDESK_MODELS_DIR": str(tmp_path / "models")}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "config" / "window.ini").is_file()
 
 
 def test_debug_shows_the_traceback() -> None:

@@ -1,0 +1,1 @@
+"""The PySide6 desktop app; nothing below qdesk/gui imports Qt."""

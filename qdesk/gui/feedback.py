@@ -1,0 +1,40 @@
+"""How the app tells the user that something failed: one sentence, with the details one click away."""
+
+from __future__ import annotations
+
+from PySide6.QtWidgets import QMessageBox, QWidget
+
+from qdesk.gui.background import JobFailure, describe_failure
+
+
+def show_failure(parent: QWidget, failure: JobFailure | BaseException, title: str = "qdesk") -> QMessageBox:
+    """A non-blocking message box with the sentence and, under "Show Details…", the traceback."""
+    if isinstance(failure, BaseException):
+        failure = describe_failure(failure)
+    box = QMessageBox(QMessageBox.Icon.Warning, title, failure.sentence, QMessageBox.StandardButton.Ok, parent)
+    if failure.details:
+        box.setDetailedText(failure.details)
+    box.setObjectName("failureMessage")
+    box.open()
+    return box
+
+
+def format_seconds(seconds: float | None) -> str:
+    """"1 h 02 min", "3 min 05 s", "12 s", or "" when unknown."""
+    if seconds is None:
+        return ""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return ""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}" if n / scale < 100 else f"{n / scale:.0f} {unit}"
+    return f"{int(n)} B"
