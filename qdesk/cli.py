@@ -171,6 +171,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{predicted})")
+    if predictions:
+        from converters.mix_report import plan_heatmap, summary_lines
+
+        print("the mix by tensor class (bits per weight per layer: --plan-out PLAN.json, under \"report\"):")
+        for line in summary_lines(plan_heatmap(result.plan)):
+            print(f"  {line}")
     return EXIT_OK
 
 

@@ -25,12 +25,14 @@ def _speed_cells(result: ReferenceResult | CandidateResult) -> tuple[str, str]:
 
 def _quality_rows(evaluation: Evaluation, with_speed: bool) -> list[tuple[str, ...]]:
     header = ("variant", "MB", "bpw", "PPL", "ΔPPL", "KLD mean", "median", "p99", "max", "top-1", "Δp")
+    with_prediction = any(candidate.predicted_kld is not None for candidate in evaluation.candidates)
+    prediction_header = ("pred. KLD",) if with_prediction else ()
     speed_header = ("pp t/s", "tg t/s") if with_speed else ()
     reference = evaluation.reference
-    rows = [header + speed_header]
+    rows = [header + prediction_header + speed_header]
     rows.append((reference.model.path.name + " (ref)", f"{reference.model.bytes / 1e6:.1f}",
                  _number(reference.model.bpw, 2), f"{reference.ppl:.3f}", "", "", "", "", "", "", "")
-                + (_speed_cells(reference) if with_speed else ()))
+                + (("",) if with_prediction else ()) + (_speed_cells(reference) if with_speed else ()))
     for candidate in evaluation.candidates:
         divergence = candidate.divergence
         change = (candidate.ppl / reference.ppl - 1) * 100
@@ -41,7 +43,8 @@ def _quality_rows(evaluation: Evaluation, with_speed: bool) -> list[tuple[str, .
             _number(divergence and divergence.p99, 4), _number(divergence and divergence.max, 3),
             "-" if divergence is None else f"{divergence.top1_agreement * 100:.2f}%",
             "-" if divergence is None else f"{divergence.delta_p_mean * 100:+.2f}%",
-        ) + (_speed_cells(candidate) if with_speed else ()))
+        ) + ((_number(candidate.predicted_kld, 5),) if with_prediction else ())
+            + (_speed_cells(candidate) if with_speed else ()))
     return rows
 
 
@@ -93,4 +96,6 @@ def render_evaluation(evaluation: Evaluation) -> str:
         lines += ["", *(f"note: {note}" for note in notes)]
     lines += ["", "KLD: KL(P_ref ‖ P_cand) in nats per token over the second half of each chunk; top-1: how often "
               "both put the same token first; Δp: mean change in the probability of the actual next token."]
+    if any(candidate.predicted_kld is not None for candidate in evaluation.candidates):
+        lines.append("pred. KLD: the mean KLD a sensitivity mix predicted for itself when it was planned.")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from converters.divergence import (
 from converters.errors import Cancelled
 from converters.gguf_file import check_gguf
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.mix_report import recorded_prediction
 from qdesk.eval_text import (
     DEFAULT_CTX,
     EvalError,
@@ -129,6 +130,8 @@ class CandidateResult:
     tasks: TaskVerdict | None = None
     speed: SpeedResult | None = None
     memory: MemoryEstimate | None = None
+    predicted_kld: float | None = None
+    """The mean KLD a sensitivity mix predicted for itself (`qdesk.mix.predicted_kld`), None for other files."""
 
     @property
     def same_vocab(self) -> bool:
@@ -140,6 +143,7 @@ class CandidateResult:
             **self.model.to_json(),
             "ppl": self.ppl,
             "kld_mean": None if divergence is None else divergence.mean,
+            "predicted_kld": self.predicted_kld,
             "kld_median": None if divergence is None else divergence.median,
             "kld_p99": None if divergence is None else divergence.p99,
             "kld_max": None if divergence is None else divergence.max,
@@ -439,7 +443,8 @@ def _evaluate_candidate(path: Path, reference_path: Path, reference_vocab: list[
         vocab = evaluator.vocabulary()
         if vocab == reference_vocab:
             ppl, divergence, sample_kld = _candidate_pass(evaluator, chunk_set, entry, work, path.name, cancel)
-            return CandidateResult(ModelFacts.of(path), ppl, divergence, sample_kld=sample_kld[:SAMPLE_TOKENS])
+            return CandidateResult(ModelFacts.of(path), ppl, divergence, sample_kld=sample_kld[:SAMPLE_TOKENS],
+                                   predicted_kld=recorded_prediction(path))
         note = _vocabulary_note(path, reference_path, vocab, reference_vocab)
         own_chunks = _chunks_of(evaluator, sources, settings.ctx, chunk_set.count)
         work.total += own_chunks.count - chunk_set.count

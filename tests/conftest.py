@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.builders.starter import smollm2_checkpoint, starter_gguf_path
+from tests.gui_support import gui_context, gui_folders, main_window  # noqa: F401 (fixtures for the GUI tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_CACHE = Path(os.environ.get("QDESK_TEST_CACHE", REPO_ROOT / ".cache" / "tests"))

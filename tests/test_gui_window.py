@@ -1,0 +1,103 @@
+"""The main window: sections by sidebar and keyboard, drops routed by kind, state kept across restarts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+
+from qdesk.gui.background import Job, start_job
+from qdesk.gui.context import AppContext
+from qdesk.gui.drops import route_drop
+from qdesk.gui.main_window import SECTIONS, MainWindow
+from qdesk.settings import Settings, load_settings, save_settings
+from tests.gui_support import drop
+
+
+def test_ctrl_digits_switch_sections(qtbot, main_window: MainWindow) -> None:
+    for number, section in enumerate(SECTIONS, start=1):
+        qtbot.keyClick(main_window, getattr(Qt.Key, f"Key_{number}"), Qt.KeyboardModifier.ControlModifier)
+        assert main_window.current_section() == section.key
+
+
+def test_section_and_guide_are_restored(qtbot, gui_context: AppContext) -> None:
+    first = MainWindow(gui_context)
+    qtbot.addWidget(first)
+    assert first.guide.isVisibleTo(first)
+    first.show_section("evaluate")
+    first.dismiss_guide()
+    first.close()
+    second = MainWindow(gui_context)
+    qtbot.addWidget(second)
+    assert second.current_section() == "evaluate"
+    assert not second.guide.isVisibleTo(second)
+
+
+def test_drops_are_routed_by_kind(starter_gguf: Path, smollm2_f16: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    note = tmp_path / "notes.txt"
+    note.write_text("hello")
+    assert route_drop([starter_gguf]).quantize_source is None
+    assert route_drop([starter_gguf]).library_imports == [starter_gguf]
+    assert route_drop([smollm2_f16]).quantize_source == smollm2_f16
+    assert route_drop([folder / "model.safetensors"]).quantize_source == folder
+    rejected = route_drop([note]).rejected
+    assert len(rejected) == 1 and "notes.txt" in rejected[0]
+
+
+def test_a_dropped_checkpoint_opens_quantize(qtbot, main_window: MainWindow, smollm2_hf: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "dropped"
+    shutil.copytree(smollm2_hf, copy)
+    drop(main_window, [copy])
+    assert main_window.current_section() == "quantize"
+
+
+def test_jobs_report_progress_results_failures_and_cancellation(qtbot) -> None:
+    from converters.jobs import Progress
+    from qdesk.errors import UserError
+
+    def counting(progress, cancel) -> int:
+        for step in range(5):
+            progress(Progress(step + 1, 5, "steps"))
+        return 42
+
+    job = Job("count", counting)
+    with qtbot.waitSignal(job.succeeded, timeout=10_000) as done:
+        start_job(job)
+    assert done.args == [42]
+    assert job.last_progress is not None and job.last_progress.fraction == 1.0
+
+    def failing(progress, cancel) -> None:
+        raise UserError("The file is broken; choose another.")
+
+    job = Job("fail", failing)
+    with qtbot.waitSignal(job.failed, timeout=10_000) as failed:
+        start_job(job)
+    assert failed.args[0].sentence == "The file is broken; choose another."
+    assert "Traceback" in failed.args[0].details
+
+    def waiting(progress, cancel) -> None:
+        while True:
+            cancel.raise_if_cancelled()
+
+    job = Job("wait", waiting)
+    with qtbot.waitSignal(job.failed, timeout=10_000) as cancelled:
+        start_job(job)
+        job.cancel()
+    assert cancelled.args[0].cancelled
+
+
+def test_settings_survive_a_bad_file(gui_folders: dict[str, Path]) -> None:
+    settings = Settings(threads=3, theme="dark")
+    save_settings(settings)
+    assert load_settings() == settings
+    path = gui_folders["config"] / "settings.json"
+    path.write_text('{"threads": "many", "theme": "purple", "sampling": {"temperature": 0.2, "top_k": "x"}}')
+    loaded = load_settings()
+    assert loaded.threads == 0 and loaded.theme == "system"
+    assert loaded.sampling.temperature == 0.2 and loaded.sampling.top_k == Settings().sampling.top_k
+    path.write_text("{not json")
+    assert load_settings() == Settings()
