@@ -15,8 +15,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -37,6 +38,20 @@ _MAX_DIMS = 4  # ggml tensors have at most four dimensions
 _MAX_ARRAY_DEPTH = 8  # arrays of arrays deeper than this are taken as damage
 _DEFAULT_ALIGNMENT = 32
 
+_KEPT_ARRAY_ITEMS = 1024  # longer arrays (the vocabulary, per-token scores) are kept as their length only
+_SCALAR_FORMATS: dict[int, str] = {
+    GGUFValueType.UINT8: "B",
+    GGUFValueType.INT8: "b",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I",
+    GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f",
+    GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT64: "d",
+}
 _SCALAR_SIZES: dict[int, int] = {
     GGUFValueType.UINT8: 1,
     GGUFValueType.INT8: 1,
@@ -141,6 +156,29 @@ class _HeaderWalk:
         if count * min_size > self.size - self.pos:
             raise _Truncated
 
+    def value(self, vtype: int, key: str, array_lengths: dict[str, int]) -> Any:
+        """The value as plain Python; an array longer than `_KEPT_ARRAY_ITEMS` or of arrays is skipped (None), and
+        every array's length goes into `array_lengths`."""
+        if vtype in _SCALAR_FORMATS:
+            scalar_at = self._take(_SCALAR_SIZES[vtype])
+            return struct.unpack_from(self.order + _SCALAR_FORMATS[vtype], self.buf, scalar_at)[0]
+        if vtype == GGUFValueType.STRING:
+            return self.string(f"the metadata key {key!r}")
+        if vtype != GGUFValueType.ARRAY:
+            raise _Damaged(f"the metadata key {key!r} has unknown value type {vtype}")
+        start = self.pos
+        item_type = self.u32()
+        count = self.u64()
+        array_lengths[key] = count
+        if count > _KEPT_ARRAY_ITEMS or item_type not in (*_SCALAR_FORMATS, GGUFValueType.STRING):
+            self.pos = start
+            self.skip_value(vtype, key)
+            return None
+        if item_type == GGUFValueType.STRING:
+            return [self.string(f"an item of the metadata key {key!r}") for _ in range(count)]
+        items_at = self._take(count * _SCALAR_SIZES[item_type])
+        return list(struct.unpack_from(f"{self.order}{count}{_SCALAR_FORMATS[item_type]}", self.buf, items_at))
+
     def skip_value(self, vtype: int, key: str, depth: int = 0) -> None:
         if vtype in _SCALAR_SIZES:
             self._take(_SCALAR_SIZES[vtype])
@@ -174,6 +212,8 @@ class TensorHeader:
     shape: tuple[int, ...]
     type: GGMLQuantizationType
     n_bytes: int
+    offset: int = 0
+    """Where its data starts, from the start of the tensor data section."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +222,9 @@ class GGUFHeader:
     data_offset: int
     data_end: int  # one past the last byte of tensor data the header describes
     tensors: tuple[TensorHeader, ...]
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+    """Every key's value as plain Python; None for an array of more than 1,024 items (see `array_lengths`)."""
+    array_lengths: dict[str, int] = field(default_factory=dict, hash=False)
 
 
 def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
@@ -191,12 +234,12 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
     kv_count = walk.u64()
     walk._need(kv_count, 8 + 4 + 1)  # key length, value type, smallest value
     alignment = _DEFAULT_ALIGNMENT
-    keys: set[str] = set()
+    metadata: dict[str, Any] = {}
+    array_lengths: dict[str, int] = {}
     for _ in range(kv_count):
         key = walk.string("a metadata key")
-        if key in keys:
+        if key in metadata:
             raise _Damaged(f"the metadata key {key!r} appears twice")
-        keys.add(key)
         vtype = walk.u32()
         if key == "general.alignment":
             if vtype != GGUFValueType.UINT32:
@@ -204,8 +247,9 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
             alignment = walk.u32()
             if alignment == 0 or alignment & (alignment - 1):
                 raise _Damaged(f"general.alignment is {alignment}, not a power of two")
+            metadata[key] = alignment
         else:
-            walk.skip_value(vtype, key)
+            metadata[key] = walk.value(vtype, key, array_lengths)
 
     walk._need(tensor_count, 8 + 4 + 4 + 8)  # name length, dimension count, type, offset
     tensors: list[tuple[TensorHeader, int]] = []
@@ -236,12 +280,13 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
         if offset % alignment:
             raise _Damaged(f"the tensor {name!r} starts at offset {offset}, not a multiple of "
                            f"the alignment {alignment}")
-        header = TensorHeader(name, tuple(dims), GGMLQuantizationType(raw_type), n_elements * type_size // block_size)
+        header = TensorHeader(name, tuple(dims), GGMLQuantizationType(raw_type), n_elements * type_size // block_size,
+                              offset)
         tensors.append((header, offset))
 
     data_offset = walk.pos + (-walk.pos % alignment)
     data_end = max((data_offset + offset + header.n_bytes for header, offset in tensors), default=walk.pos)
-    return GGUFHeader(version, data_offset, data_end, tuple(header for header, _ in tensors))
+    return GGUFHeader(version, data_offset, data_end, tuple(header for header, _ in tensors), metadata, array_lengths)
 
 
 def header_from_prefix(prefix: bytes, label: str) -> GGUFHeader | None:

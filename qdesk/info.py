@@ -1,7 +1,7 @@
 """What a GGUF file holds: `qdesk info FILE.gguf [--json]`.
 
-The file is checked by `converters.gguf_file.open_gguf` first, so any problem with it is one
-`GGUFFileError` sentence.
+Only the header is read (`converters.gguf_file.check_gguf`), so any problem with the file is one
+`GGUFFileError` sentence and a large vocabulary costs no time.
 
 `read_model_info(path)` returns a `ModelInfo`; `render_text(info)` is the aligned table the
 CLI prints, and `ModelInfo.to_json()` the document `--json` prints. Its keys are stable:
@@ -36,17 +36,17 @@ compute buffers, in RAM and VRAM) and whether it fits this machine; `render_text
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
-from gguf import GGUFValueType, LlamaFileType
+from gguf import LlamaFileType
 
 from converters.errors import GGUFFileError
-from converters.gguf_file import open_gguf
+from converters.gguf_file import GGUFHeader, check_gguf, open_gguf
 from qdesk.memory import (
     DEFAULT_N_CTX,
     FitVerdict,
@@ -56,7 +56,8 @@ from qdesk.memory import (
     render_memory_text,
 )
 
-__all__ = ["MemoryReport", "ModelInfo", "memory_report", "open_gguf", "read_model_info", "render_text"]
+__all__ = ["MemoryReport", "ModelInfo", "memory_report", "model_info_from_header", "open_gguf", "read_model_info",
+           "render_text"]
 
 # --- the model's facts ------------------------------------------------------------------------
 
@@ -112,42 +113,13 @@ class ModelInfo:
         }
 
 
-def _decode(part: Any) -> str:
-    return bytes(part).decode("utf-8", errors="replace")
-
-
-def _field_value(field_: gguf.ReaderField) -> Any:
-    """A metadata value as plain Python (str, int, float, bool or a list of them)."""
-    if not field_.types:
-        return None
-    main = field_.types[0]
-    if main == GGUFValueType.STRING:
-        return _decode(field_.parts[-1])
-    if main == GGUFValueType.ARRAY:
-        sub = field_.types[-1] if len(field_.types) > 1 else None
-        if sub is None:
-            return []
-        if sub == GGUFValueType.STRING:
-            return [_decode(field_.parts[i]) for i in field_.data]
-        if sub == GGUFValueType.ARRAY:
-            return None  # arrays of arrays: nothing in general.* uses them
-        return [v for i in field_.data for v in field_.parts[i].tolist()]
-    return field_.parts[-1].tolist()[0]
-
-
-def _int(reader: gguf.GGUFReader, key: str) -> int | None:
-    field_ = reader.get_field(key)
-    if field_ is None:
-        return None
-    value = _field_value(field_)
+def _int(metadata: dict[str, Any], key: str) -> int | None:
+    value = metadata.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _str(reader: gguf.GGUFReader, key: str) -> str | None:
-    field_ = reader.get_field(key)
-    if field_ is None:
-        return None
-    value = _field_value(field_)
+def _str(metadata: dict[str, Any], key: str) -> str | None:
+    value = metadata.get(key)
     return value if isinstance(value, str) and value else None
 
 
@@ -160,65 +132,51 @@ def _file_type_name(value: int) -> str:
 
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
-    """Describe the GGUF file at `path`; raises GGUFFileError if it is not a complete GGUF file."""
+    """Describe the GGUF file at `path` from its header alone; raises GGUFFileError if it is not a complete GGUF
+    file."""
     path = Path(path)
-    reader = open_gguf(path)
-    try:
-        architecture = _str(reader, "general.architecture")
-        prefix = f"{architecture}." if architecture else "\0"  # no architecture: no such keys
+    return model_info_from_header(path, check_gguf(path))
 
-        type_counts: Counter[str] = Counter()
-        type_weights: Counter[str] = Counter()
-        parameters = tensor_bytes = 0
-        for tensor in reader.tensors:
-            type_name = tensor.tensor_type.name
-            type_counts[type_name] += 1
-            type_weights[type_name] += int(tensor.n_elements)
-            parameters += int(tensor.n_elements)
-            tensor_bytes += int(tensor.n_bytes)
-        tensor_types = dict(sorted(type_counts.items(), key=lambda item: (-item[1], item[0])))
-        dominant_type = max(type_weights, key=lambda t: (type_weights[t], t)) if type_weights else None
 
-        raw_file_type = _int(reader, "general.file_type")
-        tokens = reader.get_field("tokenizer.ggml.tokens")
-        vocab_size = len(tokens.data) if tokens is not None and tokens.types else None
-        if vocab_size is None:
-            vocab_size = _int(reader, prefix + "vocab_size")
+def model_info_from_header(path: Path, header: GGUFHeader) -> ModelInfo:
+    """`read_model_info` for a file whose header was already read."""
+    metadata = header.metadata
+    architecture = _str(metadata, "general.architecture")
+    prefix = f"{architecture}." if architecture else "\0"  # no architecture: no such keys
 
-        general = {
-            key.removeprefix("general."): _field_value(field_)
-            for key, field_ in reader.fields.items()
-            if key.startswith("general.")
-        }
-        version_field = reader.get_field("GGUF.version")
-        gguf_version = int(version_field.parts[0][0]) if version_field is not None else 0
-
-        return ModelInfo(
-            path=path.resolve(),
-            name=_str(reader, "general.name") or _str(reader, "general.basename") or path.stem,
-            architecture=architecture,
-            gguf_version=gguf_version,
-            file_type=None if raw_file_type is None else _file_type_name(raw_file_type),
-            dominant_type=dominant_type,
-            parameters=parameters,
-            file_bytes=path.stat().st_size,
-            tensor_bytes=tensor_bytes,
-            context_length=_int(reader, prefix + "context_length"),
-            block_count=_int(reader, prefix + "block_count"),
-            embedding_length=_int(reader, prefix + "embedding_length"),
-            vocab_size=vocab_size,
-            has_chat_template=reader.get_field("tokenizer.chat_template") is not None,
-            tensor_count=len(reader.tensors),
-            tensor_types=tensor_types,
-            general=general,
-        )
-    except GGUFFileError:
-        raise
-    except Exception as error:  # a header gguf-py accepted but that holds nonsense
-        raise GGUFFileError(f"{path} has metadata qdesk cannot make sense of "
-                            f"({type(error).__name__}: {error}); download or convert it again.") from error
-    finally:
-        del reader
+    type_counts: Counter[str] = Counter()
+    type_weights: Counter[str] = Counter()
+    parameters = tensor_bytes = 0
+    for tensor in header.tensors:
+        n_elements = math.prod(tensor.shape)
+        type_counts[tensor.type.name] += 1
+        type_weights[tensor.type.name] += n_elements
+        parameters += n_elements
+        tensor_bytes += tensor.n_bytes
+    tensor_types = dict(sorted(type_counts.items(), key=lambda item: (-item[1], item[0])))
+    dominant_type = max(type_weights, key=lambda t: (type_weights[t], t)) if type_weights else None
+    raw_file_type = _int(metadata, "general.file_type")
+    vocab_size = header.array_lengths.get("tokenizer.ggml.tokens", _int(metadata, prefix + "vocab_size"))
+    general = {key.removeprefix("general."): value for key, value in metadata.items() if key.startswith("general.")}
+    return ModelInfo(
+        path=path.resolve(),
+        name=_str(metadata, "general.name") or _str(metadata, "general.basename") or path.stem,
+        architecture=architecture,
+        gguf_version=header.version,
+        file_type=None if raw_file_type is None else _file_type_name(raw_file_type),
+        dominant_type=dominant_type,
+        parameters=parameters,
+        file_bytes=path.stat().st_size,
+        tensor_bytes=tensor_bytes,
+        context_length=_int(metadata, prefix + "context_length"),
+        block_count=_int(metadata, prefix + "block_count"),
+        embedding_length=_int(metadata, prefix + "embedding_length"),
+        vocab_size=vocab_size,
+        has_chat_template="tokenizer.chat_template" in metadata,
+        tensor_count=len(header.tensors),
+        tensor_types=tensor_types,
+        general=general,
+    )
 
 
 # --- the memory it takes -----------------------------------------------------------------------------

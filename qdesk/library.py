@@ -21,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
-import mmap
 import os
 import re
 import shutil
 import sqlite3
-import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +34,9 @@ import platformdirs
 
 from converters.atomic import atomic_output, check_free_space
 from converters.errors import GGUFFileError, OutputError, UserError
+from converters.gguf_file import check_gguf
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
-from qdesk.info import ModelInfo, read_model_info
+from qdesk.info import ModelInfo, model_info_from_header
 
 __all__ = [
     "INDEX_NAME",
@@ -183,68 +182,13 @@ def _variant(facts: Mapping[str, Any] | None) -> str:
 
 # --- provenance keys, read from the header without parsing the tokenizer into Python objects ----
 
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _KeyWalk:
-    def __init__(self, buf: mmap.mmap, order: str) -> None:
-        self.buf, self.order, self.pos = buf, order, 0
-
-    def unpack(self, fmt: str) -> Any:
-        value = struct.unpack_from(self.order + fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        length = self.unpack("Q")
-        text = bytes(self.buf[self.pos:self.pos + length]).decode("utf-8", errors="replace")
-        self.pos += length
-        return text
-
-    def value(self, vtype: int, keep: bool) -> Any:
-        if vtype == _STRING:
-            if keep:
-                return self.string()
-            length = self.unpack("Q")
-            self.pos += length
-            return None
-        if vtype == _ARRAY:
-            item_type, count = self.unpack("I"), self.unpack("Q")
-            if item_type in _SCALAR_FORMATS:
-                self.pos += count * struct.calcsize(_SCALAR_FORMATS[item_type])
-            else:
-                for _ in range(count):
-                    self.value(item_type, keep=False)
-            return None
-        return self.unpack(_SCALAR_FORMATS[vtype])
-
-
-def _read_provenance_keys(path: Path) -> dict[str, str]:
-    """The qdesk.* and quantize.imatrix.* metadata of a GGUF file already checked by `read_model_info`."""
-    found: dict[str, str] = {}
-    try:
-        with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            order = ">" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0 else "<"
-            walk = _KeyWalk(buf, order)
-            walk.pos = 16
-            kv_count = walk.unpack("Q")
-            for _ in range(kv_count):
-                key = walk.string()
-                keep = key.startswith(_PROVENANCE_PREFIXES)
-                value = walk.value(walk.unpack("I"), keep)
-                if keep and value is not None:
-                    found[key] = str(value)
-    except (OSError, ValueError, KeyError, struct.error):
-        return found  # provenance is a courtesy; the file's facts were read by read_model_info
-    return found
-
-
 def _read_facts(path: Path) -> dict[str, Any]:
     """Everything the index caches about one file; raises GGUFFileError for a broken one."""
-    info: ModelInfo = read_model_info(path)
+    header = check_gguf(path)
+    info: ModelInfo = model_info_from_header(path, header)
     facts = info.to_json()
-    provenance = _read_provenance_keys(path)
+    provenance = {key: str(value) for key, value in header.metadata.items()
+                  if key.startswith(_PROVENANCE_PREFIXES) and value is not None}
     provenance.update({f"general.{key}": str(value) for key, value in info.general.items()
                        if key.startswith(_PROVENANCE_GENERAL) and value is not None})
     facts["provenance"] = provenance
@@ -548,12 +492,14 @@ class Library:
             progress(Progress(len(stale), len(stale), "files", "library up to date"))
         return RefreshSummary(read=len(stale), missing=missing, broken=broken)
 
-    def import_model(self, path: str | os.PathLike[str], *, link: bool = False) -> LibraryEntry:
+    def import_model(self, path: str | os.PathLike[str], *, link: bool = False, progress: ProgressFn | None = None,
+                     cancel: CancelToken | None = None) -> LibraryEntry:
         """Copy (atomically) or link a GGUF file into the models folder and index it.
 
         The file is checked first: a file that is not a complete GGUF raises GGUFFileError and nothing is
         copied. Importing a file the library already holds (the same path, or the same source imported
-        before and unchanged since) returns the existing entry instead of a second copy.
+        before and unchanged since) returns the existing entry instead of a second copy. The copy reports
+        `progress` in bytes; `cancel` stops it (Cancelled) and leaves no partial file.
         """
         source = Path(path).expanduser()
         absolute = source.absolute()
@@ -570,7 +516,7 @@ class Library:
         else:
             check_free_space(target, source.stat().st_size)
             with atomic_output(target) as temporary:
-                shutil.copyfile(source, temporary)
+                _copy_file(source, temporary, progress or no_progress, cancel)
                 shutil.copystat(source, temporary)  # keep the mtime, so the copy can be recognised
         after = target.stat()
         with self._connect() as connection, connection:
@@ -678,6 +624,22 @@ def _find_gguf_tree_top(folder: Path) -> list[_Found]:
     """The models folder's own files (imports, and GGUFs the user dropped in), not its subfolders."""
     return [_Found(path) for path in sorted(folder.glob("*.gguf"))
             if not path.name.startswith(".") and (path.is_file() or path.is_symlink())]
+
+
+_COPY_CHUNK = 8 << 20
+
+
+def _copy_file(source: Path, target: Path, progress: ProgressFn, cancel: CancelToken | None) -> None:
+    total = source.stat().st_size
+    done = 0
+    buffer = bytearray(_COPY_CHUNK)
+    with source.open("rb") as reader, target.open("wb") as writer:
+        while count := reader.readinto(buffer):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            writer.write(memoryview(buffer)[:count])
+            done += count
+            progress(Progress(done, total, "bytes", f"copying {source.name}"))
 
 
 def _link(source: Path, target: Path) -> None:

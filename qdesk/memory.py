@@ -33,18 +33,17 @@ from __future__ import annotations
 import functools
 import json
 import math
-import mmap
 import os
 import re
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from converters.errors import GGUFFileError, UserError
 from converters.gguf_file import GGUFHeader, check_gguf
@@ -165,110 +164,15 @@ class ModelShape:
         return self.n_layer + 1
 
 
-_SCALAR_FORMATS: dict[int, str] = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
-}
-"""struct formats of GGUF's scalar value types."""
-
-
-class _MetadataWalk:
-    """Reads chosen metadata values (and every array's length) from a GGUF header that `check_gguf` accepted.
-
-    gguf-py's reader decodes every value, which takes seconds for a large vocabulary; this walk skips what it is
-    not asked for.
-    """
-
-    def __init__(self, buffer: mmap.mmap) -> None:
-        self.buffer = buffer
-        version = struct.unpack_from("<I", buffer, 4)[0]
-        self.order = ">" if version & 0xFFFF == 0 else "<"
-        self.position = 8
-
-    def _unpack(self, fmt: str) -> Any:
-        value = struct.unpack_from(self.order + fmt, self.buffer, self.position)[0]
-        self.position += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        length = self._unpack("Q")
-        start = self.position
-        self.position += length
-        return bytes(self.buffer[start:self.position]).decode("utf-8", errors="replace")
-
-    def _value(self, value_type: int, keep: bool) -> Any:
-        scalar = _SCALAR_FORMATS.get(value_type)
-        if scalar is not None:
-            if not keep:
-                self.position += struct.calcsize(scalar)
-                return None
-            return self._unpack(scalar)
-        if value_type == GGUFValueType.STRING:
-            if not keep:
-                length = self._unpack("Q")
-                self.position += length
-                return None
-            return self._string()
-        if value_type == GGUFValueType.ARRAY:
-            item_type = self._unpack("I")
-            count = self._unpack("Q")
-            item_scalar = _SCALAR_FORMATS.get(item_type)
-            if not keep and item_scalar is not None:
-                self.position += count * struct.calcsize(item_scalar)
-                return count
-            if not keep and item_type == GGUFValueType.STRING:
-                length_format = struct.Struct(self.order + "Q")
-                for _ in range(count):
-                    self.position += 8 + length_format.unpack_from(self.buffer, self.position)[0]
-                return count
-            items = [self._value(item_type, keep) for _ in range(count)]
-            return items if keep else count
-        raise GGUFFileError(f"the GGUF header holds a value of unknown type {value_type}; "
-                            "download or convert the file again.")
-
-    def read(self, wanted: Callable[[str], bool]) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, int, int]]]:
-        """Wanted values by key, every array's length by key, and (name, offset, type) of each tensor."""
-        tensor_count = self._unpack("Q")
-        kv_count = self._unpack("Q")
-        values: dict[str, Any] = {}
-        array_lengths: dict[str, int] = {}
-        for _ in range(kv_count):
-            key = self._string()
-            value_type = self._unpack("I")
-            keep = wanted(key)
-            value = self._value(value_type, keep)
-            if value_type == GGUFValueType.ARRAY:
-                array_lengths[key] = len(value) if keep else value
-            if keep:
-                values[key] = value
-        tensors = []
-        for _ in range(tensor_count):
-            name = self._string()
-            n_dims = self._unpack("I")
-            self.position += 8 * n_dims
-            tensor_type = self._unpack("I")
-            offset = self._unpack("Q")
-            tensors.append((name, offset, tensor_type))
-        return values, array_lengths, tensors
-
-
 @dataclass(frozen=True)
 class _HeaderFacts:
     values: dict[str, Any]
     array_lengths: dict[str, int]
     tensor_offsets: dict[str, int]
 
-
-def _is_model_key(key: str) -> bool:
-    """Keys worth decoding: the architecture's hyperparameters, not the tokenizer's or the general.* texts."""
-    return key == "general.architecture" or not key.startswith(("tokenizer.", "general."))
-
-
-def _read_header_facts(path: Path) -> _HeaderFacts:
-    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-        values, array_lengths, tensors = _MetadataWalk(buffer).read(_is_model_key)
-    return _HeaderFacts(values, array_lengths, {name: offset for name, offset, _ in tensors})
+    @classmethod
+    def of(cls, header: GGUFHeader) -> _HeaderFacts:
+        return cls(header.metadata, header.array_lengths, {tensor.name: tensor.offset for tensor in header.tensors})
 
 
 def _per_layer(value: Any, n_layer: int, key: str, path: Path) -> tuple[int, ...]:
@@ -304,7 +208,7 @@ def _cached_shape(path: Path, _mtime_ns: int, _size: int) -> ModelShape:
     """The shape of one version of a file (the cache key holds its modification time and size)."""
     header = check_gguf(path)  # first: a clear sentence for a damaged or foreign file
     try:
-        return _shape_from_header(path, header, _read_header_facts(path))
+        return _shape_from_header(path, header, _HeaderFacts.of(header))
     except GGUFFileError:
         raise
     except (ValueError, TypeError, KeyError, struct.error) as error:  # a header gguf accepts that holds nonsense
@@ -796,9 +700,7 @@ def read_model_shape_from_prefix(path: str | os.PathLike[str], *, file_size: int
         raise GGUFFileError(f"{label} is truncated: its tensor data ends at byte {header.data_end:,} but the file "
                             f"has {file_size:,} bytes.")
     try:
-        values, array_lengths, tensors = _MetadataWalk(prefix).read(_is_model_key)  # type: ignore[arg-type]
-        facts = _HeaderFacts(values, array_lengths, {tensor: offset for tensor, offset, _ in tensors})
-        return _shape_from_header(label, header, facts)
+        return _shape_from_header(label, header, _HeaderFacts.of(header))
     except GGUFFileError:
         raise
     except (ValueError, TypeError, KeyError, struct.error) as error:
