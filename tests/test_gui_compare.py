@@ -1,0 +1,216 @@
+"""The Compare section: panes, the prompt box's keys, conversations restored, and two real variants side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+from PySide6.QtCore import Qt
+
+from qdesk.conversations import Answer, PaneRecord, new_conversation
+from qdesk.engine import GenerationStats, SamplingOptions
+from qdesk.gui.compare_prompt import PromptBox
+from qdesk.gui.compare_view import MAX_PANES, MIN_PANES, CompareView
+from qdesk.gui.context import AppContext
+
+SYSTEM = "You are a helpful assistant."
+LOAD_AND_ANSWER_MS = 180_000
+
+
+@pytest.fixture(scope="session")
+def q8_variant(starter_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second variant of the starter model: Q8_0 made from its Q4_1 (llama.cpp allows it, with a warning)."""
+    from converters.quantize import quantize
+
+    out = tmp_path_factory.mktemp("compare-variants") / "SmolLM2-135M-Instruct-Q8_0.gguf"
+    quantize(starter_gguf, out, "Q8_0", imatrix="none")
+    return out
+
+
+def make_view(qtbot, context: AppContext) -> CompareView:
+    view = CompareView(context)
+    qtbot.addWidget(view)
+    return view
+
+
+def test_panes_can_be_added_and_removed(qtbot, gui_context: AppContext) -> None:
+    view = make_view(qtbot, gui_context)
+    assert len(view.panes) == MIN_PANES
+    assert not view.panes[0].remove_button.isEnabled()
+    while view.add_button.isEnabled():
+        qtbot.mouseClick(view.add_button, Qt.MouseButton.LeftButton)
+    assert len(view.panes) == MAX_PANES == len(view.conversation.panes)
+    assert [pane.title.text() for pane in view.panes][-1] == "<b>4</b>"
+    qtbot.mouseClick(view.panes[1].remove_button, Qt.MouseButton.LeftButton)
+    assert len(view.panes) == MAX_PANES - 1 == len(view.conversation.panes)
+    assert view.add_button.isEnabled()
+
+    shared = view.conversation.settings_for(0)
+    own = view.panes[1]
+    qtbot.mouseClick(own.own_settings, Qt.MouseButton.LeftButton)
+    assert own.override.isVisibleTo(own) and own.override.temperature.value() == shared[0].temperature
+    own.override.temperature.setValue(1.25)
+    own.override.system.setText("Answer in French.")
+    assert view.conversation.settings_for(1)[0].temperature == 1.25
+    assert view.conversation.settings_for(1)[1] == "Answer in French."
+    assert view.conversation.settings_for(0) == shared
+    view.shared.top_p.setValue(0.5)
+    assert view.conversation.settings_for(0)[0].top_p == 0.5 and view.conversation.settings_for(1)[0].top_p != 0.5
+
+
+def test_a_model_that_cannot_load_fails_in_its_pane(qtbot, gui_context: AppContext, starter_gguf: Path,
+                                                    tmp_path: Path) -> None:
+    broken = tmp_path / "broken-Q4_K_M.gguf"
+    broken.write_bytes(starter_gguf.read_bytes()[:4096])
+    view = make_view(qtbot, gui_context)
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.bind_pane(view.panes[0], broken)
+    view.bind_pane(view.panes[1], None)
+    view.prompt.setPlainText("Hello")
+    qtbot.mouseClick(view.send_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    answer = view.conversation.turns[0].answer(0)
+    assert answer is not None and "truncated" in (answer.error or "")
+    pane = view.panes[0]
+    assert pane.status.text() == answer.error and pane.retry_button.isVisibleTo(pane)
+    assert view.conversation.turns[0].answer(1) is None  # a pane without a model is not asked
+
+
+def test_first_run_binds_the_starter_and_open_in_compare_binds_panes(qtbot, gui_context: AppContext,
+                                                                       starter_gguf: Path, tmp_path: Path) -> None:
+    view = make_view(qtbot, gui_context)
+    qtbot.waitUntil(lambda: view.panes[0].runner.path == starter_gguf, timeout=30_000)
+    assert view.panes[0].model_box.currentData() == str(starter_gguf)
+    assert "Q4_1" in view.panes[0].facts.text()
+    assert view.panes[0].runner.model is None  # the section is not on show: nothing loads yet
+
+    others = [tmp_path / "a-Q8_0.gguf", tmp_path / "b-Q2_K.gguf"]
+    gui_context.open_in_compare.emit([starter_gguf, *others])
+    assert [pane.runner.path for pane in view.panes] == [starter_gguf, *others]
+    assert view.panes[2].model_box.currentText() == "b-Q2_K.gguf"
+    assert [record.model for record in view.conversation.panes] == [starter_gguf, *others]
+
+
+def test_prompt_box_keys(qtbot) -> None:
+    box = PromptBox()
+    qtbot.addWidget(box)
+    qtbot.keyClicks(box, "first line")
+    qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClicks(box, "second")
+    assert box.toPlainText() == "first line\nsecond"
+    with qtbot.waitSignal(box.submitted, timeout=1000):
+        qtbot.keyClick(box, Qt.Key.Key_Return)
+    assert box.toPlainText() == "first line\nsecond"
+    with qtbot.waitSignal(box.stop_requested, timeout=1000):
+        qtbot.keyClick(box, Qt.Key.Key_Escape)
+
+
+def test_a_saved_conversation_comes_back_in_a_new_view(qtbot, gui_context: AppContext, tmp_path: Path) -> None:
+    q4, q8 = tmp_path / "m-Q4_K_M.gguf", tmp_path / "m-Q8_0.gguf"
+    stats = GenerationStats(10, 4, 0.2, 30.0, 0.5, "stop", 150_000_000)
+    conversation = new_conversation([q8, q4], system=SYSTEM, sampling=SamplingOptions(temperature=0.0))
+    conversation.panes[1] = PaneRecord(q4, own_settings=True, sampling=SamplingOptions(temperature=0.5, seed=7))
+    turn = conversation.add_turn("What is the capital of France?")
+    turn.set_answer(0, Answer(q8, "Paris is the capital.", (1, 2, 3, 4), stats))
+    turn.set_answer(1, Answer(q4, "Paris was the capital.", (1, 2, 5, 4), stats))
+
+    first = make_view(qtbot, gui_context)
+    first.store.save(conversation)
+    first.open_conversation(conversation.id)
+    state = gui_context.window_state()
+    first.save_state(state)
+    first.shutdown()
+
+    second = make_view(qtbot, gui_context)
+    second.restore_state(state)
+    assert second.conversation.to_json() == conversation.to_json()
+    assert [pane.runner.path for pane in second.panes] == [q8, q4]
+    assert second.panes[1].own_settings.isChecked() and second.panes[1].override.seed.value() == 7
+    assert second.shared.system.text() == SYSTEM and second.shared.temperature.value() == 0.0
+    qtbot.waitUntil(lambda: "Paris was the capital." in second.panes[1].transcript.toPlainText(), timeout=5000)
+    assert "differs from token 2" in second.panes[1].facts.text()
+    highlighted = second.transcript(1)[0]
+    assert highlighted.text[highlighted.diverge_at:] == "was the capital."
+    assert second.transcript(0)[0].diverge_at is None
+    assert second.regenerate_button.isEnabled() and second.export_button.isEnabled()
+
+    second.new_conversation()
+    assert second.conversation.turns == [] and second.conversation.id != conversation.id
+    assert [record.model for record in second.conversation.panes] == [q8, q4]
+    assert [summary.id for summary in second.store.summaries()] == [conversation.id]
+    second.history_menu.aboutToShow.emit()
+    listed = [action for action in second.history_menu.actions() if action.text().startswith("What is the capital")]
+    assert len(listed) == 1 and listed[0].isEnabled()
+    listed[0].trigger()
+    assert second.conversation.id == conversation.id
+
+
+@pytest.mark.slow
+def test_two_variants_answer_side_by_side(qtbot, gui_context: AppContext, starter_gguf: Path, q8_variant: Path,
+                                          tmp_path: Path) -> None:
+    view = make_view(qtbot, gui_context)
+    gui_context.open_in_compare.emit([starter_gguf, q8_variant])
+    view.shared.temperature.setValue(0.0)
+    view.shared.max_tokens.setValue(24)
+    view.shared.system.setText(SYSTEM)
+    view.show()
+    qtbot.waitUntil(lambda: all(pane.runner.model is not None for pane in view.panes), timeout=LOAD_AND_ANSWER_MS)
+
+    qtbot.keyClicks(view.prompt, "What is the capital of France?")
+    qtbot.keyClick(view.prompt, Qt.Key.Key_Return)
+    assert view.busy and view.stop_button.isEnabled() and not view.send_button.isEnabled()
+    qtbot.waitUntil(lambda: not view.busy, timeout=LOAD_AND_ANSWER_MS)
+    turn = view.conversation.turns[0]
+    for index, pane in enumerate(view.panes):
+        answer = turn.answer(index)
+        assert answer is not None and answer.error is None and answer.stats is not None
+        assert "Paris" in answer.text
+        qtbot.waitUntil(lambda pane=pane, answer=answer: answer.text.strip() in pane.transcript.toPlainText(),
+                        timeout=5000)
+        assert "tokens/s" in pane.facts.text() and "first token" in pane.facts.text()
+    assert turn.answer(0).model == starter_gguf and turn.answer(1).model == q8_variant
+    qtbot.waitUntil(lambda: "Q8_0" in view.panes[1].facts.text(), timeout=10_000)  # read from a file not in the library
+
+    # Esc stops every pane mid-answer; each keeps what it said.
+    view.shared.max_tokens.setValue(2000)
+    qtbot.keyClicks(view.prompt, "Tell me a long story about a dragon.")
+    qtbot.keyClick(view.prompt, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: all(view._live.get(pane) for pane in view.panes), timeout=LOAD_AND_ANSWER_MS)
+    qtbot.keyClick(view.prompt, Qt.Key.Key_Escape)
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    stopped = view.conversation.turns[1]
+    for index in range(2):
+        answer = stopped.answer(index)
+        assert answer is not None and answer.stats is not None and answer.stats.stop_reason == "cancelled"
+        assert answer.text and answer.stats.generated_tokens < 2000
+    assert view.regenerate_button.isEnabled()
+
+    # Regenerate replaces the last turn's answers.
+    view.shared.max_tokens.setValue(6)
+    qtbot.mouseClick(view.regenerate_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not view.busy, timeout=LOAD_AND_ANSWER_MS)
+    assert len(view.conversation.turns) == 2
+    assert all(view.conversation.turns[1].answer(i).stats.stop_reason == "length" for i in range(2))
+
+    state = gui_context.window_state()
+    view.save_state(state)
+    workers = [pane.runner.model.pid for pane in view.panes]
+    view.shutdown()
+    assert all(pane.runner.model is None for pane in view.panes)
+    assert not any(psutil.pid_exists(pid) for pid in workers)
+
+    restored = make_view(qtbot, gui_context)
+    restored.restore_state(state)
+    assert restored.conversation.to_json() == view.conversation.to_json()
+    assert [pane.runner.path for pane in restored.panes] == [starter_gguf, q8_variant]
+
+    assert restored.export_to(tmp_path / "talk.md") and restored.export_to(tmp_path / "talk.json")
+    markdown = (tmp_path / "talk.md").read_text(encoding="utf-8")
+    assert "## Turn 1" in markdown and "## Turn 2" in markdown and "Paris" in markdown
+    assert f"### Pane 2: {q8_variant.name}" in markdown
+    document = json.loads((tmp_path / "talk.json").read_text(encoding="utf-8"))
+    assert [turn["prompt"] for turn in document["turns"]] == ["What is the capital of France?",
+                                                              "Tell me a long story about a dragon."]
+    assert document["turns"][0]["answers"][1]["model"] == str(q8_variant)
