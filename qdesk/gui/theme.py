@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
 
 _SCHEMES = {
@@ -23,14 +23,62 @@ QLabel[role="error"] { color: #c0392b; }
 """
 
 
+_DARK_COLOURS = {
+    QPalette.ColorRole.Window: "#2b2b2b",
+    QPalette.ColorRole.WindowText: "#e6e6e6",
+    QPalette.ColorRole.Base: "#1f1f1f",
+    QPalette.ColorRole.AlternateBase: "#333333",
+    QPalette.ColorRole.ToolTipBase: "#3a3a3a",
+    QPalette.ColorRole.ToolTipText: "#e6e6e6",
+    QPalette.ColorRole.PlaceholderText: "#8c8c8c",
+    QPalette.ColorRole.Text: "#e6e6e6",
+    QPalette.ColorRole.Button: "#353535",
+    QPalette.ColorRole.ButtonText: "#e6e6e6",
+    QPalette.ColorRole.BrightText: "#ff6b6b",
+    QPalette.ColorRole.Light: "#4a4a4a",
+    QPalette.ColorRole.Midlight: "#404040",
+    QPalette.ColorRole.Mid: "#555555",
+    QPalette.ColorRole.Dark: "#1a1a1a",
+    QPalette.ColorRole.Shadow: "#000000",
+    QPalette.ColorRole.Highlight: "#3d7cc9",
+    QPalette.ColorRole.HighlightedText: "#ffffff",
+    QPalette.ColorRole.Link: "#6aa9ff",
+    QPalette.ColorRole.LinkVisited: "#b48cff",
+}
+_DARK_DISABLED = {
+    QPalette.ColorRole.WindowText: "#7a7a7a",
+    QPalette.ColorRole.Text: "#7a7a7a",
+    QPalette.ColorRole.ButtonText: "#7a7a7a",
+}
+
+
+def _dark_palette() -> QPalette:
+    palette = QPalette()
+    for role, colour in _DARK_COLOURS.items():
+        palette.setColor(role, QColor(colour))
+    for role, colour in _DARK_DISABLED.items():
+        palette.setColor(QPalette.ColorGroup.Disabled, role, QColor(colour))
+    return palette
+
+
 def apply_theme(theme: str) -> None:
-    """Apply "system", "light" or "dark" to the running application."""
+    """Apply "system", "light" or "dark" to the running application.
+
+    The platform is asked for the colour scheme first; where it cannot switch (many Linux desktops, offscreen),
+    the application's palette is set instead: Fusion's light one, or qdesk's dark one.
+    """
     app = QApplication.instance()
     if not isinstance(app, QApplication):
         return
-    QGuiApplication.styleHints().setColorScheme(_SCHEMES.get(theme, Qt.ColorScheme.Unknown))
+    wanted = _SCHEMES.get(theme, Qt.ColorScheme.Unknown)
+    hints = QGuiApplication.styleHints()
+    hints.setColorScheme(wanted)
+    if wanted == Qt.ColorScheme.Unknown or hints.colorScheme() == wanted:
+        app.setPalette(QPalette())  # the platform's own
+    else:
+        app.setPalette(_dark_palette() if wanted == Qt.ColorScheme.Dark else app.style().standardPalette())
     app.setStyleSheet(STYLE_SHEET)
 
 
 def is_dark() -> bool:
-    return QGuiApplication.styleHints().colorScheme() == Qt.ColorScheme.Dark
+    return QApplication.palette().color(QPalette.ColorRole.Window).lightness() < 128
