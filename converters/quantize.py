@@ -189,7 +189,7 @@ def _reference_gguf(
         return
     from converters.convert import convert_checkpoint
 
-    outtype = _reference_outtype(source)
+    outtype = reference_outtype(source)
 
     def converting(step: Progress) -> None:
         progress(Progress(step.done, step.total, step.unit, "converting"))
@@ -200,7 +200,7 @@ def _reference_gguf(
         yield converted.path, source / converted.path.name
 
 
-def _reference_outtype(folder: Path) -> str:
+def reference_outtype(folder: Path) -> str:
     """BF16 checkpoints stay BF16 (exact); everything else becomes F16."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -1,26 +1,430 @@
-"""The Quantize section (placeholder until its view lands)."""
+"""The Quantize section: a source, the variants to make with their sizes and fit, calibration text, the job queue."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QFileDialog,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QPushButton,
+    QRadioButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
 
+from converters.presets import preset_named
+from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
+from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.job_queue import QuantizeQueue
+from qdesk.gui.quantize_queue_view import QueueWidget
+from qdesk.quantize_batch import BatchRequest, VariantBatch, VariantChoice
+from qdesk.variant_sizes import PRESET_CHOICES, ChoiceSize, SizePreview, preview_sizes
+
+SOURCE_HINT = ("Drop a Hugging Face checkpoint folder (or a .safetensors file inside one) or an F16/BF16 GGUF "
+               "anywhere on this window, or browse for one.")
+DEFAULT_PRESETS = ("Q4_K_M", "Q8_0")
+SLIDER_STEPS = 1000
+CALIBRATION_MODES = ("builtin", "files", "none")
+STATE_PREFIX = "quantize/"
 
 
 class QuantizeView(QWidget):
     def __init__(self, context: AppContext) -> None:
         super().__init__()
         self.context = context
-        layout = QVBoxLayout(self)
+        self.source: Path | None = None
+        self.preview: SizePreview | None = None
+        self.preview_job: Job | None = None
+        self.text_files: list[Path] = []
+        self.queue = QuantizeQueue(context, self)
+        self._status_shown = False
+
         heading = QLabel("Quantize")
         heading.setProperty("role", "heading")
-        layout.addWidget(heading)
-        layout.addStretch(1)
+        options = QVBoxLayout()
+        options.addWidget(heading)
+        options.addWidget(self._source_box())
+        options.addWidget(self._presets_box())
+        options.addWidget(self._mix_box())
+        options.addWidget(self._calibration_box())
+        self.keep_reference = QCheckBox("&Keep the converted F16/BF16 reference in the library (for Evaluate)")
+        self.keep_reference.setObjectName("keepReference")
+        self.keep_reference.setChecked(True)
+        options.addWidget(self.keep_reference)
+        self.start_button = QPushButton("&Quantize")
+        self.start_button.setObjectName("startButton")
+        self.start_button.setDefault(True)
+        self.start_button.setToolTip("Add a job for this source and the checked variants to the queue (Ctrl+Enter)")
+        self.start_button.setShortcut("Ctrl+Return")
+        self.start_button.clicked.connect(self.start)
+        self.start_hint = QLabel()
+        self.start_hint.setObjectName("startHint")
+        self.start_hint.setProperty("role", "hint")
+        start_row = QHBoxLayout()
+        start_row.addWidget(self.start_button)
+        start_row.addWidget(self.start_hint, 1)
+        options.addLayout(start_row)
+        options.addStretch(1)
 
-    def import_files(self, paths: list[Path]) -> None:
-        del paths
+        self.queue_widget = QueueWidget(self.queue)
+        self.queue_widget.setObjectName("jobQueue")
+        layout = QHBoxLayout(self)
+        left = QWidget()
+        left.setLayout(options)
+        left.setMaximumWidth(580)
+        layout.addWidget(left, 3)
+        layout.addWidget(self.queue_widget, 2)
+
+        self.queue.changed.connect(self._show_queue_status)
+        self.queue.step_progressed.connect(lambda _step: self._show_queue_status())
+        self._update_start()
+
+    # --- building the form ---
+
+    def _source_box(self) -> QGroupBox:
+        box = QGroupBox("Source")
+        self.source_label = QLabel(SOURCE_HINT)
+        self.source_label.setObjectName("sourceLabel")
+        self.source_label.setWordWrap(True)
+        self.source_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.source_info = QLabel()
+        self.source_info.setObjectName("sourceInfo")
+        self.source_info.setWordWrap(True)
+        browse_folder = QPushButton("&Browse folder…")
+        browse_folder.setObjectName("browseFolder")
+        browse_folder.setToolTip("Choose a Hugging Face checkpoint folder")
+        browse_folder.clicked.connect(self.choose_folder)
+        browse_gguf = QPushButton("Browse &GGUF…")
+        browse_gguf.setObjectName("browseGguf")
+        browse_gguf.setToolTip("Choose an F16, BF16 or F32 GGUF file")
+        browse_gguf.clicked.connect(self.choose_gguf)
+        buttons = QHBoxLayout()
+        buttons.addWidget(browse_folder)
+        buttons.addWidget(browse_gguf)
+        buttons.addStretch(1)
+        layout = QVBoxLayout(box)
+        layout.addWidget(self.source_label)
+        layout.addWidget(self.source_info)
+        layout.addLayout(buttons)
+        return box
+
+    def _presets_box(self) -> QGroupBox:
+        box = QGroupBox("&Presets (file size · fits this machine?)")
+        grid = QGridLayout(box)
+        self.preset_checks: dict[str, QCheckBox] = {}
+        self.size_labels: dict[str, QLabel] = {}
+        self.fit_labels: dict[str, QLabel] = {}
+        for index, name in enumerate(PRESET_CHOICES):
+            row, column = index % 6, (index // 6) * 3
+            check = QCheckBox(name)
+            check.setObjectName(f"preset_{name}")
+            check.setToolTip(preset_named(name).summary)
+            check.setChecked(name in DEFAULT_PRESETS)
+            check.toggled.connect(self._update_start)
+            size = QLabel()
+            size.setObjectName(f"size_{name}")
+            fit = QLabel()
+            fit.setObjectName(f"fit_{name}")
+            grid.addWidget(check, row, column)
+            grid.addWidget(size, row, column + 1)
+            grid.addWidget(fit, row, column + 2)
+            self.preset_checks[name], self.size_labels[name], self.fit_labels[name] = check, size, fit
+        return box
+
+    def _mix_box(self) -> QGroupBox:
+        box = QGroupBox("Target size")
+        self.mix_check = QCheckBox("Sensitivity &mix of at most this size")
+        self.mix_check.setObjectName("mixCheck")
+        self.mix_check.setToolTip("Measure which tensors this model needs most and spend the size budget there "
+                                  "(docs/mix.md); takes longer than a preset.")
+        self.mix_check.toggled.connect(self._update_start)
+        self.mix_slider = QSlider(Qt.Orientation.Horizontal)
+        self.mix_slider.setObjectName("mixSlider")
+        self.mix_slider.setRange(0, SLIDER_STEPS)
+        self.mix_slider.setValue(SLIDER_STEPS // 2)
+        self.mix_slider.setEnabled(False)
+        self.mix_slider.valueChanged.connect(self._update_mix_label)
+        self.mix_slider.setAccessibleName("Target size")
+        self.mix_label = QLabel()
+        self.mix_label.setObjectName("mixSize")
+        self.mix_label.setMinimumWidth(150)
+        row = QHBoxLayout()
+        row.addWidget(self.mix_slider, 1)
+        row.addWidget(self.mix_label)
+        layout = QVBoxLayout(box)
+        layout.addWidget(self.mix_check)
+        layout.addLayout(row)
+        return box
+
+    def _calibration_box(self) -> QGroupBox:
+        box = QGroupBox("Calibration text (importance matrix)")
+        self.calibration = QButtonGroup(self)
+        self.calibration_buttons: dict[str, QRadioButton] = {}
+        labels = {"builtin": "Bu&ilt-in text (prose, chat, code, maths, languages)",
+                  "files": "&Your text files:", "none": "&None (no importance matrix)"}
+        layout = QVBoxLayout(box)
+        for mode in CALIBRATION_MODES:
+            button = QRadioButton(labels[mode])
+            button.setObjectName(f"calibration_{mode}")
+            self.calibration.addButton(button)
+            self.calibration_buttons[mode] = button
+        self.calibration_buttons["builtin"].setChecked(True)
+        for button in self.calibration_buttons.values():
+            button.toggled.connect(self._update_start)
+        self.add_files_button = QPushButton("&Add files…")
+        self.add_files_button.setObjectName("addTextFiles")
+        self.add_files_button.clicked.connect(self.choose_text_files)
+        self.files_label = QLabel("no files chosen")
+        self.files_label.setObjectName("textFiles")
+        self.files_label.setProperty("role", "hint")
+        self.files_label.setWordWrap(True)
+        files_row = QHBoxLayout()
+        files_row.addWidget(self.calibration_buttons["files"])
+        files_row.addWidget(self.add_files_button)
+        files_row.addWidget(self.files_label, 1)
+        layout.addWidget(self.calibration_buttons["builtin"])
+        layout.addLayout(files_row)
+        layout.addWidget(self.calibration_buttons["none"])
+        return box
+
+    # --- the source ---
 
     def set_source(self, path: Path) -> None:
-        del path
+        """Quantize `path` next: an HF checkpoint folder, a file inside one, or a float GGUF. Sizes follow."""
+        path = Path(path)
+        if path.is_file() and path.suffix.lower() != ".gguf":
+            path = path.parent
+        self.source = path
+        self.source_label.setText(str(path))
+        self.source_info.setText("Reading the model's headers for the sizes…")
+        self.source_info.setProperty("role", "hint")
+        self._repolish(self.source_info)
+        self.keep_reference.setEnabled(path.is_dir())
+        self.preview = None
+        for name in PRESET_CHOICES:
+            self.size_labels[name].setText("…")
+            self.fit_labels[name].setText("")
+        self.mix_slider.setEnabled(False)
+        self.mix_label.setText("")
+        if self.preview_job is not None:
+            self.preview_job.cancel()
+        job = Job(f"Sizing variants of {path.name}",
+                  lambda progress, cancel: preview_sizes(path, progress=progress, cancel=cancel), self)
+        job.succeeded.connect(lambda preview: self._preview_ready(job, preview))
+        job.failed.connect(lambda failure: self._preview_failed(job, failure))
+        self.preview_job = job
+        self.context.run(job)
+        self._update_start()
+
+    def choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a Hugging Face checkpoint folder")
+        if folder:
+            self.set_source(Path(folder))
+
+    def choose_gguf(self) -> None:
+        name, _ = QFileDialog.getOpenFileName(self, "Choose a float GGUF to quantize", "", "GGUF files (*.gguf)")
+        if name:
+            self.set_source(Path(name))
+
+    def choose_text_files(self) -> None:
+        names, _ = QFileDialog.getOpenFileNames(self, "Choose calibration text", "", "Text files (*.txt *.md);;"
+                                                "All files (*)")
+        if names:
+            self.set_text_files([Path(name) for name in names])
+
+    def set_text_files(self, paths: list[Path]) -> None:
+        self.text_files = list(paths)
+        self.files_label.setText(", ".join(path.name for path in paths) if paths else "no files chosen")
+        if paths:
+            self.calibration_buttons["files"].setChecked(True)
+        self._update_start()
+
+    def _preview_ready(self, job: Job, preview: SizePreview) -> None:
+        if job is not self.preview_job:
+            return
+        self.preview_job = None
+        self.preview = preview
+        source = preview.source
+        kind = ("Hugging Face checkpoint: sizes are estimates from its tensor shapes (marked ≈)"
+                if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
+        parameters = sum(_elements(tensor.shape) for tensor in source.tensors)
+        self.source_info.setText(f"{kind}. {parameters / 1e6:,.1f} M parameters; reference "
+                                 f"{format_bytes(source.reference_bytes)}; {_machine_text(preview)}.")
+        self.source_info.setProperty("role", "hint")
+        self._repolish(self.source_info)
+        for name, choice in preview.presets.items():
+            self._show_size(self.size_labels[name], self.fit_labels[name], choice)
+        self.mix_slider.setEnabled(True)
+        self._update_mix_label()
+        self._update_start()
+
+    def _preview_failed(self, job: Job, failure: JobFailure) -> None:
+        if job is not self.preview_job:
+            return
+        self.preview_job = None
+        if failure.cancelled:
+            return
+        self.source_info.setText(failure.sentence)
+        self.source_info.setProperty("role", "error")
+        self.source_info.setToolTip(failure.details[-2000:])
+        self._repolish(self.source_info)
+        for name in PRESET_CHOICES:
+            self.size_labels[name].setText("?")
+        self._update_start()
+
+    def _show_size(self, size_label: QLabel, fit_label: QLabel, choice: ChoiceSize) -> None:
+        size_label.setText(("" if choice.exact else "≈ ") + format_bytes(choice.file_bytes))
+        size_label.setToolTip(f"{choice.file_bytes:,} bytes" + ("" if choice.exact else " (an estimate)"))
+        fit_label.setText("fits" if choice.fit.fits else "too big")
+        fit_label.setProperty("role", "" if choice.fit.fits else "error")
+        fit_label.setToolTip(choice.fit.summary)
+        self._repolish(fit_label)
+
+    # --- the mix ---
+
+    def mix_bytes(self) -> int | None:
+        """The target size the slider stands at (None until the sizes are known)."""
+        if self.preview is None:
+            return None
+        low, high = self.preview.mix_range()
+        return low + (high - low) * self.mix_slider.value() // SLIDER_STEPS
+
+    def _update_mix_label(self) -> None:
+        size = self.mix_bytes()
+        if size is None or self.preview is None:
+            self.mix_label.setText("")
+            return
+        choice = self.preview.mix(size)
+        self.mix_label.setText(f"{format_bytes(size)} · {'fits' if choice.fit.fits else 'too big'}")
+        self.mix_label.setToolTip(choice.fit.summary)
+
+    # --- starting a job ---
+
+    def choices(self) -> list[VariantChoice]:
+        chosen = [VariantChoice(preset=name) for name in PRESET_CHOICES if self.preset_checks[name].isChecked()]
+        size = self.mix_bytes()
+        if self.mix_check.isChecked() and size is not None:
+            chosen.append(VariantChoice(size_bytes=size))
+        return chosen
+
+    def calibration_mode(self) -> str:
+        return next(mode for mode, button in self.calibration_buttons.items() if button.isChecked())
+
+    def _problem(self) -> str:
+        """Why Quantize cannot start now ("" when it can)."""
+        if self.source is None:
+            return "Choose a source first."
+        if self.mix_check.isChecked() and self.preview is None:
+            return "Waiting for the sizes before a target size can be used…"
+        if not self.choices():
+            return "Check at least one preset or the target size."
+        if self.calibration_mode() == "files" and not self.text_files:
+            return "Add your calibration text files, or choose the built-in text."
+        return ""
+
+    def _update_start(self) -> None:
+        self.mix_slider.setEnabled(self.preview is not None)
+        problem = self._problem()
+        self.start_button.setEnabled(not problem)
+        self.start_hint.setText(problem)
+
+    def start(self) -> None:
+        """Queue a job for the current source and choices."""
+        if self._problem() or self.source is None:
+            return
+        mode = self.calibration_mode()
+        request = BatchRequest(
+            source=self.source,
+            choices=tuple(self.choices()),
+            output_folder=self.context.models_folder,
+            use_imatrix=mode != "none",
+            text_files=tuple(self.text_files) if mode == "files" else (),
+            keep_reference=self.keep_reference.isChecked(),
+            gpu_layers=self.context.settings.gpu_layers,
+            threads=self.context.settings.threads,
+        )
+        try:
+            batch = VariantBatch(request, self.context.library())
+        except Exception as error:  # a library that cannot be opened: one sentence, details on demand
+            show_failure(self, error)
+            return
+        labels = ", ".join(choice.label for choice in request.choices)
+        self.queue.add(batch, f"{self.source.name} → {labels}")
+
+    # --- queue state everywhere ---
+
+    def _show_queue_status(self) -> None:
+        window = self.window()
+        if not isinstance(window, QMainWindow):
+            return
+        summary = self.queue.summary()
+        if summary:
+            window.statusBar().showMessage(summary)
+            self._status_shown = True
+        elif self._status_shown:
+            window.statusBar().showMessage("Quantize: the queue is done.", 8000)
+            self._status_shown = False
+
+    # --- hooks the main window calls ---
+
+    def save_state(self, state: QSettings) -> None:
+        state.setValue(STATE_PREFIX + "presets", [name for name, check in self.preset_checks.items()
+                                                  if check.isChecked()])
+        state.setValue(STATE_PREFIX + "mix", self.mix_check.isChecked())
+        state.setValue(STATE_PREFIX + "mix_position", self.mix_slider.value())
+        state.setValue(STATE_PREFIX + "calibration", self.calibration_mode())
+        state.setValue(STATE_PREFIX + "keep_reference", self.keep_reference.isChecked())
+
+    def restore_state(self, state: QSettings) -> None:
+        presets = state.value(STATE_PREFIX + "presets")
+        if presets is not None:
+            chosen = {presets} if isinstance(presets, str) else set(presets)
+            for name, check in self.preset_checks.items():
+                check.setChecked(name in chosen)
+        self.mix_check.setChecked(_truthy(state.value(STATE_PREFIX + "mix", False)))
+        with contextlib.suppress(TypeError, ValueError):
+            self.mix_slider.setValue(int(state.value(STATE_PREFIX + "mix_position", SLIDER_STEPS // 2)))
+        mode = str(state.value(STATE_PREFIX + "calibration", "builtin"))
+        self.calibration_buttons["builtin" if mode == "files" or mode not in CALIBRATION_MODES else mode].setChecked(
+            True)
+        self.keep_reference.setChecked(_truthy(state.value(STATE_PREFIX + "keep_reference", True)))
+        self._update_start()
+
+    def shutdown(self) -> None:
+        """Window closing: stop the size preview and every queued step; remove temporary files."""
+        if self.preview_job is not None:
+            self.preview_job.cancel()
+        self.queue.shutdown()
+
+    @staticmethod
+    def _repolish(widget: QWidget) -> None:
+        widget.style().unpolish(widget)
+        widget.style().polish(widget)
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    return count
+
+
+def _machine_text(preview: SizePreview) -> str:
+    machine = preview.machine
+    ram = f"{format_bytes(machine.ram_bytes)} RAM available"
+    return ram + (f", {format_bytes(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
+
+
+def _truthy(value: object) -> bool:
+    return value is True or str(value).lower() in ("true", "1")

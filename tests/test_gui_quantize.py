@@ -1,0 +1,136 @@
+"""The Quantize section: sizes before anything runs, a dropped checkpoint becoming variants, cancel leaving nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt
+
+from converters.quantize import preset_plan
+from qdesk.gui.feedback import format_bytes
+from qdesk.gui.job_queue import StepState
+from qdesk.gui.main_window import MainWindow
+from qdesk.gui.quantize_view import QuantizeView
+from qdesk.variant_sizes import read_source
+from tests.gui_support import drop
+
+TIMEOUT_MS = 180_000
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.builders.checkpoints import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "TinyLlama", "llama")
+
+
+def _view(window: MainWindow) -> QuantizeView:
+    view = window.views["quantize"]
+    assert isinstance(view, QuantizeView)
+    return view
+
+
+def _choose(view: QuantizeView, presets: set[str], calibration: str) -> None:
+    for name, check in view.preset_checks.items():
+        check.setChecked(name in presets)
+    view.mix_check.setChecked(False)
+    view.calibration_buttons[calibration].setChecked(True)
+
+
+def _leftovers(models: Path) -> list[str]:
+    """What a job must never leave in the models folder: partial files and temporary folders."""
+    return sorted(path.name for path in models.iterdir() if path.name.startswith(".") or path.suffix == ".partial")
+
+
+def _library_files(context) -> list[str]:
+    """The library's models that live in the models folder (the starter model is registered where it is)."""
+    folder = context.models_folder.absolute()
+    return sorted(entry.path.name for entry in context.library().entries() if entry.path.parent == folder)
+
+
+def test_size_preview_shows_exact_sizes_for_a_float_gguf(qtbot, main_window: MainWindow, kquant_f16: Path) -> None:
+    view = _view(main_window)
+    view.set_source(kquant_f16)
+    qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
+    header_bytes = read_source(kquant_f16).header_bytes
+    expected = header_bytes + preset_plan(kquant_f16, "Q4_K_M").n_bytes
+    assert view.findChild(type(view.size_labels["Q4_K_M"]), "size_Q4_K_M").text() == format_bytes(expected)
+    assert view.fit_labels["Q4_K_M"].text() == "fits"
+    assert "RAM" in view.fit_labels["Q4_K_M"].toolTip()
+    view.mix_check.setChecked(True)
+    view.mix_slider.setValue(view.mix_slider.maximum())
+    assert view.mix_bytes() == view.preview.presets["Q8_0"].file_bytes
+    assert "fits" in view.mix_label.text()
+    assert view.start_button.isEnabled()
+
+
+@pytest.mark.slow
+def test_a_dropped_checkpoint_becomes_variants_in_the_library(qtbot, main_window: MainWindow, gui_context,
+                                                              tiny_checkpoint: Path) -> None:
+    assert drop(main_window, [tiny_checkpoint / "model.safetensors"])
+    assert main_window.current_section() == "quantize"
+    view = _view(main_window)
+    assert view.source == tiny_checkpoint
+    qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
+    assert view.size_labels["Q8_0"].text().startswith("≈ ")  # a checkpoint's sizes are estimates
+    _choose(view, {"Q8_0", "Q4_0"}, "builtin")
+    view.calibration_buttons["builtin"].setChecked(True)
+    view.keep_reference.setChecked(True)
+
+    with qtbot.waitSignal(gui_context.library_changed, timeout=TIMEOUT_MS):
+        qtbot.mouseClick(view.start_button, Qt.MouseButton.LeftButton)
+    main_window.show_section("library")  # the queue keeps running while another section is on show
+    queued = view.queue.batches[0]
+    qtbot.waitUntil(lambda: queued.over, timeout=TIMEOUT_MS)
+
+    assert [step.step.key for step in queued.steps] == ["convert", "calibrate", "Q4_0", "Q8_0"]
+    assert [step.state for step in queued.steps] == [StepState.DONE] * 4, [s.describe() for s in queued.steps]
+    names = _library_files(gui_context)
+    assert names == ["TinyLlama-115K-F16.gguf", "TinyLlama-115K-Q4_0.gguf", "TinyLlama-115K-Q8_0.gguf"]
+    assert _leftovers(gui_context.models_folder) == []
+    q4 = queued.steps[2].outcome.result
+    assert q4.imatrix is not None  # calibrated once, shared by the variants that use a matrix
+
+
+@pytest.mark.slow
+def test_cancelling_a_running_job_leaves_no_file(qtbot, main_window: MainWindow, gui_context,
+                                                 smollm2_hf: Path) -> None:
+    main_window.show_section("quantize")
+    view = _view(main_window)
+    view.set_source(smollm2_hf)
+    _choose(view, {"Q8_0"}, "none")
+    view.keep_reference.setChecked(True)
+    qtbot.mouseClick(view.start_button, Qt.MouseButton.LeftButton)
+    queued = view.queue.batches[0]
+    convert = queued.steps[0]
+    assert convert.step.key == "convert"
+    qtbot.waitUntil(lambda: convert.progress is not None and convert.progress.fraction > 0, timeout=TIMEOUT_MS)
+    assert "Quantize" in main_window.statusBar().currentMessage()
+    row = view.queue_widget.step_row(convert)
+    assert row is not None and row.cancel.isVisible()
+    qtbot.mouseClick(row.cancel, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: queued.over and queued.closed, timeout=TIMEOUT_MS)
+
+    assert convert.state is StepState.CANCELLED
+    assert queued.steps[1].state is StepState.SKIPPED
+    models = gui_context.models_folder
+    assert sorted(path.name for path in models.glob("*.gguf")) == []
+    assert _leftovers(models) == []
+    assert _library_files(gui_context) == []
+
+
+@pytest.mark.slow
+def test_closing_the_window_cancels_running_jobs(qtbot, main_window: MainWindow, gui_context,
+                                                 smollm2_hf: Path) -> None:
+    view = _view(main_window)
+    view.set_source(smollm2_hf)
+    _choose(view, {"Q8_0"}, "none")
+    view.keep_reference.setChecked(False)  # the reference then lives in a temporary folder until the job ends
+    view.start()
+    convert = view.queue.batches[0].steps[0]
+    qtbot.waitUntil(lambda: convert.progress is not None and convert.progress.fraction > 0, timeout=TIMEOUT_MS)
+    main_window.close()
+    models = gui_context.models_folder
+    assert list(models.glob("*.gguf")) == []
+    assert _leftovers(models) == []
