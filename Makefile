@@ -16,8 +16,10 @@ $(INSTALLED): pyproject.toml Makefile
 
 install: $(INSTALLED)
 
+# The desktop app where there is a display; the terminal demo of the same flow where there is none.
 run: $(INSTALLED)
-	$(BIN)/qdesk demo
+	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then $(BIN)/qdesk gui; else \
+		echo "No display: running the terminal demo (on a desktop, make run opens the app)."; $(BIN)/qdesk demo; fi
 
 test: $(INSTALLED)
 	$(BIN)/ruff check .

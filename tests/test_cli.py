@@ -44,6 +44,13 @@ def test_gui_opens_and_closes_offscreen(tmp_path: Path) -> None:
     assert (tmp_path / "config" / "window.ini").is_file()
 
 
+def test_gui_without_a_display_says_so_in_one_sentence() -> None:
+    env = {name: "" for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    result = qdesk("gui", env=env)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "no display" in result.stderr
+
+
 def test_debug_shows_the_traceback() -> None:
     assert "Traceback" in qdesk("--debug", "info", "/nonexistent.gguf").stderr
     assert "Traceback" not in qdesk("info", "/nonexistent.gguf").stderr

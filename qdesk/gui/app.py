@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,11 +11,13 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from converters.calibration import resources_folder
+from qdesk.errors import UserError
 from qdesk.gui.context import AppContext
 from qdesk.gui.main_window import MainWindow
 from qdesk.gui.theme import apply_theme
 
 APP_NAME = "qdesk"
+_DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
 
 
 def application(argv: Sequence[str] = ()) -> QApplication:
@@ -40,7 +43,15 @@ def open_main_window(context: AppContext | None = None) -> MainWindow:
     return window
 
 
+def check_display() -> None:
+    """Refuse, in one sentence, to start where Qt would abort for want of a display."""
+    if sys.platform.startswith("linux") and not any(os.environ.get(name) for name in _DISPLAY_VARIABLES):
+        raise UserError("There is no display to open the window on (DISPLAY and WAYLAND_DISPLAY are unset); run "
+                        "qdesk on a desktop session, or use the command-line tools (`qdesk --help`).")
+
+
 def run_app(argv: Sequence[str] = (), *, quit_after_s: float | None = None) -> int:
+    check_display()
     app = application(argv)
     window = open_main_window()
     window.raise_()
