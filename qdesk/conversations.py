@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ class Answer:
             tuple(int(token) for token in document.get("token_ids") or ()),
             GenerationStats(**{f.name: stats[f.name] for f in fields(GenerationStats)}) if stats else None,
             document.get("error"),
-            _sampling_from_json(sampling) if isinstance(sampling, dict) else None,
+            SamplingOptions.from_json(sampling) if isinstance(sampling, dict) else None,
             document.get("system"),
         )
 
@@ -144,7 +144,7 @@ class PaneRecord:
     def from_json(cls, document: dict[str, Any]) -> PaneRecord:
         model, sampling = document.get("model"), document.get("sampling")
         return cls(Path(model) if isinstance(model, str) and model else None, bool(document.get("own_settings")),
-                   _sampling_from_json(sampling) if isinstance(sampling, dict) else None,
+                   SamplingOptions.from_json(sampling) if isinstance(sampling, dict) else None,
                    document.get("system") if isinstance(document.get("system"), str) else None)
 
 
@@ -234,7 +234,7 @@ class Conversation:
             created=str(document.get("created", "")),
             updated=str(document.get("updated", "")),
             system=str(document.get("system") or ""),
-            sampling=_sampling_from_json(sampling) if isinstance(sampling, dict) else SamplingOptions(),
+            sampling=SamplingOptions.from_json(sampling) if isinstance(sampling, dict) else SamplingOptions(),
             panes=[PaneRecord.from_json(pane) for pane in document.get("panes") or []],
             turns=[Turn(str(turn["prompt"]), [None if answer is None else Answer.from_json(answer)
                                               for answer in turn.get("answers") or []])
@@ -259,17 +259,6 @@ def _now() -> str:
 def _title_from(prompt: str) -> str:
     line = " ".join(prompt.split())
     return line if len(line) <= TITLE_LENGTH else line[:TITLE_LENGTH - 1].rstrip() + "…"
-
-
-def _sampling_from_json(document: dict[str, Any]) -> SamplingOptions:
-    defaults = SamplingOptions()
-    values: dict[str, Any] = {}
-    for item in fields(SamplingOptions):
-        value = document.get(item.name)
-        wanted = type(getattr(defaults, item.name))
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            values[item.name] = wanted(value)
-    return replace(defaults, **values)
 
 
 # --- where answers part ways, while they stream ----------------------------------------------------

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,6 +71,19 @@ class SamplingOptions:
     max_tokens: int = 256
     seed: int = 0
     """Same seed and settings give the same answer; temperature 0 is greedy."""
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> SamplingOptions:
+        """The options in `document` (as `asdict` writes them), with the default for any missing or non-numeric."""
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            value = document.get(item.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values[item.name] = type(getattr(_DEFAULT_SAMPLING, item.name))(value)
+        return replace(_DEFAULT_SAMPLING, **values)
+
+
+_DEFAULT_SAMPLING = SamplingOptions()
 
 
 @dataclass(frozen=True)

@@ -67,21 +67,8 @@ class Settings:
             values.pop("theme", None)
         sampling = document.get("sampling")
         if isinstance(sampling, dict):
-            values["sampling"] = _sampling_from_json(sampling)
+            values["sampling"] = SamplingOptions.from_json(sampling)
         return replace(defaults, **values)
-
-
-def _sampling_from_json(document: dict[str, Any]) -> SamplingOptions:
-    defaults = SamplingOptions()
-    values: dict[str, Any] = {}
-    for item in fields(SamplingOptions):
-        value = document.get(item.name)
-        wanted = type(getattr(defaults, item.name))
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, wanted) or (wanted is float and isinstance(value, int)):
-            values[item.name] = wanted(value)
-    return replace(defaults, **values)
 
 
 def settings_path() -> Path:
