@@ -202,6 +202,8 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
     parser.add_argument("--gpu-layers", default="auto", metavar="N|auto",
                         help="layers to offload to a GPU (default auto: all when a GPU is present)")
+    parser.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16",
+                        help="KV cache type (default f16; q8_0/q4_0 halve or quarter its memory, flash attention on)")
 
 
 def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
@@ -216,7 +218,7 @@ def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
         except ValueError:
             raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
     return (SamplingOptions(temperature=args.temp, max_tokens=args.max_tokens, seed=args.seed),
-            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers))
+            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers, kv_type=args.kv_type))
 
 
 def _run_chat(args: argparse.Namespace) -> int:

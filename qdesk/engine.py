@@ -60,6 +60,9 @@ class LoadOptions:
     """None: one thread per CPU core."""
     n_gpu_layers: int | str = 0
     """A number of layers to offload, or "auto": all layers when a GPU device is present, else none."""
+    kv_type: str = "f16"
+    """The KV cache's type: "f16", or "q8_0"/"q4_0" to fit a longer context (these turn flash attention on,
+    which llama.cpp needs for a quantized V cache)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class SamplingOptions:
 
 
 _DEFAULT_SAMPLING = SamplingOptions()
+KV_TYPES = ("f16", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,9 @@ def _check_options(options: LoadOptions) -> None:
         raise EngineError(f"the context length must be at least 1 token, not {options.n_ctx}; choose a larger one.")
     if options.n_threads is not None and options.n_threads < 1:
         raise EngineError(f"the thread count must be at least 1, not {options.n_threads}; choose a larger one.")
+    if options.kv_type not in KV_TYPES:
+        raise EngineError(f"the KV cache type must be one of {', '.join(KV_TYPES)}, not {options.kv_type!r}; "
+                          "pick one of those.")
     layers = options.n_gpu_layers
     if not (layers == "auto" or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= -1)):
         raise EngineError(f"GPU layers must be a number of layers or \"auto\", not {layers!r}; pick one of those.")
@@ -385,7 +392,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     worker = _Worker(path)
     n_threads = options.n_threads or os.cpu_count() or 1
     if not worker.send({"op": "load", "path": str(path), "n_ctx": options.n_ctx, "n_threads": n_threads,
-                        "n_gpu_layers": options.n_gpu_layers}):
+                        "n_gpu_layers": options.n_gpu_layers, "kv_type": options.kv_type}):
         raise _load_crash(worker, path)
     try:
         message = None

@@ -89,8 +89,15 @@ def _resolve_gpu_layers(requested: int | str) -> int:
     return -1 if discover().gpu_devices else 0
 
 
+_KV_GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+
 def _load(options: dict[str, Any]) -> llama_cpp.Llama:
+    kv_type = options.get("kv_type", "f16")
     return llama_cpp.Llama(
+        type_k=_KV_GGML_TYPES[kv_type],
+        type_v=_KV_GGML_TYPES[kv_type],
+        flash_attn=kv_type != "f16",
         model_path=options["path"],
         n_ctx=options["n_ctx"],
         n_threads=options["n_threads"],

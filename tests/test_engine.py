@@ -288,6 +288,21 @@ def test_bad_options_are_refused_before_any_worker(starter_gguf: Path, no_leftov
         load_model(starter_gguf, LoadOptions(n_gpu_layers="most"))
     with pytest.raises(EngineError, match="context length"):
         load_model(starter_gguf, LoadOptions(n_ctx=0))
+    with pytest.raises(EngineError, match="KV cache type"):
+        load_model(starter_gguf, LoadOptions(kv_type="q3_k"))
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_a_quantized_kv_cache_answers_and_takes_less_memory(starter_gguf: Path, kv_type: str,
+                                                            no_leftover_workers: None) -> None:
+    answers = {}
+    for cache in ("f16", kv_type):
+        with load_model(starter_gguf, LoadOptions(n_ctx=8192, kv_type=cache)) as model:
+            answers[cache] = model.chat(CAPITAL, GREEDY, system=SYSTEM)
+    assert answers[kv_type].text.strip()
+    if kv_type == "q8_0":  # a 4-bit cache visibly hurts a model this small; an 8-bit one should not
+        assert "Paris" in answers[kv_type].text
+    assert answers[kv_type].stats.memory_bytes < answers["f16"].stats.memory_bytes
 
 
 def test_a_conversation_longer_than_the_context_is_an_error(starter_gguf: Path, no_leftover_workers: None) -> None:
