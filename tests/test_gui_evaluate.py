@@ -1,0 +1,83 @@
+"""The Evaluate section: a real evaluation fills the chart, the tables and the heat map; cancelling leaves nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt
+
+from qdesk.gui.context import AppContext
+from qdesk.gui.evaluate_view import EvaluateView
+
+EVALUATION_TIMEOUT_MS = 240_000
+
+
+@pytest.fixture
+def view(qtbot, gui_context: AppContext) -> EvaluateView:
+    widget = EvaluateView(gui_context)
+    qtbot.addWidget(widget)
+    widget.resize(1200, 800)
+    widget.show()
+    return widget
+
+
+def test_opened_models_choose_reference_and_variants(view: EvaluateView, gui_context: AppContext,
+                                                    smollm2_f16: Path, starter_gguf: Path) -> None:
+    assert not view.run_button.isEnabled()
+    gui_context.open_in_evaluate.emit([starter_gguf])
+    assert view.reference_path() is None and view.checked_variants() == [starter_gguf]
+    assert "reference" in view.status_label.text()
+    gui_context.open_in_evaluate.emit([smollm2_f16, starter_gguf])
+    assert view.reference_path() == smollm2_f16
+    assert view.checked_variants() == [starter_gguf]
+    assert view.run_button.isEnabled()
+
+
+@pytest.mark.slow
+def test_a_real_evaluation_fills_chart_tables_and_heat_map(qtbot, view: EvaluateView, gui_context: AppContext,
+                                                           smollm2_f16: Path, starter_gguf: Path,
+                                                           tmp_path: Path) -> None:
+    gui_context.open_in_evaluate.emit([smollm2_f16, starter_gguf])
+    view.chunks_spin.setValue(1)
+    view.tasks_check.setChecked(False)
+    view.speed_check.setChecked(False)
+    qtbot.mouseClick(view.run_button, Qt.MouseButton.LeftButton)
+    assert view.running and view.cancel_button.isEnabled() and not view.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not view.running, timeout=EVALUATION_TIMEOUT_MS)
+
+    assert view.report is not None, view.status_label.text()
+    assert [point.name for point in view.chart.points] == [starter_gguf.name]
+    assert view.summary_table.rowCount() == 2 and "(reference)" in view.summary_table.item(0, 0).text()
+    assert view.summary_table.item(1, 5).text() not in ("", "—")  # the candidate's mean KLD
+    assert view.memory_table.rowCount() == 2
+    assert view.tasks_table.rowCount() == 0
+    assert view.heat_map.token_spans == len(view.report["sample"]["tokens"]) > 0
+    assert view.heat_map.coloured_tokens() > 0
+
+    job = view.save_report(tmp_path / "report")
+    assert job is not None
+    qtbot.waitUntil(lambda: view.saved_paths is not None, timeout=30_000)
+    html_path, json_path = view.saved_paths
+    assert html_path == tmp_path / "report.html" and json_path.is_file()
+    assert starter_gguf.name in html_path.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_cancelling_returns_to_idle_and_writes_nothing(qtbot, view: EvaluateView, gui_context: AppContext,
+                                                       gui_folders: dict[str, Path], smollm2_f16: Path,
+                                                       starter_gguf: Path, tmp_path: Path) -> None:
+    gui_context.open_in_evaluate.emit([smollm2_f16, starter_gguf])
+    view.chunks_spin.setValue(4)
+    view.run_button.click()
+    qtbot.waitUntil(lambda: "chunk 1/4" in view.status_label.text(), timeout=EVALUATION_TIMEOUT_MS)
+    view.cancel_button.setFocus()
+    qtbot.keyClick(view.cancel_button, Qt.Key.Key_Escape)  # mid-way through the reference's chunks
+    assert view.status_label.text() == "Cancelling…"
+    qtbot.waitUntil(lambda: not view.running, timeout=60_000)
+
+    assert view.report is None and "Cancelled" in view.status_label.text()
+    assert view.run_button.isEnabled() and not view.cancel_button.isEnabled() and not view.save_button.isEnabled()
+    assert view.progress_bar.isHidden()
+    assert len(view.chart.points) == 0
+    assert list(tmp_path.rglob("*.partial")) == [] and list(tmp_path.rglob("*.html")) == []
