@@ -5,7 +5,9 @@ caller runs in order (the desktop app's job queue; any loop would do). The steps
 the reference GGUF and the importance matrix, computed once for every choice that uses one. Each step writes
 through `converters.atomic.atomic_output`, so a cancelled or failed step leaves no file behind; the converted
 reference lives in a hidden temporary folder of the output folder unless the request keeps it, and `close()`
-removes that folder. Every finished GGUF is added to the library when one is given.
+removes that folder. Every finished GGUF is added to the library when one is given. Convert, calibrate and
+quantize each run in a child process (`qdesk.isolated`), so the caller's event loop keeps the GIL and a native
+crash ends only the step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from converters.jobs import CancelToken, Progress, ProgressFn
 from converters.mix import MixBudget
 from converters.presets import preset_named
 from converters.quantize import NONE, QuantizeResult, quantize, reference_outtype
+from qdesk.isolated import run_isolated
 from qdesk.library import Library, LibraryEntry
 from qdesk.memory import format_size
 
@@ -162,8 +165,10 @@ class VariantBatch:
         if not self.request.keep_reference:
             self._scratch = Path(tempfile.mkdtemp(prefix=_TEMPORARY_PREFIX, dir=folder))
             folder = self._scratch
-        result: ConversionResult = convert_checkpoint(source, None, outtype=reference_outtype(
-            source if source.is_dir() else source.parent), output_folder=folder, progress=progress, cancel=cancel)
+        outtype = reference_outtype(source if source.is_dir() else source.parent)
+        result: ConversionResult = run_isolated(
+            convert_checkpoint, {"source": source, "output": None, "outtype": outtype, "output_folder": folder},
+            progress=progress, cancel=cancel, what="the conversion")
         self.reference = result.path
         if self.request.keep_reference:
             return StepOutcome(result, result.path, self._add_to_library(result.path))
@@ -171,9 +176,10 @@ class VariantBatch:
 
     def _calibrate(self, progress: ProgressFn, cancel: CancelToken) -> StepOutcome:
         reference = self._require_reference()
-        result: CalibrationResult = calibrate(reference, None, self.texts(), chunks=self.request.chunks,
-                                              ctx=self.request.ctx, gpu_layers=self.request.gpu_layers,
-                                              progress=progress, cancel=cancel)
+        result: CalibrationResult = run_isolated(
+            calibrate, {"model": reference, "output": None, "texts": self.texts(), "chunks": self.request.chunks,
+                        "ctx": self.request.ctx, "gpu_layers": self.request.gpu_layers},
+            progress=progress, cancel=cancel, what="the importance matrix")
         self.matrix = result.matrix
         return StepOutcome(result)
 
@@ -181,9 +187,10 @@ class VariantBatch:
         reference = self._require_reference()
         target = self.request.output_folder / variant_file_name(reference, choice)
         matrix = self.matrix if choice.uses_imatrix and self.matrix is not None else NONE
-        result: QuantizeResult = quantize(reference, target, choice.recipe, matrix, texts=self.texts(),
-                                          gpu_layers=self.request.gpu_layers, threads=self.request.threads,
-                                          progress=progress, cancel=cancel)
+        result: QuantizeResult = run_isolated(
+            quantize, {"source": reference, "output": target, "plan_or_preset": choice.recipe, "imatrix": matrix,
+                       "texts": self.texts(), "gpu_layers": self.request.gpu_layers, "threads": self.request.threads},
+            progress=progress, cancel=cancel, what=f"quantizing to {choice.label}")
         self.outputs.append(result.path)
         return StepOutcome(result, result.path, self._add_to_library(result.path))
 
