@@ -62,6 +62,7 @@ class SamplingEditor(QWidget):
         for number, (text, field) in enumerate(fields):
             label = QLabel(text if mnemonics else text.replace("&", ""))
             label.setBuddy(field)
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance(text.replace("&", "")) + 6)
             row = rows[number * len(rows) // len(fields)]
             row.addWidget(label)
             row.addWidget(field, 1 if stacked else 0)

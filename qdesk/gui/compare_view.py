@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
     QMenu,
     QPushButton,
     QSplitter,
-    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -90,10 +89,8 @@ class CompareView(QWidget):
         self.title.setProperty("role", "hint")
         self.new_button = QPushButton("&New conversation")
         self.new_button.setObjectName("newConversation")
-        self.history_button = QToolButton()
+        self.history_button = QPushButton("&Conversations")
         self.history_button.setObjectName("conversationsButton")
-        self.history_button.setText("&Conversations")
-        self.history_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         self.history_menu = QMenu(self.history_button)
         self.history_menu.setObjectName("conversationsMenu")
         self.history_button.setMenu(self.history_menu)

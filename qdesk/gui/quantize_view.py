@@ -81,6 +81,7 @@ class QuantizeView(QWidget):
         self.queue_widget.setObjectName("jobQueue")
         layout = QHBoxLayout(self)
         left = QWidget()
+        options.setContentsMargins(0, 0, 0, 0)
         left.setLayout(options)
         left.setMaximumWidth(580)
         layout.addWidget(left, 3)

@@ -13,7 +13,7 @@ _SCHEMES = {
 }
 
 STYLE_SHEET = """
-QListWidget#sidebar { border: none; font-size: 11pt; padding-top: 8px; }
+QListWidget#sidebar { border: none; background: palette(base); font-size: 11pt; padding-top: 8px; }
 QListWidget#sidebar::item { padding: 9px 14px; border-radius: 6px; margin: 1px 6px; }
 QListWidget#sidebar::item:selected { background: palette(highlight); color: palette(highlighted-text); }
 QWidget#guideBanner { background: palette(alternate-base); border-bottom: 1px solid palette(mid); }
@@ -26,7 +26,7 @@ QLabel[role="error"] { color: #c0392b; }
 _DARK_COLOURS = {
     QPalette.ColorRole.Window: "#2b2b2b",
     QPalette.ColorRole.WindowText: "#e6e6e6",
-    QPalette.ColorRole.Base: "#1f1f1f",
+    QPalette.ColorRole.Base: "#3a3a3a",  # lighter than the window, so fields and check boxes stand out
     QPalette.ColorRole.AlternateBase: "#333333",
     QPalette.ColorRole.ToolTipBase: "#3a3a3a",
     QPalette.ColorRole.ToolTipText: "#e6e6e6",
