@@ -34,8 +34,9 @@ STREAM_BATCH_S = 0.05
 """After a token, the caller rests this long (or until `stop()`) before reading again, so it takes the CPU from
 the worker's threads once per batch of tokens rather than once per token (timings use the worker's own clock);
 a cancel token wakes it through `stop()` at once."""
-STOP_GRACE_S = 2.0
-"""How long a stopped worker may take to answer before it is killed."""
+STOP_GRACE_S = 15.0
+"""How long a stopped worker may take to answer before it is killed: it answers between two decoding steps, and
+one step of a long prompt on a large model, or any step on a busy machine, can take seconds."""
 EXIT_GRACE_S = 2.0
 STDERR_TAIL_BYTES = 4000
 STOP_REASONS = ("stop", "length", "cancelled")
