@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/mix_quality.py [--models original,broken] [--chunks 16] [--calibration-chunks 48]
         [--json-out .cache/bench/mix/mix_quality.json] [--svg-out .cache/bench/mix/mix_quality.svg]
-        [--markdown-out FILE] [--mix] [--mix-bpw 4.5,5,5.5,6,7,8] [--keep-variants] [--threads N]
+        [--markdown-out FILE] [--mix] [--mix-bpw 4.25,4.5,5,5.5,6,6.5,7,8] [--keep-variants] [--threads N]
 
 Models (`bench/_support/mix_models.py`): SmolLM2-135M-Instruct converted by qdesk to F32 from the test suite's HF
 checkpoint ("original", whose weights lie on Q4_1's grid), and a copy with 8 % of each 32-weight block's standard
@@ -13,7 +13,7 @@ calibration text. For each model every variant is quantized from the F32 referen
 * presets: Q2_K … Q8_0, each with the model's importance matrix and without one;
 * rules: every family in `bench/_support/rule_mixes.py` at every base type q4_0 … q8_0, with the matrix;
 * mix (`--mix`): the sensitivity mix (`quantize(reference, out, MixBudget(size_bytes=…))`) at the file sizes of
-  Q3_K_M, Q4_K_M and Q5_K_M and at `--mix-bpw` budgets (see `mix_variant`).
+  Q3_K_M, Q4_K_M and Q5_K_M and at `--mix-bpw` budgets (see `mix_variant`), each with the KLD its plan predicts.
 
 Prints, per model, a table sorted by size and, for Q3_K_M, Q4_K_M and Q5_K_M, the preset's KLD against the best
 rule mix no larger; writes the raw results as JSON and a self-contained SVG of KLD against bits per weight.
@@ -54,6 +54,7 @@ from converters.gguf_file import file_fingerprint  # noqa: E402
 from converters.imatrix import ImportanceMatrix, read_imatrix  # noqa: E402
 from converters.plan import QuantPlan  # noqa: E402
 from converters.quantize import preset_plan, quantize  # noqa: E402
+from converters.sensitivity import Sensitivity  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 BAR_PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
@@ -62,9 +63,13 @@ IMATRIX_BLIND_TYPES = {"q8_0", "f16", "f32", "bf16"}
 SERIES_PRESET = "preset + imatrix"
 SERIES_PRESET_PLAIN = "preset, no imatrix"
 SERIES_MIX = "mix"
+SENSITIVITY_KEY = "sensitivity/1"
+"""Part of a mix variant's key besides its types: the file also records `qdesk.mix.*` (a few bytes more)."""
 RESULTS_FORMAT = "qdesk.bench.mix_quality/1"
 TWIN_NOTE = "same tensors as"
 MB = 1_000_000
+DEFAULT_MIX_BPW = "4.25,4.5,5,5.5,6,6.5,7,8"
+"""SmolLM2-135M has no mix below 4.14 bpw: rows of 576 take no type smaller than q4_0 (4.5 bpw)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Variant:
     fingerprint: str
     build: Callable[[Path], None]
     note: str = ""
+    predicted_kld: float | None = None
+    """For a mix: the KLD its plan predicts (what the file records as `qdesk.mix.predicted_kld`)."""
 
 
 @dataclass
@@ -96,6 +103,10 @@ class Measured:
     reused: bool = False
     note: str = ""
     type_counts: dict[str, int] = field(default_factory=dict)
+    predicted_kld: float | None = None
+
+
+MIX_EFFORT = "default"
 
 
 def mix_variant(reference: Path, output: Path, budget_bytes: int, matrix: ImportanceMatrix) -> None:
@@ -104,7 +115,16 @@ def mix_variant(reference: Path, output: Path, budget_bytes: int, matrix: Import
     from converters.mix import MixBudget
     from converters.quantize import quantize
 
-    quantize(reference, output, MixBudget(size_bytes=budget_bytes), matrix)
+    quantize(reference, output, MixBudget(size_bytes=budget_bytes), matrix, mix_effort=MIX_EFFORT)
+
+
+def mix_sensitivity(reference: Path, matrix: ImportanceMatrix) -> Sensitivity:
+    """The measurement `quantize` makes for a mix of `reference` (the same cache entry, so it is made once)."""
+    from converters.sensitivity import cached_sensitivity, effort_named
+
+    effort = effort_named(MIX_EFFORT)
+    return cached_sensitivity(reference, matrix, None, gpu_layers=0, layer_bands=effort.layer_bands,
+                              probe_chunks=effort.probe_chunks, probe_ctx=effort.probe_ctx)
 
 
 def mix_available() -> bool:
@@ -124,15 +144,6 @@ def file_digest(path: Path) -> str:
     with path.open("rb") as stream:
         while block := stream.read(1 << 20):
             hasher.update(block)
-    return hasher.hexdigest()[:16]
-
-
-def sources_digest() -> str:
-    """What the mix depends on besides its inputs: the source of converters/ and native/."""
-    hasher = hashlib.sha256()
-    for path in sorted([*REPO_ROOT.glob("converters/**/*.py"), *REPO_ROOT.glob("native/**/*.py")]):
-        hasher.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        hasher.update(path.read_bytes())
     return hasher.hexdigest()[:16]
 
 
@@ -198,16 +209,34 @@ def mix_budgets(presets: Sequence[Measured], n_parameters: int, overhead: int, b
     return budgets
 
 
-def mix_variants(context: ModelContext, budgets: Sequence[tuple[str, int]]) -> list[Variant]:
-    reference, matrix, code = context.model.reference, context.matrix, sources_digest()
+def mix_variants(context: ModelContext, budgets: Sequence[tuple[str, int]], log: Callable[[str], None]
+                 ) -> list[Variant]:
+    """One variant per budget the model allows, keyed by the plan's types (planning is milliseconds once the
+    sensitivity is measured, so a rerun re-measures only mixes whose tensors changed)."""
+    from converters.gguf_file import check_gguf
+    from converters.mix import MixBudget, MixError, plan_mix
+
+    reference, matrix = context.model.reference, context.matrix
+    started = time.monotonic()
+    sensitivity = mix_sensitivity(reference, matrix)
+    log(f"  [{context.model.name}] sensitivity: measured in {sensitivity.seconds:.1f} s "
+        f"({len(sensitivity.group_kld)} groups, {sensitivity.probe_tokens} probe tokens; this run "
+        f"{time.monotonic() - started:.1f} s)")
+    header = check_gguf(reference)
     variants = []
     for label, budget in budgets:
+        try:
+            mix = plan_mix(reference, header, MixBudget(size_bytes=budget), sensitivity)
+        except MixError as error:
+            log(f"  [{context.model.name}] mix {label}: {error}")
+            continue
+
         def build(output: Path, budget: int = budget) -> None:
             mix_variant(reference, output, budget, matrix)
 
         variants.append(Variant(f"mix {label}", SERIES_MIX,
-                                context.fingerprint({}, True, extra={"mix": budget, "code": code}), build,
-                                note=f"budget {budget / MB:.2f} MB"))
+                                context.fingerprint(mix.plan.types(), True, extra={"mix": SENSITIVITY_KEY}), build,
+                                note=f"budget {budget / MB:.2f} MB", predicted_kld=mix.predicted_kld))
     return variants
 
 
@@ -256,7 +285,7 @@ def measure(variant: Variant, context: ModelContext, store: ResultStore, setting
     if cached is not None:
         reference_ppl.setdefault("ppl", cached.get("reference_ppl", math.nan))
         return Measured(**{**cached["measured"], "label": variant.label, "series": variant.series,
-                           "reused": True, "note": variant.note})
+                           "reused": True, "note": variant.note, "predicted_kld": variant.predicted_kld})
     folder = context.model.reference.parent / "variants"
     folder.mkdir(parents=True, exist_ok=True)
     output = folder / f"{variant.fingerprint}.gguf"
@@ -276,7 +305,8 @@ def measure(variant: Variant, context: ModelContext, store: ResultStore, setting
     result = Measured(variant.label, variant.series, variant.fingerprint, candidate.model.bytes,
                       candidate.model.bpw or math.nan, divergence.mean, divergence.median, divergence.p99,
                       candidate.ppl, divergence.top1_agreement, divergence.delta_p_mean,
-                      quantized - started, evaluated - quantized, note=variant.note, type_counts=counts)
+                      quantized - started, evaluated - quantized, note=variant.note, type_counts=counts,
+                      predicted_kld=variant.predicted_kld)
     reference_ppl["ppl"] = evaluation.reference.ppl
     store.put(variant.fingerprint, {"measured": asdict(result), "reference_ppl": evaluation.reference.ppl})
     if not settings.keep_variants:
@@ -333,7 +363,7 @@ def run_model(context: ModelContext, settings: RunSettings, with_mix: bool, mix_
     if with_mix and mix_available():
         q8 = next(m for m in results if m.label == "Q8_0")
         overhead = q8.bytes - sum(t.n_bytes for t in context.base_plan.tensors)
-        run(mix_variants(context, mix_budgets(results, context.base_plan.n_elements, overhead, mix_bpw)))
+        run(mix_variants(context, mix_budgets(results, context.base_plan.n_elements, overhead, mix_bpw), log))
     return ModelReport(model.name, model.reference, model.reference.stat().st_size, context.base_plan.n_elements,
                        reference_ppl.get("ppl", math.nan), results, seconds)
 
@@ -407,6 +437,16 @@ def markdown(reports: Sequence[ModelReport], prose: dict[str, Any] | None, setti
                 f"| {_number(row['mix_bytes'], MB, '.2f')} | {_number(row['mix_kld'], 1, '.5f')} "
                 f"| {_number(row['mix_over_preset'], 1, '.3f')} | {_number(row['mix_over_rule'], 1, '.3f')} |")
         lines.append("")
+        mixes = sorted((m for m in report.results if m.series == SERIES_MIX), key=lambda m: m.bytes)
+        if mixes:
+            lines += [f"Mixes on {report.name}, predicted against measured KLD:", "",
+                      "| mix | MB | bpw | predicted KLD | measured KLD | measured/predicted |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for m in mixes:
+                ratio = m.kld_mean / m.predicted_kld if m.predicted_kld else None
+                lines.append(f"| {m.label} | {m.bytes / MB:.2f} | {m.bpw:.3f} | {_number(m.predicted_kld, 1, '.5f')} "
+                             f"| {m.kld_mean:.5f} | {_number(ratio, 1, '.2f')} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -588,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--svg-out", type=Path, default=DEFAULT_CACHE / "mix_quality.svg")
     parser.add_argument("--markdown-out", type=Path, default=DEFAULT_CACHE / "mix_quality.md")
     parser.add_argument("--mix", action="store_true", help="add converters.mix.quantize_mix's series")
-    parser.add_argument("--mix-bpw", default="4.5,5,5.5,6,7,8",
+    parser.add_argument("--mix-bpw", default=DEFAULT_MIX_BPW,
                         help="bits-per-weight budgets for --mix, besides the sizes of Q3_K_M, Q4_K_M and Q5_K_M")
     parser.add_argument("--keep-variants", action="store_true", help="keep every variant GGUF in the cache")
     parser.add_argument("--threads", type=int, default=None)

@@ -142,6 +142,10 @@ class QuantPlan:
                                 f"but {list(shape)} in {model_name}; make a new plan for this model.")
 
     def to_json(self) -> dict[str, Any]:
+        """The plan file's document; its "report" (bits per class and layer, `converters.mix_report`) is for
+        reading and drawing, and is ignored when the plan is loaded."""
+        from converters.mix_report import plan_heatmap
+
         return {
             "format": PLAN_FORMAT,
             "base": self.base,
@@ -154,6 +158,7 @@ class QuantPlan:
                  **({} if t.predicted_kld is None else {"predicted_kld": t.predicted_kld})}
                 for t in self.tensors
             ],
+            "report": plan_heatmap(self).to_json(),
         }
 
     @classmethod

@@ -52,7 +52,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from qdesk.info import memory_report, read_model_info, render_text
+    from converters.mix_report import render_grid
+    from qdesk.info import memory_report, read_model_info, render_text, tensor_type_heatmap
     from qdesk.memory import parse_size
 
     if args.backends:
@@ -66,10 +67,15 @@ def _run_info(args: argparse.Namespace) -> int:
     info = read_model_info(args.file)
     memory = memory_report(args.file, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, kv_type=args.kv_type,
                            ram_bytes=ram, vram_bytes=vram)
+    types = tensor_type_heatmap(args.file) if args.types else None
     if args.json:
-        print(json.dumps({**info.to_json(), "memory": None if memory is None else memory.to_json()}, indent=2))
+        print(json.dumps({**info.to_json(), "memory": None if memory is None else memory.to_json(),
+                          **({} if types is None else {"types": types.to_json()})}, indent=2))
     else:
         print(render_text(info, memory))
+        if types is not None:
+            print()
+            print(render_grid(types))
     return EXIT_OK
 
 
@@ -468,6 +474,8 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", type=Path, metavar="FILE.gguf", nargs="?")
     info.add_argument("--backends", action="store_true", help="describe the compute backends instead of a file")
     info.add_argument("--json", action="store_true", help="print one JSON document")
+    info.add_argument("--types", action="store_true",
+                      help="also show each matrix's type as bits per weight by tensor class and layer")
     info.add_argument("--ctx", type=int, default=4096, metavar="N",
                       help="context length for the memory estimate (default: 4096; 0: the model's trained context)")
     info.add_argument("--gpu-layers", type=int, default=0, metavar="N",

@@ -11,6 +11,7 @@ import gguf
 import pytest
 
 from converters.mix import MixBudget, MixError, allocate
+from converters.mix_report import BLOCK_CLASSES, plan_heatmap, recorded_prediction, render_grid, summary_lines
 from converters.plan import QuantPlan
 from converters.quantize import preset_plan, quantize
 from converters.sensitivity import TensorSensitivity, TypeCost, cached_sensitivity, tensor_group
@@ -140,3 +141,91 @@ def test_cli_a_budget_out_of_range_gives_the_range(budget: str, kquant_f16: Path
 def test_cli_like_needs_a_preset_name(kquant_f16: Path, tmp_path: Path) -> None:
     result = qdesk("quantize", str(kquant_f16), "-o", str(tmp_path / "x.gguf"), "--like", "Q9_Z")
     assert result.returncode == 2
+
+
+STARTER_LAYERS = 30
+
+
+def test_the_plan_report_grids_bits_per_weight_by_class_and_layer(smollm2_f16: Path, tmp_path: Path) -> None:
+    plan = preset_plan(smollm2_f16, "Q4_K_M")
+    report = plan_heatmap(plan)
+    assert report.classes == BLOCK_CLASSES and report.n_layers == STARTER_LAYERS
+    assert set(report.other) == {"token_embd"}  # SmolLM2 ties its output matrix to the embedding
+    for tensor_class in BLOCK_CLASSES:
+        for layer, cell in enumerate(report.grid[tensor_class]):
+            planned = plan.tensor(f"blk.{layer}.{tensor_class}.weight")
+            assert cell is not None and cell.type == planned.type
+            assert cell.bpw == pytest.approx(8 * planned.n_bytes / planned.n_elements)
+    down = report.grid["ffn_down"]
+    assert report.class_summary("ffn_down").bpw == pytest.approx(sum(c.bpw for c in down if c) / STARTER_LAYERS)
+    assert report.predicted_kld is None and report.class_summary("attn_q").predicted_kld is None
+
+    grid = render_grid(report).splitlines()
+    assert [line.split()[0] for line in grid[2:2 + len(BLOCK_CLASSES)]] == list(BLOCK_CLASSES)
+    assert any(line.startswith("layer bpw") for line in grid) and "pred. KLD" not in grid[1]
+
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    saved = json.loads(path.read_text())["report"]
+    assert saved["layers"] == STARTER_LAYERS and len(saved["grid"]["attn_v"]) == STARTER_LAYERS
+    assert saved["grid"]["attn_v"][0]["type"] == plan.tensor("blk.0.attn_v.weight").type
+    assert len(saved["by_layer"]) == STARTER_LAYERS and set(saved["by_class"]) == set(BLOCK_CLASSES)
+    assert QuantPlan.load(path).types() == plan.types()
+
+
+def test_the_plan_report_sums_predicted_kld_per_class_and_layer(smollm2_f16: Path) -> None:
+    document = preset_plan(smollm2_f16, "Q4_K_M").to_json()
+    for tensor in document["tensors"]:
+        if len(tensor["shape"]) == 2:
+            layer = int(tensor["name"].split(".")[1]) if tensor["name"].startswith("blk.") else -1
+            tensor["predicted_kld"] = 0.01 if layer < 0 else 1e-4 * (layer + 1)
+    report = plan_heatmap(QuantPlan.from_json(document))
+    layers_total = 1e-4 * STARTER_LAYERS * (STARTER_LAYERS + 1) / 2
+    assert report.class_summary("attn_q").predicted_kld == pytest.approx(layers_total)
+    assert report.layer_summary(3).predicted_kld == pytest.approx(len(BLOCK_CLASSES) * 4e-4)
+    assert report.predicted_kld == pytest.approx(len(BLOCK_CLASSES) * layers_total + 0.01)
+    assert report.other["token_embd"].predicted_kld == pytest.approx(0.01)
+    assert "KLD ×1e-4" in render_grid(report)
+    lines = summary_lines(report)
+    assert len(lines) == len(BLOCK_CLASSES) + 1 and all("predicted KLD" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def starter_imatrix(smollm2_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.calibration import calibrate
+
+    path = tmp_path_factory.mktemp("starter-mix") / "starter.imatrix.gguf"
+    calibrate(smollm2_f16, path, chunks=4, ctx=128)
+    return path
+
+
+@pytest.mark.slow
+def test_a_starter_mix_reports_its_plan_and_eval_shows_predicted_against_measured(
+        smollm2_f16: Path, starter_imatrix: Path, tmp_path: Path) -> None:
+    output, plan_path = tmp_path / "mix.gguf", tmp_path / "plan.json"
+    result = qdesk("quantize", str(smollm2_f16), "-o", str(output), "--like", "Q4_K_M", "--mix-effort", "fast",
+                   "--imatrix", str(starter_imatrix), "--plan-out", str(plan_path))
+    assert result.returncode == 0, result.stderr
+    summary = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert summary == [*BLOCK_CLASSES, "token_embd"]
+
+    report = json.loads(plan_path.read_text())["report"]
+    predicted = recorded_prediction(output)
+    assert predicted is not None and predicted > 0
+    assert report["predicted_kld"] == pytest.approx(predicted)
+    assert sum(row["predicted_kld"] for row in report["by_class"].values()) \
+        + report["other"]["token_embd"]["predicted_kld"] == pytest.approx(predicted)
+
+    preset = quantize(smollm2_f16, tmp_path / "preset.gguf", "Q8_0", imatrix="none").path
+    assert recorded_prediction(preset) is None
+    evaluated = qdesk("eval", "--ref", str(smollm2_f16), str(output), str(preset), "--ctx", "64", "--chunks", "2",
+                      "--memory-ctx", "0", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    mix, q8 = json.loads(evaluated.stdout)["candidates"]
+    assert mix["predicted_kld"] == pytest.approx(predicted) and mix["kld_mean"] > 0
+    assert q8["predicted_kld"] is None
+    table = qdesk("eval", "--ref", str(smollm2_f16), str(output), "--ctx", "64", "--chunks", "2", "--memory-ctx", "0")
+    header = next(line for line in table.stdout.splitlines() if line.startswith("variant"))
+    assert "pred. KLD" in header
+    row = next(line for line in table.stdout.splitlines() if line.startswith(output.name))
+    assert f"{predicted:.5f}" in row.split()
