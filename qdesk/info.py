@@ -47,6 +47,8 @@ from gguf import LlamaFileType
 
 from converters.errors import GGUFFileError
 from converters.gguf_file import GGUFHeader, check_gguf, open_gguf
+from converters.mix_report import PlanHeatmap, plan_heatmap
+from converters.plan import PlannedTensor, QuantPlan, type_name
 from qdesk.memory import (
     DEFAULT_N_CTX,
     FitVerdict,
@@ -57,7 +59,7 @@ from qdesk.memory import (
 )
 
 __all__ = ["MemoryReport", "ModelInfo", "memory_report", "model_info_from_header", "open_gguf", "read_model_info",
-           "render_text"]
+           "render_text", "tensor_type_heatmap"]
 
 # --- the model's facts ------------------------------------------------------------------------
 
@@ -177,6 +179,16 @@ def model_info_from_header(path: Path, header: GGUFHeader) -> ModelInfo:
         tensor_types=tensor_types,
         general=general,
     )
+
+
+def tensor_type_heatmap(path: str | os.PathLike[str]) -> PlanHeatmap:
+    """The types in the file as a tensor class × layer grid of bits per weight (`converters.mix_report`), from its
+    header alone: what a preset or a mix did to each matrix."""
+    path = Path(path)
+    header = check_gguf(path)
+    info = model_info_from_header(path, header)
+    tensors = tuple(PlannedTensor(t.name, t.shape, type_name(t.type), type_name(t.type)) for t in header.tensors)
+    return plan_heatmap(QuantPlan(tensors, info.file_type or "", info.name))
 
 
 # --- the memory it takes -----------------------------------------------------------------------------

@@ -129,3 +129,18 @@ def test_reveal_opens_the_models_folder(qtbot, gui_context: AppContext, starter_
     finally:
         QDesktopServices.unsetUrlHandler("file")
     assert [Path(url.toLocalFile()) for url in manager.opened] == [starter_gguf.parent]
+
+
+def test_tensor_types_show_bits_by_class_and_layer(qtbot, gui_context: AppContext, starter_gguf: Path) -> None:
+    view = library_view(qtbot, gui_context)
+    select(view, starter_gguf)
+    dialog = view.show_types()
+    assert dialog is not None
+    qtbot.waitUntil(lambda: dialog.heatmap is not None, timeout=WAIT_MS)
+    grid = dialog.grid
+    classes = [grid.verticalHeaderItem(row).text() for row in range(grid.rowCount())]
+    assert classes == ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    assert grid.columnCount() == 30
+    assert grid.item(0, 0).text() == "5.0" and grid.item(0, 0).toolTip().startswith("q4_1")
+    assert "token_embd" in dialog.details.text() and "q8_0" in dialog.details.text()
+    dialog.close()

@@ -359,3 +359,13 @@ def test_cli_truncated(tmp_path: Path, model_header: tuple[bytes, int], where: s
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "is truncated" in result.stderr
+
+
+def test_types_show_each_matrix_by_class_and_layer(model_path: Path) -> None:
+    result = _run_cli("info", model_path, "--types")
+    assert result.returncode == 0, result.stderr
+    assert "bits per weight by tensor class and layer" in result.stdout
+    assert "ffn_down" in result.stdout and "token_embd  q8_0" in result.stdout
+    document = json.loads(_run_cli("info", model_path, "--types", "--json").stdout)
+    assert document["types"]["layers"] == 30
+    assert document["types"]["grid"]["attn_q"][0]["type"] == "q4_1"

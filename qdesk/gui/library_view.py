@@ -23,6 +23,7 @@ from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
 from qdesk.gui.library_jobs import ImportOutcome, import_files, refresh_library, remove_models, scan_known_folders
 from qdesk.gui.library_tree import LibraryTree
+from qdesk.gui.type_map import TypeMapDialog
 from qdesk.library import Library, LibraryEntry, LibraryError
 
 MAX_COMPARE_PANES = 4
@@ -60,13 +61,15 @@ class LibraryView(QWidget):
                                            f"Chat with 1 to {MAX_COMPARE_PANES} selected models side by side")
         self.evaluate_button = self._button("&Evaluate", "evaluateButton", self.open_in_evaluate,
                                             "Measure the selected variants against the first (largest) one")
+        self.types_button = self._button("&Tensor types…", "typesButton", self.show_types,
+                                         "Bits per weight of every matrix, by tensor class and layer")
         self.refresh_button = self._button("Re&fresh", "refreshButton", self.refresh,
                                            "Look for new, changed and missing files (F5)")
         self.scan_button = self._button("Find &other apps' models", "scanButton", self.scan_other_apps,
                                         "Add the Hugging Face cache, LM Studio's and Ollama's models, read-only")
         buttons = QHBoxLayout()
         for button in (self.import_button, self.delete_button, self.reveal_button, self.compare_button,
-                       self.evaluate_button):
+                       self.evaluate_button, self.types_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         buttons.addWidget(self.scan_button)
@@ -334,6 +337,14 @@ class LibraryView(QWidget):
         if entries:
             self.context.open_in_evaluate.emit([entry.path for entry in entries])
 
+    def show_types(self) -> TypeMapDialog | None:
+        entries = self.tree.selected_entries()
+        if len(entries) != 1:
+            return None
+        dialog = TypeMapDialog(entries[0].path, self)
+        dialog.open()
+        return dialog
+
     # --- small things ---
 
     def _update_actions(self) -> None:
@@ -343,6 +354,7 @@ class LibraryView(QWidget):
         self.reveal_button.setEnabled(count > 0)
         self.compare_button.setEnabled(1 <= count <= MAX_COMPARE_PANES)
         self.evaluate_button.setEnabled(count > 0)
+        self.types_button.setEnabled(count == 1)
         self.scan_button.setEnabled(not busy)
 
     def _say(self, text: str, *, error: bool = False) -> None:
