@@ -21,8 +21,8 @@ from pathlib import Path
 
 from converters.errors import UserError
 from converters.gguf_file import GGUFHeader
-from converters.plan import PlannedTensor, QuantPlan, type_name
-from converters.sensitivity import Sensitivity, TensorSensitivity
+from converters.plan import PlannedTensor, QuantPlan, fits, tensor_bytes, type_name
+from converters.sensitivity import CANDIDATE_TYPES, Sensitivity, TensorSensitivity
 
 MIX_BASE_PRESET = "Q4_K_M"
 """The file type a mix records (every tensor's type is set by the plan)."""
@@ -177,16 +177,7 @@ def plan_mix(reference: Path, header: GGUFHeader, budget: MixBudget, sensitivity
     fixed = sum(tensor.n_bytes for tensor in header.tensors if tensor.name not in measured)
     largest = fixed + sum(max(option.bytes for option in tensor.options) for tensor in sensitivity.tensors)
     smallest = fixed + sum(min(option.bytes for option in tensor.options) for tensor in sensitivity.tensors)
-    if allowed < smallest:
-        raise MixError(f"a mix of {budget.describe()} is below the smallest possible for {reference.name}: its tensors "
-                       f"need at least {smallest / 1e6:.1f} MB ({8 * smallest / _parameters(header):.2f} bpw) and at "
-                       f"most {largest / 1e6:.1f} MB ({8 * largest / _parameters(header):.2f} bpw); choose a budget "
-                       "in that range.")
-    if budget.like is None and allowed > largest:
-        raise MixError(f"a mix of {budget.describe()} is above the largest possible for {reference.name}: its tensors "
-                       f"need at least {smallest / 1e6:.1f} MB ({8 * smallest / _parameters(header):.2f} bpw) and at "
-                       f"most {largest / 1e6:.1f} MB ({8 * largest / _parameters(header):.2f} bpw); choose a budget "
-                       "in that range, or keep the reference as it is.")
+    _check_in_range(budget, allowed, smallest, largest, reference, header)
     types = allocate(sensitivity.tensors, allowed - fixed)
     planned = []
     predicted = 0.0
@@ -202,6 +193,41 @@ def plan_mix(reference: Path, header: GGUFHeader, budget: MixBudget, sensitivity
             planned.append(PlannedTensor(tensor.name, tuple(tensor.shape), source, source))
     plan = QuantPlan(tuple(planned), MIX_BASE_PRESET, f"sensitivity mix, {budget.describe()}")
     return MixPlan(plan, budget, allowed, predicted, sensitivity)
+
+
+def possible_tensor_bytes(header: GGUFHeader, candidate_types: Sequence[str] = CANDIDATE_TYPES) -> tuple[int, int]:
+    """The fewest and the most bytes of tensor data a mix of this model can have, from its header alone."""
+    from native.kernels import quantizable_weight
+
+    smallest = largest = 0
+    for tensor in header.tensors:
+        sizes = [tensor_bytes(type_, tuple(tensor.shape)) for type_ in candidate_types if fits(type_, tensor.shape[0])]
+        if quantizable_weight(tensor.name, len(tensor.shape)) and sizes:
+            smallest, largest = smallest + min(sizes), largest + max(sizes)
+        else:
+            smallest, largest = smallest + tensor.n_bytes, largest + tensor.n_bytes
+    return smallest, largest
+
+
+def check_budget(budget: MixBudget, reference: Path, header: GGUFHeader, like_bytes: int | None = None) -> None:
+    """Refuse a budget no mix can meet before anything is measured (MixError with the possible range)."""
+    smallest, largest = possible_tensor_bytes(header)
+    _check_in_range(budget, budget_tensor_bytes(budget, reference, header, like_bytes), smallest, largest, reference,
+                    header)
+
+
+def _check_in_range(budget: MixBudget, allowed: int, smallest: int, largest: int, reference: Path,
+                    header: GGUFHeader) -> None:
+    if budget.like is None and smallest <= allowed <= largest:
+        return
+    if budget.like is not None and smallest <= allowed:
+        return
+    where = "below the smallest" if allowed < smallest else "above the largest"
+    keep = "" if allowed < smallest else ", or keep the reference as it is"
+    raise MixError(f"a mix of {budget.describe()} is {where} possible for {reference.name}: its tensors need at "
+                   f"least {smallest / 1e6:.1f} MB ({8 * smallest / _parameters(header):.2f} bpw) and at most "
+                   f"{largest / 1e6:.1f} MB ({8 * largest / _parameters(header):.2f} bpw); choose a budget in that "
+                   f"range{keep}.")
 
 
 def _parameters(header: GGUFHeader) -> int:

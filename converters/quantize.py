@@ -28,7 +28,7 @@ from converters.errors import Cancelled, UserError
 from converters.gguf_file import GGUFHeader, check_gguf
 from converters.imatrix import ImportanceMatrix, check_matches_model, read_imatrix
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
-from converters.mix import MIX_BASE_PRESET, MixBudget, MixPlan, plan_mix
+from converters.mix import MIX_BASE_PRESET, MixBudget, MixPlan, check_budget, plan_mix
 from converters.plan import PlannedTensor, QuantPlan, type_name
 from converters.presets import Preset, preset_named
 from converters.sensitivity import ProbeEffort, cached_sensitivity, effort_named
@@ -119,6 +119,8 @@ def quantize(
                             "quality, so start from an F16/BF16 GGUF or the HF checkpoint when you can.")
         if plan is not None:
             plan.check_model(((t.name, t.shape) for t in header.tensors), reference.name)
+        if budget is not None and budget.like is None:
+            check_budget(budget, reference, header)  # before the importance matrix: a budget out of reach is quick
         matrix, use = _importance_matrix(imatrix, base, reference, header,
                                          _Calibration(texts, chunks, ctx, gpu_layers), progress, cancel)
         if base.requires_imatrix and matrix is None:
@@ -291,6 +293,8 @@ def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, matrix: Im
               texts: Sequence[CalibrationText] | None, gpu_layers: int, effort: ProbeEffort, progress: ProgressFn,
               cancel: CancelToken) -> MixPlan:
     like_bytes = preset_plan(reference, budget.like, matrix).n_bytes if budget.like is not None else None
+    if like_bytes is not None:
+        check_budget(budget, reference, header, like_bytes)
 
     def measuring(step: Progress) -> None:
         progress(Progress(step.done, step.total, step.unit, step.message))

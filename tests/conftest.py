@@ -14,6 +14,9 @@ from tests.gui_support import gui_context, gui_folders, main_window  # noqa: F40
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_CACHE = Path(os.environ.get("QDESK_TEST_CACHE", REPO_ROOT / ".cache" / "tests"))
+os.environ["QDESK_CACHE_DIR"] = str(TEST_CACHE / "qdesk-cache")
+"""Measurements the tests cache (reference logits, sensitivity) stay out of the user's own cache, and tests (and the
+CLI processes they start) share them; a test that needs a cold cache sets its own."""
 
 
 @pytest.fixture(scope="session")
