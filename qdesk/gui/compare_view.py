@@ -440,16 +440,20 @@ class CompareView(QWidget):
 
     # --- asking ---
 
+    def _panes_with_models(self) -> list[ComparePane]:
+        """The panes bound to a model; none says so in the notice line."""
+        targets = [pane for pane in self.panes if pane.runner.path is not None]
+        self._show_notice("" if targets else "Choose a model in at least one pane first.")
+        return targets
+
     def send(self) -> None:
         """Send the prompt box's text to every pane with a model."""
         prompt = self.prompt.toPlainText().strip()
         if self.busy or not prompt:
             return
-        targets = [pane for pane in self.panes if pane.runner.path is not None]
+        targets = self._panes_with_models()
         if not targets:
-            self._show_notice("Choose a model in at least one pane first.")
             return
-        self._show_notice("")
         self.conversation.add_turn(prompt)
         self.prompt.clear()
         self._start_turn(len(self.conversation.turns) - 1, targets, seed=None)
@@ -458,11 +462,9 @@ class CompareView(QWidget):
         """Ask the last prompt again in every pane with a model, replacing its answers."""
         if self.busy or not self.conversation.turns:
             return
-        targets = [pane for pane in self.panes if pane.runner.path is not None]
+        targets = self._panes_with_models()
         if not targets:
-            self._show_notice("Choose a model in at least one pane first.")
             return
-        self._show_notice("")
         index = len(self.conversation.turns) - 1
         turn = self.conversation.turns[index]
         for pane in targets:
