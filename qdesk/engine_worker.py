@@ -68,7 +68,14 @@ class _Commands:
 
     def _read(self) -> None:
         for line in sys.stdin.buffer:
-            command = json.loads(line)
+            try:
+                command = json.loads(line)
+            except ValueError:
+                command = None
+            if not isinstance(command, dict) or "op" not in command:
+                print(f"qdesk worker: not a command: {line[:200]!r}; the protocol is broken, so it stops.",
+                      file=sys.stderr, flush=True)
+                os._exit(2)
             if command["op"] == "stop":
                 self.stopped_through = max(self.stopped_through, int(command["id"]))
             elif command["op"] == "exit":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -327,3 +329,11 @@ def test_inconsistent_hyperparameters_are_a_clear_error(tmp_path: Path, starter_
     with pytest.raises(EngineError, match=r"could not load seven-heads\.gguf .*n_rot") as caught:
         load_model(damaged)
     assert not isinstance(caught.value, ModelCrashed)
+
+
+@pytest.mark.parametrize("line", [b"\n", b"[1]\n", b'{"id": 3}\n'])
+def test_a_worker_given_a_broken_command_exits_instead_of_hanging(line: bytes) -> None:
+    result = subprocess.run([sys.executable, "-m", "qdesk.engine_worker"], input=line, capture_output=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert b"not a command" in result.stderr
