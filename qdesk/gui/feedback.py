@@ -5,6 +5,7 @@ from __future__ import annotations
 from PySide6.QtWidgets import QMessageBox, QWidget
 
 from qdesk.gui.background import JobFailure, describe_failure
+from qdesk.memory import format_size
 
 
 def show_failure(parent: QWidget, failure: JobFailure | BaseException, title: str = "qdesk") -> QMessageBox:
@@ -32,9 +33,5 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def format_bytes(n: int | float | None) -> str:
-    if n is None:
-        return ""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}" if n / scale < 100 else f"{n / scale:.0f} {unit}"
-    return f"{int(n)} B"
+    """`qdesk.memory.format_size`, or "" when the size is unknown."""
+    return "" if n is None else format_size(int(n))
