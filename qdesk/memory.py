@@ -164,17 +164,6 @@ class ModelShape:
         return self.n_layer + 1
 
 
-@dataclass(frozen=True)
-class _HeaderFacts:
-    values: dict[str, Any]
-    array_lengths: dict[str, int]
-    tensor_offsets: dict[str, int]
-
-    @classmethod
-    def of(cls, header: GGUFHeader) -> _HeaderFacts:
-        return cls(header.metadata, header.array_lengths, {tensor.name: tensor.offset for tensor in header.tensors})
-
-
 def _per_layer(value: Any, n_layer: int, key: str, path: Path) -> tuple[int, ...]:
     if isinstance(value, list):
         if len(value) != n_layer:
@@ -208,7 +197,7 @@ def _cached_shape(path: Path, _mtime_ns: int, _size: int) -> ModelShape:
     """The shape of one version of a file (the cache key holds its modification time and size)."""
     header = check_gguf(path)  # first: a clear sentence for a damaged or foreign file
     try:
-        return _shape_from_header(path, header, _HeaderFacts.of(header))
+        return _shape_from_header(path, header)
     except GGUFFileError:
         raise
     except (ValueError, TypeError, KeyError, struct.error) as error:  # a header gguf accepts that holds nonsense
@@ -216,12 +205,12 @@ def _cached_shape(path: Path, _mtime_ns: int, _size: int) -> ModelShape:
                             "download or convert it again.") from error
 
 
-def _shape_from_header(path: Path, header: GGUFHeader, facts: _HeaderFacts) -> ModelShape:
-    architecture = facts.values.get("general.architecture")
+def _shape_from_header(path: Path, header: GGUFHeader) -> ModelShape:
+    architecture = header.metadata.get("general.architecture")
     if not isinstance(architecture, str) or not architecture:
         raise GGUFFileError(f"{path} does not name its architecture (general.architecture), so qdesk cannot "
                             "estimate its memory; convert it again with a current converter.")
-    values = {key.removeprefix(architecture + "."): value for key, value in facts.values.items()
+    values = {key.removeprefix(architecture + "."): value for key, value in header.metadata.items()
               if key.startswith(architecture + ".")}
 
     def number(key: str, default: int | None = None) -> int:
@@ -255,7 +244,7 @@ def _shape_from_header(path: Path, header: GGUFHeader, facts: _HeaderFacts) -> M
     if vocab_tensor is not None and len(vocab_tensor.shape) > 1:
         n_vocab = int(vocab_tensor.shape[1])
     else:
-        n_vocab = facts.array_lengths.get("tokenizer.ggml.tokens") or number("vocab_size", 0)
+        n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or number("vocab_size", 0)
 
     layer_bytes = [0] * n_layer
     input_bytes = output_bytes = 0
@@ -285,7 +274,7 @@ def _shape_from_header(path: Path, header: GGUFHeader, facts: _HeaderFacts) -> M
         output_bytes=output_bytes,
         tied_output_bytes=token_embd.n_bytes if output is None and token_embd is not None else 0,
         tensor_bytes=sum(tensor.n_bytes for tensor in header.tensors),
-        tensor_offsets=facts.tensor_offsets,
+        tensor_offsets={tensor.name: tensor.offset for tensor in header.tensors},
         tensor_sizes={tensor.name: tensor.n_bytes for tensor in header.tensors},
     )
 
@@ -700,7 +689,7 @@ def read_model_shape_from_prefix(path: str | os.PathLike[str], *, file_size: int
         raise GGUFFileError(f"{label} is truncated: its tensor data ends at byte {header.data_end:,} but the file "
                             f"has {file_size:,} bytes.")
     try:
-        return _shape_from_header(label, header, _HeaderFacts.of(header))
+        return _shape_from_header(label, header)
     except GGUFFileError:
         raise
     except (ValueError, TypeError, KeyError, struct.error) as error:
