@@ -130,7 +130,7 @@ def quantize(
             plan = mix.plan
 
         target = Path(output) if output is not None else default_output.with_name(
-            _TYPE_SUFFIX.sub("", default_output.stem) + (f"-{base.name}.gguf" if budget is None else "-mix.gguf"))
+            variant_file_name(default_output, base.name if budget is None else "mix"))
         check_free_space(target, plan.n_bytes if plan is not None else reference.stat().st_size)
         cancel.raise_if_cancelled()
         with atomic_output(target) as temporary:
@@ -200,6 +200,11 @@ def _reference_gguf(
         converted = convert_checkpoint(source, None, outtype=outtype, output_folder=Path(folder),
                                        progress=converting, cancel=cancel)
         yield converted.path, source / converted.path.name
+
+
+def variant_file_name(reference: Path, type_label: str) -> str:
+    """GGUF naming: the reference's name with its type replaced (Model-135M-F16.gguf → Model-135M-Q4_K_M.gguf)."""
+    return f"{_TYPE_SUFFIX.sub('', reference.stem)}-{type_label}.gguf"
 
 
 def reference_outtype(folder: Path) -> str:

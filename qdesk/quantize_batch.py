@@ -12,7 +12,6 @@ crash ends only the step.
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,15 +25,13 @@ from converters.imatrix import ImportanceMatrix
 from converters.jobs import CancelToken, Progress, ProgressFn
 from converters.mix import MixBudget
 from converters.presets import preset_named
-from converters.quantize import NONE, QuantizeResult, quantize, reference_outtype
+from converters.quantize import NONE, QuantizeResult, quantize, reference_outtype, variant_file_name
 from qdesk.isolated import run_isolated
 from qdesk.library import Library, LibraryEntry
 from qdesk.memory import format_size
 
-__all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files",
-           "variant_file_name"]
+__all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files"]
 
-_TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*)$", re.IGNORECASE)
 _TEMPORARY_PREFIX = ".qdesk-reference-"
 
 StepWork = Callable[[ProgressFn, CancelToken], "StepOutcome"]
@@ -109,11 +106,6 @@ class BatchStep:
     """The later steps need this one: when it fails or is cancelled, they cannot run."""
 
 
-def variant_file_name(reference: Path, choice: VariantChoice) -> str:
-    """GGUF naming: the reference's name with its type replaced (Model-135M-F16.gguf → Model-135M-Q4_K_M.gguf)."""
-    return f"{_TYPE_SUFFIX.sub('', reference.stem)}-{choice.type_label}.gguf"
-
-
 @dataclass
 class VariantBatch:
     """The steps of one request and what they share; call `close()` when done (or given up)."""
@@ -185,7 +177,7 @@ class VariantBatch:
 
     def _quantize(self, choice: VariantChoice, progress: ProgressFn, cancel: CancelToken) -> StepOutcome:
         reference = self._require_reference()
-        target = self.request.output_folder / variant_file_name(reference, choice)
+        target = self.request.output_folder / variant_file_name(reference, choice.type_label)
         matrix = self.matrix if choice.uses_imatrix and self.matrix is not None else NONE
         result: QuantizeResult = run_isolated(
             quantize, {"source": reference, "output": target, "plan_or_preset": choice.recipe, "imatrix": matrix,
