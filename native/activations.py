@@ -40,7 +40,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp.llama_cpp as llama  # before numpy: on CUDA builds, numpy loaded first has crashed model loading
@@ -67,8 +67,13 @@ DEFAULT_UBATCH = 512
 _TYPE_F32 = 0
 _NAME_MARK = b"#"
 _OUTPUT_WEIGHT = "output.weight"
+_OUTPUT_WEIGHTS = (_OUTPUT_WEIGHT, "token_embd.weight")
+"""The output product's weight: `output.weight`, or the token embedding where the model ties the two (the
+embedding's lookup is a `GET_ROWS`, never a watched product)."""
 _FINAL_NORM = b"result_norm"
 """llama.cpp's name for the final norm, the node just before the output product, in most architectures."""
+_FINAL_NORM_KEY = "<final norm>"
+"""Where the final norm's output is summed when the output product itself is skipped."""
 _LAYER_PREFIX = "blk."
 _LOAD_INTO_MEMORY = 0
 """`LLAMA_LOAD_MODE_NONE`: read the weights into buffers of their own rather than mapping the file (read-only)."""
@@ -101,6 +106,10 @@ class CollectedStats:
     chunks: int
     tokens: int
     chunk_size: int
+    covariances: dict[str, np.ndarray] = field(default_factory=dict)
+    """With `covariance_chunks`: per 2-D weight, the sum of x xᵀ over its input rows in those first chunks (float64,
+    n_in × n_in). Weights that multiply the same input (a layer's q, k and v) share one array. The output
+    product's weight is included even when its product is skipped (its input is the final norm's output)."""
 
 
 def weight_name(raw_name: bytes) -> str:
@@ -192,7 +201,8 @@ class _OutputProductSkip:
 class _Collector:
     """The eval callback's state: which weights to watch, the running sums, and the first error seen."""
 
-    def __init__(self, lib: GGML, *, collect_output: bool, skip_output_product: bool) -> None:
+    def __init__(self, lib: GGML, *, collect_output: bool, skip_output_product: bool,
+                 covariance_chunks: int = 0) -> None:
         self._lib = lib
         self._collect_output = collect_output
         self.output_skip = _OutputProductSkip(skip_output_product)
@@ -200,6 +210,8 @@ class _Collector:
         self._staging: dict[str, np.ndarray] = {}
         self.matrices: dict[str, _Accumulator] = {}
         self.error: BaseException | None = None
+        self.covariances: _Covariances | None = _Covariances(covariance_chunks) if covariance_chunks > 0 else None
+        self._norm_node = 0
 
     def on_eval(self, node: int, ask: bool, _user_data: int | None) -> bool:
         """`ggml_backend_sched_eval_callback`: must never raise, and returns True to let the graph go on."""
@@ -209,6 +221,9 @@ class _Collector:
             if ask:
                 return self._wants(node)
             if self._is_final_norm(node):
+                if self.covariances is not None:
+                    norm = GGMLTensor.from_address(node)
+                    self.covariances.add(_FINAL_NORM_KEY, node, self._host_view(norm, node, np.float32))
                 return self.output_skip.continue_after_norm()  # False cancels the rest of this graph split
             self._record(node)
         except BaseException as error:  # nothing may escape into C; raised again after the decode
@@ -222,7 +237,7 @@ class _Collector:
             return self._watched[raw]
         except KeyError:
             name = weight_name(raw)
-            watched = name.startswith(_LAYER_PREFIX) or (self._collect_output and name == _OUTPUT_WEIGHT)
+            watched = name.startswith(_LAYER_PREFIX) or (self._collect_output and name in _OUTPUT_WEIGHTS)
             self._watched[raw] = name if watched else None
             return self._watched[raw]
 
@@ -232,9 +247,14 @@ class _Collector:
     def _wants(self, node: int) -> bool:
         op = _read_int(node + _OP_OFFSET)
         if op != self._lib.op_mul_mat and op != self._lib.op_mul_mat_id:
-            return self._is_final_norm(node)
+            if self._is_final_norm(node):
+                self._norm_node = node
+                return True
+            return False
         weight = _read_pointer(node + _SRC_OFFSET)
         activations = _read_pointer(node + _SRC1_OFFSET)
+        if self.covariances is not None and activations and activations == self._norm_node:
+            self.covariances.output_weight = weight_name(ctypes.string_at(weight + _NAME_OFFSET))
         if not weight or not activations or _read_int(activations) != _TYPE_F32:
             return False
         if self._name_if_watched(weight) is None:
@@ -254,6 +274,8 @@ class _Collector:
             self._add_experts(name, weight, activations, ids)
         else:
             self._add_dense(name, weight, activations)
+            if self.covariances is not None and int(weight.ne[2]) == int(weight.ne[3]) == 1:
+                self.covariances.add(name, product.src[1], activations)
 
     def _accumulator(self, name: str, n_mat: int, n_in: int) -> _Accumulator:
         found = self.matrices.get(name)
@@ -322,6 +344,12 @@ class _Collector:
             self._lib.ggml_backend_tensor_get(address, staging.ctypes.data, 0, size)
         return _array_at(staging.ctypes.data, tensor, dtype)
 
+    def begin_decode(self) -> None:
+        self.output_skip.begin_decode()
+        self._norm_node = 0
+        if self.covariances is not None:
+            self.covariances.begin_decode()
+
     def commit_chunk(self) -> None:
         """Add the finished chunk to the totals, unless some input was infinite or NaN."""
         for name, accumulator in self.matrices.items():
@@ -333,12 +361,64 @@ class _Collector:
                 )
         for accumulator in self.matrices.values():
             accumulator.commit()
+        if self.covariances is not None:
+            self.covariances.chunks_done += 1
 
     def discard_chunk(self) -> None:
         """Forget what a failed or stopped chunk added, and the weights first seen in it."""
         for accumulator in self.matrices.values():
             accumulator.discard()
+        if self.covariances is not None:
+            self.covariances.broken = True
         self.matrices = {name: found for name, found in self.matrices.items() if found.counts.any()}
+
+
+class _Covariances:
+    """Sums of x xᵀ over the input rows of every dense weight, one array per distinct input node.
+
+    Products that read the same input node in one decode (q, k and v read the same normalised hidden state)
+    share the first one's array, so it is computed and stored once. Sums go straight into the totals: a chunk
+    that fails leaves them unusable (`broken`), which is why collecting them is a pass of its own.
+    """
+
+    def __init__(self, chunk_limit: int) -> None:
+        self.totals: dict[str, np.ndarray] = {}
+        self.owner: dict[str, str] = {}
+        self._node_owner: dict[int, str] = {}
+        self.broken = False
+        self.chunk_limit = chunk_limit
+        self.chunks_done = 0
+        self.output_weight: str | None = None
+        """The output product's weight, seen in the first decode (it reads the final norm's output)."""
+
+    def begin_decode(self) -> None:
+        self._node_owner = {}
+
+    def add(self, name: str, input_node: int, activations: np.ndarray) -> None:
+        if self.chunks_done >= self.chunk_limit:
+            return
+        owner = self.owner.get(name)
+        if owner is None:
+            owner = self.owner[name] = self._node_owner.get(input_node, name)
+        self._node_owner.setdefault(input_node, owner)
+        if owner != name:
+            return
+        rows = np.ascontiguousarray(activations.reshape(-1, activations.shape[-1]), dtype=np.float32)
+        product = (rows.T @ rows).astype(np.float64)
+        total = self.totals.get(name)
+        if total is None:
+            self.totals[name] = product
+        else:
+            total += product
+
+    def by_weight(self) -> dict[str, np.ndarray]:
+        if self.broken:
+            raise EvaluationFailed("a chunk failed while input covariances were being collected; collect them again.")
+        found = {name: self.totals[owner] for name, owner in self.owner.items() if owner in self.totals}
+        norm = found.pop(_FINAL_NORM_KEY, None)
+        if norm is not None and self.output_weight is not None:
+            found.setdefault(self.output_weight, norm)
+        return found
 
 
 class _RawMemory:
@@ -452,6 +532,8 @@ class ModelEvaluator:
     With `editable_weights` the weights are read into memory rather than mapped, and `write_weight` replaces a
     weight's data in place (to measure what degrading one tensor does to the output), once a decode has shown
     where each weight lives.
+    With `covariance_chunks` > 0 the sums of x xᵀ over every dense weight's input rows in that many first chunks
+    are collected as well (`CollectedStats.covariances`): n_in² floats per distinct input, for error feedback.
     """
 
     def __init__(
@@ -466,16 +548,18 @@ class ModelEvaluator:
         should_stop: Callable[[], bool] | None = None,
         vocab_only: bool = False,
         editable_weights: bool = False,
+        covariance_chunks: int = 0,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
         self._path = Path(model_path)
         self._n_ctx = n_ctx
-        self._collect = collect or collect_output
+        self._collect = collect or collect_output or covariance_chunks > 0
         self._chunks = 0
         self._tokens = 0
         self._collector = (
-            _Collector(ggml(), collect_output=collect_output, skip_output_product=not collect_output)
+            _Collector(ggml(), collect_output=collect_output, skip_output_product=not collect_output,
+                       covariance_chunks=covariance_chunks)
             if self._collect else None
         )
         self._abort_poll = _AbortPoll(should_stop, self._collector)
@@ -758,7 +842,7 @@ class ModelEvaluator:
         self._batch.n_tokens = count
         self._abort_poll.stop_requested = False
         if self._collector is not None:
-            self._collector.output_skip.begin_decode()
+            self._collector.begin_decode()
         status = llama.llama_decode(context, self._batch)
         error = self._abort_poll.take_error()
         if error is not None:
@@ -779,7 +863,9 @@ class ModelEvaluator:
         matrices = {} if self._collector is None else {
             name: accumulator.snapshot() for name, accumulator in self._collector.matrices.items()
         }
-        return CollectedStats(matrices, chunks=self._chunks, tokens=self._tokens, chunk_size=self._n_ctx)
+        covariances = self._collector.covariances if self._collector is not None else None
+        return CollectedStats(matrices, chunks=self._chunks, tokens=self._tokens, chunk_size=self._n_ctx,
+                              covariances=covariances.by_weight() if covariances is not None else {})
 
 
 def _known_length(items: Iterable[object]) -> int:
@@ -797,6 +883,7 @@ def collect_activation_stats(
     total_chunks: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     collect_output: bool = False,
+    covariance_chunks: int = 0,
 ) -> CollectedStats:
     """Evaluate each chunk of token ids with llama.cpp and return the activation statistics of every weight.
 
@@ -807,7 +894,7 @@ def collect_activation_stats(
     total = total_chunks if total_chunks is not None else _known_length(chunks)
     with ModelEvaluator(
         model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, collect_output=collect_output,
-        should_stop=should_stop,
+        should_stop=should_stop, covariance_chunks=covariance_chunks,
     ) as evaluator:
         if progress is not None:
             progress(0, total)

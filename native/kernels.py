@@ -589,7 +589,7 @@ def quantizable_weight(name: str, dimensions: int) -> bool:
             and not any(fragment in name for fragment in NEVER_QUANTIZED_FRAGMENTS))
 
 
-def _source_rows(data: np.ndarray, source_type: str, n_per_row: int) -> np.ndarray:
+def source_rows(data: np.ndarray, source_type: str, n_per_row: int) -> np.ndarray:
     """Float32 rows from stored rows of a GGUF tensor (float types widened by numpy, the rest decoded by ggml)."""
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1)
     if source_type == "f32":
@@ -617,7 +617,7 @@ def _expert_importance(name: str, importance: np.ndarray, experts: int, n_per_ro
 def _tensor_rows(tensor: MeasuredTensor, stored: np.ndarray, vectors: tuple[np.ndarray | None, ...]) -> _Rows:
     flat = stored.reshape(tensor.total_rows, -1)
     return _Rows(tensor.total_rows, tensor.n_per_row,
-                 lambda selection: _source_rows(flat[selection], tensor.source_type, tensor.n_per_row),
+                 lambda selection: source_rows(flat[selection], tensor.source_type, tensor.n_per_row),
                  vectors, tensor.rows)
 
 
