@@ -13,10 +13,12 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from converters.errors import Cancelled, UserError
 from converters.gguf_file import check_gguf
@@ -49,6 +51,8 @@ class CalibrationResult:
     chunks: int
     tokens: int
     seconds: float
+    covariances: dict[str, np.ndarray] = field(default_factory=dict)
+    """With `covariance_chunks`: the inputs' second moments per weight (`native.activations.CollectedStats`)."""
 
 
 def resources_folder() -> Path:
@@ -109,8 +113,10 @@ def calibrate(
     gpu_layers: int = 0,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    covariance_chunks: int = 0,
 ) -> CalibrationResult:
-    """Compute the importance matrix of the GGUF `model` on `texts` (built-in text when None)."""
+    """Compute the importance matrix of the GGUF `model` on `texts` (built-in text when None); with
+    `covariance_chunks`, also the input covariances of the first that many chunks (for error feedback)."""
     from native.activations import ModelEvaluator
     from native.errors import NativeError, Stopped
 
@@ -125,7 +131,8 @@ def calibrate(
     progress(Progress(0, chunks, "chunks", "reading calibration text"))
     try:
         should_stop = (lambda: cancel.cancelled) if cancel is not None else None
-        with ModelEvaluator(model, n_ctx=ctx, n_gpu_layers=gpu_layers, should_stop=should_stop) as evaluator:
+        with ModelEvaluator(model, n_ctx=ctx, n_gpu_layers=gpu_layers, should_stop=should_stop,
+                            covariance_chunks=covariance_chunks) as evaluator:
             token_chunks = calibration_chunks(evaluator, sources, ctx, chunks)
             for index, chunk in enumerate(token_chunks):
                 if cancel is not None:
@@ -151,7 +158,7 @@ def calibrate(
     if path is not None:
         write_imatrix(matrix, path)
     tokens = sum(len(chunk) for chunk in token_chunks)
-    return CalibrationResult(matrix, path, len(token_chunks), tokens, time.monotonic() - started)
+    return CalibrationResult(matrix, path, len(token_chunks), tokens, time.monotonic() - started, stats.covariances)
 
 
 def calibration_chunks(evaluator: Any, sources: Sequence[CalibrationText], ctx: int, chunks: int) -> list[list[int]]:

@@ -83,6 +83,8 @@ class QuantPlan:
     """The preset whose file type the output records (its rules apply to any tensor the plan leaves out)."""
     label: str = ""
     """What made the plan, e.g. "preset Q4_K_M" or "sensitivity mix at 95 MB"."""
+    encoder: str = "ggml"
+    """How the weights are rounded: "ggml" (llama.cpp's quantizer) or "feedback" (`converters.feedback`)."""
 
     def __post_init__(self) -> None:
         for tensor in self.tensors:
@@ -125,7 +127,7 @@ class QuantPlan:
             raise PlanError(f"the plan has no tensor {sorted(unknown)[0]!r}; plans apply to one model only.")
         tensors = tuple(replace(t, type=changes[t.name], predicted_kld=None) if t.name in changes else t
                         for t in self.tensors)
-        return QuantPlan(tensors, self.base, self.label if label is None else label)
+        return QuantPlan(tensors, self.base, self.label if label is None else label, self.encoder)
 
     def check_model(self, model_tensors: Iterable[tuple[str, tuple[int, ...]]], model_name: str) -> None:
         """Raise PlanError unless the plan's tensors are exactly `model_tensors` (name, shape) pairs."""
@@ -150,6 +152,7 @@ class QuantPlan:
             "format": PLAN_FORMAT,
             "base": self.base,
             "label": self.label,
+            "encoder": self.encoder,
             "bytes": self.n_bytes,
             "bpw": round(self.bits_per_weight, 4),
             "tensors": [
@@ -172,7 +175,10 @@ class QuantPlan:
                               _optional_float(t.get("gain")), _optional_float(t.get("predicted_kld")))
                 for t in document["tensors"]
             )
-            return cls(tensors, str(document["base"]), str(document.get("label", "")))
+            encoder = str(document.get("encoder", "ggml"))
+            if encoder not in ("ggml", "feedback"):
+                raise PlanError(f"the plan asks for the encoder {encoder!r}; qdesk knows \"ggml\" and \"feedback\".")
+            return cls(tensors, str(document["base"]), str(document.get("label", "")), encoder)
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"the plan is incomplete ({error}); write it again with `qdesk quantize --plan-out`.") \
                 from error

@@ -16,15 +16,25 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from converters.atomic import atomic_output, check_free_space
 from converters.calibration import DEFAULT_CHUNKS, DEFAULT_CTX, CalibrationText, calibrate
 from converters.errors import Cancelled, UserError
+from converters.feedback import (
+    COVARIANCE_MEMORY_LIMIT,
+    ENCODERS,
+    FEEDBACK_CHUNKS,
+    apply_feedback,
+    collect_input_covariances,
+    covariance_bytes,
+    feedback_sensitivity,
+)
 from converters.gguf_file import GGUFHeader, check_gguf
 from converters.imatrix import ImportanceMatrix, check_matches_model, read_imatrix
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
@@ -43,6 +53,8 @@ NONE = "none"
 _UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 _UNQUANTIZED_PRESETS = {"F16"}
 _FALLBACK_SUMMARY = re.compile(r"(?P<count>\d+) of (?P<total>\d+) tensor\(s\) required fallback")
+ENCODER_METADATA = {"ggml": "ggml", "feedback": "error-feedback/1"}
+"""`qdesk.encoder` in the written file."""
 _TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*)$", re.IGNORECASE)
 
 
@@ -85,11 +97,17 @@ def quantize(
     threads: int = 0,
     plan_out: str | Path | None = None,
     mix_effort: str = "default",
+    encoder: str | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> QuantizeResult:
     """Quantize `source` (an HF checkpoint folder or a GGUF) with a preset name, a `QuantPlan`, or a `MixBudget`
-    (a sensitivity-based mix within that budget; see converters/mix.py)."""
+    (a sensitivity-based mix within that budget; see converters/mix.py).
+
+    `encoder` "ggml" rounds as llama.cpp does; "feedback" re-encodes the weights with error feedback
+    (converters/feedback.py). The default is "feedback" for a mix of a model small enough (`COVARIANCE_MEMORY_LIMIT`),
+    the plan's own encoder for a plan, and "ggml" for a preset.
+    """
     started = time.monotonic()
     cancel = cancel or CancelToken()
     plan: QuantPlan | None
@@ -121,12 +139,20 @@ def quantize(
             plan.check_model(((t.name, t.shape) for t in header.tensors), reference.name)
         if budget is not None and budget.like is None:
             check_budget(budget, reference, header)  # before the importance matrix: a budget out of reach is quick
-        matrix, use = _importance_matrix(imatrix, base, reference, header,
-                                         _Calibration(texts, chunks, ctx, gpu_layers), progress, cancel)
+        chosen_encoder = _chosen_encoder(encoder, budget, plan, header)
+        feedback_chunks = min(chunks, FEEDBACK_CHUNKS) if chosen_encoder == "feedback" else 0
+        matrix, use, covariances = _importance_matrix(
+            imatrix, base, reference, header, _Calibration(texts, chunks, ctx, gpu_layers, feedback_chunks), progress,
+            cancel)
         if base.requires_imatrix and matrix is None:
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
+        like_bytes = _like_bytes(budget, reference, header, matrix)
+        if feedback_chunks and covariances is None:
+            covariances = collect_input_covariances(reference, texts, chunks=feedback_chunks, ctx=ctx,
+                                                    gpu_layers=gpu_layers, progress=progress, cancel=cancel)
         if budget is not None:
-            mix = _mix_plan(reference, header, budget, matrix, texts, gpu_layers, effort, progress, cancel)
+            mix = _mix_plan(reference, header, budget, like_bytes, matrix, texts, gpu_layers, effort, covariances,
+                            progress, cancel)
             plan = mix.plan
 
         target = Path(output) if output is not None else default_output.with_name(
@@ -135,7 +161,11 @@ def quantize(
         cancel.raise_if_cancelled()
         with atomic_output(target) as temporary:
             records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
-                           progress, cancel, mix.metadata() if mix is not None else {})
+                           progress, cancel, {**(mix.metadata() if mix is not None else {}),
+                                              "qdesk.encoder": ENCODER_METADATA[chosen_encoder]})
+            if covariances is not None:
+                apply_feedback(reference, temporary, covariances, matrix, threads=threads or None, progress=progress,
+                               cancel=cancel)
             written = check_gguf(temporary)
             result_plan = _plan_from_header(written, reference_header=header, base=base.name,
                                             label=plan.label if plan is not None else f"preset {base.name}")
@@ -143,11 +173,22 @@ def quantize(
                 raise QuantizeError(_mismatch_sentence(plan, result_plan))
             if mix is not None:
                 result_plan = mix.plan
+            result_plan = replace(result_plan, encoder=chosen_encoder)
             warnings.extend(records)
     if plan_out is not None:
         result_plan.save(plan_out)
     return QuantizeResult(target, target.stat().st_size, result_plan, preset.name if preset else None, use,
                           tuple(warnings), time.monotonic() - started)
+
+
+def _chosen_encoder(asked: str | None, budget: MixBudget | None, plan: QuantPlan | None, header: GGUFHeader) -> str:
+    if asked is not None:
+        if asked not in ENCODERS:
+            raise QuantizeError(f"there is no encoder {asked!r}; choose one of {', '.join(ENCODERS)}.")
+        return asked
+    if budget is not None:
+        return "feedback" if covariance_bytes(header) <= COVARIANCE_MEMORY_LIMIT else "ggml"
+    return plan.encoder if plan is not None else "ggml"
 
 
 def preset_plan(source: str | Path, preset: str, imatrix: ImportanceMatrix | None = None) -> QuantPlan:
@@ -178,6 +219,8 @@ class _Calibration:
     chunks: int
     ctx: int
     gpu_layers: int
+    covariance_chunks: int
+    """Chunks whose input covariances the same pass collects for error feedback (0: none)."""
 
 
 @contextmanager
@@ -231,26 +274,30 @@ def _importance_matrix(
     calibration: _Calibration,
     progress: ProgressFn,
     cancel: CancelToken,
-) -> tuple[ImportanceMatrix | None, ImatrixUse | None]:
+) -> tuple[ImportanceMatrix | None, ImatrixUse | None, dict[str, np.ndarray] | None]:
+    """The matrix and where it came from, and the input covariances when calibrating collected them."""
+    covariances = None
     if choice is None or (isinstance(choice, str) and choice.lower() == NONE):
-        return None, None
+        return None, None, None
     if isinstance(choice, ImportanceMatrix):
         matrix, origin = choice, "given"
     elif isinstance(choice, str) and choice.lower() == AUTO:
         if not preset.uses_imatrix:
-            return None, None
+            return None, None, None
 
         def calibrating(step: Progress) -> None:
             progress(Progress(step.done, step.total, step.unit, "calibrating"))
 
         texts = calibration.texts
-        matrix = calibrate(reference, None, texts, chunks=calibration.chunks, ctx=calibration.ctx,
-                           gpu_layers=calibration.gpu_layers, progress=calibrating, cancel=cancel).matrix
+        calibrated = calibrate(reference, None, texts, chunks=calibration.chunks, ctx=calibration.ctx,
+                               gpu_layers=calibration.gpu_layers, progress=calibrating, cancel=cancel,
+                               covariance_chunks=calibration.covariance_chunks)
+        matrix, covariances = calibrated.matrix, calibrated.covariances or None
         origin = AUTO if not texts else "calibrated on " + ", ".join(Path(t.name).name for t in texts)
     else:
         matrix, origin = read_imatrix(Path(choice)), str(choice)
     check_matches_model(matrix, {t.name: t.shape for t in header.tensors}, model=reference.name)
-    return matrix, ImatrixUse(origin, tuple(matrix.datasets), len(matrix.entries), matrix.chunk_count)
+    return matrix, ImatrixUse(origin, tuple(matrix.datasets), len(matrix.entries), matrix.chunk_count), covariances
 
 
 def _run(
@@ -294,19 +341,29 @@ def _run(
     return tuple(_reworded(warning) for warning in report.warnings if "falling back" not in warning)
 
 
-def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, matrix: ImportanceMatrix | None,
-              texts: Sequence[CalibrationText] | None, gpu_layers: int, effort: ProbeEffort, progress: ProgressFn,
-              cancel: CancelToken) -> MixPlan:
-    like_bytes = preset_plan(reference, budget.like, matrix).n_bytes if budget.like is not None else None
-    if like_bytes is not None:
-        check_budget(budget, reference, header, like_bytes)
+def _like_bytes(budget: MixBudget | None, reference: Path, header: GGUFHeader,
+                matrix: ImportanceMatrix | None) -> int | None:
+    """The tensor bytes of the preset a `--like` budget names (from a dry run), checked to be within reach."""
+    if budget is None or budget.like is None:
+        return None
+    like_bytes = preset_plan(reference, budget.like, matrix).n_bytes
+    check_budget(budget, reference, header, like_bytes)
+    return like_bytes
 
+
+def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, like_bytes: int | None,
+              matrix: ImportanceMatrix | None, texts: Sequence[CalibrationText] | None, gpu_layers: int,
+              effort: ProbeEffort,
+              covariances: Mapping[str, np.ndarray] | None, progress: ProgressFn, cancel: CancelToken) -> MixPlan:
     def measuring(step: Progress) -> None:
         progress(Progress(step.done, step.total, step.unit, step.message))
 
     sensitivity = cached_sensitivity(reference, matrix, texts, gpu_layers=gpu_layers, progress=measuring,
                                      layer_bands=effort.layer_bands, probe_chunks=effort.probe_chunks,
                                      probe_ctx=effort.probe_ctx, cancel=cancel)
+    if covariances is not None:
+        sensitivity = feedback_sensitivity(sensitivity, reference, covariances, matrix, progress=progress,
+                                           cancel=cancel)
     return plan_mix(reference, header, budget, sensitivity, like_bytes)
 
 

@@ -165,7 +165,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     try:
         result = quantize(args.source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
                           chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
-                          plan_out=args.plan_out, mix_effort=args.mix_effort,
+                          plan_out=args.plan_out, mix_effort=args.mix_effort, encoder=args.encoder,
                           progress=bar)
     finally:
         bar.close()
@@ -175,8 +175,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     types = ", ".join(f"{count} {name}" for name, count in result.plan.type_counts().items())
     predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
+    feedback = ", error feedback" if result.plan.encoder == "feedback" else ""
     print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
-          f"{types}{matrix}{predicted})")
+          f"{types}{matrix}{feedback}{predicted})")
     if predictions:
         from converters.mix_report import plan_heatmap, summary_lines
 
@@ -427,6 +428,10 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--plan-out", type=Path, metavar="PLAN.json", help="also write the per-tensor plan")
     quantize.add_argument("--mix-effort", choices=("fast", "default", "thorough"), default="default",
                           help="how finely a sensitivity mix probes the model (fast for large models)")
+    quantize.add_argument("--encoder", choices=("ggml", "feedback"), default=None,
+                          help="ggml: llama.cpp's rounding; feedback: rounding errors compensated within each row "
+                               "against the calibration text's input correlations (default: feedback for a mix of "
+                               "a model whose correlations fit 4 GiB, the plan's own for --plan, ggml for a preset)")
     quantize.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)

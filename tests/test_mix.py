@@ -204,10 +204,11 @@ def test_a_starter_mix_reports_its_plan_and_eval_shows_predicted_against_measure
         smollm2_f16: Path, starter_imatrix: Path, tmp_path: Path) -> None:
     output, plan_path = tmp_path / "mix.gguf", tmp_path / "plan.json"
     result = qdesk("quantize", str(smollm2_f16), "-o", str(output), "--like", "Q4_K_M", "--mix-effort", "fast",
-                   "--imatrix", str(starter_imatrix), "--plan-out", str(plan_path))
+                   "--imatrix", str(starter_imatrix), "--plan-out", str(plan_path), "--chunks", "4")
     assert result.returncode == 0, result.stderr
     summary = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert summary == [*BLOCK_CLASSES, "token_embd"]
+    assert "error feedback" in result.stdout and json.loads(plan_path.read_text())["encoder"] == "feedback"
 
     report = json.loads(plan_path.read_text())["report"]
     predicted = recorded_prediction(output)

@@ -1,0 +1,167 @@
+"""Error-feedback quantization: ggml's block formats with rounding errors compensated against input correlations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from converters.calibration import builtin_texts, calibration_chunks
+from converters.plan import QuantPlan
+from converters.quantize import quantize
+from native.activations import ModelEvaluator
+from native.error_feedback import FEEDBACK_TYPES, prepare_inputs, quantize_with_feedback, supports_feedback
+from native.kernels import dequantize_rows, quantize_rows
+
+LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+K_QUANTS = ("q4_K", "q5_K", "q6_K")
+
+
+def _correlated_inputs(n_in: int, seed: int = 0) -> np.ndarray:
+    """Second moments of inputs whose columns are correlated and of very different scales, like activations."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((n_in, n_in)) * 0.15 + np.eye(n_in)
+    inputs = rng.standard_normal((4 * n_in, n_in)) @ mixing * np.exp(rng.standard_normal(n_in))
+    return inputs.T @ inputs
+
+
+def _output_error(weights: np.ndarray, decoded: np.ndarray, inputs: np.ndarray) -> float:
+    error = weights.astype(np.float64) - decoded
+    return float(np.einsum("ij,jk,ik->", error, inputs, error))
+
+
+@pytest.mark.parametrize("type_name", FEEDBACK_TYPES)
+def test_feedback_cuts_the_product_error_on_correlated_inputs(type_name: str) -> None:
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((64, 512)).astype(np.float32)
+    inputs = _correlated_inputs(512)
+    importance = (np.diag(inputs) / 2048).astype(np.float32)
+    plain = dequantize_rows(quantize_rows(weights, type_name, importance), type_name, 64, 512)
+    encoded = quantize_with_feedback(weights, type_name, inputs, importance)
+    assert encoded.shape == (64, quantize_rows(weights[:1], type_name).shape[1])
+    fed = dequantize_rows(encoded, type_name, 64, 512)
+    assert _output_error(weights, fed, inputs) < 0.75 * _output_error(weights, plain, inputs)
+
+
+@pytest.mark.parametrize("type_name", K_QUANTS)
+def test_with_uncorrelated_inputs_k_quants_are_exactly_ggmls_encoding(type_name: str) -> None:
+    """With H = I nothing is fed forward, so each weight is rounded on ggml's grid as ggml rounds it: the same bytes,
+    which checks the packing of every bit of the layout."""
+    weights = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
+    encoded = quantize_with_feedback(weights, type_name, np.eye(512))
+    np.testing.assert_array_equal(encoded, quantize_rows(weights, type_name))
+
+
+@pytest.mark.parametrize("type_name", LEGACY)
+def test_with_uncorrelated_inputs_legacy_types_round_as_well_as_ggml(type_name: str) -> None:
+    weights = np.random.default_rng(3).standard_normal((16, 256)).astype(np.float32)
+    ours = dequantize_rows(quantize_with_feedback(weights, type_name, np.eye(256)), type_name, 16, 256)
+    ggml = dequantize_rows(quantize_rows(weights, type_name), type_name, 16, 256)
+    assert np.square(weights - ours).sum() <= 1.001 * np.square(weights - ggml).sum()
+
+
+def test_what_feedback_cannot_write_is_refused() -> None:
+    assert supports_feedback("q4_0", 576) and not supports_feedback("q4_K", 576)
+    assert not supports_feedback("q2_K", 512) and not supports_feedback("f16", 512)
+    with pytest.raises(ValueError, match="does not fit rows of 576"):
+        quantize_with_feedback(np.zeros((2, 576), np.float32), "q6_K", np.eye(576))
+    with pytest.raises(ValueError, match="rows have 64 weights"):
+        quantize_with_feedback(np.zeros((2, 64), np.float32), "q8_0", prepare_inputs(np.eye(32)))
+
+
+def test_inputs_that_never_carried_a_signal_are_stored_as_zero() -> None:
+    inputs = _correlated_inputs(64)
+    inputs[:, 5] = inputs[5, :] = 0
+    weights = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+    fed = dequantize_rows(quantize_with_feedback(weights, "q8_0", inputs), "q8_0", 8, 64)
+    assert np.all(fed[:, 5] == 0) and np.isfinite(fed).all()
+
+
+@pytest.fixture(scope="module")
+def starter_covariances(smollm2_f16: Path) -> dict[str, np.ndarray]:
+    with ModelEvaluator(smollm2_f16, n_ctx=128, covariance_chunks=2) as evaluator:
+        for chunk in calibration_chunks(evaluator, builtin_texts(), 128, 3):
+            evaluator.evaluate_chunk(chunk)
+        longer = evaluator.stats()
+    assert longer.matrices["blk.0.attn_q.weight"].counts[0] == 3 * 128
+    with ModelEvaluator(smollm2_f16, n_ctx=128, covariance_chunks=2) as evaluator:
+        for chunk in calibration_chunks(evaluator, builtin_texts(), 128, 2):
+            evaluator.evaluate_chunk(chunk)
+        stats = evaluator.stats()
+    for name in ("blk.0.attn_q.weight", "blk.29.ffn_down.weight", "token_embd.weight"):  # the first two chunks only
+        np.testing.assert_allclose(longer.covariances[name], stats.covariances[name], rtol=1e-9, err_msg=name)
+    for name, matrix in stats.matrices.items():
+        np.testing.assert_allclose(np.diag(stats.covariances[name]), matrix.sums[0], rtol=1e-4, err_msg=name)
+    return stats.covariances
+
+
+def test_covariances_are_shared_by_matrices_that_read_the_same_input(
+        starter_covariances: dict[str, np.ndarray]) -> None:
+    q, k, v = (starter_covariances[f"blk.3.attn_{part}.weight"] for part in "qkv")
+    assert q is k is v and q.shape == (576, 576)
+    assert starter_covariances["blk.3.ffn_gate.weight"] is starter_covariances["blk.3.ffn_up.weight"]
+    assert starter_covariances["blk.3.ffn_down.weight"].shape == (1536, 1536)
+    assert starter_covariances["blk.3.attn_output.weight"] is not q
+    embedding = starter_covariances["token_embd.weight"]  # SmolLM2 ties its output product to the embedding
+    assert embedding.shape == (576, 576) and embedding is not q and np.all(np.diag(embedding) > 0)
+    np.testing.assert_allclose(q, q.T, rtol=1e-6)
+
+
+def test_feedback_cuts_the_product_error_of_a_starter_model_matrix(
+        smollm2_f16: Path, starter_covariances: dict[str, np.ndarray]) -> None:
+    reader = gguf.GGUFReader(smollm2_f16)
+    (tensor,) = [t for t in reader.tensors if t.name == "blk.10.ffn_up.weight"]
+    weights = np.asarray(tensor.data, dtype=np.float32).reshape(-1, 576)
+    inputs = starter_covariances[tensor.name]
+    for type_name in ("q4_0", "q5_1"):
+        plain = dequantize_rows(quantize_rows(weights, type_name), type_name, *weights.shape)
+        fed = dequantize_rows(quantize_with_feedback(weights, type_name, inputs), type_name, *weights.shape)
+        assert _output_error(weights, fed, inputs) < 0.8 * _output_error(weights, plain, inputs), type_name
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+def test_a_preset_with_feedback_keeps_llamas_layout_and_measures_closer(smollm2_f16: Path, tmp_path: Path) -> None:
+    from qdesk.evaluate import evaluate
+
+    plain = quantize(smollm2_f16, tmp_path / "plain.gguf", "Q4_0", imatrix="none")
+    fed = quantize(smollm2_f16, tmp_path / "fed.gguf", "Q4_0", imatrix="none", encoder="feedback", chunks=4,
+                   ctx=256, plan_out=tmp_path / "plan.json")
+    assert fed.plan.types() == plain.plan.types() and fed.bytes == plain.bytes
+    assert fed.plan.encoder == "feedback" and QuantPlan.load(tmp_path / "plan.json").encoder == "feedback"
+    reader = gguf.GGUFReader(fed.path)
+    assert reader.fields["qdesk.encoder"].contents() == "error-feedback/1"
+    before, after = _tensor_bytes(plain.path), _tensor_bytes(fed.path)
+    changed = {name for name in before if before[name] != after[name]}
+    assert "blk.0.attn_q.weight" in changed and "token_embd.weight" in changed
+    assert not any(name.endswith("norm.weight") for name in changed)
+
+    result = evaluate(smollm2_f16, [plain.path, fed.path], chunks=3, ctx=128, memory_ctx=None)
+    plain_kld, fed_kld = (candidate.divergence.mean for candidate in result.candidates)
+    assert fed_kld < 0.9 * plain_kld
+
+
+def qdesk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_refuses_a_plan_with_an_unknown_encoder(smollm2_f16: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    qdesk_plan = quantize(smollm2_f16, tmp_path / "q8.gguf", "Q8_0", imatrix="none", plan_out=plan)
+    assert qdesk_plan.plan.encoder == "ggml"
+    document = json.loads(plan.read_text())
+    document["encoder"] = "magic"
+    plan.write_text(json.dumps(document))
+    output = tmp_path / "never.gguf"
+    result = qdesk("quantize", str(smollm2_f16), "-o", str(output), "--plan", str(plan))
+    assert result.returncode == 1
+    assert "encoder 'magic'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not output.exists()
