@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from converters.imatrix import ImportanceMatrix
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.plan import type_name
 from converters.sensitivity import Sensitivity, TensorSensitivity
+
+if TYPE_CHECKING:
+    from native.error_feedback import PreparedInputs
 
 ENCODERS = ("ggml", "feedback")
 """ggml: llama.cpp's own rounding; feedback: ggml's block scales, integers chosen with error feedback."""
@@ -94,6 +98,44 @@ def collect_input_covariances(
     return covariances
 
 
+class _ReferenceWeights:
+    """The reference's 2-D weights as float32 rows, read through a memory map at the offsets its header gives."""
+
+    def __init__(self, reference: Path) -> None:
+        header = check_gguf(reference)
+        self._tensors = {tensor.name: tensor for tensor in header.tensors}
+        self._data_offset = header.data_offset
+        self._file = np.memmap(reference, dtype=np.uint8, mode="r")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def rows(self, name: str, picked: np.ndarray | None = None) -> np.ndarray:
+        from native.kernels import source_rows
+
+        tensor = self._tensors[name]
+        start = self._data_offset + tensor.offset
+        stored = self._file[start : start + tensor.n_bytes].reshape(tensor.shape[1], -1)
+        return source_rows(stored if picked is None else stored[picked], type_name(tensor.type), tensor.shape[0])
+
+
+class _PreparedInputs:
+    """Factored covariances, each computed once however many matrices share it (a layer's q, k and v)."""
+
+    def __init__(self, covariances: Mapping[str, np.ndarray]) -> None:
+        self._covariances = covariances
+        self._prepared: dict[int, PreparedInputs] = {}
+
+    def __getitem__(self, name: str) -> PreparedInputs:
+        from native.error_feedback import prepare_inputs
+
+        inputs = self._covariances[name]
+        found = self._prepared.get(id(inputs))
+        if found is None:
+            found = self._prepared[id(inputs)] = prepare_inputs(inputs)
+        return found
+
+
 def _importance_vector(matrix: ImportanceMatrix | None, name: str) -> np.ndarray | None:
     entry = matrix.entries.get(name) if matrix is not None else None
     if entry is None or entry.sums.shape[0] != 1:
@@ -113,13 +155,11 @@ def apply_feedback(
 ) -> int:
     """Re-encode, in place in `quantized` (llama.cpp's output for `reference`), every tensor with a covariance and
     a type error feedback writes; returns how many were re-encoded."""
-    from gguf import GGUFReader
-
     from native.error_feedback import quantize_with_feedback, supports_feedback
-    from native.kernels import source_rows
 
     written = check_gguf(quantized)
-    sources = {tensor.name: tensor for tensor in GGUFReader(reference).tensors}
+    sources = _ReferenceWeights(reference)
+    prepared = _PreparedInputs(covariances)
     chosen = [tensor for tensor in written.tensors
               if tensor.name in covariances and tensor.name in sources and len(tensor.shape) == 2
               and supports_feedback(type_name(tensor.type), tensor.shape[0])]
@@ -129,12 +169,10 @@ def apply_feedback(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             progress(Progress(index, len(chosen), "tensors", "error feedback"))
-            source = sources[tensor.name]
-            rows = source_rows(np.asarray(source.data).reshape(tensor.shape[1], -1),
-                               type_name(source.tensor_type), tensor.shape[0])
+            rows = sources.rows(tensor.name)
             try:
                 encoded = quantize_with_feedback(
-                    rows, type_name(tensor.type), covariances[tensor.name], _importance_vector(matrix, tensor.name),
+                    rows, type_name(tensor.type), prepared[tensor.name], _importance_vector(matrix, tensor.name),
                     threads=threads, should_stop=(lambda: cancel.cancelled) if cancel is not None else None)
             except InterruptedError:
                 raise Cancelled("quantization was cancelled") from None
@@ -170,14 +208,13 @@ def feedback_sensitivity(
     part of tr(E H Eᵀ), which is what ggml's nearly independent rounding errors amount to. Feedback errors are
     correlated so as to cancel in the product; scaling by the measured ratio values them by what they do there.
     """
-    from gguf import GGUFReader
-
-    from native.error_feedback import prepare_inputs, quantize_with_feedback, supports_feedback
-    from native.kernels import dequantize_rows, quantize_rows, source_rows
+    from native.error_feedback import quantize_with_feedback, supports_feedback
+    from native.kernels import dequantize_rows, quantize_rows
 
     key = (str(reference.resolve()), reference.stat().st_mtime_ns, id(covariances), id(matrix), sample_rows)
     known = _LAST_RATIOS.get(key, {})
-    sources = {tensor.name: tensor for tensor in GGUFReader(reference).tensors}
+    sources = _ReferenceWeights(reference)
+    prepared_inputs = _PreparedInputs(covariances)
     scaled = []
     for index, tensor in enumerate(sensitivity.tensors):
         if cancel is not None:
@@ -193,11 +230,9 @@ def feedback_sensitivity(
         if all(option.type in ratios for option in fed):
             scaled.append(_scaled(tensor, ratios))
             continue
-        source = sources[tensor.name]
-        stored = np.asarray(source.data).reshape(tensor.shape[1], -1)
         picked = np.unique(np.linspace(0, tensor.shape[1] - 1, min(sample_rows, tensor.shape[1])).astype(np.int64))
-        rows = source_rows(stored[picked], type_name(source.tensor_type), tensor.shape[0])
-        prepared = prepare_inputs(inputs)
+        rows = sources.rows(tensor.name, picked)
+        prepared = prepared_inputs[tensor.name]
         importance = _importance_vector(matrix, tensor.name)
         for option in fed:
             plain = dequantize_rows(quantize_rows(rows, option.type, importance, threads=1), option.type,
