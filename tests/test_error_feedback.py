@@ -165,3 +165,24 @@ def test_cli_refuses_a_plan_with_an_unknown_encoder(smollm2_f16: Path, tmp_path:
     assert result.returncode == 1
     assert "encoder 'magic'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not output.exists()
+
+
+def test_cancel_while_re_encoding_leaves_nothing_behind(kquant_f16: Path, tmp_path: Path) -> None:
+    from converters.errors import Cancelled
+    from converters.jobs import CancelToken, Progress
+
+    cancel = CancelToken()
+    seen: list[int] = []
+
+    def cancel_after_the_first_tensor(step: Progress) -> None:
+        if step.message == "error feedback":
+            seen.append(step.done)
+            if step.done >= 1:
+                cancel.cancel()
+
+    output = tmp_path / "out.gguf"
+    with pytest.raises(Cancelled):
+        quantize(kquant_f16, output, "Q4_K_M", imatrix="none", encoder="feedback", chunks=2, ctx=128,
+                 progress=cancel_after_the_first_tensor, cancel=cancel)
+    assert seen[:2] == [0, 1]
+    assert list(tmp_path.iterdir()) == []
