@@ -263,28 +263,34 @@ def _encode_rows(weights: np.ndarray, layout: _Format, name: str, prepared: Prep
     rows, n_in = weights.shape
     size = layout.block
     factor = prepared.factor
-    work = np.array(weights, dtype=np.float64, copy=True)
-    work[:, prepared.dead] = 0
+    work = np.array(weights.T, dtype=np.float64, order="C")
+    """Transposed (n_in × rows), so that the column being rounded and the ones it corrects are contiguous."""
+    work[prepared.dead] = 0
     out = np.empty((rows, n_in // size * layout.block_bytes), dtype=np.uint8)
+    errors = np.empty((size, rows))
+    levels = np.empty((size, rows))
     for first in range(0, n_in, size):
         last = first + size
-        encoded = quantize_rows(work[:, first:last].astype(np.float32), name,
+        encoded = quantize_rows(np.ascontiguousarray(work[first:last].T, dtype=np.float32), name,
                                 None if importance is None else importance[first:last], threads=1)
-        scale, minimum = layout.grid(encoded)
+        row_scale, row_minimum = layout.grid(encoded)
+        scale, minimum = np.ascontiguousarray(row_scale.T), np.ascontiguousarray(row_minimum.T)
         empty = scale == 0
         safe_scale = np.where(empty, 1.0, scale)
-        errors = np.empty((rows, size))
-        levels = np.empty((rows, size), dtype=np.int64)
-        for column in range(first, last):
-            at = column - first
-            values = work[:, column]
-            level = np.clip(np.rint((values - minimum[:, at]) / safe_scale[:, at]), layout.low, layout.high)
-            level[empty[:, at]] = 0 if layout.low < 0 else level[empty[:, at]]
-            error = (values - (scale[:, at] * level + minimum[:, at])) / factor[column, column]
-            work[:, column + 1 : last] -= np.outer(error, factor[column, column + 1 : last])
-            errors[:, at] = error
-            levels[:, at] = level
-        work[:, last:] -= errors @ factor[first:last, last:]
-        layout.pack(levels + layout.offset, encoded)
+        for at, column in enumerate(range(first, last)):
+            values = work[column]
+            level = levels[at]
+            np.rint((values - minimum[at]) / safe_scale[at], out=level)
+            np.clip(level, layout.low, layout.high, out=level)
+            if layout.low < 0:
+                level[empty[at]] = 0
+            error = errors[at]
+            np.subtract(values, scale[at] * level + minimum[at], out=error)
+            error /= factor[column, column]
+            if column + 1 < last:
+                work[column + 1 : last] -= np.outer(factor[column, column + 1 : last], error)
+        if last < n_in:
+            work[last:] -= factor[first:last, last:].T @ errors
+        layout.pack(levels.T.astype(np.int64) + layout.offset, encoded)
         out[:, first // size * layout.block_bytes : last // size * layout.block_bytes] = encoded
     return out
