@@ -23,7 +23,7 @@ import numpy as np
 
 from converters.calibration import CalibrationText, builtin_texts, calibration_chunks
 from converters.errors import Cancelled, UserError
-from converters.gguf_file import GGUFHeader, check_gguf
+from converters.gguf_file import GGUFHeader, TensorHeader, check_gguf
 from converters.imatrix import ImportanceMatrix
 from converters.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.plan import type_name
@@ -120,20 +120,32 @@ class _ReferenceWeights:
 
 
 class _PreparedInputs:
-    """Factored covariances, each computed once however many matrices share it (a layer's q, k and v)."""
+    """Factored covariances, each computed once however many matrices share it (a layer's q, k and v), and once
+    for both the ratio measurement and the re-encoding (see `_prepared_inputs`)."""
 
     def __init__(self, covariances: Mapping[str, np.ndarray]) -> None:
-        self._covariances = covariances
+        self.covariances = covariances
         self._prepared: dict[int, PreparedInputs] = {}
 
     def __getitem__(self, name: str) -> PreparedInputs:
         from native.error_feedback import prepare_inputs
 
-        inputs = self._covariances[name]
+        inputs = self.covariances[name]
         found = self._prepared.get(id(inputs))
         if found is None:
             found = self._prepared[id(inputs)] = prepare_inputs(inputs)
         return found
+
+
+_LAST_PREPARED: list[_PreparedInputs] = []
+"""The factors of the latest covariances, from the ratio measurement until the re-encoding has used them (they
+take as much memory as the covariances); holding them also keeps those covariances' identity unique."""
+
+
+def _prepared_inputs(covariances: Mapping[str, np.ndarray]) -> _PreparedInputs:
+    if not _LAST_PREPARED or _LAST_PREPARED[0].covariances is not covariances:
+        _LAST_PREPARED[:] = [_PreparedInputs(covariances)]
+    return _LAST_PREPARED[0]
 
 
 def _importance_vector(matrix: ImportanceMatrix | None, name: str) -> np.ndarray | None:
@@ -155,15 +167,28 @@ def apply_feedback(
 ) -> int:
     """Re-encode, in place in `quantized` (llama.cpp's output for `reference`), every tensor with a covariance and
     a type error feedback writes; returns how many were re-encoded."""
-    from native.error_feedback import quantize_with_feedback, supports_feedback
+    from native.error_feedback import supports_feedback
 
     written = check_gguf(quantized)
     sources = _ReferenceWeights(reference)
-    prepared = _PreparedInputs(covariances)
+    prepared = _prepared_inputs(covariances)
     chosen = [tensor for tensor in written.tensors
               if tensor.name in covariances and tensor.name in sources and len(tensor.shape) == 2
               and supports_feedback(type_name(tensor.type), tensor.shape[0])]
     started = time.monotonic()
+    try:
+        _re_encode(quantized, written, chosen, sources, prepared, matrix, threads, progress, cancel)
+    finally:
+        _LAST_PREPARED.clear()
+    progress(Progress(len(chosen), len(chosen), "tensors", f"error feedback ({time.monotonic() - started:.0f} s)"))
+    return len(chosen)
+
+
+def _re_encode(quantized: Path, written: GGUFHeader, chosen: Sequence[TensorHeader], sources: _ReferenceWeights,
+               prepared: _PreparedInputs, matrix: ImportanceMatrix | None, threads: int | None,
+               progress: ProgressFn, cancel: CancelToken | None) -> None:
+    from native.error_feedback import quantize_with_feedback
+
     with quantized.open("r+b") as file:
         for index, tensor in enumerate(chosen):
             if cancel is not None:
@@ -181,8 +206,6 @@ def apply_feedback(
                                     f"wrote {tensor.n_bytes}; quantize with --encoder ggml.")
             file.seek(written.data_offset + tensor.offset)
             file.write(encoded.tobytes())
-    progress(Progress(len(chosen), len(chosen), "tensors", f"error feedback ({time.monotonic() - started:.0f} s)"))
-    return len(chosen)
 
 
 
@@ -214,7 +237,7 @@ def feedback_sensitivity(
     key = (str(reference.resolve()), reference.stat().st_mtime_ns, id(covariances), id(matrix), sample_rows)
     known = _LAST_RATIOS.get(key, {})
     sources = _ReferenceWeights(reference)
-    prepared_inputs = _PreparedInputs(covariances)
+    prepared_inputs = _prepared_inputs(covariances)
     scaled = []
     for index, tensor in enumerate(sensitivity.tensors):
         if cancel is not None:
