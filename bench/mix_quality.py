@@ -13,10 +13,14 @@ calibration text. For each model every variant is quantized from the F32 referen
 * presets: Q2_K … Q8_0, each with the model's importance matrix and without one;
 * rules: every family in `bench/_support/rule_mixes.py` at every base type q4_0 … q8_0, with the matrix;
 * mix (`--mix`): the sensitivity mix (`quantize(reference, out, MixBudget(size_bytes=…))`) at the file sizes of
-  Q3_K_M, Q4_K_M and Q5_K_M and at `--mix-bpw` budgets (see `mix_variant`), each with the KLD its plan predicts.
+  Q3_K_M, Q4_K_M and Q5_K_M and at `--mix-bpw` budgets (see `mix_variant`), each with the KLD its plan predicts,
+  rounded with error feedback as `qdesk quantize` does by default;
+* encoder diagnostics (with `--mix`): at those three sizes the preset and the best rule with error feedback, and the
+  mix with llama.cpp's rounding, so the rounding's share of the gain can be told from the allocation's.
 
 Prints, per model, a table sorted by size and, for Q3_K_M, Q4_K_M and Q5_K_M, the preset's KLD against the best
-rule mix no larger; writes the raw results as JSON and a self-contained SVG of KLD against bits per weight.
+rule mix no larger, how many presets and rules the mix curve lies below, and the rounding table; writes the raw
+results as JSON and a self-contained SVG of KLD against bits per weight.
 
 Everything is cached under `.cache/bench/mix/`: checkpoints, references, importance matrices, the reference
 distributions (`QDESK_CACHE_DIR` points there unless set), and the results, keyed by what determines them (the
@@ -49,7 +53,8 @@ DEFAULT_CACHE = REPO_ROOT / ".cache" / "bench" / "mix"
 os.environ.setdefault("QDESK_CACHE_DIR", str(DEFAULT_CACHE / "qdesk-cache"))
 
 from bench._support.mix_models import BenchModel, Timings, prepare_models  # noqa: E402
-from bench._support.rule_mixes import LEGACY_LADDER, RULES, rule_plan  # noqa: E402
+from bench._support.rule_mixes import LEGACY_LADDER, RULES, rule_named, rule_plan  # noqa: E402
+from converters.feedback import FEEDBACK_CHUNKS  # noqa: E402
 from converters.gguf_file import file_fingerprint  # noqa: E402
 from converters.imatrix import ImportanceMatrix, read_imatrix  # noqa: E402
 from converters.plan import QuantPlan  # noqa: E402
@@ -63,6 +68,9 @@ IMATRIX_BLIND_TYPES = {"q8_0", "f16", "f32", "bf16"}
 SERIES_PRESET = "preset + imatrix"
 SERIES_PRESET_PLAIN = "preset, no imatrix"
 SERIES_MIX = "mix"
+SERIES_ENCODER = "encoder: "
+"""Prefix of the diagnostic series that swap the rounding: a preset or rule with error feedback, a mix with
+ggml's rounding (in their own table, not in the bars or the plot)."""
 SENSITIVITY_KEY = "sensitivity/1"
 """Part of a mix variant's key besides its types: the file also records `qdesk.mix.*` (a few bytes more)."""
 RESULTS_FORMAT = "qdesk.bench.mix_quality/1"
@@ -213,12 +221,14 @@ def mix_variants(context: ModelContext, budgets: Sequence[tuple[str, int]], log:
                  ) -> list[Variant]:
     """One variant per budget the model allows, keyed by the plan's types (planning is milliseconds once the
     sensitivity is measured, so a rerun re-measures only mixes whose tensors changed)."""
+    from converters.feedback import collect_input_covariances, feedback_sensitivity
     from converters.gguf_file import check_gguf
     from converters.mix import MixBudget, MixError, plan_mix
 
     reference, matrix = context.model.reference, context.matrix
     started = time.monotonic()
-    sensitivity = mix_sensitivity(reference, matrix)
+    covariances = collect_input_covariances(reference, chunks=FEEDBACK_CHUNKS)
+    sensitivity = feedback_sensitivity(mix_sensitivity(reference, matrix), reference, covariances, matrix)
     log(f"  [{context.model.name}] sensitivity: measured in {sensitivity.seconds:.1f} s "
         f"({len(sensitivity.group_kld)} groups, {sensitivity.probe_tokens} probe tokens; this run "
         f"{time.monotonic() - started:.1f} s)")
@@ -235,8 +245,55 @@ def mix_variants(context: ModelContext, budgets: Sequence[tuple[str, int]], log:
             mix_variant(reference, output, budget, matrix)
 
         variants.append(Variant(f"mix {label}", SERIES_MIX,
-                                context.fingerprint(mix.plan.types(), True, extra={"mix": SENSITIVITY_KEY}), build,
+                                context.fingerprint(mix.plan.types(), True,
+                                                    extra={"mix": SENSITIVITY_KEY, "encoder": "error-feedback/1",
+                                                           "feedback_chunks": FEEDBACK_CHUNKS}), build,
                                 note=f"budget {budget / MB:.2f} MB", predicted_kld=mix.predicted_kld))
+    return variants
+
+
+def encoder_variants(context: ModelContext, results: Sequence[Measured]) -> list[Variant]:
+    """At each bar budget, the same files with the other rounding: the preset and the best rule no larger with
+    error feedback, and the mix with ggml's rounding, so that the allocation's share of the gain and the
+    encoder's can be told apart."""
+    from converters.gguf_file import check_gguf
+    from converters.mix import MixBudget, plan_mix
+
+    reference, matrix = context.model.reference, context.matrix
+    header = check_gguf(reference)
+    plain_sensitivity = mix_sensitivity(reference, matrix)
+    feedback = {"encoder": "error-feedback/1", "feedback_chunks": FEEDBACK_CHUNKS}
+    variants = []
+    for name in BAR_PRESETS:
+        preset = next((m for m in results if m.label == name and m.series == SERIES_PRESET), None)
+        if preset is None:
+            continue
+        preset_types = preset_plan(reference, name, matrix).types()
+
+        def preset_build(output: Path, name: str = name) -> None:
+            quantize(reference, output, name, imatrix=matrix, encoder="feedback")
+
+        variants.append(Variant(f"{name} + feedback", f"{SERIES_ENCODER}preset + feedback",
+                                context.fingerprint(preset_types, True, extra=feedback), preset_build))
+        rule = best_within(results, "rule ", preset.bytes)
+        if rule is not None:
+            family, base = rule.label.split("@")
+            plan = rule_plan(context.base_plan, rule_named(family), base)
+
+            def rule_build(output: Path, plan: QuantPlan = plan) -> None:
+                quantize(reference, output, plan, imatrix=matrix, encoder="feedback")
+
+            variants.append(Variant(f"{rule.label} + feedback", f"{SERIES_ENCODER}rule + feedback",
+                                    context.fingerprint(plan.types(), True, extra=feedback), rule_build,
+                                    note=f"the best rule within {name}'s size"))
+        mix = plan_mix(reference, header, MixBudget(size_bytes=preset.bytes), plain_sensitivity)
+
+        def mix_build(output: Path, budget: int = preset.bytes) -> None:
+            quantize(reference, output, MixBudget(size_bytes=budget), matrix, mix_effort=MIX_EFFORT, encoder="ggml")
+
+        variants.append(Variant(f"mix like {name}, ggml rounding", f"{SERIES_ENCODER}mix, ggml rounding",
+                                context.fingerprint(mix.plan.types(), True, extra={"mix": SENSITIVITY_KEY}),
+                                mix_build, predicted_kld=mix.predicted_kld))
     return variants
 
 
@@ -345,7 +402,7 @@ def run_model(context: ModelContext, settings: RunSettings, with_mix: bool, mix_
                 try:
                     result = measure(variant, context, store, settings, reference_ppl)
                 except Exception as error:
-                    if variant.series != SERIES_MIX:
+                    if variant.series != SERIES_MIX and not variant.series.startswith(SERIES_ENCODER):
                         raise
                     log(f"  [{model.name}] {variant.label}: the mix failed ({type(error).__name__}: {error})")
                     continue
@@ -364,6 +421,7 @@ def run_model(context: ModelContext, settings: RunSettings, with_mix: bool, mix_
         q8 = next(m for m in results if m.label == "Q8_0")
         overhead = q8.bytes - sum(t.n_bytes for t in context.base_plan.tensors)
         run(mix_variants(context, mix_budgets(results, context.base_plan.n_elements, overhead, mix_bpw), log))
+        run(encoder_variants(context, results))
     return ModelReport(model.name, model.reference, model.reference.stat().st_size, context.base_plan.n_elements,
                        reference_ppl.get("ppl", math.nan), results, seconds)
 
@@ -391,6 +449,45 @@ def bar_rows(report: ModelReport) -> list[dict[str, Any]]:
             "mix_over_preset": mix.kld_mean / preset.kld_mean if mix else None,
             "mix_over_rule": mix.kld_mean / rule.kld_mean if mix and rule else None,
         })
+    return rows
+
+
+def curve_comparison(results: Sequence[Measured]) -> tuple[list[Measured], list[Measured]]:
+    """The presets and rules within the mix curve's range of bits per weight, and those of them the curve does not
+    lie below (its log KLD interpolated linearly in bpw between neighbouring mixes)."""
+    mixes = sorted((m for m in results if m.series == SERIES_MIX and m.kld_mean > 0), key=lambda m: m.bpw)
+    if len(mixes) < 2:
+        return [], []
+    within = [m for m in unique_rows(results) if m.series != SERIES_MIX and not m.series.startswith(SERIES_ENCODER)
+              and mixes[0].bpw <= m.bpw <= mixes[-1].bpw]
+    not_below = []
+    for point in within:
+        low, high = next((a, b) for a, b in pairwise(mixes) if a.bpw <= point.bpw <= b.bpw)
+        share = (point.bpw - low.bpw) / (high.bpw - low.bpw) if high.bpw > low.bpw else 0.0
+        curve = math.exp(math.log(low.kld_mean) + share * (math.log(high.kld_mean) - math.log(low.kld_mean)))
+        if curve >= point.kld_mean:
+            not_below.append(point)
+    return within, not_below
+
+
+def encoder_rows(report: ModelReport) -> list[list[Measured | None]]:
+    """Per bar preset: the preset, the best rule no larger and the mix, each with ggml's rounding and with error
+    feedback."""
+    rows = []
+    for name in BAR_PRESETS:
+        preset = next((m for m in report.results if m.label == name and m.series == SERIES_PRESET), None)
+        if preset is None:
+            continue
+        rule = best_within(report.results, "rule ", preset.bytes)
+
+        def diagnostic(label: str) -> Measured | None:
+            return next((m for m in report.results if m.series.startswith(SERIES_ENCODER) and m.label == label), None)
+
+        rows.append([preset, diagnostic(f"{name} + feedback"), rule,
+                     diagnostic(f"{rule.label} + feedback") if rule else None,
+                     diagnostic(f"mix like {name}, ggml rounding"),
+                     next((m for m in report.results if m.series == SERIES_MIX and m.label == f"mix like {name}"),
+                          None)])
     return rows
 
 
@@ -437,6 +534,23 @@ def markdown(reports: Sequence[ModelReport], prose: dict[str, Any] | None, setti
                 f"| {_number(row['mix_bytes'], MB, '.2f')} | {_number(row['mix_kld'], 1, '.5f')} "
                 f"| {_number(row['mix_over_preset'], 1, '.3f')} | {_number(row['mix_over_rule'], 1, '.3f')} |")
         lines.append("")
+        within, not_below = curve_comparison(report.results)
+        if within:
+            exceptions = "; ".join(f"{m.label} ({m.series}, {m.bpw:.3f} bpw, KLD {m.kld_mean:.5f})" for m in not_below)
+            lines += [f"The mix curve lies below {len(within) - len(not_below)} of the {len(within)} presets and "
+                      f"rules within its range of bits per weight" + (f"; not below: {exceptions}." if not_below
+                                                                       else "."), ""]
+        encoder_table = encoder_rows(report)
+        if encoder_table:
+            lines += [f"Rounding against allocation on {report.name} (mean KLD; sizes as in the bar table):", "",
+                      "| budget | preset | preset + feedback | best rule | rule + feedback | mix, ggml rounding | "
+                      "mix (feedback) |", "|---|---:|---:|---|---:|---:|---:|"]
+            for preset, preset_fed, rule, rule_fed, mix_plain, mix in encoder_table:
+                cells = [_number(m.kld_mean if m else None, 1, ".5f") for m in (preset, preset_fed)]
+                cells.append(f"{rule.label}: {rule.kld_mean:.5f}" if rule else "—")
+                cells += [_number(m.kld_mean if m else None, 1, ".5f") for m in (rule_fed, mix_plain, mix)]
+                lines.append(f"| {preset.label} | " + " | ".join(cells) + " |")
+            lines.append("")
         mixes = sorted((m for m in report.results if m.series == SERIES_MIX), key=lambda m: m.bytes)
         if mixes:
             lines += [f"Mixes on {report.name}, predicted against measured KLD:", "",
@@ -503,7 +617,8 @@ def preset_twins(results: Sequence[Measured], preset: Measured) -> str:
 def svg_plot(reports: Sequence[ModelReport]) -> str:
     """KLD (log scale) against bits per weight, one panel per model, every series with its own marker."""
     width, height, left, right, top, bottom = 560, 430, 64, 16, 34, 46
-    all_points = [m for report in reports for m in report.results if m.kld_mean > 0]
+    all_points = [m for report in reports for m in report.results
+                  if m.kld_mean > 0 and not m.series.startswith(SERIES_ENCODER)]
     low_bpw = math.floor(min(m.bpw for m in all_points) * 2) / 2
     high_bpw = math.ceil(max(m.bpw for m in all_points) * 2) / 2
     low_kld = math.floor(math.log10(min(m.kld_mean for m in all_points)))
