@@ -264,10 +264,7 @@ def encoder_variants(context: ModelContext, results: Sequence[Measured]) -> list
     plain_sensitivity = mix_sensitivity(reference, matrix)
     feedback = {"encoder": "error-feedback/1", "feedback_chunks": FEEDBACK_CHUNKS}
     variants = []
-    for name in BAR_PRESETS:
-        preset = next((m for m in results if m.label == name and m.series == SERIES_PRESET), None)
-        if preset is None:
-            continue
+    for name, preset, rule in bar_peers(results):
         preset_types = preset_plan(reference, name, matrix).types()
 
         def preset_build(output: Path, name: str = name) -> None:
@@ -275,7 +272,6 @@ def encoder_variants(context: ModelContext, results: Sequence[Measured]) -> list
 
         variants.append(Variant(f"{name} + feedback", f"{SERIES_ENCODER}preset + feedback",
                                 context.fingerprint(preset_types, True, extra=feedback), preset_build))
-        rule = best_within(results, "rule ", preset.bytes)
         if rule is not None:
             family, base = rule.label.split("@")
             plan = rule_plan(context.base_plan, rule_named(family), base)
@@ -431,13 +427,19 @@ def best_within(results: Sequence[Measured], series_prefix: str, max_bytes: int)
     return min(fitting, key=lambda m: m.kld_mean, default=None)
 
 
+def bar_peers(results: Sequence[Measured]) -> list[tuple[str, Measured, Measured | None]]:
+    """Per bar preset measured: its name, the preset with the importance matrix, and the best rule no larger."""
+    peers = []
+    for name in BAR_PRESETS:
+        preset = next((m for m in results if m.label == name and m.series == SERIES_PRESET), None)
+        if preset is not None:
+            peers.append((name, preset, best_within(results, "rule ", preset.bytes)))
+    return peers
+
+
 def bar_rows(report: ModelReport) -> list[dict[str, Any]]:
     rows = []
-    for name in BAR_PRESETS:
-        preset = next((m for m in report.results if m.label == name and m.series == SERIES_PRESET), None)
-        if preset is None:
-            continue
-        rule = best_within(report.results, "rule ", preset.bytes)
+    for name, preset, rule in bar_peers(report.results):
         mix = best_within(report.results, SERIES_MIX, preset.bytes)
         rows.append({
             "preset": name, "preset_bytes": preset.bytes, "preset_kld": preset.kld_mean,
@@ -474,11 +476,7 @@ def encoder_rows(report: ModelReport) -> list[list[Measured | None]]:
     """Per bar preset: the preset, the best rule no larger and the mix, each with ggml's rounding and with error
     feedback."""
     rows = []
-    for name in BAR_PRESETS:
-        preset = next((m for m in report.results if m.label == name and m.series == SERIES_PRESET), None)
-        if preset is None:
-            continue
-        rule = best_within(report.results, "rule ", preset.bytes)
+    for name, preset, rule in bar_peers(report.results):
 
         def diagnostic(label: str) -> Measured | None:
             return next((m for m in report.results if m.series.startswith(SERIES_ENCODER) and m.label == label), None)
