@@ -148,6 +148,12 @@ def _prepared_inputs(covariances: Mapping[str, np.ndarray]) -> _PreparedInputs:
     return _LAST_PREPARED[0]
 
 
+def release_factors() -> None:
+    """Free the factored covariances kept between `feedback_sensitivity` and `apply_feedback` (for a quantization
+    that stopped between the two)."""
+    _LAST_PREPARED.clear()
+
+
 def _importance_vector(matrix: ImportanceMatrix | None, name: str) -> np.ndarray | None:
     entry = matrix.entries.get(name) if matrix is not None else None
     if entry is None or entry.sums.shape[0] != 1:
@@ -179,7 +185,7 @@ def apply_feedback(
     try:
         _re_encode(quantized, written, chosen, sources, prepared, matrix, threads, progress, cancel)
     finally:
-        _LAST_PREPARED.clear()
+        release_factors()
     progress(Progress(len(chosen), len(chosen), "tensors", f"error feedback ({time.monotonic() - started:.0f} s)"))
     return len(chosen)
 

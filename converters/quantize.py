@@ -34,6 +34,7 @@ from converters.feedback import (
     collect_input_covariances,
     covariance_bytes,
     feedback_sensitivity,
+    release_factors,
 )
 from converters.gguf_file import GGUFHeader, check_gguf
 from converters.imatrix import ImportanceMatrix, check_matches_model, read_imatrix
@@ -129,7 +130,8 @@ def quantize(
     warnings: list[str] = []
 
     scratch = Path(output).parent if output is not None else None
-    with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output):
+    with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output), \
+            _factors_released():
         header = check_gguf(reference)
         requantize = already_quantized(header)
         if requantize and base.name not in _UNQUANTIZED_PRESETS:
@@ -179,6 +181,14 @@ def quantize(
         result_plan.save(plan_out)
     return QuantizeResult(target, target.stat().st_size, result_plan, preset.name if preset else None, use,
                           tuple(warnings), time.monotonic() - started)
+
+
+@contextmanager
+def _factors_released() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        release_factors()
 
 
 def _chosen_encoder(asked: str | None, budget: MixBudget | None, plan: QuantPlan | None, header: GGUFHeader) -> str:
