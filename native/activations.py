@@ -380,7 +380,8 @@ class _Covariances:
     share the first one's array, so it is computed and stored once. During a chunk the input rows are only
     copied; the products are computed when the chunk is committed, after llama.cpp's threads have finished the
     graph, so that the matrix products get the cores to themselves (computed inside the callback they took three
-    times as long), and a chunk that fails is simply dropped.
+    times as long), and a chunk that fails is simply dropped. The price is one chunk's input rows held in float32
+    until the commit: tokens × Σ n_in over the distinct inputs (about 0.2 GB at 512 tokens on the starter model).
     """
 
     def __init__(self, chunk_limit: int) -> None:
