@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from qdesk.engine import LoadOptions, SamplingOptions, load_model  # noqa: E402
-from qdesk.starter import starter_model_path  # noqa: E402
+from qdesk.app.starter import starter_model_path  # noqa: E402
+from qdesk.chat.engine import LoadOptions, SamplingOptions, load_model  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 PROMPT = "Write a long, detailed story about a dragon who learns to bake bread in a small mountain village."

@@ -5,7 +5,7 @@
 
 Defaults: the F16 SmolLM2 the tests build as reference and the starter model (Q4_1) as candidate.
 
-* qdesk: `qdesk.evaluate.evaluate(reference, [candidate])` with the reference's distributions already cached
+* qdesk: `qdesk.evaluation.evaluate.evaluate(reference, [candidate])` with the reference's distributions already cached
   (one warm-up run fills the cache), wall time of the whole call: reading the tokenizer, the cached reference,
   loading the candidate, decoding every chunk and scoring every token (KLD, top-1, perplexity).
 * peer: llama-cpp-python's low-level API alone: load the candidate, create a context like qdesk's, and decode
@@ -31,14 +31,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import llama_cpp.llama_cpp as llama  # noqa: E402 - after the path setup; loads llama_cpp before numpy
 
-from qdesk.eval_text import TokenChunks  # noqa: E402
-from qdesk.evaluate import evaluate  # noqa: E402
+from qdesk.evaluation.evaluate import evaluate  # noqa: E402
+from qdesk.evaluation.text import TokenChunks  # noqa: E402
 
 DEFAULT_REFERENCE = REPO_ROOT / ".cache" / "tests" / "smollm2-135m-f16.gguf"
 
 
 def starter() -> Path:
-    from qdesk.starter import starter_model_path
+    from qdesk.app.starter import starter_model_path
 
     return starter_model_path()
 
@@ -96,7 +96,7 @@ def main() -> None:
                           n_threads=args.threads)
         seconds = time.perf_counter() - started
         from native.activations import ModelEvaluator
-        from qdesk.eval_text import builtin_eval_texts, chunk_tokens
+        from qdesk.evaluation.text import builtin_eval_texts, chunk_tokens
 
         with ModelEvaluator(reference, n_ctx=args.ctx, collect=False, vocab_only=True) as tokenizer:
             bos = tokenizer.bos_token() if tokenizer.adds_bos() else None

@@ -31,7 +31,7 @@ BUILT_SIZES = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layer
 
 
 def build_model(folder: Path) -> Path:
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
     from tests.builders.checkpoints import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint(folder / "hf", "llama", tied=False, sizes=BUILT_SIZES)

@@ -50,7 +50,7 @@ def llama_cpp_logits(path: Path, ids: list[int], gpu_layers: int, kv_type: str) 
 def prepare(scratch: Path, ids: list[int]) -> list[str]:
     """Build, convert and compute the transformers references (this process imports torch)."""
     sys.path.insert(0, str(REPO_ROOT))
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
     from tests.builders.checkpoints import TINY_FAMILIES, build_tiny_checkpoint
 
     for family in TINY_FAMILIES:

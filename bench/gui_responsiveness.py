@@ -9,9 +9,9 @@ records how much later than the interval it fired. Two phases, same process:
 1. peer: nothing running, for `--idle-s` seconds: the loop's own jitter on this machine;
 2. jobs: through `qdesk.gui.background`, a real conversion (the SmolLM2-135M Hugging Face checkpoint of the test
    suite, BF16 safetensors, to an F16 GGUF in a temporary folder) and, at the same time, real generations with the
-   starter model (`qdesk.engine.load_model` + `chat`, tokens streamed to a GUI-thread signal that appends them to a
+   starter model (`qdesk.chat.engine.load_model` + `chat`, tokens streamed to a GUI-thread signal that appends them to a
    QPlainTextEdit, as the Compare view does), repeated until the conversion has finished (at least one answer).
-   The conversion runs as the app's Quantize queue runs it: `qdesk.isolated.run_isolated` in a child process, with
+   The conversion runs as the app's Quantize queue runs it: `qdesk.app.isolated.run_isolated` in a child process, with
    progress and cancel forwarded. With --convert-in-thread it runs in the job's own thread of this process, for
    comparison (pure-Python stretches of a conversion then hold the GIL the event loop needs).
 
@@ -38,7 +38,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtCore import QElapsedTimer, QObject, Qt, QTimer, Signal  # noqa: E402
 from PySide6.QtWidgets import QApplication, QPlainTextEdit  # noqa: E402
 
-from converters.jobs import CancelToken, ProgressFn  # noqa: E402
+from converters.core.jobs import CancelToken, ProgressFn  # noqa: E402
 from qdesk.gui.background import Job, JobFailure, start_job, wait_for_jobs  # noqa: E402
 
 PROMPT = "Write a long, detailed story about a dragon who learns to bake bread in a small mountain village."
@@ -125,8 +125,8 @@ def main() -> int:
                         help="where the test checkpoint is cached (default .cache/tests)")
     args = parser.parse_args()
 
-    from qdesk.engine import LoadOptions, SamplingOptions, load_model
-    from qdesk.starter import starter_model_path
+    from qdesk.app.starter import starter_model_path
+    from qdesk.chat.engine import LoadOptions, SamplingOptions, load_model
     from tests.builders.starter import smollm2_checkpoint
 
     checkpoint = smollm2_checkpoint(args.cache)
@@ -148,8 +148,8 @@ def main() -> int:
         conversion_ended: list[float] = []
 
         def convert(progress: ProgressFn, cancel: CancelToken) -> float:
-            from converters.convert import convert_checkpoint
-            from qdesk.isolated import run_isolated
+            from converters.writing.convert import convert_checkpoint
+            from qdesk.app.isolated import run_isolated
 
             started = time.monotonic()
             try:

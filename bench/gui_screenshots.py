@@ -73,7 +73,7 @@ def settle(seconds: float = SETTLE_S) -> None:
 
 
 def run_evaluation(window: object) -> None:
-    from qdesk.starter import starter_model_path
+    from qdesk.app.starter import starter_model_path
 
     if not REFERENCE.is_file():
         print(f"--evaluate: {REFERENCE} is missing (the test suite makes it); Evaluate stays empty.")

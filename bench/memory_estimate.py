@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from qdesk.app.starter import starter_model_path  # noqa: E402
 from qdesk.memory import MemoryEstimate, MemorySplit, estimate_memory, measure_allocation  # noqa: E402
-from qdesk.starter import starter_model_path  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench" / "memory"
 TEST_REFERENCE = REPO / ".cache" / "tests" / "smollm2-135m-f16.gguf"
@@ -29,8 +29,8 @@ MiB = 1 << 20
 
 
 def _variants() -> list[Path]:
-    from converters.convert import convert_checkpoint
-    from converters.quantize import quantize
+    from converters.quantization.quantize import quantize
+    from converters.writing.convert import convert_checkpoint
     from tests.builders.starter import smollm2_checkpoint
 
     CACHE.mkdir(parents=True, exist_ok=True)

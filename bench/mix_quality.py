@@ -8,7 +8,7 @@ Models (`bench/_support/mix_models.py`): SmolLM2-135M-Instruct converted by qdes
 checkpoint ("original", whose weights lie on Q4_1's grid), and a copy with 8 % of each 32-weight block's standard
 deviation of seeded Gaussian noise added to every weight matrix ("broken"). Each is calibrated once on the built-in
 calibration text. For each model every variant is quantized from the F32 reference and evaluated against it by
-`qdesk.evaluate.evaluate` on the built-in held-out text (`--chunks` chunks of 512 tokens):
+`qdesk.evaluation.evaluate.evaluate` on the built-in held-out text (`--chunks` chunks of 512 tokens):
 
 * presets: Q2_K … Q8_0, each with the model's importance matrix and without one;
 * rules: every family in `bench/_support/rule_mixes.py` at every base type q4_0 … q8_0, with the matrix;
@@ -54,12 +54,12 @@ os.environ.setdefault("QDESK_CACHE_DIR", str(DEFAULT_CACHE / "qdesk-cache"))
 
 from bench._support.mix_models import BenchModel, Timings, prepare_models  # noqa: E402
 from bench._support.rule_mixes import LEGACY_LADDER, RULES, rule_named, rule_plan  # noqa: E402
-from converters.feedback import FEEDBACK_CHUNKS  # noqa: E402
-from converters.gguf_file import file_fingerprint  # noqa: E402
-from converters.imatrix import ImportanceMatrix, read_imatrix  # noqa: E402
-from converters.plan import QuantPlan  # noqa: E402
-from converters.quantize import preset_plan, quantize  # noqa: E402
-from converters.sensitivity import Sensitivity  # noqa: E402
+from converters.calibration.imatrix import ImportanceMatrix, read_imatrix  # noqa: E402
+from converters.core.gguf_file import file_fingerprint  # noqa: E402
+from converters.mix.feedback import FEEDBACK_CHUNKS  # noqa: E402
+from converters.mix.sensitivity import Sensitivity  # noqa: E402
+from converters.quantization.plan import QuantPlan  # noqa: E402
+from converters.quantization.quantize import preset_plan, quantize  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 BAR_PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
@@ -120,15 +120,15 @@ MIX_EFFORT = "default"
 def mix_variant(reference: Path, output: Path, budget_bytes: int, matrix: ImportanceMatrix) -> None:
     """The sensitivity mix at `budget_bytes` (file size), written to `output` (the measurement is cached, so
     every budget after the first costs one allocation and one quantization)."""
-    from converters.mix import MixBudget
-    from converters.quantize import quantize
+    from converters.mix.allocate import MixBudget
+    from converters.quantization.quantize import quantize
 
     quantize(reference, output, MixBudget(size_bytes=budget_bytes), matrix, mix_effort=MIX_EFFORT)
 
 
 def mix_sensitivity(reference: Path, matrix: ImportanceMatrix) -> Sensitivity:
     """The measurement `quantize` makes for a mix of `reference` (the same cache entry, so it is made once)."""
-    from converters.sensitivity import cached_sensitivity, effort_named
+    from converters.mix.sensitivity import cached_sensitivity, effort_named
 
     effort = effort_named(MIX_EFFORT)
     return cached_sensitivity(reference, matrix, None, gpu_layers=0, layer_bands=effort.layer_bands,
@@ -221,9 +221,9 @@ def mix_variants(context: ModelContext, budgets: Sequence[tuple[str, int]], log:
                  ) -> list[Variant]:
     """One variant per budget the model allows, keyed by the plan's types (planning is milliseconds once the
     sensitivity is measured, so a rerun re-measures only mixes whose tensors changed)."""
-    from converters.feedback import collect_input_covariances, feedback_sensitivity
-    from converters.gguf_file import check_gguf
-    from converters.mix import MixBudget, MixError, plan_mix
+    from converters.core.gguf_file import check_gguf
+    from converters.mix.allocate import MixBudget, MixError, plan_mix
+    from converters.mix.feedback import collect_input_covariances, feedback_sensitivity
 
     reference, matrix = context.model.reference, context.matrix
     started = time.monotonic()
@@ -256,8 +256,8 @@ def encoder_variants(context: ModelContext, results: Sequence[Measured]) -> list
     """At each bar budget, the same files with the other rounding: the preset and the best rule no larger with
     error feedback, and the mix with ggml's rounding, so that the allocation's share of the gain and the
     encoder's can be told apart."""
-    from converters.gguf_file import check_gguf
-    from converters.mix import MixBudget, plan_mix
+    from converters.core.gguf_file import check_gguf
+    from converters.mix.allocate import MixBudget, plan_mix
 
     reference, matrix = context.model.reference, context.matrix
     header = check_gguf(reference)
@@ -330,9 +330,9 @@ class RunSettings:
 def measure(variant: Variant, context: ModelContext, store: ResultStore, settings: RunSettings,
             reference_ppl: dict[str, float]) -> Measured:
     """Quantize and evaluate `variant` (or take both from the store)."""
-    from converters.gguf_file import check_gguf
-    from converters.plan import type_name
-    from qdesk.evaluate import evaluate
+    from converters.core.gguf_file import check_gguf
+    from converters.quantization.plan import type_name
+    from qdesk.evaluation.evaluate import evaluate
 
     cached = store.get(variant.fingerprint)
     if cached is not None:
@@ -704,8 +704,8 @@ def prose_check(models: Sequence[BenchModel], cache: Path, threads: int | None) 
     by_name = {model.name: model for model in models}
     if "original" not in by_name or "broken" not in by_name:
         return None
-    from qdesk.eval_text import builtin_eval_texts
-    from qdesk.evaluate import evaluate
+    from qdesk.evaluation.evaluate import evaluate
+    from qdesk.evaluation.text import builtin_eval_texts
 
     original, broken = by_name["original"].reference, by_name["broken"].reference
     key = digest({"original": file_fingerprint(original), "broken": file_fingerprint(broken)})
@@ -740,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json-out", type=Path, default=DEFAULT_CACHE / "mix_quality.json")
     parser.add_argument("--svg-out", type=Path, default=DEFAULT_CACHE / "mix_quality.svg")
     parser.add_argument("--markdown-out", type=Path, default=DEFAULT_CACHE / "mix_quality.md")
-    parser.add_argument("--mix", action="store_true", help="add converters.mix.quantize_mix's series")
+    parser.add_argument("--mix", action="store_true", help="add converters.mix.allocate.quantize_mix's series")
     parser.add_argument("--mix-bpw", default=DEFAULT_MIX_BPW,
                         help="bits-per-weight budgets for --mix, besides the sizes of Q3_K_M, Q4_K_M and Q5_K_M")
     parser.add_argument("--keep-variants", action="store_true", help="keep every variant GGUF in the cache")

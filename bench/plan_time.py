@@ -2,7 +2,8 @@
 
     python bench/plan_time.py REFERENCE.gguf [--like Q4_K_M] [--encoder ggml|feedback]
 
-Runs `converters.quantize.quantize(REFERENCE, OUT, MixBudget(like=…))` with an empty `QDESK_CACHE_DIR` (a temporary
+Runs `converters.quantization.quantize.quantize(REFERENCE, OUT, MixBudget(like=…))` with an empty `QDESK_CACHE_DIR` (a
+temporary
 folder, so the importance matrix, the sensitivity measurement and, with error feedback, the input covariances are
 all computed), and adds up the wall time between progress reports by stage: the text of each report up to its
 first digit, colon or parenthesis, with every probe counted as "probing". Prints the total, each stage, and the
@@ -54,8 +55,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.reference.parent) as scratch:
         os.environ["QDESK_CACHE_DIR"] = str(Path(scratch) / "cache")
-        from converters.mix import MixBudget
-        from converters.quantize import quantize
+        from converters.mix.allocate import MixBudget
+        from converters.quantization.quantize import quantize
 
         clock = StageClock()
         started = time.monotonic()

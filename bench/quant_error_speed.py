@@ -52,7 +52,7 @@ def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 def default_model() -> Path:
     if DEFAULT_MODEL.is_file():
         return DEFAULT_MODEL
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
     from tests.builders.starter import smollm2_checkpoint
 
     print(f"building {DEFAULT_MODEL} (as the smollm2_f16 test fixture does)...", flush=True)

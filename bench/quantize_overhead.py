@@ -24,9 +24,9 @@ import llama_cpp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from converters.imatrix import read_imatrix  # noqa: E402
-from converters.presets import preset_named  # noqa: E402
-from converters.quantize import quantize  # noqa: E402
+from converters.calibration.imatrix import read_imatrix  # noqa: E402
+from converters.quantization.presets import preset_named  # noqa: E402
+from converters.quantization.quantize import quantize  # noqa: E402
 from tests.builders.llama_quantizer import bare_llama_quantize  # noqa: E402
 
 DEFAULT_MODEL = REPO / ".cache" / "tests" / "smollm2-135m-f16.gguf"
@@ -36,7 +36,7 @@ SYNTHETIC_SIZES = {"hidden_size": 1536, "intermediate_size": 6144, "num_hidden_l
 
 def synthetic_model() -> Path:
     if not SYNTHETIC_MODEL.is_file():
-        from converters.convert import convert_checkpoint
+        from converters.writing.convert import convert_checkpoint
         from tests.builders.checkpoints import build_tiny_checkpoint
 
         SYNTHETIC_MODEL.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.mix_quality as mix_quality  # sets QDESK_CACHE_DIR to the benchmark's cache
 from bench._support.mix_models import Timings, prepare_models
-from converters.sensitivity import Sensitivity
+from converters.mix.sensitivity import Sensitivity
 
 EMBEDDING = "token_embd.weight"
 BLENDS = {"now": 0.0, "half": 0.5, "unscaled": 1.0}
@@ -47,12 +47,12 @@ def main() -> None:
     parser.add_argument("budgets", nargs="+", help="LABEL=MB, e.g. 5bpw=85.82 Q3_K_M=93.51")
     args = parser.parse_args()
 
-    from converters.feedback import FEEDBACK_CHUNKS, collect_input_covariances, feedback_sensitivity
-    from converters.gguf_file import check_gguf
-    from converters.imatrix import read_imatrix
-    from converters.mix import MixBudget, plan_mix
-    from converters.quantize import quantize
-    from qdesk.evaluate import evaluate
+    from converters.calibration.imatrix import read_imatrix
+    from converters.core.gguf_file import check_gguf
+    from converters.mix.allocate import MixBudget, plan_mix
+    from converters.mix.feedback import FEEDBACK_CHUNKS, collect_input_covariances, feedback_sensitivity
+    from converters.quantization.quantize import quantize
+    from qdesk.evaluation.evaluate import evaluate
 
     model = prepare_models(mix_quality.DEFAULT_CACHE, mix_quality.REPO_ROOT / ".cache" / "tests", [args.model], 48,
                            Timings({}))[0]

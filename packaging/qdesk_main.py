@@ -19,7 +19,7 @@ def _is_runnable(module: str) -> bool:
 
 
 def main() -> int:
-    multiprocessing.freeze_support()  # qdesk.isolated starts long steps as spawned children of this program
+    multiprocessing.freeze_support()  # qdesk.app.isolated starts long steps as spawned children of this program
     if len(sys.argv) >= 3 and sys.argv[1] == "-m":
         module = sys.argv[2]
         if not _is_runnable(module):

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from native.errors import NativeError
 from qdesk import __version__
-from qdesk.errors import Cancelled, UserError
+from qdesk.app.errors import Cancelled, UserError
 
 if TYPE_CHECKING:
-    from converters.calibration import CalibrationText
-    from qdesk.engine import LoadedModel, LoadOptions, SamplingOptions
+    from converters.calibration.calibrate import CalibrationText
+    from qdesk.chat.engine import LoadedModel, LoadOptions, SamplingOptions
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
@@ -39,8 +39,8 @@ def _run_gui(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from converters.convert import convert_checkpoint
-    from qdesk.terminal import ProgressBar
+    from converters.writing.convert import convert_checkpoint
+    from qdesk.display.terminal import ProgressBar
 
     bar = ProgressBar("convert")
     try:
@@ -52,8 +52,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from converters.mix_report import render_grid
-    from qdesk.info import memory_report, read_model_info, render_text, tensor_type_heatmap
+    from converters.mix.report import render_grid
+    from qdesk.library.info import memory_report, read_model_info, render_text, tensor_type_heatmap
     from qdesk.memory import parse_size
 
     if args.backends:
@@ -80,10 +80,10 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from qdesk.eval_table import render_evaluation
-    from qdesk.eval_text import read_eval_texts
-    from qdesk.evaluate import evaluate
-    from qdesk.terminal import ProgressBar
+    from qdesk.display.terminal import ProgressBar
+    from qdesk.evaluation.evaluate import evaluate
+    from qdesk.evaluation.table import render_evaluation
+    from qdesk.evaluation.text import read_eval_texts
 
     if args.report is not None and args.report.suffix.lower() == ".json":
         raise UsageError("--report takes the HTML file's name (OUT.html); the JSON is written beside it")
@@ -101,7 +101,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         for warning in result.reference.tasks.warnings():
             print(f"qdesk: warning: reference {warning}", file=sys.stderr)
     if args.report is not None:
-        from qdesk.report import write_report
+        from qdesk.evaluation.report import write_report
 
         html_path, json_path = write_report(document, args.report)
         print(f"wrote {html_path} and {json_path}", file=sys.stderr)
@@ -118,7 +118,7 @@ def _run_backends(args: argparse.Namespace) -> int:
 
 
 def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    from converters.calibration import DEFAULT_CHUNKS, DEFAULT_CTX
+    from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX
 
     parser.add_argument("--text", type=Path, action="append", metavar="FILE",
                         help="calibration text from your task (repeatable; default: the built-in mixed text)")
@@ -130,15 +130,15 @@ def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration_texts(args: argparse.Namespace) -> list[CalibrationText] | None:
-    from converters.calibration import read_text_file
+    from converters.calibration.calibrate import read_text_file
 
     return [read_text_file(path) for path in args.text] if args.text else None
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from converters.calibration import calibrate
-    from converters.imatrix import write_legacy_imatrix
-    from qdesk.terminal import ProgressBar
+    from converters.calibration.calibrate import calibrate
+    from converters.calibration.imatrix import write_legacy_imatrix
+    from qdesk.display.terminal import ProgressBar
 
     suffix = ".imatrix.dat" if args.legacy_dat else ".imatrix.gguf"
     output = args.output or args.model.with_name(args.model.stem + suffix)
@@ -156,9 +156,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from converters.plan import QuantPlan
-    from converters.quantize import quantize
-    from qdesk.terminal import ProgressBar
+    from converters.quantization.plan import QuantPlan
+    from converters.quantization.quantize import quantize
+    from qdesk.display.terminal import ProgressBar
 
     recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset or _mix_budget(args)
     bar = ProgressBar("quantize")
@@ -179,7 +179,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{feedback}{predicted})")
     if predictions:
-        from converters.mix_report import plan_heatmap, summary_lines
+        from converters.mix.report import plan_heatmap, summary_lines
 
         print("the mix by tensor class (bits per weight per layer: --plan-out PLAN.json, under \"report\"):")
         for line in summary_lines(plan_heatmap(result.plan)):
@@ -188,7 +188,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
-    from converters.mix import MixBudget
+    from converters.mix.allocate import MixBudget
     from qdesk.memory import parse_size
 
     if args.like is not None:
@@ -214,7 +214,7 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
-    from qdesk.engine import LoadOptions, SamplingOptions
+    from qdesk.chat.engine import LoadOptions, SamplingOptions
 
     if args.max_tokens < 1 or args.ctx < 16:
         raise UsageError("--max-tokens must be at least 1 and --ctx at least 16")
@@ -229,7 +229,7 @@ def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from qdesk.engine import load_model
+    from qdesk.chat.engine import load_model
 
     sampling, load = _sampling(args)
     with load_model(args.model, load) as model:
@@ -279,7 +279,7 @@ def _chat_turn(model: LoadedModel, messages: list[dict[str, str]], sampling: Sam
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from qdesk.compare import MAX_VARIANTS, compare, render_comparison
+    from qdesk.chat.compare import MAX_VARIANTS, compare, render_comparison
 
     if not 2 <= len(args.models) <= MAX_VARIANTS:
         raise UsageError(f"compare takes 2 to {MAX_VARIANTS} models, not {len(args.models)}")
@@ -294,7 +294,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from qdesk.library import Library, render_text
+    from qdesk.library.store import Library, render_text
 
     library = Library()
     if args.action == "list":
@@ -320,6 +320,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from qdesk.display.terminal import ProgressBar
     from qdesk.hub import (
         DownloadCancelled,
         add_to_library,
@@ -330,7 +331,6 @@ def _run_download(args: argparse.Namespace) -> int:
         render_search,
         search_models,
     )
-    from qdesk.terminal import ProgressBar
 
     if args.search is not None:
         if args.repo_id is not None or args.limit < 1:
@@ -372,7 +372,7 @@ def _run_download(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from qdesk.demo import run_demo
+    from qdesk.app.demo import run_demo
 
     return run_demo()
 

@@ -51,7 +51,7 @@ def _cached_gguf(cache: Path, name: str, build: Callable[[Path], None]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_f16(test_cache: Path, smollm2_hf: Path) -> Path:
     """SmolLM2-135M-Instruct converted by qdesk to an F16 GGUF: the reference model for quantization tests."""
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
 
     return _cached_gguf(test_cache, "smollm2-135m-f16.gguf",
                         lambda out: convert_checkpoint(smollm2_hf, out, outtype="f16"))
@@ -63,7 +63,7 @@ KQUANT_SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers
 @pytest.fixture(scope="session")
 def kquant_f16(test_cache: Path) -> Path:
     """A tiny random Llama (8 layers, rows of 256 and 512) as F16 GGUF, so every k-quant applies to every matrix."""
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
     from tests.builders.checkpoints import build_tiny_checkpoint
 
     def build(out: Path) -> None:

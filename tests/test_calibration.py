@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from converters.calibration import (
+from converters.calibration.calibrate import (
     BUILTIN_DATASET_PREFIX,
     CalibrationError,
     builtin_texts,
@@ -19,10 +19,10 @@ from converters.calibration import (
     read_text_file,
     render_conversation,
 )
-from converters.errors import Cancelled
-from converters.gguf_file import check_gguf
-from converters.imatrix import read_imatrix
-from converters.jobs import CancelToken
+from converters.calibration.imatrix import read_imatrix
+from converters.core.errors import Cancelled
+from converters.core.gguf_file import check_gguf
+from converters.core.jobs import CancelToken
 
 
 def qdesk(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from converters.errors import UserError
-from qdesk.compare import compare, first_divergence
-from qdesk.engine import ChatResult, GenerationStats, LoadOptions, SamplingOptions
+from converters.core.errors import UserError
+from qdesk.chat.compare import compare, first_divergence
+from qdesk.chat.engine import ChatResult, GenerationStats, LoadOptions, SamplingOptions
 
 SYSTEM = "You are a helpful assistant."
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24, seed=0)

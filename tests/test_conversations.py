@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qdesk.conversations import (
+from qdesk.chat.conversations import (
     Answer,
     Conversation,
     ConversationError,
@@ -19,7 +19,7 @@ from qdesk.conversations import (
     export_conversation,
     new_conversation,
 )
-from qdesk.engine import GenerationStats, SamplingOptions
+from qdesk.chat.engine import GenerationStats, SamplingOptions
 
 Q4 = Path("/models/SmolLM2-Q4_K_M.gguf")
 Q8 = Path("/models/SmolLM2-Q8_0.gguf")

@@ -22,9 +22,9 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.architectures import ModelConfig, architecture_for
-from converters.convert import convert_checkpoint
-from converters.errors import UnsupportedModelError
+from converters.core.errors import UnsupportedModelError
+from converters.reading.architectures import ModelConfig, architecture_for
+from converters.writing.convert import convert_checkpoint
 from tests.builders.checkpoints import build_tiny_checkpoint
 
 PROMPT_LENGTH = 32

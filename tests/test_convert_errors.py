@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from converters.convert import convert_checkpoint
-from converters.errors import Cancelled, CheckpointError, OutputError, UnsupportedModelError
-from converters.jobs import CancelToken, Progress
+from converters.core.errors import Cancelled, CheckpointError, OutputError, UnsupportedModelError
+from converters.core.jobs import CancelToken, Progress
+from converters.writing.convert import convert_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.convert import convert_checkpoint
-from converters.jobs import Progress
+from converters.core.jobs import Progress
+from converters.writing.convert import convert_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from converters.errors import GGUFFileError
-from converters.jobs import CancelToken
-from qdesk.engine import (
+from converters.core.errors import GGUFFileError
+from converters.core.jobs import CancelToken
+from qdesk.chat.engine import (
     EngineError,
     LoadedModel,
     LoadOptions,
@@ -47,7 +47,7 @@ def worker_children() -> list[int]:
         except OSError:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and b"qdesk.engine_worker" in cmdline and " Z " not in stat[stat.rfind(")"):][:4]:
+        if parent == os.getpid() and b"qdesk.chat.engine_worker" in cmdline and " Z " not in stat[stat.rfind(")"):][:4]:
             found.append(int(entry.name))
     return found
 
@@ -333,7 +333,7 @@ def test_inconsistent_hyperparameters_are_a_clear_error(tmp_path: Path, starter_
 
 @pytest.mark.parametrize("line", [b"\n", b"[1]\n", b'{"id": 3}\n'])
 def test_a_worker_given_a_broken_command_exits_instead_of_hanging(line: bytes) -> None:
-    result = subprocess.run([sys.executable, "-m", "qdesk.engine_worker"], input=line, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "qdesk.chat.engine_worker"], input=line, capture_output=True,
                             timeout=60)
     assert result.returncode == 2
     assert b"not a command" in result.stderr

@@ -11,9 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.calibration import builtin_texts, calibration_chunks
-from converters.plan import QuantPlan
-from converters.quantize import quantize
+from converters.calibration.calibrate import builtin_texts, calibration_chunks
+from converters.quantization.plan import QuantPlan
+from converters.quantization.quantize import quantize
 from native.activations import ModelEvaluator
 from native.error_feedback import FEEDBACK_TYPES, prepare_inputs, quantize_with_feedback, supports_feedback
 from native.kernels import dequantize_rows, quantize_rows
@@ -130,7 +130,7 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_preset_with_feedback_keeps_llamas_layout_and_measures_closer(smollm2_f16: Path, tmp_path: Path) -> None:
-    from qdesk.evaluate import evaluate
+    from qdesk.evaluation.evaluate import evaluate
 
     plain = quantize(smollm2_f16, tmp_path / "plain.gguf", "Q4_0", imatrix="none")
     fed = quantize(smollm2_f16, tmp_path / "fed.gguf", "Q4_0", imatrix="none", encoder="feedback", chunks=4,
@@ -168,8 +168,8 @@ def test_cli_refuses_a_plan_with_an_unknown_encoder(smollm2_f16: Path, tmp_path:
 
 
 def test_cancel_while_re_encoding_leaves_nothing_behind(kquant_f16: Path, tmp_path: Path) -> None:
-    from converters.errors import Cancelled
-    from converters.jobs import CancelToken, Progress
+    from converters.core.errors import Cancelled
+    from converters.core.jobs import CancelToken, Progress
 
     cancel = CancelToken()
     seen: list[int] = []

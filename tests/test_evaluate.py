@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.jobs import CancelToken, Progress
-from qdesk.errors import Cancelled, UserError
-from qdesk.eval_text import EvalError, EvalText, TokenChunks, builtin_eval_texts, chunk_tokens, read_eval_texts
-from qdesk.evaluate import evaluate, prepare_chunks
+from converters.core.jobs import CancelToken, Progress
+from qdesk.app.errors import Cancelled, UserError
+from qdesk.evaluation.evaluate import evaluate, prepare_chunks
+from qdesk.evaluation.text import EvalError, EvalText, TokenChunks, builtin_eval_texts, chunk_tokens, read_eval_texts
 from tests.conftest import _cached_gguf
 
 CTX = 128
@@ -30,7 +30,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_f32(test_cache: Path, smollm2_hf: Path) -> Path:
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
 
     return _cached_gguf(test_cache, "smollm2-135m-f32.gguf",
                         lambda out: convert_checkpoint(smollm2_hf, out, outtype="f32"))
@@ -56,7 +56,7 @@ def test_a_model_against_itself_diverges_by_nothing(smollm2_f16: Path) -> None:
 
 def test_a_quantized_variant_diverges_and_a_worse_one_more(smollm2_f16: Path, starter_gguf: Path,
                                                            tmp_path: Path) -> None:
-    from converters.quantize import quantize
+    from converters.quantization.quantize import quantize
 
     worse = tmp_path / "q2_k.gguf"
     quantize(smollm2_f16, worse, "Q2_K", imatrix="none")
@@ -160,7 +160,7 @@ def test_text_too_short_or_empty_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_the_builtin_text_is_held_out_from_calibration() -> None:
-    from converters.calibration import resources_folder
+    from converters.calibration.calibrate import resources_folder
 
     calibration = "\n".join(path.read_text(encoding="utf-8")
                             for path in (resources_folder() / "calibration").glob("*.*"))

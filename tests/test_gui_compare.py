@@ -9,8 +9,8 @@ import psutil
 import pytest
 from PySide6.QtCore import Qt
 
-from qdesk.conversations import Answer, PaneRecord, new_conversation
-from qdesk.engine import GenerationStats, SamplingOptions
+from qdesk.chat.conversations import Answer, PaneRecord, new_conversation
+from qdesk.chat.engine import GenerationStats, SamplingOptions
 from qdesk.gui.compare_prompt import PromptBox
 from qdesk.gui.compare_view import MAX_PANES, MIN_PANES, CompareView
 from qdesk.gui.context import AppContext
@@ -22,7 +22,7 @@ LOAD_AND_ANSWER_MS = 180_000
 @pytest.fixture(scope="session")
 def q8_variant(starter_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second variant of the starter model: Q8_0 made from its Q4_1 (llama.cpp allows it, with a warning)."""
-    from converters.quantize import quantize
+    from converters.quantization.quantize import quantize
 
     out = tmp_path_factory.mktemp("compare-variants") / "SmolLM2-135M-Instruct-Q8_0.gguf"
     quantize(starter_gguf, out, "Q8_0", imatrix="none")

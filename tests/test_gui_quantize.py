@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import Qt
 
-from converters.quantize import preset_plan
+from converters.quantization.quantize import preset_plan
 from qdesk.gui.feedback import format_bytes
 from qdesk.gui.job_queue import StepState
 from qdesk.gui.main_window import MainWindow
 from qdesk.gui.quantize_view import QuantizeView
-from qdesk.variant_sizes import read_source
+from qdesk.quantization.sizes import read_source
 from tests.gui_support import drop
 
 TIMEOUT_MS = 180_000

@@ -8,10 +8,10 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QAbstractSpinBox
 
+from qdesk.app.settings import Settings, load_settings
 from qdesk.gui.context import AppContext
 from qdesk.gui.settings_view import SettingsView
 from qdesk.gui.theme import is_dark
-from qdesk.settings import Settings, load_settings
 
 
 def settings_view(qtbot, context: AppContext) -> SettingsView:

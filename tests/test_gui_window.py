@@ -7,11 +7,11 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt
 
+from qdesk.app.settings import Settings, load_settings, save_settings
 from qdesk.gui.background import Job, start_job
 from qdesk.gui.context import AppContext
 from qdesk.gui.drops import route_drop
 from qdesk.gui.main_window import SECTIONS, MainWindow
-from qdesk.settings import Settings, load_settings, save_settings
 from tests.gui_support import drop
 
 
@@ -56,8 +56,8 @@ def test_a_dropped_checkpoint_opens_quantize(qtbot, main_window: MainWindow, smo
 
 
 def test_jobs_report_progress_results_failures_and_cancellation(qtbot) -> None:
-    from converters.jobs import Progress
-    from qdesk.errors import UserError
+    from converters.core.jobs import Progress
+    from qdesk.app.errors import UserError
 
     def counting(progress, cancel) -> int:
         for step in range(5):

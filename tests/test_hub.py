@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.errors import OutputError
-from converters.jobs import CancelToken, Progress
+from converters.core.errors import OutputError
+from converters.core.jobs import CancelToken, Progress
 from qdesk.hub import (
     ChecksumError,
     DownloadCancelled,
@@ -38,8 +38,8 @@ from qdesk.hub import (
     search_models,
     shard_name,
 )
-from qdesk.hub_fit import fetch_gguf_shape
-from qdesk.hub_names import base_model_name
+from qdesk.hub.fit import fetch_gguf_shape
+from qdesk.hub.names import base_model_name
 from qdesk.memory import check_fit, check_fit_for_shape, read_model_shape, read_model_shape_from_prefix
 from tests.builders.hub_server import HubServer, ServedRepo, write_tiny_gguf, write_tiny_safetensors
 
@@ -279,7 +279,7 @@ def test_download_is_verified_laid_out_like_huggingface_hub_and_not_fetched_twic
 
 
 def test_progress_reports_speed_and_time_left() -> None:
-    from qdesk.hub_transfer import TransferMeter
+    from qdesk.hub.transfer import TransferMeter
 
     now = [100.0]
     seen: list[Progress] = []
@@ -501,7 +501,7 @@ def cli_env(server: HubServer | None, home: Path, **extra: str) -> dict[str, str
 
 
 def test_cli_lists_downloads_and_adds_ggufs_to_the_library(server: HubServer, tmp_path: Path) -> None:
-    from qdesk.library import Library
+    from qdesk.library.store import Library
 
     env = cli_env(server, tmp_path)
     listed = qdesk("download", GGUF_REPO, "--list", env=env)

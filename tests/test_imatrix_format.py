@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from converters.errors import ImatrixError, OutputError, UserError
-from converters.imatrix import (
+from converters.calibration.imatrix import (
     ImatrixEntry,
     ImportanceMatrix,
     check_matches_model,
@@ -24,6 +23,7 @@ from converters.imatrix import (
     write_imatrix,
     write_legacy_imatrix,
 )
+from converters.core.errors import ImatrixError, OutputError, UserError
 
 N_EMBD = 64
 N_FF = 96

@@ -16,8 +16,8 @@ import gguf
 import numpy as np
 import pytest
 
-from qdesk.errors import GGUFFileError
-from qdesk.info import ModelInfo, open_gguf, read_model_info, render_text
+from qdesk.app.errors import GGUFFileError
+from qdesk.library.info import ModelInfo, open_gguf, read_model_info, render_text
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_BYTES = 98_362_432

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from converters.errors import GGUFFileError, UserError
-from converters.jobs import Progress
-from converters.quantize import quantize
-from qdesk.info import read_model_info
-from qdesk.library import INDEX_NAME, MODELS_DIR_ENV, Library, LibraryEntry, LibraryError, render_text
-from qdesk.starter import starter_model_path
+from converters.core.errors import GGUFFileError, UserError
+from converters.core.jobs import Progress
+from converters.quantization.quantize import quantize
+from qdesk.app.starter import starter_model_path
+from qdesk.library.info import read_model_info
+from qdesk.library.store import INDEX_NAME, MODELS_DIR_ENV, Library, LibraryEntry, LibraryError, render_text
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,7 +153,7 @@ def test_variants_of_one_model_are_grouped_largest_first(variants: dict[str, Pat
 
 
 def test_a_plan_of_its_own_is_a_mix_variant(variants: dict[str, Path], tmp_path: Path) -> None:
-    from converters.quantize import preset_plan
+    from converters.quantization.quantize import preset_plan
 
     plan = preset_plan(variants["F16"], "Q4_K_M").with_types({"blk.0.attn_q.weight": "q8_0"}, label="test mix")
     mixed = quantize(variants["F16"], tmp_path / "tiny-mix.gguf", plan, imatrix="none").path

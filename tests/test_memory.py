@@ -57,7 +57,7 @@ def test_estimate_matches_llama_cpp_for_the_starter_model(starter_gguf: Path, n_
 
 @pytest.mark.slow
 def test_estimate_matches_llama_cpp_for_other_variants(smollm2_f16: Path, tmp_path: Path) -> None:
-    from converters.quantize import quantize
+    from converters.quantization.quantize import quantize
 
     q4_0 = tmp_path / "smollm2-Q4_0.gguf"
     quantize(smollm2_f16, q4_0, "Q4_0", imatrix="none")

@@ -10,11 +10,18 @@ from pathlib import Path
 import gguf
 import pytest
 
-from converters.mix import MixBudget, MixError, allocate
-from converters.mix_report import BLOCK_CLASSES, plan_heatmap, recorded_prediction, render_grid, summary_lines
-from converters.plan import QuantPlan
-from converters.quantize import preset_plan, quantize
-from converters.sensitivity import TensorSensitivity, TypeCost, cached_sensitivity, tensor_group
+from converters.mix.allocate import MixBudget, MixError, allocate
+from converters.mix.report import (
+    BLOCK_CLASSES,
+    plan_heatmap,
+    recorded_prediction,
+    render_grid,
+    save_plan,
+    summary_lines,
+)
+from converters.mix.sensitivity import TensorSensitivity, TypeCost, cached_sensitivity, tensor_group
+from converters.quantization.plan import QuantPlan
+from converters.quantization.quantize import preset_plan, quantize
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +81,7 @@ def test_tensors_are_grouped_by_class_and_band_of_layers() -> None:
 
 @pytest.fixture(scope="module")
 def calibrated(kquant_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.calibration import calibrate
+    from converters.calibration.calibrate import calibrate
 
     path = tmp_path_factory.mktemp("mix") / "tiny.imatrix.gguf"
     calibrate(kquant_f16, path, chunks=4, ctx=128)
@@ -84,7 +91,7 @@ def calibrated(kquant_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.mark.slow
 def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibrated: Path, tmp_path: Path,
                                                         private_cache: Path) -> None:
-    from converters.imatrix import read_imatrix
+    from converters.calibration.imatrix import read_imatrix
 
     matrix = read_imatrix(calibrated)
     plan_path = tmp_path / "plan.json"
@@ -165,7 +172,7 @@ def test_the_plan_report_grids_bits_per_weight_by_class_and_layer(smollm2_f16: P
     assert any(line.startswith("layer bpw") for line in grid) and "pred. KLD" not in grid[1]
 
     path = tmp_path / "plan.json"
-    plan.save(path)
+    save_plan(plan, path)
     saved = json.loads(path.read_text())["report"]
     assert saved["layers"] == STARTER_LAYERS and len(saved["grid"]["attn_v"]) == STARTER_LAYERS
     assert saved["grid"]["attn_v"][0]["type"] == plan.tensor("blk.0.attn_v.weight").type
@@ -192,7 +199,7 @@ def test_the_plan_report_sums_predicted_kld_per_class_and_layer(smollm2_f16: Pat
 
 @pytest.fixture(scope="module")
 def starter_imatrix(smollm2_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.calibration import calibrate
+    from converters.calibration.calibrate import calibrate
 
     path = tmp_path_factory.mktemp("starter-mix") / "starter.imatrix.gguf"
     calibrate(smollm2_f16, path, chunks=4, ctx=128)

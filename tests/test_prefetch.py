@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from converters.prefetch import prefetched
+from converters.reading.prefetch import prefetched
 
 
 def test_yields_every_item_in_order() -> None:

@@ -13,13 +13,14 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.errors import Cancelled, GGUFFileError
-from converters.gguf_file import check_gguf
-from converters.imatrix import ImatrixEntry, ImatrixError, ImportanceMatrix
-from converters.jobs import CancelToken, Progress
-from converters.plan import PlanError, QuantPlan
-from converters.presets import PRESETS
-from converters.quantize import QuantizeError, preset_plan, quantize
+from converters.calibration.imatrix import ImatrixEntry, ImatrixError, ImportanceMatrix
+from converters.core.errors import Cancelled, GGUFFileError
+from converters.core.gguf_file import check_gguf
+from converters.core.jobs import CancelToken, Progress
+from converters.mix.report import save_plan
+from converters.quantization.plan import PlanError, QuantPlan
+from converters.quantization.presets import PRESETS
+from converters.quantization.quantize import QuantizeError, preset_plan, quantize
 from tests.builders.llama_quantizer import bare_llama_quantize
 
 REQUIRED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
@@ -189,7 +190,7 @@ def test_cli_bad_input_is_one_sentence_and_leaves_nothing(kquant_f16: Path, smol
     truncated.parent.mkdir()
     truncated.write_bytes(kquant_f16.read_bytes()[:100_000])
     foreign_matrix = tmp_path / "inputs" / "foreign.imatrix.gguf"
-    from converters.imatrix import write_imatrix
+    from converters.calibration.imatrix import write_imatrix
 
     write_imatrix(ImportanceMatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 576)), np.array([4]))},
                                    ["x"], 1, 4), foreign_matrix)
@@ -215,7 +216,7 @@ def test_cli_bad_input_is_one_sentence_and_leaves_nothing(kquant_f16: Path, smol
 
 def test_cli_applies_a_saved_plan(kquant_f16: Path, tmp_path: Path) -> None:
     plan = preset_plan(kquant_f16, "Q4_K_S").with_types({"blk.1.ffn_up.weight": "q8_0"})
-    plan.save(tmp_path / "edited.plan.json")
+    save_plan(plan, tmp_path / "edited.plan.json")
     result = qdesk("quantize", str(kquant_f16), "--plan", str(tmp_path / "edited.plan.json"), "--imatrix", "none",
                    "-o", str(tmp_path / "out.gguf"))
     assert result.returncode == 0, result.stderr

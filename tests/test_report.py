@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import qdesk
-from converters.errors import OutputError
-from qdesk.report import heat_scale, kld_axis, render_html, write_report
+from converters.core.errors import OutputError
+from qdesk.evaluation.report import heat_scale, kld_axis, render_html, write_report
 
 HOSTILE_NAME = "SmolLM2-135M-Instruct-Q4_K_M <script>alert('x')</script> & co.gguf"
 VOID_ELEMENTS = {"meta", "br", "hr", "img", "input", "link", "wbr"}

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from converters.errors import Cancelled, UserError
-from converters.jobs import CancelToken, Progress
-from qdesk.task_checkers import (
+from converters.core.errors import Cancelled, UserError
+from converters.core.jobs import CancelToken, Progress
+from qdesk.evaluation.task_checkers import (
     CHECKER_TYPES,
     CheckerSpecError,
     build_checker,
@@ -18,7 +18,7 @@ from qdesk.task_checkers import (
     extract_json,
     normalize_answer,
 )
-from qdesk.tasks import (
+from qdesk.evaluation.tasks import (
     BUILTIN_SUITES,
     DEFAULT_SYSTEM,
     ItemResult,

@@ -15,8 +15,8 @@ import gguf
 import llama_cpp
 import pytest
 
-from converters.errors import TokenizerError
-from converters.tokenizer import TokenizerSummary, export_tokenizer
+from converters.core.errors import TokenizerError
+from converters.reading.tokenizer import TokenizerSummary, export_tokenizer
 from tests.builders.tokenizers import MIXED_TEXT, write_bpe_tokenizer, write_spm_tokenizer
 
 BUILDERS: dict[str, Callable[[Path], int]] = {

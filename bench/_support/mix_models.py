@@ -122,7 +122,7 @@ def reference_gguf(checkpoint: Path, target: Path) -> Path:
     """`checkpoint` converted by qdesk to an F32 GGUF at `target` (written atomically; reused when present)."""
     if target.is_file():
         return target
-    from converters.convert import convert_checkpoint
+    from converters.writing.convert import convert_checkpoint
 
     target.parent.mkdir(parents=True, exist_ok=True)
     return convert_checkpoint(checkpoint, target, outtype="f32").path
@@ -132,7 +132,7 @@ def importance_matrix(reference: Path, target: Path, chunks: int, ctx: int = 512
     """The importance matrix of `reference` on the built-in calibration text (computed once, then reused)."""
     if target.is_file():
         return target
-    from converters.calibration import calibrate
+    from converters.calibration.calibrate import calibrate
 
     calibrate(reference, target, chunks=chunks, ctx=ctx)
     return target

@@ -3,7 +3,8 @@
 A rule is a family parameterised by a base type from the legacy ladder (q4_0 … q8_0): given the base, it maps
 each weight matrix (by its role, its layer and its row length) to a ggml type name. `rule_plan` applies a rule to
 a model's plan (say `preset_plan(reference, "Q8_0")`, which lists every tensor with its shape) and returns the
-`QuantPlan` to hand to `converters.quantize.quantize`. Norms and other 1-D tensors keep the base plan's type.
+`QuantPlan` to hand to `converters.quantization.quantize.quantize`. Norms and other 1-D tensors keep the base plan's
+type.
 
 Row lengths decide what fits: k-quants need rows that are a multiple of 256, the legacy types a multiple of 32.
 On SmolLM2-135M (hidden size 576) only `ffn_down` (rows of 1536) takes k-quants; a k-quant asked for a tensor
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
 
-from converters.plan import QuantPlan, fits, ggml_type
+from converters.quantization.plan import QuantPlan, fits, ggml_type
 
 LEGACY_LADDER = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 """The base types a rule family is evaluated at, smallest first."""

@@ -10,8 +10,8 @@ from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from converters.calibration import resources_folder
-from qdesk.errors import UserError
+from converters.calibration.calibrate import resources_folder
+from qdesk.app.errors import UserError
 from qdesk.gui.context import AppContext
 from qdesk.gui.main_window import MainWindow
 from qdesk.gui.theme import apply_theme

@@ -17,9 +17,9 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
-from converters.errors import Cancelled
-from converters.jobs import CancelToken, Progress
-from qdesk.errors import UserError
+from converters.core.errors import Cancelled
+from converters.core.jobs import CancelToken, Progress
+from qdesk.app.errors import UserError
 
 PROGRESS_INTERVAL_S = 0.1
 

@@ -1,7 +1,8 @@
 """The size-vs-KLD chart, painted with QPainter from the same axes and label placement as the HTML report's SVG.
 
 The chart is drawn in the report's own coordinate system (`CHART_WIDTH` × `CHART_HEIGHT`, plot area `PLOT_*`),
-scaled uniformly into the widget, so `qdesk.report.place_labels` keeps labels off points and each other here as
+scaled uniformly into the widget, so `qdesk.evaluation.report.place_labels` keeps labels off points and each other
+here as
 it does on the page. Colours come from the widget's palette, so the chart reads in light and dark themes.
 """
 
@@ -15,8 +16,7 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QPainter, QPaintEvent, QPalette, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from qdesk.gui.evaluate_tables import plotted_candidates
-from qdesk.report import (
+from qdesk.evaluation.report import (
     CHART_HEIGHT,
     CHART_WIDTH,
     PLOT_BOTTOM,
@@ -34,6 +34,7 @@ from qdesk.report import (
     place_labels,
     size_axis,
 )
+from qdesk.gui.evaluate_tables import plotted_candidates
 
 EMPTY_TEXT = "Run an evaluation to see each variant's file size against its divergence from the reference."
 

@@ -21,13 +21,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from qdesk.compare import Divergence
-from qdesk.engine import GenerationStats
+from qdesk.chat.compare import Divergence
+from qdesk.chat.engine import GenerationStats
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.feedback import format_bytes
 from qdesk.gui.theme import is_dark
-from qdesk.library import LibraryEntry
+from qdesk.library.store import LibraryEntry
 
 NO_MODEL = "Choose a model…"
 LIGHT_HIGHLIGHT, DARK_HIGHLIGHT = "#ffe58f", "#7a5c00"

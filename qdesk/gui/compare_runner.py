@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
-from converters.errors import Cancelled
-from converters.jobs import CancelToken
-from qdesk.engine import ChatResult, LoadedModel, LoadOptions, Message, SamplingOptions, TokenEvent, load_model
+from converters.core.errors import Cancelled
+from converters.core.jobs import CancelToken
+from qdesk.chat.engine import ChatResult, LoadedModel, LoadOptions, Message, SamplingOptions, TokenEvent, load_model
 from qdesk.gui.background import Job, JobFailure, start_job
 from qdesk.gui.context import AppContext
 

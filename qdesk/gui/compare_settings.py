@@ -7,7 +7,7 @@ from dataclasses import replace
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QDoubleSpinBox, QHBoxLayout, QLabel, QLineEdit, QSpinBox, QVBoxLayout, QWidget
 
-from qdesk.engine import SamplingOptions
+from qdesk.chat.engine import SamplingOptions
 
 MAX_TOKENS_LIMIT = 32_768
 SEED_LIMIT = 2**31 - 1

@@ -1,7 +1,7 @@
 """The Compare section: 2 to 4 panes side by side, each bound to a model, one prompt box sending to all of them.
 
 Answers stream into every pane at once; where a pane's answer leaves the first pane's, the rest of it is
-highlighted. The conversation (`qdesk.conversations`) is saved after every turn and reopened from the
+highlighted. The conversation (`qdesk.chat.conversations`) is saved after every turn and reopened from the
 Conversations menu; the open panes and conversation come back on restart through `save_state`/`restore_state`.
 """
 
@@ -28,9 +28,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from converters.errors import UserError
-from qdesk.compare import MAX_VARIANTS, fits_together
-from qdesk.conversations import (
+from converters.core.errors import UserError
+from qdesk.app.settings import Settings
+from qdesk.chat.compare import MAX_VARIANTS, fits_together
+from qdesk.chat.conversations import (
     Answer,
     Conversation,
     ConversationStore,
@@ -40,7 +41,7 @@ from qdesk.conversations import (
     export_conversation,
     new_conversation,
 )
-from qdesk.engine import ChatResult, LoadOptions, SamplingOptions
+from qdesk.chat.engine import ChatResult, LoadOptions, SamplingOptions
 from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
@@ -48,9 +49,8 @@ from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SEED_LIMIT, SamplingEditor
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
-from qdesk.info import read_model_info
-from qdesk.library import LibraryEntry
-from qdesk.settings import Settings
+from qdesk.library.info import read_model_info
+from qdesk.library.store import LibraryEntry
 
 MIN_PANES = 2
 MAX_PANES = MAX_VARIANTS

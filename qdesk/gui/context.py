@@ -6,9 +6,9 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QSettings, Signal
 
+from qdesk.app.settings import Settings, config_dir, load_settings, save_settings
 from qdesk.gui.background import Job, start_job, wait_for_jobs
-from qdesk.library import Library
-from qdesk.settings import Settings, config_dir, load_settings, save_settings
+from qdesk.library.store import Library
 
 WINDOW_STATE_NAME = "window.ini"
 

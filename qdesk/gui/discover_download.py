@@ -8,13 +8,13 @@ import enum
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from converters.jobs import Progress
+from converters.core.jobs import Progress
 from qdesk.gui.background import Job, JobFailure, describe_failure
 from qdesk.gui.context import AppContext
 from qdesk.gui.discover_jobs import DownloadOutcome, discard_partial, download_group
 from qdesk.gui.feedback import format_bytes, show_failure
 from qdesk.hub import FileGroup, HubSettings, RepoListing
-from qdesk.library import LibraryError
+from qdesk.library.store import LibraryError
 
 
 class State(enum.Enum):

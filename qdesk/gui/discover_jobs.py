@@ -12,7 +12,7 @@ import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.jobs import CancelToken, ProgressFn
+from converters.core.jobs import CancelToken, ProgressFn
 from qdesk.hub import (
     DownloadResult,
     FileGroup,
@@ -23,9 +23,9 @@ from qdesk.hub import (
     add_to_library,
     download,
 )
-from qdesk.hub_cache import RepoCache
-from qdesk.hub_names import SAFETENSORS
-from qdesk.library import Library, LibraryEntry
+from qdesk.hub.cache import RepoCache
+from qdesk.hub.names import SAFETENSORS
+from qdesk.library.store import Library, LibraryEntry
 
 
 @dataclass(frozen=True)

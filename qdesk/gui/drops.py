@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.errors import GGUFFileError
-from converters.gguf_file import check_gguf
-from converters.quantize import already_quantized
+from converters.core.errors import GGUFFileError
+from converters.core.gguf_file import check_gguf
+from converters.quantization.quantize import already_quantized
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

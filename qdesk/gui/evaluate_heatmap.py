@@ -1,6 +1,6 @@
 """The per-token divergence heat map: the sample paragraph once per variant, each token coloured by its KLD.
 
-The colour steps and their cap come from `qdesk.report.heat_scale`, as in the HTML report; hovering a token
+The colour steps and their cap come from `qdesk.evaluation.report.heat_scale`, as in the HTML report; hovering a token
 shows its index, its text and its KLD.
 """
 
@@ -14,8 +14,8 @@ from PySide6.QtCore import QEvent, QObject, Qt
 from PySide6.QtGui import QColor, QFont, QFontDatabase, QHelpEvent, QTextBlockFormat, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import QTextBrowser, QToolTip, QWidget
 
+from qdesk.evaluation.report import HEAT_BINS, HeatScale, _finite, _short_names, _significant, _visible, heat_scale
 from qdesk.gui.charts import is_dark_palette
-from qdesk.report import HEAT_BINS, HeatScale, _finite, _short_names, _significant, _visible, heat_scale
 
 # Step 0 is uncoloured; steps 1-7 run from pale to strong (the report's YlOrRd ramp, and its dark counterpart).
 LIGHT_STEPS = ((None, None), ("#ffeda0", "#1c2026"), ("#fed976", "#1c2026"), ("#feb24c", "#1c2026"),

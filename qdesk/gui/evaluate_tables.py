@@ -1,6 +1,7 @@
 """The Evaluate view's tables as rows of cells, shaped from the evaluation document (`Evaluation.to_json()`).
 
-The same document feeds the HTML report (`qdesk.report`); the figures are formatted by the report's own helpers
+The same document feeds the HTML report (`qdesk.evaluation.report`); the figures are formatted by the report's own
+helpers
 so that the window and the saved page agree to the digit. Nothing here imports Qt.
 """
 
@@ -10,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qdesk.report import (
+from qdesk.evaluation.report import (
     MISSING,
     _candidates,
     _finite,

@@ -1,8 +1,9 @@
-"""The Evaluate section: pick a reference and variants, run `qdesk.evaluate.evaluate` in the background, and read
+"""The Evaluate section: pick a reference and variants, run `qdesk.evaluation.evaluate.evaluate` in the background,
+and read
 the size-vs-KLD chart, the summary, the task verdicts, the memory estimates and the per-token heat map.
 
 Everything shown is shaped from the evaluation's JSON document, the one `qdesk eval --json` prints and the HTML
-report renders, so "Save HTML report" writes exactly what the window shows (`qdesk.report.write_report`).
+report renders, so "Save HTML report" writes exactly what the window shows (`qdesk.evaluation.report.write_report`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from converters.errors import UserError
-from converters.jobs import CancelToken, Progress, ProgressFn
+from converters.core.errors import UserError
+from converters.core.jobs import CancelToken, Progress, ProgressFn
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.charts import SizeKldChart, chart_colours
 from qdesk.gui.context import AppContext
@@ -57,7 +58,7 @@ from qdesk.gui.evaluate_tables import (
     text_summary,
 )
 from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
-from qdesk.library import LibraryEntry
+from qdesk.library.store import LibraryEntry
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 DEFAULT_CHUNKS = 8
@@ -362,7 +363,7 @@ class EvaluateView(QWidget):
         gpu_layers = settings.gpu_layers
 
         def work(progress: ProgressFn, cancel: CancelToken) -> dict[str, Any]:
-            from qdesk.evaluate import evaluate
+            from qdesk.evaluation.evaluate import evaluate
 
             evaluation = evaluate(reference, candidates, chunks=chunks, tasks=tasks, speed=speed, n_threads=threads,
                                   n_gpu_layers=gpu_layers, progress=progress, cancel=cancel)
@@ -482,7 +483,7 @@ class EvaluateView(QWidget):
 
         def work(progress: ProgressFn, cancel: CancelToken) -> tuple[Path, Path]:
             del progress, cancel
-            from qdesk.report import write_report
+            from qdesk.evaluation.report import write_report
 
             return write_report(report, target)
 

@@ -1,6 +1,6 @@
 """The Quantize section's job queue: one entry per source, its steps run one at a time off the GUI thread.
 
-Each entry is a `qdesk.quantize_batch.VariantBatch`; its steps (convert, calibrate, one quantization per choice)
+Each entry is a `qdesk.quantization.batch.VariantBatch`; its steps (convert, calibrate, one quantization per choice)
 run in order as background `Job`s through the context, so closing the window cancels them. A step that later
 steps depend on (convert, calibrate) takes them down with it when it fails or is cancelled; cancelling one
 quantization leaves the others to run. Every variant that lands is in the library, and `library_changed` says so.
@@ -13,11 +13,11 @@ from enum import Enum
 
 from PySide6.QtCore import QObject, Signal
 
-from converters.jobs import Progress
+from converters.core.jobs import Progress
 from qdesk.gui.background import Job, JobFailure, wait_for_jobs
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_seconds
-from qdesk.quantize_batch import BatchStep, StepOutcome, VariantBatch
+from qdesk.quantization.batch import BatchStep, StepOutcome, VariantBatch
 
 
 class StepState(Enum):

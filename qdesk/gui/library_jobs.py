@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.errors import Cancelled
-from converters.jobs import CancelToken, Progress, ProgressFn
-from qdesk.errors import UserError
-from qdesk.library import Library, LibraryEntry
+from converters.core.errors import Cancelled
+from converters.core.jobs import CancelToken, Progress, ProgressFn
+from qdesk.app.errors import UserError
+from qdesk.library.store import Library, LibraryEntry
 
 
 def refresh_library(library: Library, progress: ProgressFn, cancel: CancelToken, *,

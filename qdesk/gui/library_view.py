@@ -17,14 +17,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from converters.jobs import Progress
+from converters.core.jobs import Progress
 from qdesk.gui.background import Job, JobFailure, describe_failure
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
 from qdesk.gui.library_jobs import ImportOutcome, import_files, refresh_library, remove_models, scan_known_folders
 from qdesk.gui.library_tree import LibraryTree
 from qdesk.gui.type_map import TypeMapDialog
-from qdesk.library import Library, LibraryEntry, LibraryError
+from qdesk.library.store import Library, LibraryEntry, LibraryError
 
 MAX_COMPARE_PANES = 4
 HINT = "Drop .gguf files anywhere on this window to import them (or press Import…)."

@@ -22,14 +22,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from converters.presets import preset_named
+from converters.quantization.presets import preset_named
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_bytes, show_failure
 from qdesk.gui.job_queue import QuantizeQueue
 from qdesk.gui.quantize_queue_view import QueueWidget
-from qdesk.quantize_batch import BatchRequest, VariantBatch, VariantChoice
-from qdesk.variant_sizes import PRESET_CHOICES, ChoiceSize, SizePreview, preview_sizes
+from qdesk.quantization.batch import BatchRequest, VariantBatch, VariantChoice
+from qdesk.quantization.sizes import PRESET_CHOICES, ChoiceSize, SizePreview, preview_sizes
 
 SOURCE_HINT = ("Drop a Hugging Face checkpoint folder (or a .safetensors file inside one) or an F16/BF16 GGUF "
                "anywhere on this window, or browse for one.")

@@ -31,13 +31,13 @@ from PySide6.QtWidgets import (
 )
 
 from native.backends import SystemInfo, discover
-from qdesk.engine import SamplingOptions
+from qdesk.app.settings import THEMES, Settings
+from qdesk.chat.engine import SamplingOptions
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.settings_backends import describe_backends
 from qdesk.gui.theme import apply_theme
-from qdesk.library import default_models_dir
-from qdesk.settings import THEMES, Settings
+from qdesk.library.store import default_models_dir
 
 THEME_TITLES = {"system": "Follow the system", "light": "Light", "dark": "Dark"}
 PROMPT_SAVE_DELAY_MS = 600

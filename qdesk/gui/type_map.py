@@ -7,10 +7,10 @@ from pathlib import Path
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from converters.mix_report import Cell, PlanHeatmap, summary_lines
+from converters.mix.report import Cell, PlanHeatmap, summary_lines
 from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.feedback import show_failure
-from qdesk.info import tensor_type_heatmap
+from qdesk.library.info import tensor_type_heatmap
 
 LOW_BITS, HIGH_BITS = 2.5, 8.5
 """The colour scale's ends: q2_K-like cells are the coolest, q8_0 and above the warmest."""

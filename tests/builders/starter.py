@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qdesk.starter import starter_model_path as starter_gguf_path
+from qdesk.app.starter import starter_model_path as starter_gguf_path
 
 CHECKPOINT_NAME = "SmolLM2-135M-Instruct"
 _FORMAT_VERSION = "1"

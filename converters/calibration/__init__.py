@@ -1,0 +1,1 @@
+"""Calibration: text, the importance matrix and its file formats, per-token divergence."""

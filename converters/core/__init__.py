@@ -1,0 +1,1 @@
+"""Primitives every stage shares: errors, progress and cancel, atomic outputs, the GGUF header check."""

@@ -1,0 +1,1 @@
+"""The sensitivity-based mix: measuring, allocating, error-feedback ratios, the plan's report."""

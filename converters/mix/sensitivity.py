@@ -1,0 +1,393 @@
+"""How much each tensor's quantization error moves this model's output: the measured costs the mix is built from.
+
+Two measurements, combined per tensor t and candidate type τ:
+
+* **Damage** E_t(τ): the importance-weighted squared error of t quantized to τ, Σ_rows Σ_j (ΔW_ij)² · E[x_j²],
+  measured with ggml's own encoders (`native.kernels.measure_gguf`; the importance is the matrix's mean squared
+  activation per input column). It is the expected squared error of the tensor's output, y = W x.
+* **Gain** g_G: how much a unit of that output error moves the model's next-token distribution, measured by
+  probing. The reference is loaded once with its weights in writable memory; for each group G of tensors (one
+  tensor class in a band of consecutive layers, the token embedding, the output matrix) every tensor of G is
+  replaced by its own round trip through a probe type, the calibration chunks are evaluated, and the mean KL
+  divergence from the untouched reference is measured; then the weights are put back. g_G = (KLD_G − KLD_0) /
+  Σ_{t∈G} E_t(probe type).
+
+The predicted contribution of t at τ to the mean KLD is then g_G(t) · E_t(τ): damage by what it does downstream,
+so a type is charged for what it costs this model on this text. KLD is quadratic in small output perturbations
+and E is a squared error, so the prediction is linear in E; contributions of different tensors are taken as
+additive.
+
+Cost: the error table is one encode and decode of every weight per candidate type (on sampled rows), and the
+probing is (groups + 1) evaluations of `probe_chunks` chunks. Both grow linearly with the parameter count
+for a fixed number of groups; `layer_bands` sets how many groups per tensor class (see docs/mix.md for the cost
+model and the cheaper settings for large models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from converters.calibration.calibrate import CalibrationText, builtin_texts, calibration_chunks
+from converters.calibration.imatrix import ImportanceMatrix
+from converters.core.errors import Cancelled, UserError
+from converters.core.gguf_file import check_gguf, file_fingerprint
+from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.quantization.plan import ggml_type, type_name
+
+if TYPE_CHECKING:
+    from native.kernels import ErrorTable
+
+CANDIDATE_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
+"""Types a tensor may get: k-quants where rows are multiples of 256, the legacy types where rows are multiples of
+32, and F16. Types that ggml only encodes with an importance matrix (IQ*) are left out."""
+DEFAULT_PROBE_CHUNKS = 2
+DEFAULT_PROBE_CTX = 256
+DEFAULT_LAYER_BANDS = 4
+DEFAULT_SAMPLE_ROWS = 256
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ProbeEffort:
+    """How much probing a mix does: more groups and tokens cost time and make the gains finer."""
+
+    layer_bands: int
+    probe_chunks: int
+    probe_ctx: int
+
+
+EFFORTS = {
+    "fast": ProbeEffort(layer_bands=2, probe_chunks=1, probe_ctx=256),
+    "default": ProbeEffort(layer_bands=DEFAULT_LAYER_BANDS, probe_chunks=DEFAULT_PROBE_CHUNKS,
+                           probe_ctx=DEFAULT_PROBE_CTX),
+    "thorough": ProbeEffort(layer_bands=1 << 16, probe_chunks=4, probe_ctx=512),
+}
+"""`fast` for large models (14 groups for a Llama), `thorough` probes every layer on its own."""
+
+
+def effort_named(name: str) -> ProbeEffort:
+    try:
+        return EFFORTS[name]
+    except KeyError:
+        raise SensitivityError(f"unknown mix effort {name!r}; use one of {', '.join(EFFORTS)}.") from None
+
+
+class SensitivityError(UserError):
+    """Sensitivity cannot be measured on this model as asked."""
+
+
+@dataclass(frozen=True)
+class TypeCost:
+    type: str
+    bytes: int
+    damage: float
+    """Importance-weighted squared error of the whole tensor at this type (0 for a lossless type)."""
+
+
+@dataclass(frozen=True)
+class TensorSensitivity:
+    name: str
+    shape: tuple[int, ...]
+    source_type: str
+    group: str
+    gain: float
+    """KLD (nats per token) per unit of damage, measured for the tensor's group."""
+    options: tuple[TypeCost, ...]
+
+    def predicted_kld(self, type_name: str) -> float:
+        return self.gain * self.option(type_name).damage
+
+    def option(self, type_name: str) -> TypeCost:
+        for option in self.options:
+            if option.type == type_name:
+                return option
+        raise KeyError(f"{type_name} is not a candidate type of {self.name}")
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    tensors: tuple[TensorSensitivity, ...]
+    group_kld: Mapping[str, float]
+    """Measured mean KLD with each group degraded to its probe type (baseline subtracted)."""
+    probe_types: Mapping[str, str]
+    baseline_kld: float
+    probe_tokens: int
+    seconds: float
+
+    def tensor(self, name: str) -> TensorSensitivity:
+        for tensor in self.tensors:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(name)
+
+
+def tensor_group(name: str, n_layers: int, layer_bands: int) -> str:
+    """The probing group of a weight: its class within a band of layers ("ffn_down@2"), or its own name.
+
+    The first and the last layer are probed on their own ("ffn_down@first", "ffn_down@last"): they read the raw
+    embeddings and write the final hidden state, and their gains often differ from their neighbours'.
+    """
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        return name.removesuffix(".weight")
+    layer, role = int(match.group(1)), match.group(2).removesuffix(".weight")
+    if n_layers > 2 and layer == 0:
+        return f"{role}@first"
+    if n_layers > 2 and layer == n_layers - 1:
+        return f"{role}@last"
+    inner = max(n_layers - 2, 1) if n_layers > 2 else n_layers
+    position = layer - 1 if n_layers > 2 else layer
+    bands = max(1, min(layer_bands, inner))
+    return f"{role}@{position * bands // inner}"
+
+
+def probe_type(options: Sequence[TypeCost]) -> str:
+    """The type a group is probed at: a 4-bit type (k-quant where it fits), in the middle of the useful range."""
+    available = {option.type for option in options}
+    for name in ("q4_K", "q4_0", "q5_0", "q8_0"):
+        if name in available:
+            return name
+    return options[0].type
+
+
+def _cost(table: ErrorTable, tensor: str, measured_type: str) -> TypeCost:
+    error = table.error(tensor, measured_type)
+    assert error is not None
+    return TypeCost(type_name(ggml_type(measured_type)), error.tensor_bytes, error.weighted_squared_error)
+
+
+def _importance(matrix: ImportanceMatrix | None) -> dict[str, np.ndarray] | None:
+    if matrix is None:
+        return None
+    return {name: entry.mean_squares().reshape(entry.n_mat, entry.n_in).squeeze(0) if entry.n_mat == 1
+            else entry.mean_squares().reshape(entry.n_mat, entry.n_in)
+            for name, entry in matrix.entries.items()}
+
+
+def _as_float(raw: np.ndarray, source_type: str, shape: tuple[int, ...]) -> np.ndarray:
+    if source_type == "f32":
+        return raw.view(np.float32).reshape(-1, shape[0]).copy()
+    if source_type == "f16":
+        return raw.view(np.float16).astype(np.float32).reshape(-1, shape[0])
+    if source_type == "bf16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(-1, shape[0])
+    raise SensitivityError(f"probing needs an F32, F16 or BF16 reference, and this one stores {source_type}; "
+                           "quantize from the HF checkpoint or an unquantized GGUF.")
+
+
+def _stored(values: np.ndarray, source_type: str) -> np.ndarray:
+    if source_type == "f32":
+        return values.astype(np.float32)
+    if source_type == "f16":
+        return values.astype(np.float16)
+    rounded = values.astype(np.float32).view(np.uint32)
+    return ((rounded + 0x7FFF + ((rounded >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _round_trip(values: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
+    from native.kernels import dequantize_rows, quantize_rows
+
+    if type_name in ("f16", "f32"):
+        return values.astype(np.float16).astype(np.float32) if type_name == "f16" else values
+    vector = importance if importance is None or importance.ndim == 1 else None
+    encoded = quantize_rows(values, type_name, vector)
+    return dequantize_rows(encoded, type_name, values.shape[0], values.shape[1])
+
+
+SENSITIVITY_FORMAT = "qdesk.sensitivity/2"
+
+
+def sensitivity_cache_folder() -> Path:
+    """Where measured sensitivities are kept: `$QDESK_CACHE_DIR/sensitivity`, else the user cache folder."""
+    override = os.environ.get("QDESK_CACHE_DIR")
+    if override:
+        return Path(override) / "sensitivity"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qdesk")) / "sensitivity"
+
+
+def _cache_key(reference: Path, matrix: ImportanceMatrix | None, texts: Sequence[CalibrationText] | None,
+               settings: tuple[object, ...]) -> str:
+    import llama_cpp
+
+    digest = hashlib.sha256()
+    for part in (SENSITIVITY_FORMAT, file_fingerprint(reference), llama_cpp.__version__, repr(settings)):
+        digest.update(str(part).encode() + b"\0")
+    if matrix is not None:
+        for name, entry in sorted(matrix.entries.items()):
+            digest.update(name.encode() + entry.sums.tobytes() + entry.counts.tobytes())
+    for text in texts or ():
+        digest.update(text.name.encode() + "\0".join(text.documents).encode()
+                      + json.dumps(text.conversations).encode())
+    return digest.hexdigest()[:32]
+
+
+def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
+    return {
+        "format": SENSITIVITY_FORMAT,
+        "group_kld": dict(sensitivity.group_kld),
+        "probe_types": dict(sensitivity.probe_types),
+        "baseline_kld": sensitivity.baseline_kld,
+        "probe_tokens": sensitivity.probe_tokens,
+        "seconds": sensitivity.seconds,
+        "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
+                     "gain": t.gain, "options": [[o.type, o.bytes, o.damage] for o in t.options]}
+                    for t in sensitivity.tensors],
+    }
+
+
+def _from_json(document: dict[str, Any]) -> Sensitivity:
+    tensors = tuple(TensorSensitivity(t["name"], tuple(t["shape"]), t["source_type"], t["group"], float(t["gain"]),
+                                      tuple(TypeCost(str(o[0]), int(o[1]), float(o[2])) for o in t["options"]))
+                    for t in document["tensors"])
+    return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
+                       int(document["probe_tokens"]), float(document["seconds"]))
+
+
+def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
+                       texts: Sequence[CalibrationText] | None = None, **settings: Any) -> Sensitivity:
+    """`measure_sensitivity`, remembered: a second mix of the same reference, matrix, text and settings (another
+    budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key."""
+    reference = Path(reference)
+    check_gguf(reference)
+    progress = settings.pop("progress", no_progress)
+    cancel = settings.pop("cancel", None)
+    key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
+    path = sensitivity_cache_folder() / f"{key}.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") == SENSITIVITY_FORMAT:
+            return _from_json(document)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel, **settings)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".partial")
+        temporary.write_text(json.dumps(_to_json(sensitivity)), encoding="utf-8")
+        os.replace(temporary, path)
+    return sensitivity
+
+
+def measure_sensitivity(
+    reference: str | Path,
+    matrix: ImportanceMatrix | None,
+    texts: Sequence[CalibrationText] | None = None,
+    *,
+    candidate_types: Sequence[str] = CANDIDATE_TYPES,
+    probe_chunks: int = DEFAULT_PROBE_CHUNKS,
+    probe_ctx: int = DEFAULT_PROBE_CTX,
+    layer_bands: int = DEFAULT_LAYER_BANDS,
+    sample_rows: int | None = DEFAULT_SAMPLE_ROWS,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Sensitivity:
+    """Measure the damage of every candidate type on every weight of `reference` and the gain of every group."""
+    from converters.calibration.divergence import compare_candidate, encode_reference
+    from native.activations import ModelEvaluator
+    from native.errors import NativeError, Stopped
+    from native.kernels import measure_gguf, quantizable_weight
+
+    started = time.monotonic()
+    reference = Path(reference)
+    header = check_gguf(reference)
+    weights = {t.name: t for t in header.tensors if quantizable_weight(t.name, len(t.shape))}
+    blocks = {int(m.group(1)) for name in weights if (m := _LAYER_NAME.match(name))}
+    n_layers = max(blocks) + 1 if blocks else 0
+    importance = _importance(matrix)
+    should_stop = (lambda: cancel.cancelled) if cancel is not None else None
+
+    def measuring(done: int, total: int) -> None:
+        progress(Progress(done, total, "measurements", "measuring quantization error"))
+
+    try:
+        table = measure_gguf(reference, list(candidate_types), importance, sample_rows=sample_rows,
+                             tensors=list(weights), threads=threads, progress=measuring, should_stop=should_stop)
+    except Stopped:
+        raise Cancelled("the sensitivity measurement was cancelled") from None
+    except ValueError as error:
+        raise SensitivityError(str(error)) from error
+
+    options = {name: tuple(_cost(table, name, measured) for measured in table.fitting_types(name)) for name in weights}
+    groups: dict[str, list[str]] = {}
+    for name in weights:
+        groups.setdefault(tensor_group(name, n_layers, layer_bands), []).append(name)
+    probes = {group: probe_type(options[names[0]]) for group, names in groups.items()}
+
+    group_kld: dict[str, float] = {}
+    try:
+        with ModelEvaluator(reference, n_ctx=probe_ctx, n_gpu_layers=gpu_layers, n_threads=threads, collect=False,
+                            should_stop=should_stop, editable_weights=True) as evaluator:
+            chunks = calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), probe_ctx, probe_chunks)
+            first = probe_ctx // 2
+            references = []
+            for chunk in chunks:
+                rows: list[np.ndarray] = []
+                evaluator.evaluate_logits(chunk, first, lambda _p, logits, rows=rows: rows.append(logits.copy()))
+                logits = np.concatenate(rows)[: len(chunk) - 1 - first]
+                references.append(encode_reference(logits, np.asarray(chunk[first + 1 :])))
+
+            def mean_kld() -> float:
+                total, count = 0.0, 0
+                for chunk, reference_rows in zip(chunks, references, strict=True):
+                    rows: list[np.ndarray] = []
+                    evaluator.evaluate_logits(chunk, first, lambda _p, logits, rows=rows: rows.append(logits.copy()))
+                    logits = np.concatenate(rows)[: len(chunk) - 1 - first]
+                    scored = compare_candidate(logits, reference_rows, np.asarray(chunk[first + 1 :]))
+                    total += float(scored.kld.sum())
+                    count += scored.kld.size
+                return total / count
+
+            missing = [name for name in weights if name not in evaluator.weight_names()]
+            if missing:
+                raise SensitivityError(f"llama.cpp's graph does not read {missing[0]} as a weight, so it cannot be "
+                                       "probed; this architecture is not supported by the sensitivity mix yet.")
+            baseline = mean_kld()
+            for index, (group, names) in enumerate(sorted(groups.items())):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                progress(Progress(index, len(groups), "groups", f"probing {group}"))
+                originals = {name: evaluator.read_weight(name) for name in names}
+                try:
+                    for name in names:
+                        source_type = evaluator.weight_type(name)
+                        values = _as_float(originals[name], source_type, weights[name].shape)
+                        vector = importance.get(name) if importance is not None else None
+                        degraded = _round_trip(values, probes[group], vector)
+                        evaluator.write_weight(name, _stored(degraded, source_type))
+                    group_kld[group] = max(mean_kld() - baseline, 0.0)
+                finally:
+                    for name, raw in originals.items():
+                        evaluator.write_weight(name, raw)
+            progress(Progress(len(groups), len(groups), "groups", "probing done"))
+    except Stopped:
+        raise Cancelled("the sensitivity measurement was cancelled") from None
+    except NativeError as error:
+        raise SensitivityError(str(error)) from error
+
+    tensors = []
+    for group, names in sorted(groups.items()):
+        damage = sum(next(o.damage for o in options[name] if o.type == probes[group]) for name in names)
+        gain = group_kld[group] / damage if damage > 0 else 0.0
+        for name in names:
+            tensor = weights[name]
+            tensors.append(TensorSensitivity(name, tuple(tensor.shape), tensor.type.name.lower(), group, gain,
+                                             options[name]))
+    order = {name: index for index, name in enumerate(weights)}
+    tensors.sort(key=lambda t: order[t.name])
+    return Sensitivity(tuple(tensors), group_kld, probes, baseline, sum(len(c) - 1 - probe_ctx // 2 for c in chunks),
+                       time.monotonic() - started)

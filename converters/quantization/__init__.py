@@ -1,0 +1,1 @@
+"""Quantization: llama.cpp's presets, per-tensor plans, the quantize job."""

@@ -1,0 +1,1 @@
+"""Reading Hugging Face checkpoints: config, safetensors and .bin files, architectures, tokenizers."""

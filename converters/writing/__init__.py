@@ -1,0 +1,1 @@
+"""Writing GGUF: the conversion, the streaming writer, the output tensor types."""

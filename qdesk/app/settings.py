@@ -1,0 +1,92 @@
+"""The user's preferences: models folder, threads, GPU layers, theme and sampling defaults.
+
+Stored as JSON in `$QDESK_CONFIG_DIR/settings.json` (default: the platform's user config folder). The desktop app
+edits them; the file is written atomically, and an unreadable or partly invalid file falls back to the defaults
+for what it gets wrong, so a bad edit never stops qdesk from starting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from converters.core.atomic import atomic_output
+from qdesk.chat.engine import SamplingOptions
+from qdesk.library.store import default_models_dir
+
+CONFIG_DIR_ENV = "QDESK_CONFIG_DIR"
+SETTINGS_NAME = "settings.json"
+THEMES = ("system", "light", "dark")
+
+
+def config_dir() -> Path:
+    """`$QDESK_CONFIG_DIR` when set, else `<platform config dir>/qdesk`."""
+    override = os.environ.get(CONFIG_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir("qdesk", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: str = ""
+    """Empty: the default models folder (`QDESK_MODELS_DIR`, else the platform data folder)."""
+    threads: int = 0
+    """0: one thread per CPU core."""
+    gpu_layers: int = 0
+    """Layers to offload to the GPU; -1 for all of them."""
+    theme: str = "system"
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    system_prompt: str = ""
+
+    def models_path(self) -> Path:
+        return Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, document: Any) -> Settings:
+        """The settings in `document`, keeping the default for every key that is missing or of the wrong kind."""
+        if not isinstance(document, dict):
+            return cls()
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            if item.name == "sampling":
+                continue
+            value = document.get(item.name, getattr(defaults, item.name))
+            if isinstance(value, type(getattr(defaults, item.name))) and not isinstance(value, bool):
+                values[item.name] = value
+        if values.get("theme") not in THEMES:
+            values.pop("theme", None)
+        sampling = document.get("sampling")
+        if isinstance(sampling, dict):
+            values["sampling"] = SamplingOptions.from_json(sampling)
+        return replace(defaults, **values)
+
+
+def settings_path() -> Path:
+    return config_dir() / SETTINGS_NAME
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """The saved settings, or the defaults when there are none or the file cannot be read."""
+    path = path or settings_path()
+    try:
+        return Settings.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return Settings()
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> None:
+    """Write `settings` atomically: a crash mid-way leaves the previous file."""
+    path = path or settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as staging:
+        staging.write_text(json.dumps(settings.to_json(), indent=2) + "\n", encoding="utf-8")

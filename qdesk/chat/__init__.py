@@ -1,0 +1,1 @@
+"""Chat with models: the engine's worker processes, side-by-side comparison, saved conversations."""

@@ -1,0 +1,1 @@
+"""Text for people: sizes and units, the terminal's progress bar."""

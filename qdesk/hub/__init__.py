@@ -1,0 +1,129 @@
+"""The Hugging Face Hub from qdesk: search, a repository's files with fit marks, and resumable, checked downloads
+into the standard cache. See docs/hub.md.
+
+The pieces live in `qdesk.hub_*` modules, one concept each: `hub_settings` (endpoint, cache, token, offline),
+`hub_search`, `hub_listing` (+ `hub_names` for what file names say, `hub_fit` for the memory marks), `hub_download`
+(+ `hub_transfer` for one file, `hub_cache` for the cache layout, `hub_http`), `hub_errors`. This module gathers
+the public names and renders results as text for the command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qdesk.hub.download import DownloadedFile, DownloadResult, add_to_library, download
+from qdesk.hub.errors import (
+    ChecksumError,
+    DownloadCancelled,
+    HubAccessError,
+    HubConnectionError,
+    HubError,
+    HubNotFoundError,
+    HubOfflineError,
+    HubUnreachableError,
+    UnsafeFileNameError,
+)
+from qdesk.hub.fit import FitMark
+from qdesk.hub.listing import FileGroup, RepoFile, RepoListing, list_repo, select_files
+from qdesk.hub.names import base_model_name, check_repo_path, quant_type, shard_name
+from qdesk.hub.search import FORMATS, SORTS, ModelSummary, search_models
+from qdesk.hub.settings import HubSettings, RetryPolicy
+from qdesk.hub.transfer import human_bytes
+
+__all__ = [
+    "FORMATS",
+    "SORTS",
+    "ChecksumError",
+    "DownloadCancelled",
+    "DownloadResult",
+    "DownloadedFile",
+    "FileGroup",
+    "FitMark",
+    "HubAccessError",
+    "HubConnectionError",
+    "HubError",
+    "HubNotFoundError",
+    "HubOfflineError",
+    "HubSettings",
+    "HubUnreachableError",
+    "ModelSummary",
+    "RepoFile",
+    "RepoListing",
+    "RetryPolicy",
+    "UnsafeFileNameError",
+    "add_to_library",
+    "base_model_name",
+    "check_repo_path",
+    "download",
+    "list_repo",
+    "quant_type",
+    "render_download",
+    "render_listing",
+    "render_search",
+    "search_models",
+    "select_files",
+    "shard_name",
+]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                         for i, cell in enumerate(cells)).rstrip()
+
+    return [line([h.upper() for h in header]), *(line(row) for row in rows)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def render_search(results: Sequence[ModelSummary]) -> str:
+    """One row per model: name, downloads, likes, last update, formats."""
+    if not results:
+        return "No models found; try other words, or --format any."
+    rows = [(result.repo_id, f"{result.downloads:,}", f"{result.likes:,}",
+             result.last_modified.date().isoformat() if result.last_modified else "-",
+             ", ".join(result.formats) or "-", "gated" if result.gated else "")
+            for result in results]
+    return "\n".join(_table(("repository", "downloads", "likes", "updated", "formats", ""), rows, right=(1, 2)))
+
+
+def render_listing(listing: RepoListing) -> str:
+    """The model files (GGUF variants with their type, checkpoints) with size and fit mark, then the other files."""
+    out = [f"{listing.repo_id} at {listing.revision} (commit {listing.commit[:12]}), "
+           f"{_count(len(listing.files), 'file')}, {human_bytes(listing.size)}" + (", gated" if listing.gated else "")]
+    if listing.groups:
+        rows = []
+        for group in listing.groups:
+            kind = " ".join(part for part in (group.quant_type, "projector" if group.projector else None) if part)
+            kind = kind or ("checkpoint" if group.kind == "safetensors" else "?")
+            shards = f"{len(group.files)}/{group.shard_count} shards" if group.shard_count > 1 else ""
+            fit = "-" if group.fit is None else group.fit.label
+            rows.append((group.name, kind, human_bytes(group.size), shards, fit))
+        out += ["", *_table(("file", "type", "size", "shards", "fit"), rows, right=(2,))]
+        marks = [group.fit for group in listing.groups if group.fit is not None and group.fit.fits is not None]
+        if marks:
+            out += ["", "fit: at a context of 4,096 tokens on this machine; ~ marks an estimate (see --json for why)."]
+    if listing.other_files:
+        others = ", ".join(f"{file.path} ({human_bytes(file.size)})" for file in listing.other_files)
+        out += ["", f"other files: {others}"]
+    return "\n".join(out)
+
+
+def render_download(result: DownloadResult, library_ids: dict[str, str] | None = None) -> str:
+    """What was fetched and where each file is, with its library name when it was added to the library."""
+    fetched = [file for file in result.files if file.status != "cached"]
+    out = [f"{result.repo_id} at {result.revision} (commit {result.commit[:12]}): "
+           f"{_count(len(result.files), 'file')}, {len(fetched)} fetched ({human_bytes(result.bytes_downloaded)}), "
+           f"{len(result.files) - len(fetched)} already in the cache"]
+    for file in result.files:
+        line = f"  {file.local_path}"
+        if library_ids and str(file.local_path) in library_ids:
+            line += f"  (library: {library_ids[str(file.local_path)]})"
+        out.append(line)
+    if result.checkpoint_dir is not None:
+        out.append(f"checkpoint folder, ready for `qdesk quantize`: {result.checkpoint_dir}")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""The local library of model files and what each file is."""

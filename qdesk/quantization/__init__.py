@@ -1,0 +1,1 @@
+"""Quantizing from the app: several variants in one queue, size and fit previews."""
