@@ -82,27 +82,6 @@ class RepoCache:
 
     # --- reading ---
 
-    def commit_for(self, revision: str) -> str | None:
-        """The commit `revision` resolves to from the cache alone: itself if a full hash, else its ref."""
-        if COMMIT_PATTERN.match(revision):
-            return revision
-        try:
-            commit = self.ref_path(revision).read_text(encoding="utf-8").strip()
-        except OSError:
-            return None
-        return commit if COMMIT_PATTERN.match(commit) else None
-
-    def snapshot_files(self, commit: str) -> list[str]:
-        """Repository paths of the complete files in a cached snapshot (dangling links left out)."""
-        folder = self.snapshot_dir(commit)
-        if not folder.is_dir():
-            return []
-        found = []
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():  # follows the link: a dangling one is not a file
-                found.append(path.relative_to(folder).as_posix())
-        return found
-
     def etag_of(self, snapshot_file: Path) -> str | None:
         """The name of the blob a snapshot entry links to; None where the entry is a copy, not a link."""
         if not snapshot_file.is_symlink():
