@@ -128,11 +128,10 @@ def is_retryable(error: BaseException) -> bool:
 
     if isinstance(error, httpx2.TransportError):
         return True
-    cause = error.__cause__
-    if isinstance(error, HubError) and cause is not None and cause is not error:
-        return is_retryable(cause)
-    return (isinstance(error, HfHubHTTPError) and error.response is not None
-            and error.response.status_code in RETRYABLE_STATUS)
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code in RETRYABLE_STATUS
+    cause = error.__cause__  # a HubError, or huggingface_hub's LocalEntryNotFoundError, says why in its cause
+    return cause is not None and cause is not error and is_retryable(cause)
 
 
 def wait(seconds: float, cancel: CancelToken | None) -> None:
