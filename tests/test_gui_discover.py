@@ -25,7 +25,7 @@ WAIT_MS = 60_000
 @pytest.fixture(scope="module")
 def repo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hub-repo")
-    write_tiny_gguf(folder / BIG)
+    write_tiny_gguf(folder / BIG, vocab=5000)  # over 1 MiB: fetched by qdesk's own resumable transfer
     write_tiny_gguf(folder / SMALL, dtype=np.float16)
     (folder / "README.md").write_text("# tiny\n")
     return folder

@@ -215,8 +215,8 @@ class DiscoverView(QWidget):
         self.listing, self.hub_settings = listing, settings
         self.files.show_listing(listing)
         gated = " · gated: log in with `hf auth login` after accepting its licence" if listing.gated else ""
-        self.repo_title.setText(f"<b>{listing.repo_id}</b> · {len(listing.groups)} model files · "
-                                f"{format_bytes(listing.size)} in all{gated}")
+        size = "" if listing.size is None else f" · {format_bytes(listing.size)} in all"  # a mirror may not say
+        self.repo_title.setText(f"<b>{listing.repo_id}</b> · {len(listing.groups)} model files{size}{gated}")
         others = ", ".join(file.path for file in listing.other_files[:8])
         if len(listing.other_files) > 8:
             others += f" and {len(listing.other_files) - 8} more"

@@ -63,6 +63,7 @@ _UNREAD = "unread"  # stored only between discovering a file and reading it
 
 # folder kinds: how a registered folder is searched for models
 _GGUF_TREE = "gguf-tree"  # every *.gguf below it
+_HF_CACHE = "hf-cache"  # a Hugging Face cache: the *.gguf files of its snapshots, as huggingface_hub scans it
 _OLLAMA = "ollama"  # Ollama's models folder: GGUF blobs named through the manifests
 
 _PROVENANCE_PREFIXES = ("qdesk.", "quantize.imatrix.")
@@ -261,23 +262,48 @@ def _find_ollama(models: Path) -> list[_Found]:
             if blob.is_file() and _has_gguf_magic(blob)]
 
 
-_FINDERS: dict[str, Callable[[Path], list[_Found]]] = {_GGUF_TREE: _find_gguf_tree, _OLLAMA: _find_ollama}
+def _find_hf_cache(cache: Path) -> list[_Found]:
+    """The GGUF files of a Hugging Face cache's snapshots, one per blob, through huggingface_hub's `scan_cache_dir`.
+    It leaves out a repository it finds damaged (one dangling link is enough): those are walked as a plain tree."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        scanned = scan_cache_dir(cache)
+    except (CacheNotFound, OSError, ValueError):
+        return _find_gguf_tree(cache)
+    found: dict[Path, _Found] = {}
+    for repo in sorted(scanned.repos, key=lambda repo: str(repo.repo_path)):
+        for revision in sorted(repo.revisions, key=lambda revision: revision.commit_hash):
+            for file in sorted(revision.files, key=lambda file: file.file_path):
+                if file.file_name.endswith(".gguf") and not file.file_name.startswith(".") and file.file_path.is_file():
+                    found.setdefault(file.file_path.resolve(), _Found(file.file_path))
+    scanned_folders = {repo.repo_path.resolve() for repo in scanned.repos}
+    for folder in sorted(cache.iterdir()):
+        if folder.is_dir() and "--" in folder.name and folder.resolve() not in scanned_folders:
+            for item in _find_gguf_tree(folder):
+                found.setdefault(item.path.resolve(), item)
+    return list(found.values())
+
+
+_FINDERS: dict[str, Callable[[Path], list[_Found]]] = {
+    _GGUF_TREE: _find_gguf_tree, _HF_CACHE: _find_hf_cache, _OLLAMA: _find_ollama}
 
 
 def _known_folders(home: Path | None) -> list[tuple[str, Path, str]]:
     """(label, folder, kind) for the other applications' model folders, from `home` or the environment."""
     if home is None:
-        from huggingface_hub import constants
+        from qdesk.hub.settings import hub_cache_dir
 
         user_home = Path.home()
-        hf_cache = Path(constants.HF_HUB_CACHE)
+        hf_cache = hub_cache_dir()
         ollama = Path(os.environ.get("OLLAMA_MODELS") or user_home / ".ollama" / "models")
     else:
         user_home = home
         hf_cache = home / ".cache" / "huggingface" / "hub"
         ollama = home / ".ollama" / "models"
     return [
-        ("hf-cache", hf_cache, _GGUF_TREE),
+        ("hf-cache", hf_cache, _HF_CACHE),
         ("lmstudio", user_home / ".lmstudio" / "models", _GGUF_TREE),
         ("lmstudio", user_home / ".cache" / "lm-studio" / "models", _GGUF_TREE),  # LM Studio before 0.3
         ("ollama", ollama, _OLLAMA),
@@ -561,6 +587,15 @@ class Library:
             connection.execute("INSERT OR REPLACE INTO folders VALUES (?,?,?)", (str(folder), label, kind))
         self.refresh(progress)
         return [entry for entry in self.entries() if entry.path.is_relative_to(folder)]
+
+    def register_hf_cache(self, folder: str | os.PathLike[str] | None = None,
+                          progress: ProgressFn | None = None) -> list[LibraryEntry]:
+        """Register a Hugging Face cache read-only (default: the one HF_HUB_CACHE / HF_HOME name now) and index the
+        GGUF files of its snapshots."""
+        from qdesk.hub.settings import hub_cache_dir
+
+        cache = Path(folder).expanduser() if folder is not None else hub_cache_dir()
+        return self._register(cache, "hf-cache", _HF_CACHE, progress)
 
     def register_known_folders(self, home: str | os.PathLike[str] | None = None,
                                progress: ProgressFn | None = None) -> list[str]:
