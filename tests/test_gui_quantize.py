@@ -134,3 +134,26 @@ def test_closing_the_window_cancels_running_jobs(qtbot, main_window: MainWindow,
     models = gui_context.models_folder
     assert list(models.glob("*.gguf")) == []
     assert _leftovers(models) == []
+
+
+def test_cancelling_the_importance_matrix_skips_only_the_presets_that_need_it(qtbot, main_window: MainWindow,
+                                                                             gui_context, kquant_f16: Path) -> None:
+    main_window.show_section("quantize")
+    view = _view(main_window)
+    view.set_source(kquant_f16)
+    _choose(view, {"Q4_K_M", "Q8_0"}, "builtin")
+    qtbot.waitUntil(lambda: view.start_button.isEnabled(), timeout=TIMEOUT_MS)
+    view.start()
+    queued = view.queue.batches[0]
+    calibrate = queued.steps[0]
+    assert [step.step.key for step in queued.steps] == ["calibrate", "Q4_K_M", "Q8_0"]
+    assert calibrate.state is StepState.RUNNING
+    view.queue.cancel_step(queued, calibrate)
+    qtbot.waitUntil(lambda: queued.over, timeout=TIMEOUT_MS)
+
+    states = {step.step.key: step.state for step in queued.steps}
+    assert states == {"calibrate": StepState.CANCELLED, "Q4_K_M": StepState.SKIPPED, "Q8_0": StepState.DONE}
+    assert "Importance matrix" in queued.steps[1].describe()
+    made = _library_files(gui_context)
+    assert len(made) == 1 and made[0].endswith("-Q8_0.gguf"), made
+    assert main_window.statusBar().currentMessage() == "Quantize: the queue is done (1 made, 1 skipped)."

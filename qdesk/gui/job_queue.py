@@ -2,8 +2,9 @@
 
 Each entry is a `qdesk.quantization.batch.VariantBatch`; its steps (convert, calibrate, one quantization per choice)
 run in order as background `Job`s through the context, so closing the window cancels them. A step that later
-steps depend on (convert, calibrate) takes them down with it when it fails or is cancelled; cancelling one
-quantization leaves the others to run. Every variant that lands is in the library, and `library_changed` says so.
+steps need (convert, calibrate) takes down with it only the steps that need it when it fails or is cancelled (a
+Q8_0 needs no importance matrix); cancelling one quantization leaves the others to run. Every variant that lands
+is in the library, and `library_changed` says so.
 """
 
 from __future__ import annotations
@@ -113,8 +114,7 @@ class QuantizeQueue(QObject):
             step.job.cancel()
         elif step.state is StepState.WAITING:
             step.state = StepState.CANCELLED
-            if step.step.required:
-                self._skip_rest(queued, step)
+            self._skip_dependents(queued, step)
             self._settle(queued)
             self.changed.emit()
 
@@ -177,8 +177,7 @@ class QuantizeQueue(QObject):
     def _failed(self, queued: QueuedBatch, step: QueuedStep, failure: JobFailure) -> None:
         step.state = StepState.CANCELLED if failure.cancelled else StepState.FAILED
         step.failure = failure
-        if step.step.required:
-            self._skip_rest(queued, step)
+        self._skip_dependents(queued, step)
         self._next(queued)
 
     def _next(self, queued: QueuedBatch) -> None:
@@ -186,12 +185,15 @@ class QuantizeQueue(QObject):
         self.changed.emit()
         self._advance()
 
-    def _skip_rest(self, queued: QueuedBatch, failed: QueuedStep) -> None:
-        reason = f"skipped: the step “{failed.step.title}” did not finish"
+    def _skip_dependents(self, queued: QueuedBatch, failed: QueuedStep) -> None:
+        """Skip the waiting steps that need `failed` (directly or through a step that needs it); the others run."""
+        reason = f"skipped: it needs the step “{failed.step.title}”, which did not finish"
+        lost = {failed.step.key}
         for step in queued.steps[queued.steps.index(failed) + 1:]:
-            if step.state is StepState.WAITING:
+            if step.state is StepState.WAITING and lost.intersection(step.step.needs):
                 step.state = StepState.SKIPPED
                 step.failure = JobFailure(reason, "")
+                lost.add(step.step.key)
 
     def _settle(self, queued: QueuedBatch) -> None:
         """Once every step is over, remove the batch's temporary files."""
@@ -200,6 +202,17 @@ class QuantizeQueue(QObject):
             queued.closed = True
 
     # --- for the status bar ---
+
+    def outcome_summary(self) -> str:
+        """What the finished jobs came to: "2 made, 1 cancelled, 1 skipped" (an empty queue: "")."""
+        counts: dict[StepState, int] = {}
+        for queued in self.batches:
+            for step in queued.steps:
+                if step.step.key not in ("convert", "calibrate") and step.state.over:
+                    counts[step.state] = counts.get(step.state, 0) + 1
+        words = ((StepState.DONE, "made"), (StepState.FAILED, "failed"), (StepState.CANCELLED, "cancelled"),
+                 (StepState.SKIPPED, "skipped"))
+        return ", ".join(f"{counts[state]} {word}" for state, word in words if counts.get(state))
 
     def summary(self) -> str:
         """One line on the queue for any section to show: what runs now, how far, how many steps wait."""

@@ -374,7 +374,9 @@ class QuantizeView(QWidget):
             window.statusBar().showMessage(summary)
             self._status_shown = True
         elif self._status_shown:
-            window.statusBar().showMessage("Quantize: the queue is done.", 8000)
+            outcome = self.queue.outcome_summary()
+            window.statusBar().showMessage(f"Quantize: the queue is done ({outcome})." if outcome else
+                                           "Quantize: the queue is done.", 8000)
             self._status_shown = False
 
     # --- hooks the main window calls ---
