@@ -81,3 +81,14 @@ def test_cancelling_returns_to_idle_and_writes_nothing(qtbot, view: EvaluateView
     assert view.progress_bar.isHidden()
     assert len(view.chart.points) == 0
     assert list(tmp_path.rglob("*.partial")) == [] and list(tmp_path.rglob("*.html")) == []
+
+
+def test_a_float_gguf_made_later_becomes_the_reference(view: EvaluateView, gui_context: AppContext,
+                                                        kquant_f16: Path) -> None:
+    from qdesk.gui.evaluate_view import NO_FLOAT_MODEL
+
+    assert view.reference_path() is None and view.status_label.text() == NO_FLOAT_MODEL
+    gui_context.library().import_model(kquant_f16, link=True)
+    gui_context.library_changed.emit()
+    assert view.reference_path() is not None and view.reference_path().name == kquant_f16.name
+    assert view.status_label.text() != NO_FLOAT_MODEL

@@ -265,8 +265,16 @@ class EvaluateView(QWidget):
         self.reference_combo.blockSignals(False)
         self._select_reference(reference)
         self._fill_variants(checked)
-        if not self.running and self.report is None and not floats and self.reference_path() is None:
+        if self.reference_path() is None and floats and not self.running:
+            chosen = [entry for entry in entries if entry.path in checked]
+            self._select_reference(_likeliest_reference(floats, chosen).path)
+            self._reference_changed()
+        if self.running:
+            return
+        if self.report is None and not floats and self.reference_path() is None:
             self.status_label.setText(NO_FLOAT_MODEL)
+        elif self.status_label.text() in (NO_FLOAT_MODEL, NEEDS_REFERENCE) and self.reference_path() is not None:
+            self.status_label.setText(IDLE_TEXT)
 
     def _select_reference(self, path: Path | None) -> None:
         index = 0 if path is None else self.reference_combo.findData(str(path))
@@ -516,6 +524,12 @@ class EvaluateView(QWidget):
         reference = str(state.value("evaluate/reference", "") or "")
         if reference and self.reference_combo.findData(reference) > 0:
             self.reference_combo.setCurrentIndex(self.reference_combo.findData(reference))
+
+
+def _likeliest_reference(floats: list[LibraryEntry], checked: list[LibraryEntry]) -> LibraryEntry:
+    """The float GGUF to offer as the reference: one of the same base model as a checked variant, else the first."""
+    bases = {entry.base_model for entry in checked}
+    return next((entry for entry in floats if entry.base_model in bases), floats[0])
 
 
 def _table_widget(name: str) -> QTableWidget:
