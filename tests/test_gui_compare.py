@@ -214,3 +214,20 @@ def test_two_variants_answer_side_by_side(qtbot, gui_context: AppContext, starte
     assert [turn["prompt"] for turn in document["turns"]] == ["What is the capital of France?",
                                                               "Tell me a long story about a dragon."]
     assert document["turns"][0]["answers"][1]["model"] == str(q8_variant)
+
+
+def test_divergence_highlights_follow_the_theme(qtbot, gui_context: AppContext) -> None:
+    from qdesk.gui.compare_pane import DARK_HIGHLIGHT, LIGHT_HIGHLIGHT, TranscriptEntry
+    from qdesk.gui.theme import apply_theme
+
+    view = make_view(qtbot, gui_context)
+    pane = view.panes[1]
+    apply_theme("light")
+    try:
+        pane.show_transcript([TranscriptEntry("Capital?", "Paris was the capital.", 6)])
+        assert LIGHT_HIGHLIGHT in pane.transcript.toHtml().lower()
+        apply_theme("dark")
+        qtbot.waitUntil(lambda: DARK_HIGHLIGHT in pane.transcript.toHtml().lower(), timeout=5000)
+        assert LIGHT_HIGHLIGHT not in pane.transcript.toHtml().lower()
+    finally:
+        apply_theme("light")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFrame,
@@ -31,6 +31,7 @@ from qdesk.library.store import LibraryEntry
 
 NO_MODEL = "Choose a model…"
 LIGHT_HIGHLIGHT, DARK_HIGHLIGHT = "#ffe58f", "#7a5c00"
+"""Behind the part of an answer that leaves the first pane's: pale yellow under dark text, dark amber under light."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ComparePane(QFrame):
     def __init__(self, runner: PaneRunner, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.runner = runner
+        self._shown: tuple[TranscriptEntry, ...] = ()
         self.setObjectName("comparePane")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.setMinimumWidth(220)
@@ -227,11 +229,17 @@ class ComparePane(QFrame):
         self.retry_button.setVisible(failure is not None)
 
     def show_transcript(self, entries: Sequence[TranscriptEntry]) -> None:
+        self._shown = tuple(entries)
         bar = self.transcript.verticalScrollBar()
         at_end = bar.value() >= bar.maximum() - 4
         self.transcript.setHtml(transcript_html(entries, DARK_HIGHLIGHT if is_dark() else LIGHT_HIGHLIGHT))
         if at_end:
             bar.setValue(bar.maximum())
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and self._shown:
+            self.show_transcript(self._shown)  # the highlight's colours follow the theme
 
     def set_editable(self, editable: bool) -> None:
         """While answering, the model and the settings stay as they are."""
