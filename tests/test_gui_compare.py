@@ -231,3 +231,23 @@ def test_divergence_highlights_follow_the_theme(qtbot, gui_context: AppContext) 
         assert LIGHT_HIGHLIGHT not in pane.transcript.toHtml().lower()
     finally:
         apply_theme("light")
+
+
+def test_the_prompt_keeps_the_focus_after_stop(qtbot, main_window, starter_gguf: Path) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    main_window.show_section("compare")
+    view = main_window.views["compare"]
+    main_window.activateWindow()
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.bind_pane(view.panes[0], starter_gguf)
+    view.bind_pane(view.panes[1], None)
+    view.prompt.setFocus()
+    qtbot.keyClicks(view.prompt, "Hello")
+    qtbot.keyClick(view.prompt, Qt.Key.Key_Return)
+    assert view.busy
+    qtbot.mouseClick(view.stop_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    assert QApplication.focusWidget() is view.prompt
+    qtbot.keyClicks(QApplication.focusWidget(), "next question")
+    assert view.prompt.toPlainText() == "next question"

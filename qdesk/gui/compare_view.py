@@ -18,6 +18,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QKeySequence, QShortcut, QShowEvent
 from PySide6.QtWidgets import (
+    QApplication,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -140,6 +141,7 @@ class CompareView(QWidget):
         self.regenerate_button.setToolTip("Ask the last prompt again (with a new seed when sampling is random)")
         buttons = QVBoxLayout()
         for button in (self.send_button, self.stop_button, self.regenerate_button):
+            button.setFocusPolicy(Qt.FocusPolicy.TabFocus)  # a click leaves the focus in the prompt box
             buttons.addWidget(button)
         buttons.addStretch(1)
         prompt_row = QHBoxLayout()
@@ -638,6 +640,8 @@ class CompareView(QWidget):
         self.notice.setVisible(bool(text))
 
     def _update_controls(self) -> None:
+        focus = QApplication.focusWidget()
+        had_focus = focus is not None and (focus is self or self.isAncestorOf(focus))
         busy = self.busy
         turns = bool(self.conversation.turns)
         self.send_button.setEnabled(not busy)
@@ -651,6 +655,9 @@ class CompareView(QWidget):
             pane.remove_button.setEnabled(not busy and len(self.panes) > MIN_PANES)
             pane.set_editable(not busy)
         self.title.setText(self.conversation.display_title)
+        focus = QApplication.focusWidget()
+        if had_focus and (focus is None or not focus.isEnabled() or not self.isAncestorOf(focus)):
+            self.prompt.setFocus()  # a button that was disabled must not send the focus out of the section
 
     def _update_facts(self) -> None:
         last = self.conversation.turns[-1] if self.conversation.turns else None
