@@ -50,7 +50,8 @@ def test_panes_can_be_added_and_removed(qtbot, gui_context: AppContext) -> None:
     shared = view.conversation.settings_for(0)
     own = view.panes[1]
     qtbot.mouseClick(own.own_settings, Qt.MouseButton.LeftButton)
-    assert own.override.isVisibleTo(own) and own.override.temperature.value() == shared[0].temperature
+    assert own.override.isVisibleTo(own) and own.override.temperature.value() == shared[0].temperature == 0.0
+    own.override.free.setChecked(True)
     own.override.temperature.setValue(1.25)
     own.override.system.setText("Answer in French.")
     assert view.conversation.settings_for(1)[0].temperature == 1.25
@@ -251,3 +252,29 @@ def test_the_prompt_keeps_the_focus_after_stop(qtbot, main_window, starter_gguf:
     assert QApplication.focusWidget() is view.prompt
     qtbot.keyClicks(QApplication.focusWidget(), "next question")
     assert view.prompt.toPlainText() == "next question"
+
+
+def test_compare_is_deterministic_unless_free_sampling_is_on(qtbot, gui_context: AppContext, starter_gguf: Path,
+                                                             tmp_path: Path) -> None:
+    """Greedy by default, so a difference between panes is the variants'; free sampling shares one seed a turn."""
+    view = make_view(qtbot, gui_context)
+    assert gui_context.settings.sampling.temperature > 0
+    assert not view.shared.free.isChecked() and not view.shared.temperature.isEnabled()
+    assert view.conversation.sampling.temperature == 0.0
+
+    view.shared.free.setChecked(True)
+    assert view.conversation.sampling.temperature == gui_context.settings.sampling.temperature
+    assert view.conversation.sampling.seed == 0 and view.shared.seed.text() == "0 (random)"
+    broken = tmp_path / "broken-Q4_K_M.gguf"
+    broken.write_bytes(starter_gguf.read_bytes()[:4096])
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.bind_pane(view.panes[0], broken)
+    view.bind_pane(view.panes[1], broken)
+    view.prompt.setPlainText("Hello")
+    view.send()
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    seeds = {view.conversation.turns[0].answer(index).sampling.seed for index in range(2)}
+    assert len(seeds) == 1 and seeds != {0}  # one random seed, the same in both panes, kept with the answers
+
+    view.shared.free.setChecked(False)
+    assert view.conversation.sampling.temperature == 0.0

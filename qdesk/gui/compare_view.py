@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 
 from converters.core.errors import UserError
 from qdesk.app.settings import Settings
-from qdesk.chat.compare import MAX_VARIANTS, fits_together
+from qdesk.chat.compare import MAX_VARIANTS, RANDOM_SEED, SEED_LIMIT, deterministic, fits_together, turn_seed
 from qdesk.chat.conversations import (
     Answer,
     Conversation,
@@ -47,7 +47,7 @@ from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
 from qdesk.gui.compare_runner import PaneRunner
-from qdesk.gui.compare_settings import SEED_LIMIT, SamplingEditor
+from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
 from qdesk.library.info import read_model_info
@@ -69,7 +69,8 @@ class CompareView(QWidget):
         self.context = context
         self.store = ConversationStore()
         settings = context.settings
-        self.conversation: Conversation = new_conversation(system=settings.system_prompt, sampling=settings.sampling)
+        self.conversation: Conversation = new_conversation(system=settings.system_prompt,
+                                                           sampling=deterministic(settings.sampling))
         self.panes: list[ComparePane] = []
         self._retired: list[PaneRunner] = []
         self._entries: list[LibraryEntry] = []
@@ -108,6 +109,7 @@ class CompareView(QWidget):
 
         self.shared = SamplingEditor("shared")
         self.shared.setObjectName("sharedSettings")
+        self.shared.set_free_temperature(settings.sampling.temperature)
         self.shared.set_values(self.conversation.sampling, self.conversation.system)
         shared_label = QLabel("Shared:")
         shared_label.setToolTip("System prompt and sampling settings for every pane without its own")
@@ -424,7 +426,10 @@ class CompareView(QWidget):
     def _settings_changed(self, settings: Settings) -> None:
         if self.conversation.turns or self.busy:
             return  # a conversation under way keeps the settings it started with
+        self.shared.set_free_temperature(settings.sampling.temperature)
         sampling, system = settings.sampling, settings.system_prompt
+        if not self.shared.free_sampling:
+            sampling = deterministic(sampling)
         self.conversation.sampling, self.conversation.system = sampling, system
         self.shared.set_values(sampling, system)
 
@@ -472,7 +477,7 @@ class CompareView(QWidget):
         for pane in targets:
             turn.set_answer(self.panes.index(pane), None)
         random_sampling = any(self.conversation.settings_for(i)[0].temperature > 0 for i in range(len(self.panes)))
-        self._start_turn(index, targets, seed=random.randrange(SEED_LIMIT) if random_sampling else None)
+        self._start_turn(index, targets, seed=1 + random.randrange(SEED_LIMIT - 1) if random_sampling else None)
 
     def stop_all(self) -> None:
         """Stop every answer; each keeps what it has said so far."""
@@ -480,14 +485,19 @@ class CompareView(QWidget):
             pane.runner.stop()
 
     def _start_turn(self, index: int, targets: list[ComparePane], seed: int | None) -> None:
+        """Ask turn `index` in `targets`; `seed` replaces every pane's (None: one new seed shared by the panes that
+        sample with seed 0, see `qdesk.chat.compare.turn_seed`)."""
         self._turn_index = index
         prompt = self.conversation.turns[index].prompt
         options = self._load_options()
+        chosen = {pane: self.conversation.settings_for(self.panes.index(pane)) for pane in targets}
+        shared_seed = turn_seed([sampling for sampling, _system in chosen.values()], random.randrange)
         for pane in targets:
-            pane_index = self.panes.index(pane)
-            sampling, system = self.conversation.settings_for(pane_index)
+            sampling, system = chosen[pane]
             if seed is not None:
                 sampling = replace(sampling, seed=seed)
+            elif shared_seed is not None and sampling.temperature > 0 and sampling.seed == RANDOM_SEED:
+                sampling = replace(sampling, seed=shared_seed)
             self._live[pane] = ""
             self._used[pane] = (sampling, system)
             self._running.add(pane)
