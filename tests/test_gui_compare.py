@@ -278,3 +278,20 @@ def test_compare_is_deterministic_unless_free_sampling_is_on(qtbot, gui_context:
 
     view.shared.free.setChecked(False)
     assert view.conversation.sampling.temperature == 0.0
+
+
+def test_pane_headers_stay_one_line_so_transcripts_line_up(qtbot, gui_context: AppContext, tmp_path: Path) -> None:
+    view = make_view(qtbot, gui_context)
+    view.resize(1024, 600)
+    view.show()
+    qtbot.waitExposed(view)
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    long_name = tmp_path / ("a-very-long-model-file-name-that-will-not-fit-in-a-narrow-pane-" * 2 + "Q4_K_M.gguf")
+    view.bind_pane(view.panes[0], tmp_path / "short-Q8_0.gguf")
+    view.bind_pane(view.panes[1], long_name)
+    view.panes[1].facts.setText("Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs "
+                                "from the first pane at word 5 · and a few more words to overflow the pane " * 2)
+    qtbot.wait(50)
+    tops = [pane.transcript.mapTo(view, pane.transcript.rect().topLeft()).y() for pane in view.panes]
+    assert tops[0] == tops[1]
+    assert view.panes[1].facts.is_elided() and "overflow" in view.panes[1].facts.toolTip()

@@ -92,3 +92,10 @@ def test_a_float_gguf_made_later_becomes_the_reference(view: EvaluateView, gui_c
     gui_context.library_changed.emit()
     assert view.reference_path() is not None and view.reference_path().name == kquant_f16.name
     assert view.status_label.text() != NO_FLOAT_MODEL
+
+
+def test_progress_keeps_file_names_as_they_are(view: EvaluateView) -> None:
+    from converters.core.jobs import Progress
+
+    view._progressed(Progress(1, 4, "chunks", "scoring SmolLM2-135M-Q8_0.gguf"))
+    assert view.status_label.text() == "Scoring SmolLM2-135M-Q8_0.gguf"

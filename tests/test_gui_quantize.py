@@ -157,3 +157,18 @@ def test_cancelling_the_importance_matrix_skips_only_the_presets_that_need_it(qt
     made = _library_files(gui_context)
     assert len(made) == 1 and made[0].endswith("-Q8_0.gguf"), made
     assert main_window.statusBar().currentMessage() == "Quantize: the queue is done (1 made, 1 skipped)."
+
+
+def test_job_titles_say_which_calibration_each_uses(tmp_path: Path) -> None:
+    from qdesk.gui.quantize_queue_view import EMPTY_TEXT
+    from qdesk.gui.quantize_view import job_title
+    from qdesk.quantization.batch import BatchRequest, VariantChoice
+
+    choices = (VariantChoice(preset="Q4_K_M"), VariantChoice(preset="Q8_0"))
+    titles = {job_title(BatchRequest(tmp_path / "Model", choices, tmp_path, use_imatrix=use, text_files=files))
+              for use, files in ((True, ()), (False, ()), (True, (tmp_path / "mine.txt",)))}
+    assert titles == {"Model → Q4_K_M, Q8_0 · built-in calibration text", "Model → Q4_K_M, Q8_0 · no importance matrix",
+                      "Model → Q4_K_M, Q8_0 · calibrated on mine.txt"}
+    assert job_title(BatchRequest(tmp_path / "Model", (VariantChoice(preset="Q8_0"),), tmp_path)) == (
+        "Model → Q8_0 · no importance matrix")
+    assert "on the left" in EMPTY_TEXT

@@ -25,6 +25,7 @@ from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
+from qdesk.gui.elided_label import ElidedLabel
 from qdesk.gui.feedback import format_bytes
 from qdesk.gui.theme import is_dark
 from qdesk.library.store import LibraryEntry
@@ -118,13 +119,11 @@ class ComparePane(QFrame):
         header.addWidget(self.own_settings)
         header.addWidget(self.remove_button)
 
-        self.facts = QLabel()
+        self.facts = ElidedLabel()  # one line in every pane, so the transcripts below line up
         self.facts.setObjectName("paneFacts")
-        self.facts.setWordWrap(True)
         self.facts.setProperty("role", "hint")
-        self.status = QLabel()
+        self.status = ElidedLabel()
         self.status.setObjectName("paneStatus")
-        self.status.setWordWrap(True)
         self.retry_button = QPushButton("Retry")
         self.retry_button.setObjectName("paneRetry")
         status_row = QHBoxLayout()
@@ -223,7 +222,8 @@ class ComparePane(QFrame):
             text = "Loads when you send a prompt."
         self.status.setText(text)
         self.status.setProperty("role", "error" if failure is not None else "hint")
-        self.status.setToolTip(failure.details[-2000:] if failure is not None and failure.details else "")
+        self.status.setToolTip(text + ("\n\n" + failure.details[-2000:] if failure is not None and failure.details
+                                       else ""))
         self.status.style().unpolish(self.status)
         self.status.style().polish(self.status)
         self.retry_button.setVisible(failure is not None)

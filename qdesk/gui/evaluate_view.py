@@ -402,7 +402,8 @@ class EvaluateView(QWidget):
         if self.job is not None and self.job.cancelled:
             return
         left = format_seconds(self.job.seconds_left()) if self.job is not None else ""
-        self.status_label.setText(progress.message.capitalize() + (f" · about {left} left" if left else ""))
+        message = progress.message[:1].upper() + progress.message[1:]  # file names keep their case
+        self.status_label.setText(message + (f" · about {left} left" if left else ""))
 
     def _succeeded(self, report: dict[str, Any]) -> None:
         self.show_report(report)

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
 from qdesk.gui.feedback import show_failure
 from qdesk.gui.job_queue import QuantizeQueue, QueuedBatch, QueuedStep, StepState
 
-EMPTY_TEXT = "No jobs yet: choose a source and variants above, then Quantize."
+EMPTY_TEXT = "No jobs yet: choose a source and variants on the left, then Quantize."
 
 
 class _StepRow:

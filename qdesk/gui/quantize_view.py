@@ -360,8 +360,7 @@ class QuantizeView(QWidget):
         except Exception as error:  # a library that cannot be opened: one sentence, details on demand
             show_failure(self, error)
             return
-        labels = ", ".join(choice.label for choice in request.choices)
-        self.queue.add(batch, f"{self.source.name} → {labels}")
+        self.queue.add(batch, job_title(request))
 
     # --- queue state everywhere ---
 
@@ -414,6 +413,20 @@ class QuantizeView(QWidget):
     def _repolish(widget: QWidget) -> None:
         widget.style().unpolish(widget)
         widget.style().polish(widget)
+
+
+def job_title(request: BatchRequest) -> str:
+    """"Model → Q4_K_M, Q8_0 · built-in calibration text": what is made and from what text, so jobs differ."""
+    labels = ", ".join(choice.label for choice in request.choices)
+    if not request.use_imatrix or not any(choice.uses_imatrix for choice in request.choices):
+        calibration = "no importance matrix"
+    elif request.text_files:
+        names = ", ".join(path.name for path in request.text_files[:2])
+        more = f" and {len(request.text_files) - 2} more" if len(request.text_files) > 2 else ""
+        calibration = f"calibrated on {names}{more}"
+    else:
+        calibration = "built-in calibration text"
+    return f"{Path(request.source).name} → {labels} · {calibration}"
 
 
 def _elements(shape: tuple[int, ...]) -> int:
