@@ -131,7 +131,7 @@ def test_a_saved_conversation_comes_back_in_a_new_view(qtbot, gui_context: AppCo
     assert second.panes[1].own_settings.isChecked() and second.panes[1].override.seed.value() == 7
     assert second.shared.system.text() == SYSTEM and second.shared.temperature.value() == 0.0
     qtbot.waitUntil(lambda: "Paris was the capital." in second.panes[1].transcript.toPlainText(), timeout=5000)
-    assert "differs from token 2" in second.panes[1].facts.text()
+    assert "differs from pane 1 after 2 tokens" in second.panes[1].facts.text()
     highlighted = second.transcript(1)[0]
     assert highlighted.text[highlighted.diverge_at:] == "was the capital."
     assert second.transcript(0)[0].diverge_at is None

@@ -99,3 +99,27 @@ def test_progress_keeps_file_names_as_they_are(view: EvaluateView) -> None:
 
     view._progressed(Progress(1, 4, "chunks", "scoring SmolLM2-135M-Q8_0.gguf"))
     assert view.status_label.text() == "Scoring SmolLM2-135M-Q8_0.gguf"
+
+
+def test_table_headers_are_plain_words_with_the_exact_terms_in_tooltips() -> None:
+    from qdesk.gui.evaluate_tables import summary_table
+
+    report = {"reference": {"name": "ref-F16.gguf", "bytes": 2_000_000, "bpw": 16.0, "ppl": 10.0},
+              "candidates": [{"name": "ref-Q4_K_M.gguf", "bytes": 1_000_000, "bpw": 4.8, "ppl": 10.5,
+                              "kld_mean": 0.02, "kld_p99": 0.3, "top1_agreement": 0.9}]}
+    table = summary_table(report)
+    tips = dict(zip(table.headers, table.header_tooltips, strict=True))
+    for jargon in ("PPL", "ΔPPL", "KLD", "p99", "bpw"):
+        assert not any(jargon in header for header in table.headers), table.headers
+    assert tips["Perplexity"].startswith("Perplexity (PPL)") and tips["Perplexity change"].startswith("ΔPPL")
+    assert tips["Drift (worst 1%)"].startswith("p99 KLD") and "Mean KLD" in tips["Drift (mean)"]
+
+
+def test_compare_facts_say_where_answers_differ_in_words() -> None:
+    from qdesk.chat.compare import Divergence
+    from qdesk.gui.compare_pane import facts_text
+
+    assert facts_text("Q8_0", 1_000, None, Divergence(0, "", "a", "b"), first=False,
+                      answered=True).endswith("differs from pane 1 from the start")
+    assert facts_text("Q8_0", 1_000, None, Divergence(5, "", "a", "b"), first=False,
+                      answered=True).endswith("differs from pane 1 after 5 tokens")

@@ -69,15 +69,27 @@ def transcript_html(entries: Sequence[TranscriptEntry], highlight: str) -> str:
 
 def facts_text(file_type: str | None, size: int | None, stats: GenerationStats | None,
                divergence: Divergence | None, *, first: bool, answered: bool) -> str:
-    """"Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs from token 5"."""
+    """"Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs from pane 1 after 5 tokens"."""
     parts: list[str] = [file_type or "", format_bytes(size) if size is not None else "file missing"]
     if stats is not None:
         parts += [f"{stats.tokens_per_second:.1f} tokens/s", f"first token {stats.time_to_first_token_s:.2f} s"]
         if stats.memory_bytes:
             parts.append(f"memory {format_bytes(stats.memory_bytes)}")
     if not first and answered:
-        parts.append("same as pane 1" if divergence is None else f"differs from token {divergence.token_index}")
+        parts.append("same as pane 1" if divergence is None else _differs(divergence.token_index))
     return " · ".join(part for part in parts if part)
+
+
+def _differs(token_index: int) -> str:
+    """Where an answer leaves pane 1's, in words: tokens are the pieces of text the model writes one at a time."""
+    if token_index == 0:
+        return "differs from pane 1 from the start"
+    return f"differs from pane 1 after {token_index} token{'s' if token_index != 1 else ''}"
+
+
+FACTS_TIP = ("Type and size of the model file; for the last answer, its speed (tokens per second; a token is a word "
+             "or a piece of one), the time to its first token, the memory of the model's process, and where it "
+             "first differs from pane 1's answer (the first divergent token; the rest is highlighted).")
 
 
 class ComparePane(QFrame):
@@ -119,7 +131,7 @@ class ComparePane(QFrame):
         header.addWidget(self.own_settings)
         header.addWidget(self.remove_button)
 
-        self.facts = ElidedLabel()  # one line in every pane, so the transcripts below line up
+        self.facts = ElidedLabel(explanation=FACTS_TIP)  # one line in every pane, so the transcripts line up
         self.facts.setObjectName("paneFacts")
         self.facts.setProperty("role", "hint")
         self.status = ElidedLabel()
