@@ -300,8 +300,10 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         library.ensure_starter()
         library.refresh()
-        entries = library.entries()
-        print(json.dumps([entry.to_json() for entry in entries], indent=2) if args.json else render_text(entries))
+        if args.json:
+            print(json.dumps([entry.to_json() for entry in library.entries()], indent=2))
+        else:
+            print(render_text(library.groups()))
         return EXIT_OK
     if args.action == "scan":
         found = library.register_known_folders()
@@ -313,6 +315,11 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.action == "import":
         entry = library.import_model(Path(args.target), link=args.link)
         print(f"imported {entry.id} ({entry.path})")
+    elif args.action == "rename":
+        group = library.group_of(args.target)
+        library.rename_group(group.key, args.name or "")
+        shown = next(found.name for found in library.model_groups() if found.key == group.key)
+        print(f"the group of {args.target} ({len(group.entries)} files) is now shown as {shown}")
     else:
         library.remove(args.target)
         print(f"removed {args.target}")
@@ -492,9 +499,11 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="VRAM to check the fit against, e.g. 8GiB (default: free on this machine's GPUs)")
 
     models = command("models", "the local model library", _run_models)
-    models.add_argument("action", choices=("list", "import", "rm", "scan"),
-                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only")
-    models.add_argument("target", nargs="?", help="import: a GGUF file; rm: a model's name from `models list`")
+    models.add_argument("action", choices=("list", "import", "rm", "scan", "rename"),
+                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only; rename "
+                             "names the group (the model) a file belongs to")
+    models.add_argument("target", nargs="?", help="import: a GGUF file; rm, rename: a model's name from `models list`")
+    models.add_argument("name", nargs="?", help="rename: the group's new name (none: back to the files' own name)")
     models.add_argument("--link", action="store_true", help="import: link the file instead of copying it")
     models.add_argument("--json", action="store_true", help="list: print one JSON document")
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
 from qdesk.gui.feedback import format_bytes
+from qdesk.library.identity import ModelGroup
 from qdesk.library.store import LibraryEntry
 
 COLUMNS = ("Name", "Type", "Size", "Bits/weight", "Parameters", "Context", "Architecture", "Chat template",
@@ -18,6 +19,7 @@ NAME, TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT, STATUS = range(l
 _RIGHT_ALIGNED = (SIZE, BPW, PARAMETERS, CONTEXT)
 _PROBLEM_COLOUR = QColor("#c0392b")
 ENTRY_ROLE = Qt.ItemDataRole.UserRole
+GROUP_ROLE = Qt.ItemDataRole.UserRole + 1
 
 
 def format_parameters(count: int | None) -> str:
@@ -55,8 +57,13 @@ def _entry_cells(entry: LibraryEntry) -> list[str]:
 class LibraryTree(QTreeWidget):
     """Models grouped by base model; several variants can be selected (a whole branch selects its variants)."""
 
+    group_renamed = Signal(object, str)  # ModelGroup, the name the user typed ("" for the files' own name)
+
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self._filling = False
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)  # F2 and the menu rename groups
+        self.itemChanged.connect(self._item_changed)
         self.setObjectName("libraryTree")
         self.setColumnCount(len(COLUMNS))
         self.setHeaderLabels(list(COLUMNS))
@@ -72,15 +79,20 @@ class LibraryTree(QTreeWidget):
         self.itemCollapsed.connect(lambda item: self._collapsed.add(item.text(NAME)))
         self.itemExpanded.connect(lambda item: self._collapsed.discard(item.text(NAME)))
 
-    def show_groups(self, groups: Mapping[str, list[LibraryEntry]]) -> None:
+    def show_groups(self, groups: Sequence[ModelGroup]) -> None:
         """Replace the rows, keeping which models were selected and which branches were collapsed."""
         selected = {entry.path for entry in self.selected_entries()}
         collapsed = set(self._collapsed)
+        self._filling = True
         self.clear()
-        for base, variants in groups.items():
+        for group in groups:
+            base, variants = group.name, group.entries
             branch = QTreeWidgetItem([base, ", ".join(entry.variant for entry in variants),
                                       format_bytes(sum(entry.bytes for entry in variants))])
-            branch.setFlags(branch.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
+            branch.setData(NAME, GROUP_ROLE, group)
+            branch.setToolTip(NAME, f"{base}: one model ({group.entries[0].architecture or 'unknown architecture'}), "
+                                    f"{len(variants)} file{'s' if len(variants) != 1 else ''}. Rename it with F2.")
+            branch.setFlags((branch.flags() & ~Qt.ItemFlag.ItemIsDragEnabled) | Qt.ItemFlag.ItemIsEditable)
             branch.setTextAlignment(SIZE, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             font = branch.font(NAME)
             font.setBold(True)
@@ -98,9 +110,36 @@ class LibraryTree(QTreeWidget):
                 if entry.path in selected:
                     row.setSelected(True)
             branch.setExpanded(base not in collapsed)
-        self._collapsed = collapsed & set(groups)
+        self._collapsed = collapsed & {group.name for group in groups}
         for column in (TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT):
             self.resizeColumnToContents(column)
+        self._filling = False
+
+    def group_of(self, entry: LibraryEntry) -> ModelGroup | None:
+        for i in range(self.topLevelItemCount()):
+            group = self.topLevelItem(i).data(NAME, GROUP_ROLE)
+            if group is not None and entry in group.entries:
+                return group
+        return None
+
+    def rename_current_group(self) -> bool:
+        """Start editing the name of the current row's group (F2); False when nothing is selected."""
+        selected = self.selectedItems()
+        item = selected[0] if selected else self.currentItem()
+        if item is None:
+            return False
+        branch = item.parent() or item
+        self.setCurrentItem(branch)
+        self.editItem(branch, NAME)
+        return True
+
+    def _item_changed(self, item: QTreeWidgetItem, column: int) -> None:
+        group = item.data(NAME, GROUP_ROLE)
+        if self._filling or column != NAME or item.parent() is not None or group is None:
+            return
+        name = " ".join(item.text(NAME).split())
+        if name != group.name:
+            self.group_renamed.emit(group, name)
 
     def entries(self) -> list[LibraryEntry]:
         return [self.topLevelItem(i).child(j).data(NAME, ENTRY_ROLE)

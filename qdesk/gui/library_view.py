@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
+from PySide6.QtCore import QPoint, QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QPushButton,
@@ -24,6 +26,7 @@ from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
 from qdesk.gui.library_jobs import ImportOutcome, import_files, refresh_library, remove_models, scan_known_folders
 from qdesk.gui.library_tree import LibraryTree
 from qdesk.gui.type_map import TypeMapDialog
+from qdesk.library.identity import ModelGroup, display_name
 from qdesk.library.store import Library, LibraryEntry, LibraryError
 
 MAX_COMPARE_PANES = 4
@@ -50,6 +53,9 @@ class LibraryView(QWidget):
         self.tree = LibraryTree()
         self.tree.itemSelectionChanged.connect(self._update_actions)
         self.tree.itemDoubleClicked.connect(lambda item, _column: item.childCount() or self.open_in_compare())
+        self.tree.group_renamed.connect(self.rename_group)
+        self.tree.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.tree.customContextMenuRequested.connect(self._context_menu)
 
         self.import_button = self._button("&Import…", "importButton", self.choose_files, "Copy .gguf files into "
                                           "the models folder (Ctrl+O)")
@@ -103,7 +109,8 @@ class LibraryView(QWidget):
         for keys, slot in ((QKeySequence.StandardKey.Delete, self.delete_selected),
                            (QKeySequence.StandardKey.Open, self.choose_files),
                            (QKeySequence.StandardKey.Refresh, self.refresh),
-                           (QKeySequence(Qt.Key.Key_Escape), self.cancel_task)):
+                           (QKeySequence(Qt.Key.Key_Escape), self.cancel_task),
+                           (QKeySequence(Qt.Key.Key_F2), self.tree.rename_current_group)):
             shortcut = QShortcut(QKeySequence(keys), self)
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(slot)
@@ -164,7 +171,7 @@ class LibraryView(QWidget):
         job.ended.connect(self._refresh_ended)
         self.refresh_job = self.context.run(job)
 
-    def _refreshed(self, library: Library, groups: dict[str, list[LibraryEntry]]) -> None:
+    def _refreshed(self, library: Library, groups: list[ModelGroup]) -> None:
         if library.root != self.context.models_folder:
             self._refresh_again = True  # the models folder changed meanwhile
             return
@@ -314,6 +321,36 @@ class LibraryView(QWidget):
         if self.task_job is not None:
             self.task_job.cancel()
 
+    # --- naming models ---
+
+    def rename_group(self, group: ModelGroup, name: str) -> None:
+        """Show `group` as `name` from now on ("" gives it back the name its files give)."""
+        library = self._library()
+        if library is None:
+            return
+        try:
+            library.rename_group(group.key, name)
+        except (LibraryError, sqlite3.Error) as error:
+            self._say(f"The model could not be renamed: {error}", error=True)
+        self.context.library_changed.emit()
+
+    def _context_menu(self, position: QPoint) -> None:
+        menu = QMenu(self)
+        menu.setObjectName("libraryMenu")
+        menu.addAction("Open in Compare", self.open_in_compare).setEnabled(self.compare_button.isEnabled())
+        menu.addAction("Evaluate", self.open_in_evaluate).setEnabled(self.evaluate_button.isEnabled())
+        menu.addAction("Tensor types…", self.show_types).setEnabled(self.types_button.isEnabled())
+        menu.addSeparator()
+        menu.addAction("Rename model…\tF2", self.tree.rename_current_group).setEnabled(
+            self.tree.currentItem() is not None)
+        menu.addAction("Reveal", self.reveal_selected).setEnabled(self.reveal_button.isEnabled())
+        menu.addAction("Delete…", self.delete_selected).setEnabled(self.delete_button.isEnabled())
+        menu.popup(self.tree.viewport().mapToGlobal(position))
+
+    def display_name(self, entry: LibraryEntry) -> str:
+        group = self.tree.group_of(entry)
+        return display_name(entry, group.name if group is not None else None)
+
     # --- sending models elsewhere ---
 
     def reveal_selected(self) -> None:
@@ -341,7 +378,7 @@ class LibraryView(QWidget):
         entries = self.tree.selected_entries()
         if len(entries) != 1:
             return None
-        dialog = TypeMapDialog(entries[0].path, self)
+        dialog = TypeMapDialog(entries[0].path, self, title=self.display_name(entries[0]))
         dialog.open()
         return dialog
 
