@@ -257,8 +257,8 @@ class QuantizeView(QWidget):
         self.preview_job = None
         self.preview = preview
         source = preview.source
-        kind = ("Hugging Face checkpoint: sizes are estimates from its tensor shapes (marked ≈)"
-                if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
+        kind = ("Hugging Face checkpoint: sizes from llama.cpp's own plan for each preset, as it will quantize the "
+                "converted GGUF" if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
         parameters = sum(_elements(tensor.shape) for tensor in source.tensors)
         self.source_info.setText(f"{kind}. {parameters / 1e6:,.1f} M parameters; reference "
                                  f"{format_bytes(source.reference_bytes)}; {_machine_text(preview)}.")
