@@ -172,3 +172,19 @@ def test_job_titles_say_which_calibration_each_uses(tmp_path: Path) -> None:
     assert job_title(BatchRequest(tmp_path / "Model", (VariantChoice(preset="Q8_0"),), tmp_path)) == (
         "Model → Q8_0 · no importance matrix")
     assert "on the left" in EMPTY_TEXT
+
+
+def test_expected_times_show_before_starting(qtbot, main_window: MainWindow, kquant_f16: Path) -> None:
+    from qdesk.quantization.timing import QUICK_CHUNKS
+
+    view = _view(main_window)
+    view.set_source(kquant_f16)
+    _choose(view, {"Q4_K_M", "Q8_0"}, "builtin")
+    qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
+    text = view.time_estimate.text()
+    assert text.startswith("Expected: about ") and "importance matrix" in text and "% of it" in text
+    assert "Q8_0" in text and "Q4_K_M" in text
+    _choose(view, {"Q5_K_M"}, "builtin")
+    assert view.request().chunks == QUICK_CHUNKS and f"{QUICK_CHUNKS} × 512" in view.time_estimate.text()
+    _choose(view, {"Q4_K_M"}, "none")
+    assert "importance matrix" not in view.time_estimate.text()

@@ -9,6 +9,7 @@ is in the library, and `library_changed` says so.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -19,6 +20,7 @@ from qdesk.gui.background import Job, JobFailure, wait_for_jobs
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_seconds
 from qdesk.quantization.batch import BatchStep, StepOutcome, VariantBatch
+from qdesk.quantization.timing import record_step, step_kind
 
 
 class StepState(Enum):
@@ -68,6 +70,8 @@ class QueuedBatch:
     batch: VariantBatch
     steps: list[QueuedStep] = field(default_factory=list)
     closed: bool = False
+    work: dict[str, float] = field(default_factory=dict)
+    """Each step's work in its rate's units (`qdesk.quantization.timing.step_units`), to learn this machine's rates."""
 
     @property
     def over(self) -> bool:
@@ -89,8 +93,8 @@ class QuantizeQueue(QObject):
         self.batches: list[QueuedBatch] = []
         self._stopping = False
 
-    def add(self, batch: VariantBatch, title: str) -> QueuedBatch:
-        queued = QueuedBatch(title, batch, [QueuedStep(step) for step in batch.steps()])
+    def add(self, batch: VariantBatch, title: str, work: dict[str, float] | None = None) -> QueuedBatch:
+        queued = QueuedBatch(title, batch, [QueuedStep(step) for step in batch.steps()], work=dict(work or {}))
         self.batches.append(queued)
         self.changed.emit()
         self._advance()
@@ -169,6 +173,9 @@ class QuantizeQueue(QObject):
 
     def _succeeded(self, queued: QueuedBatch, step: QueuedStep, outcome: StepOutcome) -> None:
         step.state, step.outcome = StepState.DONE, outcome
+        key = step.step.key
+        if key in queued.work and step.job is not None and step.job.started_at is not None:
+            record_step(step_kind(key), queued.work[key], time.monotonic() - step.job.started_at)
         if outcome.path is not None:
             self.context.library_changed.emit()
             self.variant_added.emit(outcome.path)

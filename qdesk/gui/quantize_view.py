@@ -22,14 +22,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.calibration.calibrate import DEFAULT_CHUNKS
 from converters.quantization.presets import preset_named
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
 from qdesk.gui.job_queue import QuantizeQueue
 from qdesk.gui.quantize_queue_view import QueueWidget
 from qdesk.quantization.batch import BatchRequest, VariantBatch, VariantChoice
 from qdesk.quantization.sizes import PRESET_CHOICES, ChoiceSize, SizePreview, preview_sizes
+from qdesk.quantization.timing import calibration_chunks, estimate_steps, step_kind, step_units
 
 SOURCE_HINT = ("Drop a Hugging Face checkpoint folder (or a .safetensors file inside one) or an F16/BF16 GGUF "
                "anywhere on this window, or browse for one.")
@@ -75,6 +77,11 @@ class QuantizeView(QWidget):
         start_row.addWidget(self.start_button)
         start_row.addWidget(self.start_hint, 1)
         options.addLayout(start_row)
+        self.time_estimate = QLabel()
+        self.time_estimate.setObjectName("timeEstimate")
+        self.time_estimate.setProperty("role", "hint")
+        self.time_estimate.setWordWrap(True)
+        options.addWidget(self.time_estimate)
         options.addStretch(1)
 
         self.queue_widget = QueueWidget(self.queue)
@@ -259,7 +266,7 @@ class QuantizeView(QWidget):
         source = preview.source
         kind = ("Hugging Face checkpoint: sizes from llama.cpp's own plan for each preset, as it will quantize the "
                 "converted GGUF" if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
-        parameters = sum(_elements(tensor.shape) for tensor in source.tensors)
+        parameters = _parameters(preview)
         self.source_info.setText(f"{kind}. {parameters / 1e6:,.1f} M parameters; reference "
                                  f"{format_bytes(source.reference_bytes)}; {_machine_text(preview)}.")
         self.source_info.setProperty("role", "hint")
@@ -339,28 +346,69 @@ class QuantizeView(QWidget):
         problem = self._problem()
         self.start_button.setEnabled(not problem)
         self.start_hint.setText(problem)
+        self._show_time_estimate()
 
-    def start(self) -> None:
-        """Queue a job for the current source and choices."""
-        if self._problem() or self.source is None:
+    def _show_time_estimate(self) -> None:
+        """Each step's expected time before anything runs, the importance matrix's share, and what it buys."""
+        request = None if self.preview is None or self._problem() else self.request()
+        if request is None or self.preview is None:
+            self.time_estimate.setText("")
             return
+        source = self.preview.source
+        times = estimate_steps(request, is_checkpoint=source.is_checkpoint, reference_bytes=source.reference_bytes,
+                               parameters=_parameters(self.preview))
+        total = sum(step.seconds for step in times)
+        names = {"convert": "convert", "calibrate": "importance matrix"}
+        parts = []
+        for step in times:
+            share = f" ({step.seconds / total:.0%} of it)" if step.key == "calibrate" else ""
+            parts.append(f"{names.get(step.key, step.key)} {format_seconds(step.seconds)}{share}")
+        text = f"Expected: about {format_seconds(total)} in all: " + " · ".join(parts) + "."
+        if any(step.key == "calibrate" for step in times):
+            text += (f" The importance matrix ({request.chunks} × {request.ctx} tokens of text) pays off most below "
+                     "5 bits per weight; Q5_K and up barely need it (a shorter text is used for them), Q8_0 not at "
+                     "all, and Calibration: None skips it.")
+        self.time_estimate.setText(text)
+        measured = all(step.measured for step in times)
+        self.time_estimate.setToolTip("From this machine's own earlier steps." if measured else
+                                      "From typical rates of a 2-core machine until a step of each kind has run "
+                                      "here; then from this machine's own.")
+
+    def request(self) -> BatchRequest | None:
+        """The job the form describes now (None without a source)."""
+        if self.source is None:
+            return None
         mode = self.calibration_mode()
-        request = BatchRequest(
+        choices = tuple(self.choices())
+        return BatchRequest(
             source=self.source,
-            choices=tuple(self.choices()),
+            choices=choices,
             output_folder=self.context.models_folder,
             use_imatrix=mode != "none",
             text_files=tuple(self.text_files) if mode == "files" else (),
             keep_reference=self.keep_reference.isChecked(),
+            chunks=calibration_chunks(choices) or DEFAULT_CHUNKS,
             gpu_layers=self.context.settings.gpu_layers,
             threads=self.context.settings.threads,
         )
+
+    def start(self) -> None:
+        """Queue a job for the current source and choices."""
+        request = None if self._problem() else self.request()
+        if request is None or self.source is None:
+            return
         try:
             batch = VariantBatch(request, self.context.library())
         except Exception as error:  # a library that cannot be opened: one sentence, details on demand
             show_failure(self, error)
             return
-        self.queue.add(batch, job_title(request))
+        work = {}
+        if self.preview is not None:
+            source = self.preview.source
+            work = {step.key: step_units(step_kind(step.key), reference_bytes=source.reference_bytes,
+                                         parameters=_parameters(self.preview), chunks=request.chunks, ctx=request.ctx)
+                    for step in batch.steps()}
+        self.queue.add(batch, job_title(request), work)
 
     # --- queue state everywhere ---
 
@@ -427,6 +475,10 @@ def job_title(request: BatchRequest) -> str:
     else:
         calibration = "built-in calibration text"
     return f"{Path(request.source).name} → {labels} · {calibration}"
+
+
+def _parameters(preview: SizePreview) -> int:
+    return sum(_elements(tensor.shape) for tensor in preview.source.tensors)
 
 
 def _elements(shape: tuple[int, ...]) -> int:
