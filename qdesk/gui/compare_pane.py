@@ -21,8 +21,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
+from qdesk.gui.background import JobFailure
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.elided_label import ElidedLabel
@@ -102,6 +104,8 @@ class ComparePane(QFrame):
         super().__init__(parent)
         self.runner = runner
         self._shown: tuple[TranscriptEntry, ...] = ()
+        self._logged: JobFailure | None = None
+        self._log: Path | None = None
         self.setObjectName("comparePane")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.setMinimumWidth(220)
@@ -234,8 +238,10 @@ class ComparePane(QFrame):
             text = "Loads when you send a prompt."
         self.status.setText(text)
         self.status.setProperty("role", "error" if failure is not None else "hint")
-        self.status.setToolTip(text + ("\n\n" + failure.details[-2000:] if failure is not None and failure.details
-                                       else ""))
+        if failure is not None and failure.details and failure is not self._logged:
+            self._logged, self._log = failure, log_failure(failure.sentence, failure.details)
+        log = self._log if failure is not None and failure is self._logged else None
+        self.status.setToolTip(text + (f"\n\nThe details are in qdesk's log ({log})." if log else ""))
         self.status.style().unpolish(self.status)
         self.status.style().polish(self.status)
         self.retry_button.setVisible(failure is not None)

@@ -93,6 +93,9 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
         self.statusBar().setObjectName("statusBar")
 
+        discover, library = self.views["discover"], self.views["library"]
+        discover.import_requested.connect(lambda: (self.show_section("library"), library.choose_files()))
+        discover.scan_requested.connect(lambda: (self.show_section("library"), library.scan_other_apps()))
         context.show_section.connect(self.show_section)
         context.open_in_quantize.connect(lambda _path: self.show_section("quantize"))
         context.open_in_compare.connect(lambda _paths: self.show_section("compare"))

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 
 from converters.calibration.calibrate import DEFAULT_CHUNKS
 from converters.quantization.presets import preset_named
+from qdesk.app.logs import log_failure
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
@@ -285,7 +286,8 @@ class QuantizeView(QWidget):
             return
         self.source_info.setText(failure.sentence)
         self.source_info.setProperty("role", "error")
-        self.source_info.setToolTip(failure.details[-2000:])
+        log = log_failure(failure.sentence, failure.details) if failure.details else None
+        self.source_info.setToolTip(f"The details are in qdesk's log ({log})." if log else "")
         self._repolish(self.source_info)
         for name in PRESET_CHOICES:
             self.size_labels[name].setText("?")

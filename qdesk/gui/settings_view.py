@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from native.backends import SystemInfo, discover
+from qdesk.app.logs import log_failure
 from qdesk.app.settings import THEMES, Settings
 from qdesk.chat.engine import SamplingOptions
 from qdesk.gui.background import Job, JobFailure
@@ -294,7 +295,8 @@ class SettingsView(QWidget):
 
     def _backends_failed(self, failure: JobFailure) -> None:
         self.backend_summary.setText(f"The backends could not be listed: {failure.sentence}")
-        self.backend_summary.setToolTip(failure.details[-2000:])
+        log = log_failure(failure.sentence, failure.details) if failure.details else None
+        self.backend_summary.setToolTip(f"The details are in qdesk's log ({log})." if log else "")
 
 
 def _models_folder_problem(text: str) -> str | None:
