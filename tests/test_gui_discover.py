@@ -246,3 +246,14 @@ def test_failure_details_go_to_the_log_not_the_window(qtbot, gui_context: AppCon
     assert "Traceback" in log_path().read_text(encoding="utf-8")
     assert box.findChild(QPushButton, "openLog") is not None
     box.close()
+
+
+def test_every_column_shows_in_a_narrow_window(qtbot, gui_context: AppContext, hub: HubServer) -> None:
+    view = discover_view(qtbot, gui_context)
+    view.resize(850, 600)  # the section's width in a 1024-pixel window
+    open_repo(qtbot, view)
+    for table in (view.results, view.files):
+        header = table.horizontalHeader()
+        last = header.count() - 1
+        assert header.sectionViewportPosition(last) + header.sectionSize(last) <= table.viewport().width()
+        assert header.sectionSize(0) > 60  # the name still has room

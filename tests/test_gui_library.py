@@ -163,3 +163,16 @@ def test_a_group_is_renamed_in_place_and_models_get_display_names(qtbot, gui_con
         branch.setText(NAME, "Tiny chat model")  # what typing a new name in the editor does
     qtbot.waitUntil(lambda: view.tree.topLevelItem(0).text(NAME) == "Tiny chat model", timeout=WAIT_MS)
     assert list(gui_context.library().groups()) == ["Tiny chat model"]
+
+
+def test_every_column_shows_at_1024_and_the_name_takes_the_rest_at_1920(qtbot, main_window) -> None:
+    view = main_window.views["library"]
+    qtbot.waitUntil(lambda: bool(view.tree.entries()), timeout=WAIT_MS)
+    header = view.tree.header()
+    for width in (1024, 1920):
+        main_window.resize(width, 700)
+        qtbot.wait(100)
+        last = header.count() - 1
+        assert header.sectionViewportPosition(last) + header.sectionSize(last) <= view.tree.viewport().width()
+        assert not view.tree.horizontalScrollBar().isVisible()
+    assert header.sectionSize(NAME) > 700  # at 1920 the name column stretches

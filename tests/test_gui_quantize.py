@@ -188,3 +188,15 @@ def test_expected_times_show_before_starting(qtbot, main_window: MainWindow, kqu
     assert view.request().chunks == QUICK_CHUNKS and f"{QUICK_CHUNKS} × 512" in view.time_estimate.text()
     _choose(view, {"Q4_K_M"}, "none")
     assert "importance matrix" not in view.time_estimate.text()
+
+
+def test_the_form_and_the_queue_share_the_width(qtbot, main_window: MainWindow) -> None:
+    main_window.show_section("quantize")
+    view = _view(main_window)
+    main_window.resize(1920, 1080)
+    qtbot.wait(100)
+    form, queue = view.splitter.sizes()
+    assert form > 700 and queue > 700  # no longer kept to the left half's first 580 pixels
+    main_window.resize(1024, 700)
+    qtbot.wait(100)
+    assert all(size > 300 for size in view.splitter.sizes())

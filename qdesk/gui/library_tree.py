@@ -13,8 +13,7 @@ from qdesk.gui.feedback import format_bytes
 from qdesk.library.identity import ModelGroup
 from qdesk.library.store import LibraryEntry
 
-COLUMNS = ("Name", "Type", "Size", "Bits/weight", "Parameters", "Context", "Architecture", "Chat template",
-           "Status")
+COLUMNS = ("Name", "Type", "Size", "Bits/weight", "Parameters", "Context", "Architecture", "Chat", "Status")
 NAME, TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT, STATUS = range(len(COLUMNS))
 _RIGHT_ALIGNED = (SIZE, BPW, PARAMETERS, CONTEXT)
 _PROBLEM_COLOUR = QColor("#c0392b")
@@ -71,10 +70,12 @@ class LibraryTree(QTreeWidget):
         self.setAlternatingRowColors(True)
         self.setUniformRowHeights(True)
         self.setAllColumnsShowFocus(True)
-        header = self.header()
-        header.setStretchLastSection(True)
-        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Interactive)
-        self.setColumnWidth(NAME, 300)
+        header = self.header()  # the name takes the width left over, so every column shows at 1024 px and at 1920
+        header.setStretchLastSection(False)
+        header.setMinimumSectionSize(40)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self._collapsed: set[str] = set()
         self.itemCollapsed.connect(lambda item: self._collapsed.add(item.text(NAME)))
         self.itemExpanded.connect(lambda item: self._collapsed.discard(item.text(NAME)))
@@ -111,8 +112,6 @@ class LibraryTree(QTreeWidget):
                     row.setSelected(True)
             branch.setExpanded(base not in collapsed)
         self._collapsed = collapsed & {group.name for group in groups}
-        for column in (TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT):
-            self.resizeColumnToContents(column)
         self._filling = False
 
     def group_of(self, entry: LibraryEntry) -> ModelGroup | None:

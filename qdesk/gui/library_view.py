@@ -132,10 +132,10 @@ class LibraryView(QWidget):
         self.tree.setFocus()
 
     def save_state(self, state: QSettings) -> None:
-        state.setValue("library/header", self.tree.header().saveState())
+        state.setValue("library/columns", self.tree.header().saveState())
 
     def restore_state(self, state: QSettings) -> None:
-        header = state.value("library/header")
+        header = state.value("library/columns")
         if header is not None:
             self.tree.header().restoreState(header)
 

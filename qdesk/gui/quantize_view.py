@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
     QFileDialog,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -17,7 +18,9 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QPushButton,
     QRadioButton,
+    QScrollArea,
     QSlider,
+    QSplitter,
     QVBoxLayout,
     QWidget,
 )
@@ -87,13 +90,25 @@ class QuantizeView(QWidget):
 
         self.queue_widget = QueueWidget(self.queue)
         self.queue_widget.setObjectName("jobQueue")
-        layout = QHBoxLayout(self)
         left = QWidget()
-        options.setContentsMargins(0, 0, 0, 0)
+        options.setContentsMargins(0, 0, 8, 0)
         left.setLayout(options)
-        left.setMaximumWidth(580)
-        layout.addWidget(left, 3)
-        layout.addWidget(self.queue_widget, 2)
+        scroll = QScrollArea()  # at 700 px high the form scrolls rather than squeezing its boxes
+        scroll.setObjectName("quantizeOptions")
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(left)
+        scroll.setMinimumWidth(left.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.setObjectName("quantizeSplitter")
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.addWidget(scroll)
+        self.splitter.addWidget(self.queue_widget)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        layout = QHBoxLayout(self)
+        layout.addWidget(self.splitter)
 
         self.queue.changed.connect(self._show_queue_status)
         self.queue.step_progressed.connect(lambda _step: self._show_queue_status())
@@ -437,6 +452,7 @@ class QuantizeView(QWidget):
         state.setValue(STATE_PREFIX + "mix_position", self.mix_slider.value())
         state.setValue(STATE_PREFIX + "calibration", self.calibration_mode())
         state.setValue(STATE_PREFIX + "keep_reference", self.keep_reference.isChecked())
+        state.setValue(STATE_PREFIX + "splitter", self.splitter.saveState())
 
     def restore_state(self, state: QSettings) -> None:
         presets = state.value(STATE_PREFIX + "presets")
@@ -451,6 +467,9 @@ class QuantizeView(QWidget):
         self.calibration_buttons["builtin" if mode == "files" or mode not in CALIBRATION_MODES else mode].setChecked(
             True)
         self.keep_reference.setChecked(_truthy(state.value(STATE_PREFIX + "keep_reference", True)))
+        splitter = state.value(STATE_PREFIX + "splitter")
+        if splitter is not None:
+            self.splitter.restoreState(splitter)
         self._update_start()
 
     def shutdown(self) -> None:
