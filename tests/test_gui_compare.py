@@ -295,3 +295,33 @@ def test_pane_headers_stay_one_line_so_transcripts_line_up(qtbot, gui_context: A
     tops = [pane.transcript.mapTo(view, pane.transcript.rect().topLeft()).y() for pane in view.panes]
     assert tops[0] == tops[1]
     assert view.panes[1].facts.is_elided() and "overflow" in view.panes[1].facts.toolTip()
+
+
+def test_load_settings_show_their_cost_apply_and_unload(qtbot, gui_context: AppContext, starter_gguf: Path) -> None:
+    view = make_view(qtbot, gui_context)
+    qtbot.waitUntil(lambda: view.panes[0].runner.path == starter_gguf, timeout=30_000)
+    pane = view.panes[0]
+    panel = pane.load_panel
+    qtbot.mouseClick(pane.load_settings, Qt.MouseButton.LeftButton)
+    assert panel.isVisibleTo(pane)
+    qtbot.waitUntil(lambda: panel.estimate is not None, timeout=30_000)
+    first = panel.estimate
+    assert panel.cost.text().startswith("Needs about ") and "KV cache" in panel.cost.text()
+    panel.context_box.setValue(8192)
+    qtbot.waitUntil(lambda: panel.estimate is not None and panel.estimate.kv_bytes == 2 * first.kv_bytes,
+                    timeout=30_000)
+
+    view.show()
+    qtbot.waitUntil(lambda: pane.runner.model is not None, timeout=LOAD_AND_ANSWER_MS)
+    worker = pane.runner.model.pid
+    qtbot.mouseClick(panel.apply_button, Qt.MouseButton.LeftButton)  # saved for the file, and reloaded with it
+    assert view.load_store.get(starter_gguf).n_ctx == 8192
+    qtbot.waitUntil(lambda: pane.runner.model is not None and pane.runner.model.n_ctx >= 8192,
+                    timeout=LOAD_AND_ANSWER_MS)
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+    qtbot.mouseClick(panel.unload_button, Qt.MouseButton.LeftButton)
+    assert pane.runner.model is None and pane.status.text().startswith("Unloaded")
+    view.activated()  # showing the section again does not load it back
+    assert pane.runner.model is None and not pane.runner.loading
+    view.shutdown()

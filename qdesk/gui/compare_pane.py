@@ -25,6 +25,7 @@ from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
 from qdesk.gui.background import JobFailure
+from qdesk.gui.compare_load import LoadPanel
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.elided_label import ElidedLabel
@@ -124,6 +125,12 @@ class ComparePane(QFrame):
         self.own_settings.setCheckable(True)
         self.own_settings.setToolTip("Give this pane its own system prompt and sampling settings instead of the "
                                      "shared ones")
+        self.load_settings = QToolButton()
+        self.load_settings.setObjectName("paneLoadButton")
+        self.load_settings.setText("Load…")
+        self.load_settings.setCheckable(True)
+        self.load_settings.setToolTip("How this model file is loaded (context length, GPU layers, KV cache, threads) "
+                                      "and what that costs in memory; Unload")
         self.remove_button = QToolButton()
         self.remove_button.setObjectName("removePane")
         self.remove_button.setText("✕")
@@ -133,6 +140,7 @@ class ComparePane(QFrame):
         header.addWidget(self.title)
         header.addWidget(self.model_box, 1)
         header.addWidget(self.own_settings)
+        header.addWidget(self.load_settings)
         header.addWidget(self.remove_button)
 
         self.facts = ElidedLabel(explanation=FACTS_TIP)  # one line in every pane, so the transcripts line up
@@ -146,6 +154,8 @@ class ComparePane(QFrame):
         status_row.addWidget(self.status, 1)
         status_row.addWidget(self.retry_button)
 
+        self.load_panel = LoadPanel()
+        self.load_panel.setVisible(False)
         self.override = SamplingEditor("pane", mnemonics=False, stacked=True)
         self.override.setObjectName("paneSettings")
         self.override.setVisible(False)
@@ -159,12 +169,14 @@ class ComparePane(QFrame):
         column.addLayout(header)
         column.addWidget(self.facts)
         column.addLayout(status_row)
+        column.addWidget(self.load_panel)
         column.addWidget(self.override)
         column.addWidget(self.transcript, 1)
 
         self.model_box.addItem(NO_MODEL, "")
         self.model_box.activated.connect(self._model_activated)
         self.own_settings.toggled.connect(self._own_settings_toggled)
+        self.load_settings.toggled.connect(self.load_panel.setVisible)
         self.override.changed.connect(self.settings_edited)
         self.remove_button.clicked.connect(self.remove_requested)
         self.retry_button.clicked.connect(self.retry_requested)
@@ -234,6 +246,8 @@ class ComparePane(QFrame):
             text = "Answering…"
         elif runner.model is not None:
             text = "Ready."
+        elif runner.unloaded:
+            text = "Unloaded; it loads again when you send a prompt."
         else:
             text = "Loads when you send a prompt."
         self.status.setText(text)
@@ -263,4 +277,6 @@ class ComparePane(QFrame):
         """While answering, the model and the settings stay as they are."""
         self.model_box.setEnabled(editable)
         self.own_settings.setEnabled(editable)
+        self.load_panel.apply_button.setEnabled(editable)
+        self.load_panel.unload_button.setEnabled(editable)
         self.override.setEnabled(editable)

@@ -43,6 +43,7 @@ from qdesk.chat.conversations import (
     new_conversation,
 )
 from qdesk.chat.engine import ChatResult, LoadOptions, SamplingOptions
+from qdesk.chat.load_settings import LoadSettingsStore, ModelLoadSettings
 from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
@@ -55,8 +56,6 @@ from qdesk.library.store import LibraryEntry
 
 MIN_PANES = 2
 MAX_PANES = MAX_VARIANTS
-CHAT_CONTEXT = 4096
-"""Tokens of context each pane's model is loaded with: room for a few turns of conversation."""
 RENDER_INTERVAL_MS = 40
 """Streamed text is drawn at most this often, however fast the models answer."""
 MENU_CONVERSATIONS = 30
@@ -68,6 +67,7 @@ class CompareView(QWidget):
         super().__init__()
         self.context = context
         self.store = ConversationStore()
+        self.load_store = LoadSettingsStore()
         settings = context.settings
         self.conversation: Conversation = new_conversation(system=settings.system_prompt,
                                                            sampling=deterministic(settings.sampling))
@@ -263,10 +263,11 @@ class CompareView(QWidget):
         self.conversation.panes[index].model = path
         pane.runner.bind(path)
         pane.show_model(path)
+        pane.load_panel.show_model(path, self._load_settings(path), self.context.settings.gpu_layers)
         self._check_memory()
         self._update_facts()
         if path is not None and self.isVisible():
-            pane.runner.ensure_loaded(self._load_options())
+            pane.runner.ensure_loaded(self._load_options(pane))
 
     def open_models(self, paths: list[Path]) -> None:
         """Bind the panes to `paths` (context.open_in_compare); a conversation already under way is kept in the list
@@ -297,7 +298,9 @@ class CompareView(QWidget):
         pane.model_chosen.connect(lambda path, pane=pane: self.bind_pane(pane, path))
         pane.settings_edited.connect(lambda pane=pane: self._pane_settings_edited(pane))
         pane.remove_requested.connect(lambda pane=pane: self.remove_pane(pane))
-        pane.retry_requested.connect(lambda pane=pane: pane.runner.retry(self._load_options()))
+        pane.retry_requested.connect(lambda pane=pane: pane.runner.retry(self._load_options(pane)))
+        pane.load_panel.applied.connect(lambda settings, pane=pane: self.apply_load_settings(pane, settings))
+        pane.load_panel.unload_requested.connect(lambda pane=pane: self.unload(pane))
         self.panes.append(pane)
         self.splitter.addWidget(pane)
         return pane
@@ -344,22 +347,49 @@ class CompareView(QWidget):
         chain: list[QWidget] = [self.new_button, self.history_button, self.export_button, self.add_button,
                                 *self.shared.fields()]
         for pane in self.panes:
-            chain += [pane.model_box, pane.own_settings, *pane.override.fields(), pane.remove_button,
-                      pane.transcript]
+            chain += [pane.model_box, pane.own_settings, pane.load_settings, *pane.override.fields(),
+                      pane.remove_button, pane.transcript]
         chain += [self.prompt, self.send_button, self.stop_button, self.regenerate_button]
         for before, after in itertools.pairwise(chain):
             QWidget.setTabOrder(before, after)
 
     def _load_bound(self) -> None:
-        options = self._load_options()
         for pane in self.panes:
-            pane.runner.ensure_loaded(options)
+            pane.runner.ensure_loaded(self._load_options(pane))
 
-    def _load_options(self) -> LoadOptions:
+    def _load_settings(self, path: Path | None) -> ModelLoadSettings:
+        return self.load_store.get(path) if path is not None else ModelLoadSettings()
+
+    def _load_options(self, pane: ComparePane) -> LoadOptions:
+        """How `pane`'s model loads: its file's own load settings, the app's Settings where they defer to them."""
         settings = self.context.settings
-        bound = max(1, sum(pane.runner.path is not None for pane in self.panes))
+        bound = max(1, sum(other.runner.path is not None for other in self.panes))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // bound)
-        return LoadOptions(n_ctx=CHAT_CONTEXT, n_threads=threads, n_gpu_layers=settings.gpu_layers)
+        return self._load_settings(pane.runner.path).options(default_threads=threads,
+                                                              default_gpu_layers=settings.gpu_layers)
+
+    def apply_load_settings(self, pane: ComparePane, settings: ModelLoadSettings) -> None:
+        """Remember `settings` for the pane's model file and reload it with them (every pane on that file)."""
+        path = pane.runner.path
+        if path is None or self.busy:
+            return
+        try:
+            self.load_store.set(path, settings)
+        except UserError as error:
+            self._show_notice(str(error))
+            return
+        for other in self.panes:
+            if other.runner.path == path:
+                other.load_panel.show_model(path, settings, self.context.settings.gpu_layers)
+                if other.runner.model is not None or other.runner.loading or self.isVisible():
+                    other.runner.reload(self._load_options(other))
+
+    def unload(self, pane: ComparePane) -> None:
+        """Free the pane's model now; it loads again with the next prompt."""
+        if pane in self._running:
+            return
+        pane.runner.unload()
+        self._check_memory()
 
     def _check_memory(self) -> None:
         paths = [pane.runner.path for pane in self.panes if pane.runner.path is not None]
@@ -489,7 +519,6 @@ class CompareView(QWidget):
         sample with seed 0, see `qdesk.chat.compare.turn_seed`)."""
         self._turn_index = index
         prompt = self.conversation.turns[index].prompt
-        options = self._load_options()
         chosen = {pane: self.conversation.settings_for(self.panes.index(pane)) for pane in targets}
         shared_seed = turn_seed([sampling for sampling, _system in chosen.values()], random.randrange)
         for pane in targets:
@@ -505,7 +534,7 @@ class CompareView(QWidget):
             pane_index = self.panes.index(pane)
             sampling, system = self._used[pane]
             messages = [*self.conversation.messages(pane_index, turns=index), {"role": "user", "content": prompt}]
-            pane.runner.ask(messages, sampling, system or None, options)
+            pane.runner.ask(messages, sampling, system or None, self._load_options(pane))
         self._save()
         self._update_controls()
         self._update_facts()
