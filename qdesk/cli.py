@@ -378,6 +378,15 @@ def _run_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_about(args: argparse.Namespace) -> int:
+    from qdesk.app.about import about, render_about
+    from qdesk.app.settings import load_settings
+
+    info = about(models_folder=load_settings().models_path())
+    print(json.dumps(info.to_json(), indent=2) if args.json else render_about(info))
+    return EXIT_OK
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from qdesk.app.demo import run_demo
 
@@ -528,6 +537,9 @@ def _build_parser() -> argparse.ArgumentParser:
     download.add_argument("--json", action="store_true", help="print one JSON document")
 
     command("demo", "the whole flow on the bundled starter model", _run_demo)
+    about = command("about", "versions, compute backends, and where qdesk keeps its settings, models, caches and log",
+                    _run_about)
+    about.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
