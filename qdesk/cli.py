@@ -327,6 +327,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from qdesk.app.settings import apply_hub_settings, load_settings
     from qdesk.display.terminal import ProgressBar
     from qdesk.hub import (
         DownloadCancelled,
@@ -339,6 +340,7 @@ def _run_download(args: argparse.Namespace) -> int:
         search_models,
     )
 
+    apply_hub_settings(load_settings())  # the desktop app's endpoint and cache, unless the environment sets them
     if args.search is not None:
         if args.repo_id is not None or args.limit < 1:
             raise UsageError("give either a repository or --search TEXT, and a --limit of at least 1")

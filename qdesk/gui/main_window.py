@@ -39,7 +39,7 @@ from qdesk.gui.help_dialogs import AboutDialog, ShortcutsDialog
 from qdesk.gui.library_view import LibraryView
 from qdesk.gui.quantize_view import QuantizeView
 from qdesk.gui.settings_view import SettingsView
-from qdesk.gui.theme import apply_theme
+from qdesk.gui.theme import apply_font_size, apply_theme
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,9 @@ class MainWindow(QMainWindow):
         context.open_in_quantize.connect(lambda _path: self.show_section("quantize"))
         context.open_in_compare.connect(lambda _paths: self.show_section("compare"))
         context.open_in_evaluate.connect(lambda _paths: self.show_section("evaluate"))
+        apply_font_size(context.settings.font_size)
         context.settings_changed.connect(lambda settings: apply_theme(settings.theme))
+        context.settings_changed.connect(lambda settings: apply_font_size(settings.font_size))
         context.settings_changed.connect(lambda settings: self._show_theme(settings.theme))
         self.restore_state()
 
