@@ -123,3 +123,27 @@ def test_compare_facts_say_where_answers_differ_in_words() -> None:
                       answered=True).endswith("differs from pane 1 from the start")
     assert facts_text("Q8_0", 1_000, None, Divergence(5, "", "a", "b"), first=False,
                       answered=True).endswith("differs from pane 1 after 5 tokens")
+
+
+def test_the_last_evaluation_comes_back_and_opens_from_the_library(qtbot, main_window, gui_context: AppContext,
+                                                                   starter_gguf: Path) -> None:
+    from qdesk.evaluation.history import EvaluationHistory
+    from qdesk.gui.main_window import MainWindow
+
+    document = {"reference": {"path": "/refs/SmolLM2-F16.gguf", "name": "SmolLM2-F16.gguf", "bytes": 270_000_000,
+                              "bpw": 16.0, "ppl": 10.0},
+                "candidates": [{"path": str(starter_gguf), "name": starter_gguf.name, "bytes": 98_000_000,
+                                "bpw": 5.7, "ppl": 10.6, "kld_mean": 0.03, "kld_p99": 0.4, "top1_agreement": 0.9}]}
+    EvaluationHistory().save(document)
+    window = MainWindow(gui_context)  # a restart: the last evaluation is on show again
+    qtbot.addWidget(window)
+    assert window.views["evaluate"].report == document
+    assert window.views["evaluate"].status_label.text().startswith("Evaluation of ")
+
+    library = main_window.views["library"]
+    qtbot.waitUntil(lambda: bool(library.tree.entries()), timeout=60_000)
+    main_window.views["evaluate"].show_report(None)
+    library.tree.select_paths([starter_gguf])
+    assert library.report_button.isEnabled()
+    qtbot.mouseClick(library.report_button, Qt.MouseButton.LeftButton)
+    assert main_window.current_section() == "evaluate" and main_window.views["evaluate"].report == document

@@ -40,6 +40,7 @@ from PySide6.QtWidgets import (
 
 from converters.core.errors import UserError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from qdesk.evaluation.history import EvaluationHistory
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.charts import SizeKldChart, chart_colours
 from qdesk.gui.context import AppContext
@@ -85,6 +86,7 @@ class EvaluateView(QWidget):
     def __init__(self, context: AppContext) -> None:
         super().__init__()
         self.context = context
+        self.history = EvaluationHistory()
         self.job: Job | None = None
         self.report: dict[str, Any] | None = None
         self.saved_paths: tuple[Path, Path] | None = None
@@ -116,6 +118,7 @@ class EvaluateView(QWidget):
         self.reload_models()
         self._set_running(False)
         self.show_report(None)
+        self.show_saved()  # the last evaluation, kept across restarts
 
     # --- layout ---
 
@@ -409,6 +412,29 @@ class EvaluateView(QWidget):
         self.show_report(report)
         self.status_label.setText("Done: " + text_summary(report) + ".")
         self.tabs.setCurrentIndex(0)
+        try:
+            self.history.save(report, text_summary(report))
+        except UserError as error:
+            self.status_label.setText(f"Done, but not kept for next time: {error}")
+        self.context.library_changed.emit()  # the Library offers this evaluation for the models it measured
+
+    # --- evaluations kept across restarts ---
+
+    def show_saved(self, model: Path | None = None) -> bool:
+        """Show the newest kept evaluation (that measured `model`, when given); False when there is none."""
+        saved = self.history.latest(model)
+        if saved is None or self.running:
+            return False
+        try:
+            report = self.history.load(saved)
+        except UserError as error:
+            self.status_label.setText(str(error))
+            return False
+        self.show_report(report)
+        when = saved.created[:16].replace("T", " ")
+        self.status_label.setText(f"Evaluation of {when}: " + text_summary(report) + ".")
+        self.tabs.setCurrentIndex(0)
+        return True
 
     def _failed(self, failure: JobFailure) -> None:
         if failure.cancelled:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from PySide6.QtCore import QPoint, QSettings, Qt, QTimer, QUrl
+from PySide6.QtCore import QPoint, QSettings, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from converters.core.jobs import Progress
+from qdesk.evaluation.history import EvaluationHistory
 from qdesk.gui.background import Job, JobFailure, describe_failure
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
@@ -35,6 +36,8 @@ EMPTY = "No models yet. " + HINT
 
 
 class LibraryView(QWidget):
+    report_requested = Signal(object)  # Path: show the last evaluation that measured this model
+
     def __init__(self, context: AppContext) -> None:
         super().__init__()
         self.context = context
@@ -69,13 +72,16 @@ class LibraryView(QWidget):
                                             "Measure the selected variants against the first (largest) one")
         self.types_button = self._button("&Tensor types…", "typesButton", self.show_types,
                                          "Bits per weight of every matrix, by tensor class and layer")
+        self.report_button = self._button("Last e&valuation", "reportButton", self.open_last_evaluation,
+                                          "Show the last evaluation that measured the selected model")
+        self.history = EvaluationHistory()
         self.refresh_button = self._button("Re&fresh", "refreshButton", self.refresh,
                                            "Look for new, changed and missing files (F5)")
         self.scan_button = self._button("Find &other apps' models", "scanButton", self.scan_other_apps,
                                         "Add the Hugging Face cache, LM Studio's and Ollama's models, read-only")
         buttons = QHBoxLayout()
         for button in (self.import_button, self.delete_button, self.reveal_button, self.compare_button,
-                       self.evaluate_button, self.types_button):
+                       self.evaluate_button, self.report_button, self.types_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         buttons.addWidget(self.scan_button)
@@ -340,6 +346,7 @@ class LibraryView(QWidget):
         menu.addAction("Open in Compare", self.open_in_compare).setEnabled(self.compare_button.isEnabled())
         menu.addAction("Evaluate", self.open_in_evaluate).setEnabled(self.evaluate_button.isEnabled())
         menu.addAction("Tensor types…", self.show_types).setEnabled(self.types_button.isEnabled())
+        menu.addAction("Last evaluation", self.open_last_evaluation).setEnabled(self.report_button.isEnabled())
         menu.addSeparator()
         menu.addAction("Rename model…\tF2", self.tree.rename_current_group).setEnabled(
             self.tree.currentItem() is not None)
@@ -374,6 +381,11 @@ class LibraryView(QWidget):
         if entries:
             self.context.open_in_evaluate.emit([entry.path for entry in entries])
 
+    def open_last_evaluation(self) -> None:
+        entries = self.tree.selected_entries()
+        if len(entries) == 1 and self.history.latest(entries[0].path) is not None:
+            self.report_requested.emit(entries[0].path)
+
     def show_types(self) -> TypeMapDialog | None:
         entries = self.tree.selected_entries()
         if len(entries) != 1:
@@ -392,6 +404,9 @@ class LibraryView(QWidget):
         self.compare_button.setEnabled(1 <= count <= MAX_COMPARE_PANES)
         self.evaluate_button.setEnabled(count > 0)
         self.types_button.setEnabled(count == 1)
+        entries = self.tree.selected_entries()
+        evaluated = len(entries) == 1 and self.history.latest(entries[0].path) is not None
+        self.report_button.setEnabled(evaluated)
         self.scan_button.setEnabled(not busy)
 
     def _say(self, text: str, *, error: bool = False) -> None:

@@ -106,6 +106,8 @@ class MainWindow(QMainWindow):
         discover, library = self.views["discover"], self.views["library"]
         discover.import_requested.connect(lambda: (self.show_section("library"), library.choose_files()))
         discover.scan_requested.connect(lambda: (self.show_section("library"), library.scan_other_apps()))
+        library.report_requested.connect(lambda path: self.views["evaluate"].show_saved(path)
+                                         and self.show_section("evaluate"))
         context.show_section.connect(self.show_section)
         context.open_in_quantize.connect(lambda _path: self.show_section("quantize"))
         context.open_in_compare.connect(lambda _paths: self.show_section("compare"))
