@@ -144,3 +144,15 @@ def test_unknown_or_newer_documents_are_refused() -> None:
         Conversation.from_json({"format": 99, "id": "x"})
     with pytest.raises(KeyError):
         Conversation.from_json({"format": 1})
+
+
+def test_a_turn_is_edited_or_deleted() -> None:
+    conversation = new_conversation([Path("a.gguf"), Path("b.gguf")])
+    for prompt in ("one", "two", "three"):
+        turn = conversation.add_turn(prompt)
+        turn.set_answer(0, Answer(Path("a.gguf"), f"answer to {prompt}"))
+    conversation.delete_turn(1)
+    assert [turn.prompt for turn in conversation.turns] == ["one", "three"]
+    edited = conversation.edit_turn(0, "uno")
+    assert [turn.prompt for turn in conversation.turns] == ["uno"] and edited.answers == [None, None]
+    assert conversation.messages(0) == []

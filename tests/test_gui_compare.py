@@ -325,3 +325,47 @@ def test_load_settings_show_their_cost_apply_and_unload(qtbot, gui_context: AppC
     view.activated()  # showing the section again does not load it back
     assert pane.runner.model is None and not pane.runner.loading
     view.shutdown()
+
+
+def test_answers_render_as_markdown_and_turns_can_be_copied_edited_deleted_regenerated(
+        qtbot, gui_context: AppContext, starter_gguf: Path, tmp_path: Path) -> None:
+    from PySide6.QtCore import QUrl
+    from PySide6.QtWidgets import QApplication
+
+    broken = tmp_path / "broken-Q4_K_M.gguf"
+    broken.write_bytes(starter_gguf.read_bytes()[:4096])
+    q8 = tmp_path / "m-Q8_0.gguf"
+    conversation = new_conversation([broken, q8])
+    for number, prompt in enumerate(("Show code", "Thanks", "Bye")):
+        turn = conversation.add_turn(prompt)
+        turn.set_answer(0, Answer(broken, f"Here:\n\n```python\nprint({number})\n```\n**done**"))
+        turn.set_answer(1, Answer(q8, f"answer {number}"))
+    view = make_view(qtbot, gui_context)
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.store.save(conversation)
+    view.open_conversation(conversation.id)
+    view._render()
+    pane = view.panes[0]
+    assert "print(0)" in pane.transcript.toPlainText() and "```" not in pane.transcript.toPlainText()
+    assert pane.code_blocks == ("print(0)\n", "print(1)\n", "print(2)\n")
+    pane.transcript.anchorClicked.emit(QUrl("copy-code:1"))
+    assert QApplication.clipboard().text() == "print(1)\n"
+    pane.transcript.anchorClicked.emit(QUrl("copy-answer:2"))
+    assert QApplication.clipboard().text().startswith("Here:") and "print(2)" in QApplication.clipboard().text()
+
+    pane.transcript.anchorClicked.emit(QUrl("delete:1"))
+    assert [turn.prompt for turn in view.conversation.turns] == ["Show code", "Bye"]
+    assert [turn.prompt for turn in view.store.load(conversation.id).turns] == ["Show code", "Bye"]
+
+    view.panes[1].transcript.anchorClicked.emit(QUrl("regenerate:0"))  # pane 2 alone asks turn 1 again
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    assert view.conversation.turns[0].answer(0).text.startswith("Here:")  # pane 1's answer is untouched
+    assert view.conversation.turns[0].answer(1).error  # q8 is no file: the new answer failed, in its place
+
+    pane.transcript.anchorClicked.emit(QUrl("edit:0"))
+    assert view.prompt.toPlainText() == "Show code" and "Editing prompt 1" in view.notice.text()
+    view.prompt.setPlainText("Show more code")
+    view.bind_pane(view.panes[1], None)
+    view.send()
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    assert [turn.prompt for turn in view.conversation.turns] == ["Show more code"]

@@ -193,6 +193,17 @@ class Conversation:
         self.touch()
         return turn
 
+    def delete_turn(self, index: int) -> None:
+        """Forget turn `index`: its prompt and every pane's answer to it (later turns stay)."""
+        del self.turns[index]
+        self.touch()
+
+    def edit_turn(self, index: int, prompt: str) -> Turn:
+        """Ask `prompt` instead of turn `index`'s: that turn's answers and every later turn go (their context
+        changed), and a new last turn holds the prompt, to be answered."""
+        del self.turns[index:]
+        return self.add_turn(prompt)
+
     def add_pane(self, record: PaneRecord | None = None) -> None:
         self.panes.append(record or PaneRecord())
         for turn in self.turns:

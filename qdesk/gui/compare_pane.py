@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtCore import QEvent, Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
+    QApplication,
     QComboBox,
     QFrame,
     QHBoxLayout,
@@ -24,6 +26,7 @@ from PySide6.QtWidgets import (
 from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
+from qdesk.chat.markdown import CODE_LINK, render_answer
 from qdesk.gui.background import JobFailure
 from qdesk.gui.compare_load import LoadPanel
 from qdesk.gui.compare_runner import PaneRunner
@@ -48,26 +51,41 @@ class TranscriptEntry:
     """Where `text` leaves the first pane's answer: `text[diverge_at:]` is highlighted."""
     note: str = ""
     streaming: bool = False
+    turn: int = -1
+    """The turn's index in the conversation (-1: not one of its turns; no actions then)."""
 
 
-def transcript_html(entries: Sequence[TranscriptEntry], highlight: str) -> str:
+ACTIONS = ("edit", "delete", "regenerate", "copy-answer")
+"""Links under each turn: the prompt's Edit and Delete, the answer's Copy and Regenerate."""
+_LINK_STYLE = "text-decoration: none;"
+
+
+def _links(*pairs: tuple[str, str]) -> str:
+    return " · ".join(f'<a style="{_LINK_STYLE}" href="{href}">{html.escape(text)}</a>' for text, href in pairs)
+
+
+def transcript_html(entries: Sequence[TranscriptEntry], highlight: str, *, dark: bool = False,
+                    actions: bool = True) -> tuple[str, tuple[str, ...]]:
+    """The transcript as HTML (answers rendered as Markdown, `qdesk.chat.markdown`) and every code block's text."""
     parts = ["<html><body>"]
+    blocks: list[str] = []
     for entry in entries:
+        tools = (f'<small>&nbsp;&nbsp;{_links(("Edit", f"edit:{entry.turn}"), ("Delete", f"delete:{entry.turn}"))}'
+                 "</small>" if actions and entry.turn >= 0 and not entry.streaming else "")
         parts.append(f'<p style="white-space: pre-wrap; margin-bottom: 2px;"><b>You:</b> {html.escape(entry.prompt)}'
-                     "</p>")
-        text = entry.text
-        if entry.diverge_at is not None and entry.diverge_at < len(text):
-            body = (html.escape(text[:entry.diverge_at]) + f'<span style="background-color: {highlight};">'
-                    + html.escape(text[entry.diverge_at:]) + "</span>")
-        else:
-            body = html.escape(text)
-        if entry.streaming:
-            body += "▍"
-        parts.append(f'<p style="white-space: pre-wrap; margin-top: 2px;">{body}</p>')
+                     f"{tools}</p>")
+        text = entry.text + ("▍" if entry.streaming else "")
+        rendered = render_answer(text, diverge_at=entry.diverge_at, highlight=highlight, dark=dark,
+                                 block_offset=len(blocks))
+        blocks += rendered.code_blocks
+        parts.append(rendered.html)
         if entry.note:
             parts.append(f'<p style="margin-top: 0px;"><i><small>{html.escape(entry.note)}</small></i></p>')
+        if actions and entry.turn >= 0 and not entry.streaming and entry.text:
+            links = _links(("Copy answer", f"copy-answer:{entry.turn}"), ("Regenerate", f"regenerate:{entry.turn}"))
+            parts.append(f'<p style="margin-top: 0px;"><small>{links}</small></p>')
     parts.append("</body></html>")
-    return "".join(parts)
+    return "".join(parts), tuple(blocks)
 
 
 def facts_text(file_type: str | None, size: int | None, stats: GenerationStats | None,
@@ -97,6 +115,8 @@ FACTS_TIP = ("Type and size of the model file; for the last answer, its speed (t
 
 class ComparePane(QFrame):
     model_chosen = Signal(object)  # Path | None, chosen by the user
+    turn_action = Signal(str, int)  # "edit", "delete" or "regenerate", and the turn's index
+    copied = Signal(str)  # "code" or "answer": put on the clipboard
     settings_edited = Signal()  # own settings switched on or off, or edited
     remove_requested = Signal()
     retry_requested = Signal()
@@ -162,6 +182,8 @@ class ComparePane(QFrame):
         self.transcript = QTextBrowser()
         self.transcript.setObjectName("paneTranscript")
         self.transcript.setOpenLinks(False)
+        self.transcript.anchorClicked.connect(self._link_clicked)
+        self.code_blocks: tuple[str, ...] = ()
         self.transcript.setPlaceholderText("Answers appear here.")
 
         column = QVBoxLayout(self)
@@ -264,9 +286,32 @@ class ComparePane(QFrame):
         self._shown = tuple(entries)
         bar = self.transcript.verticalScrollBar()
         at_end = bar.value() >= bar.maximum() - 4
-        self.transcript.setHtml(transcript_html(entries, DARK_HIGHLIGHT if is_dark() else LIGHT_HIGHLIGHT))
+        dark = is_dark()
+        page, self.code_blocks = transcript_html(entries, DARK_HIGHLIGHT if dark else LIGHT_HIGHLIGHT, dark=dark)
+        self.transcript.setHtml(page)
         if at_end:
             bar.setValue(bar.maximum())
+
+    def _link_clicked(self, url: QUrl) -> None:
+        """Copy a code block or an answer here; edits, deletions and regenerations go to the view."""
+        link = url.toString()
+        kind, _, argument = link.partition(":")
+        if kind in ("http", "https"):
+            QDesktopServices.openUrl(url)
+            return
+        if not argument.lstrip("-").isdigit():
+            return
+        number = int(argument)
+        if kind + ":" == CODE_LINK and 0 <= number < len(self.code_blocks):
+            QApplication.clipboard().setText(self.code_blocks[number])
+            self.copied.emit("code")
+        elif kind == "copy-answer":
+            entry = next((entry for entry in self._shown if entry.turn == number), None)
+            if entry is not None:
+                QApplication.clipboard().setText(entry.text)
+                self.copied.emit("answer")
+        elif kind in ACTIONS:
+            self.turn_action.emit(kind, number)
 
     def changeEvent(self, event: QEvent) -> None:
         super().changeEvent(event)

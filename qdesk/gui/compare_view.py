@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QLabel,
+    QMainWindow,
     QMenu,
     QPushButton,
     QSplitter,
@@ -80,6 +81,8 @@ class CompareView(QWidget):
         self._running: set[ComparePane] = set()
         self._turn_index: int | None = None
         self._panes_restored = False
+        self._editing: int | None = None
+        """The turn whose prompt is being edited in the prompt box (see `edit_turn`)."""
         self._defaults_offered = False
         self._library_job: object | None = None
         self._library_again = False
@@ -301,6 +304,8 @@ class CompareView(QWidget):
         pane.model_chosen.connect(lambda path, pane=pane: self.bind_pane(pane, path))
         pane.settings_edited.connect(lambda pane=pane: self._pane_settings_edited(pane))
         pane.remove_requested.connect(lambda pane=pane: self.remove_pane(pane))
+        pane.turn_action.connect(lambda kind, turn, pane=pane: self.turn_action(pane, kind, turn))
+        pane.copied.connect(lambda what: self._say(f"Copied the {what}."))
         pane.retry_requested.connect(lambda pane=pane: pane.runner.retry(self._load_options(pane)))
         pane.load_panel.applied.connect(lambda settings, pane=pane: self.apply_load_settings(pane, settings))
         pane.load_panel.unload_requested.connect(lambda pane=pane: self.unload(pane))
@@ -487,16 +492,71 @@ class CompareView(QWidget):
         return targets
 
     def send(self) -> None:
-        """Send the prompt box's text to every pane with a model."""
+        """Send the prompt box's text to every pane with a model (in place of the prompt being edited, if any)."""
         prompt = self.prompt.toPlainText().strip()
         if self.busy or not prompt:
             return
         targets = self._panes_with_models()
         if not targets:
             return
-        self.conversation.add_turn(prompt)
+        if self._editing is not None and self._editing < len(self.conversation.turns):
+            self.conversation.edit_turn(self._editing, prompt)
+        else:
+            self.conversation.add_turn(prompt)
+        self._editing = None
         self.prompt.clear()
         self._start_turn(len(self.conversation.turns) - 1, targets, seed=None)
+
+    # --- one turn's actions: edit, delete, regenerate in one pane ---
+
+    def turn_action(self, pane: ComparePane, kind: str, turn: int) -> None:
+        if self.busy or not 0 <= turn < len(self.conversation.turns):
+            return
+        if kind == "edit":
+            self.edit_turn(turn)
+        elif kind == "delete":
+            self.delete_turn(turn)
+        elif kind == "regenerate" and pane in self.panes and pane.runner.path is not None:
+            self.regenerate_turn(pane, turn)
+
+    def edit_turn(self, turn: int) -> None:
+        """Put turn `turn`'s prompt in the box: sending replaces it, and drops its answers and the turns after it."""
+        self._editing = turn
+        self.prompt.setPlainText(self.conversation.turns[turn].prompt)
+        self.prompt.setFocus()
+        later = len(self.conversation.turns) - turn - 1
+        self._show_notice(f"Editing prompt {turn + 1}: Send replaces it and its answers"
+                          + (f", and the {later} turn{'s' if later != 1 else ''} after it" if later else "")
+                          + "; Esc cancels the edit.")
+
+    def cancel_edit(self) -> None:
+        if self._editing is not None:
+            self._editing = None
+            self.prompt.clear()
+            self._show_notice("")
+
+    def delete_turn(self, turn: int) -> None:
+        """Forget turn `turn` in every pane (the turns after it stay)."""
+        self.conversation.delete_turn(turn)
+        if self._editing is not None:
+            self.cancel_edit()
+        self._save()
+        self._update_controls()
+        self._update_facts()
+        self._schedule_render()
+
+    def regenerate_turn(self, pane: ComparePane, turn: int) -> None:
+        """Ask turn `turn` again in `pane` alone (its history up to that turn), replacing its answer there."""
+        index = self.panes.index(pane)
+        self.conversation.turns[turn].set_answer(index, None)
+        sampling = self.conversation.settings_for(index)[0]
+        self._start_turn(turn, [pane], seed=1 + random.randrange(SEED_LIMIT - 1) if sampling.temperature > 0
+                         else None)
+
+    def _say(self, text: str) -> None:
+        window = self.window()
+        if isinstance(window, QMainWindow):
+            window.statusBar().showMessage(text, 3000)
 
     def regenerate(self) -> None:
         """Ask the last prompt again in every pane with a model, replacing its answers."""
@@ -513,7 +573,9 @@ class CompareView(QWidget):
         self._start_turn(index, targets, seed=1 + random.randrange(SEED_LIMIT - 1) if random_sampling else None)
 
     def stop_all(self) -> None:
-        """Stop every answer; each keeps what it has said so far."""
+        """Stop every answer; each keeps what it has said so far (Esc while nothing runs cancels an edit)."""
+        if not self.busy:
+            self.cancel_edit()
         for pane in self.panes:
             pane.runner.stop()
 
@@ -587,6 +649,7 @@ class CompareView(QWidget):
         fresh = new_conversation(system=self.conversation.system, sampling=self.conversation.sampling)
         fresh.panes = panes
         self.conversation = fresh
+        self._editing = None
         self._show_notice("")
         self._update_controls()
         self._update_facts()
@@ -610,6 +673,7 @@ class CompareView(QWidget):
         while len(conversation.panes) > MAX_PANES:
             conversation.remove_pane(len(conversation.panes) - 1)
         self.conversation = conversation
+        self._editing = None
         self._set_pane_count(len(conversation.panes))
         self.shared.set_values(conversation.sampling, conversation.system)
         for pane, record in zip(self.panes, conversation.panes, strict=True):
@@ -771,7 +835,7 @@ class CompareView(QWidget):
                     diverge_at = diverging_offset(reference_text, text, reference_done=not reference_streaming,
                                                   done=not streaming)
             entries.append(TranscriptEntry(turn.prompt, text, diverge_at, self._note(pane, answer, streaming, text),
-                                           streaming))
+                                           streaming, number))
         return entries
 
     @staticmethod
