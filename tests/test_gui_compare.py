@@ -37,7 +37,9 @@ def make_view(qtbot, context: AppContext) -> CompareView:
 
 def test_panes_can_be_added_and_removed(qtbot, gui_context: AppContext) -> None:
     view = make_view(qtbot, gui_context)
-    assert len(view.panes) == MIN_PANES
+    assert len(view.panes) == 2 and MIN_PANES == 1
+    qtbot.mouseClick(view.panes[1].remove_button, Qt.MouseButton.LeftButton)  # one pane: a plain chat
+    assert len(view.panes) == 1 == len(view.conversation.panes)
     assert not view.panes[0].remove_button.isEnabled()
     while view.add_button.isEnabled():
         qtbot.mouseClick(view.add_button, Qt.MouseButton.LeftButton)
@@ -141,11 +143,23 @@ def test_a_saved_conversation_comes_back_in_a_new_view(qtbot, gui_context: AppCo
     assert second.conversation.turns == [] and second.conversation.id != conversation.id
     assert [record.model for record in second.conversation.panes] == [q8, q4]
     assert [summary.id for summary in second.store.summaries()] == [conversation.id]
-    second.history_menu.aboutToShow.emit()
-    listed = [action for action in second.history_menu.actions() if action.text().startswith("What is the capital")]
-    assert len(listed) == 1 and listed[0].isEnabled()
-    listed[0].trigger()
+    assert second.sidebar.ids() == [conversation.id]  # the list: saved ones only, newest first
+    item = second.sidebar.item_of(conversation.id)
+    assert item.text() == "What is the capital of France?"
+    second.sidebar.list.itemClicked.emit(item)
     assert second.conversation.id == conversation.id
+
+    second.sidebar.search.setText("Rome")
+    qtbot.waitUntil(lambda: second.sidebar.ids() == [], timeout=5000)
+    second.sidebar.search.setText("paris WAS")
+    qtbot.waitUntil(lambda: second.sidebar.ids() == [conversation.id], timeout=5000)
+    second.sidebar.item_of(conversation.id).setText("Capitals")  # what typing a new name does (F2)
+    assert second.store.load(conversation.id).title == "Capitals" and second.title.text() == "Capitals"
+
+    box = second.delete_conversation(conversation.id)
+    box.button(box.StandardButton.Yes).click()
+    assert second.store.summaries() == [] and second.conversation.id != conversation.id
+    assert second.conversation.turns == []
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The Compare section: 2 to 4 panes side by side, each bound to a model, one prompt box sending to all of them.
+"""The Compare section: 1 to 4 panes side by side, each bound to a model, one prompt box sending to all of them (one
+pane is a plain chat), and the list of saved conversations beside them.
 
 Answers stream into every pane at once; where a pane's answer leaves the first pane's, the rest of it is
 highlighted. The conversation (`qdesk.chat.conversations`) is saved after every turn and reopened from the
@@ -23,7 +24,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMainWindow,
-    QMenu,
+    QMessageBox,
     QPushButton,
     QSplitter,
     QVBoxLayout,
@@ -50,16 +51,18 @@ from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
+from qdesk.gui.compare_sidebar import ConversationList
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
 from qdesk.library.info import read_model_info
 from qdesk.library.store import LibraryEntry
 
-MIN_PANES = 2
+MIN_PANES = 1
+"""One pane is a plain chat; Compare is the same thing with more panes."""
+INITIAL_PANES = 2
 MAX_PANES = MAX_VARIANTS
 RENDER_INTERVAL_MS = 40
 """Streamed text is drawn at most this often, however fast the models answer."""
-MENU_CONVERSATIONS = 30
 STATE_PANES, STATE_CONVERSATION, STATE_SPLITTER = "compare/panes", "compare/conversation", "compare/splitter"
 
 
@@ -96,9 +99,11 @@ class CompareView(QWidget):
         self.new_button.setObjectName("newConversation")
         self.history_button = QPushButton("&Conversations")
         self.history_button.setObjectName("conversationsButton")
-        self.history_menu = QMenu(self.history_button)
-        self.history_menu.setObjectName("conversationsMenu")
-        self.history_button.setMenu(self.history_menu)
+        self.history_button.setCheckable(True)
+        self.history_button.setChecked(True)
+        self.history_button.setToolTip("Show or hide the list of saved conversations")
+        self.sidebar = ConversationList()
+        self.sidebar.setMinimumWidth(160)
         self.export_button = QPushButton("E&xport…")
         self.export_button.setObjectName("exportConversation")
         self.export_button.setToolTip("Save this conversation as Markdown or JSON")
@@ -153,13 +158,24 @@ class CompareView(QWidget):
         prompt_row.addWidget(self.prompt, 1)
         prompt_row.addLayout(buttons)
 
-        column = QVBoxLayout(self)
+        main = QWidget()
+        column = QVBoxLayout(main)
+        column.setContentsMargins(0, 0, 0, 0)
         column.addLayout(top)
         column.addLayout(shared_row)
         column.addWidget(self.memory_warning)
         column.addWidget(self.splitter, 1)
         column.addWidget(self.notice)
         column.addLayout(prompt_row)
+        self.outer = QSplitter(Qt.Orientation.Horizontal)
+        self.outer.setObjectName("compareOuterSplitter")
+        self.outer.setChildrenCollapsible(False)
+        self.outer.addWidget(self.sidebar)
+        self.outer.addWidget(main)
+        self.outer.setStretchFactor(1, 1)
+        self.outer.setSizes([220, 1000])
+        outer_layout = QHBoxLayout(self)
+        outer_layout.addWidget(self.outer)
         self.setFocusProxy(self.prompt)
 
         self._render_timer = QTimer(self)
@@ -168,7 +184,12 @@ class CompareView(QWidget):
         self._render_timer.timeout.connect(self._render)
 
         self.new_button.clicked.connect(self.new_conversation)
-        self.history_menu.aboutToShow.connect(self._fill_history_menu)
+        self.history_button.toggled.connect(self.sidebar.setVisible)
+        self.sidebar.open_requested.connect(self.open_conversation)
+        self.sidebar.new_requested.connect(self.new_conversation)
+        self.sidebar.rename_requested.connect(self.rename_conversation)
+        self.sidebar.delete_requested.connect(self.delete_conversation)
+        self.sidebar.search_changed.connect(lambda _text: self.refresh_list())
         self.export_button.clicked.connect(self.export_dialog)
         self.add_button.clicked.connect(lambda: self.add_pane())
         self.shared.changed.connect(self._shared_settings_edited)
@@ -187,11 +208,13 @@ class CompareView(QWidget):
         context.open_in_compare.connect(self.open_models)
         context.settings_changed.connect(self._settings_changed)
 
-        for _ in range(MIN_PANES):
+        for _ in range(INITIAL_PANES):
             self._make_pane()
             self.conversation.add_pane()
         self._after_panes_changed()
         self.refresh_library()
+        self.confirm_box: QMessageBox | None = None
+        self.refresh_list()
 
     # --- hooks the main window calls ---
 
@@ -207,6 +230,8 @@ class CompareView(QWidget):
         state.setValue(STATE_PANES, json.dumps([_path_text(pane.runner.path) for pane in self.panes]))
         state.setValue(STATE_CONVERSATION, self.conversation.id if self.conversation.turns else "")
         state.setValue(STATE_SPLITTER, self.splitter.saveState())
+        state.setValue("compare/list", self.history_button.isChecked())
+        state.setValue("compare/outer", self.outer.saveState())
 
     def restore_state(self, state: QSettings) -> None:
         identifier = str(state.value(STATE_CONVERSATION, "") or "")
@@ -227,6 +252,11 @@ class CompareView(QWidget):
         splitter = state.value(STATE_SPLITTER)
         if splitter is not None:
             self.splitter.restoreState(splitter)
+        outer = state.value("compare/outer")
+        if outer is not None:
+            self.outer.restoreState(outer)
+        self.history_button.setChecked(str(state.value("compare/list", True)).lower() in ("true", "1"))
+        self.refresh_list()
 
     def shutdown(self) -> None:
         for pane in list(self._running):
@@ -650,6 +680,7 @@ class CompareView(QWidget):
         fresh.panes = panes
         self.conversation = fresh
         self._editing = None
+        self.refresh_list()
         self._show_notice("")
         self._update_controls()
         self._update_facts()
@@ -666,6 +697,7 @@ class CompareView(QWidget):
             return
         self._save()
         self._apply_conversation(conversation)
+        self.refresh_list()
 
     def _apply_conversation(self, conversation: Conversation) -> None:
         while len(conversation.panes) < MIN_PANES:
@@ -686,20 +718,52 @@ class CompareView(QWidget):
         self._update_facts()
         self._schedule_render()
 
-    def _fill_history_menu(self) -> None:
-        menu = self.history_menu
-        menu.clear()
-        menu.addAction("New conversation", self.new_conversation).setEnabled(not self.busy)
-        menu.addSeparator()
-        summaries = self.store.summaries()
-        if not summaries:
-            menu.addAction("No saved conversations").setEnabled(False)
-        for summary in summaries[:MENU_CONVERSATIONS]:
-            when = summary.updated[:16].replace("T", " ")
-            action = menu.addAction(f"{summary.title} — {when}, {summary.turns} turns",
-                                    lambda identifier=summary.id: self.open_conversation(identifier))
-            action.setToolTip(", ".join(summary.models))
-            action.setEnabled(not self.busy and summary.id != self.conversation.id)
+    # --- the conversation list ---
+
+    def refresh_list(self) -> None:
+        """The saved conversations (those matching the search), the current one selected."""
+        self.sidebar.show_summaries(self.store.summaries(self.sidebar.search.text()), self.conversation.id)
+
+    def rename_conversation(self, identifier: str, title: str) -> None:
+        try:
+            renamed = self.store.rename(identifier, title)
+        except UserError as error:
+            self._show_notice(str(error))
+        else:
+            if identifier == self.conversation.id:
+                self.conversation.title = renamed.title
+                self._update_controls()
+        self.refresh_list()
+
+    def delete_conversation(self, identifier: str) -> QMessageBox | None:
+        """Ask, then delete the saved conversation (the current one gives way to a new, empty one)."""
+        if self.busy:
+            return None
+        item = self.sidebar.item_of(identifier)
+        title = item.text() if item is not None else identifier
+        box = QMessageBox(QMessageBox.Icon.Question, "Delete conversation",
+                          f"Delete the conversation “{title}”? Its prompts and answers are gone for good.",
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, self)
+        box.setObjectName("confirmDeleteConversation")
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.button(QMessageBox.StandardButton.Yes).setText("Delete")
+        box.finished.connect(lambda answer: self._delete_confirmed(answer, identifier))
+        box.open()
+        self.confirm_box = box
+        return box
+
+    def _delete_confirmed(self, answer: int, identifier: str) -> None:
+        self.confirm_box = None
+        if answer != QMessageBox.StandardButton.Yes or self.busy:
+            return
+        try:
+            self.store.delete(identifier)
+        except (UserError, OSError) as error:
+            self._show_notice(f"The conversation could not be deleted: {error}")
+        if identifier == self.conversation.id:
+            self.conversation.turns.clear()  # nothing left to keep: a new one starts with the same panes
+            self.new_conversation()
+        self.refresh_list()
 
     def _save(self) -> None:
         if not self.conversation.turns:
@@ -708,6 +772,7 @@ class CompareView(QWidget):
             self.store.save(self.conversation)
         except UserError as error:
             self._show_notice(f"The conversation could not be saved: {error}")
+        self.refresh_list()
 
     # --- export ---
 
