@@ -1,7 +1,7 @@
 """Screenshots of every section of the desktop app, taken under a virtual X server (Xvfb).
 
     .venv/bin/python bench/gui_screenshots.py [FOLDER] [--theme light|dark|both] [--size WxH …] [--evaluate]
-                                              [--queue] [--own-settings]
+                                              [--queue] [--conversation] [--own-settings]
 
 Starts the app as `qdesk.gui.app` does, visits each section with its shortcut (Ctrl+1…6) and saves
 `FOLDER/<n>-<section>-<theme>[-<W>x<H>].png` (default FOLDER: .cache/screenshots/), at each window size asked
@@ -47,6 +47,8 @@ def parse_arguments() -> argparse.Namespace:
                         help="window size, e.g. 1024x700 (repeatable; default 1280x820)")
     parser.add_argument("--queue", action="store_true",
                         help="queue (and cancel) a Quantize job first, so its rows are in the screenshot")
+    parser.add_argument("--conversation", action="store_true",
+                        help="open a two-turn conversation with Markdown answers in Compare first")
     parser.add_argument("--own-settings", action="store_true",
                         help="use your settings and models folder instead of empty ones")
     return parser.parse_args()
@@ -110,8 +112,28 @@ def queue_job(window: object) -> None:
         settle(0.5)
 
 
+SAMPLE_ANSWER = ("Here is a **loop** in Python:\n\n```python\nfor number in range(3):\n    print(number * 2)\n```\n\n"
+                 "It prints 0, 2 and 4.")
+
+
+def show_conversation(window: object) -> None:
+    """A conversation of two turns with Markdown answers, the second pane's leaving the first's."""
+    from qdesk.app.starter import starter_model_path
+    from qdesk.chat.conversations import Answer, new_conversation
+
+    view = window.views["compare"]  # type: ignore[attr-defined]
+    starter = starter_model_path()
+    conversation = new_conversation([starter, starter])
+    for prompt in ("Write a loop in Python", "Thanks! And in one line?"):
+        turn = conversation.add_turn(prompt)
+        turn.set_answer(0, Answer(starter, SAMPLE_ANSWER))
+        turn.set_answer(1, Answer(starter, SAMPLE_ANSWER.replace("It prints 0, 2 and 4.", "It prints even numbers.")))
+    view.store.save(conversation)
+    view.open_conversation(conversation.id)
+
+
 def capture(folder: Path, themes: list[str], evaluate: bool, sizes: list[tuple[int, int]] | None = None,
-            queue: bool = False) -> list[Path]:
+            queue: bool = False, conversation: bool = False) -> list[Path]:
     from PySide6.QtCore import Qt
     from PySide6.QtTest import QTest
 
@@ -129,6 +151,8 @@ def capture(folder: Path, themes: list[str], evaluate: bool, sizes: list[tuple[i
         run_evaluation(window)
     if queue:
         queue_job(window)
+    if conversation:
+        show_conversation(window)
     saved = []
     for width, height in sizes:
         window.resize(width, height)
@@ -168,7 +192,8 @@ def main() -> int:
             for name in ("CONFIG", "MODELS", "CACHE"):
                 os.environ[f"QDESK_{name}_DIR"] = str(Path(home) / name.lower())
         sizes = [tuple(int(part) for part in size.lower().split("x")) for size in arguments.size or ()]
-        saved = capture(folder, themes, arguments.evaluate, sizes, arguments.queue)  # type: ignore[arg-type]
+        saved = capture(folder, themes, arguments.evaluate, sizes, arguments.queue,  # type: ignore[arg-type]
+                        arguments.conversation)
     for path in saved:
         print(path)
     return 0

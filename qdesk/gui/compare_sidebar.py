@@ -12,7 +12,6 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QMenu,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
@@ -25,7 +24,6 @@ SEARCH_DELAY_MS = 200
 
 class ConversationList(QWidget):
     open_requested = Signal(str)
-    new_requested = Signal()
     rename_requested = Signal(str, str)  # id, the new title ("" gives back the first prompt)
     delete_requested = Signal(str)
     search_changed = Signal(str)
@@ -45,11 +43,8 @@ class ConversationList(QWidget):
         self.list.setWordWrap(True)
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
-        self.new_button = QPushButton("New conversation")
-        self.new_button.setObjectName("sidebarNewConversation")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.new_button)
         layout.addWidget(self.search)
         layout.addWidget(self.list, 1)
 
@@ -58,7 +53,6 @@ class ConversationList(QWidget):
         self._search_timer.setInterval(SEARCH_DELAY_MS)
         self._search_timer.timeout.connect(lambda: self.search_changed.emit(self.search.text()))
         self.search.textChanged.connect(self._search_timer.start)
-        self.new_button.clicked.connect(self.new_requested)
         self.list.itemActivated.connect(self._activated)
         self.list.itemClicked.connect(self._activated)
         self.list.itemChanged.connect(self._renamed)

@@ -186,7 +186,6 @@ class CompareView(QWidget):
         self.new_button.clicked.connect(self.new_conversation)
         self.history_button.toggled.connect(self.sidebar.setVisible)
         self.sidebar.open_requested.connect(self.open_conversation)
-        self.sidebar.new_requested.connect(self.new_conversation)
         self.sidebar.rename_requested.connect(self.rename_conversation)
         self.sidebar.delete_requested.connect(self.delete_conversation)
         self.sidebar.search_changed.connect(lambda _text: self.refresh_list())
