@@ -39,7 +39,7 @@ from qdesk.app.settings import THEMES, Settings
 from qdesk.chat.engine import SamplingOptions
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.gui.settings_backends import describe_backends
+from qdesk.app.backends_text import describe_backends
 from qdesk.gui.theme import apply_theme
 from qdesk.hub.account import account, log_in, log_out
 from qdesk.hub.settings import hub_cache_dir
