@@ -33,13 +33,13 @@ from PySide6.QtWidgets import (
 )
 
 from native.backends import SystemInfo, discover
+from qdesk.app.backends_text import describe_backends
 from qdesk.app.errors import UserError
 from qdesk.app.logs import log_failure
 from qdesk.app.settings import THEMES, Settings
 from qdesk.chat.engine import SamplingOptions
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.app.backends_text import describe_backends
 from qdesk.gui.theme import apply_theme
 from qdesk.hub.account import account, log_in, log_out
 from qdesk.hub.settings import hub_cache_dir
