@@ -237,7 +237,7 @@ class SizeKldChart(QWidget):
         painter.save()
         painter.translate(16, (PLOT_TOP + PLOT_BOTTOM) / 2)
         painter.rotate(-90)
-        y_title = "mean KLD vs reference (nats" + (", log scale)" if layout.y_axis.log else ")")
+        y_title = "drift from the reference: mean KLD (nats" + (", log scale)" if layout.y_axis.log else ")")
         _text(painter, 0, 0, y_title, "middle")
         painter.restore()
         painter.setFont(font)

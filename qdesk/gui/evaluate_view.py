@@ -471,8 +471,9 @@ class EvaluateView(QWidget):
             self.memory_caption.setText("")
             self._update_actions()
             return
-        captions = [text_summary(report) + ". KLD: KL divergence of the next-token distributions from the "
-                    "reference's, nats per token; lower and further left on the chart is better."]
+        captions = [text_summary(report) + ". Drift (KLD, the KL divergence): how far each variant's next-token "
+                    "predictions are from the reference's, in nats per token; lower and further left on the chart is "
+                    "better."]
         captions += notes(report)
         self.summary_caption.setText("\n".join(captions))
         verdicts = recommendations(report)
