@@ -164,6 +164,7 @@ def test_logging_in_checks_the_token_with_the_hub_and_keeps_it(qtbot, gui_contex
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         view = settings_view(qtbot, gui_context)
+        view.activated()
         assert view.account_label.text().startswith("Not logged in")
         view.token.setText("hf_wrong")
         view.log_in()

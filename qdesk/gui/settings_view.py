@@ -160,7 +160,7 @@ class SettingsView(QWidget):
         form.labelForField(token_row).setBuddy(self.token)
         form.addRow("", self.account_label)
         self.account_job: Job | None = None
-        self._show_account()
+        self.account_label.setText("")  # told when the section is first shown (reading it loads huggingface_hub)
         return group
 
     def _hardware_group(self) -> QGroupBox:
@@ -257,6 +257,8 @@ class SettingsView(QWidget):
     def activated(self) -> None:
         if self.backends is None and self.backends_job is None:
             self.find_backends()
+        if not self.account_label.text() and self.account_job is None:
+            self._show_account()
 
     def shutdown(self) -> None:
         if self._prompt_timer.isActive():

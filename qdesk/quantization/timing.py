@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +82,11 @@ def _recorded() -> dict[str, list[float]]:
 
 def rate_of(kind: str) -> tuple[float, bool]:
     """(units per second, measured here) for a kind of step."""
-    rates = _recorded().get(kind)
-    return (statistics.median(rates), True) if rates else (DEFAULT_RATES[kind], False)
+    rates = sorted(_recorded().get(kind) or ())
+    if not rates:
+        return DEFAULT_RATES[kind], False
+    middle = len(rates) // 2
+    return (rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2), True
 
 
 def record_step(kind: str, units: float, seconds: float) -> None:
