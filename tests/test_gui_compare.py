@@ -313,9 +313,11 @@ def test_pane_headers_stay_one_line_so_transcripts_line_up(qtbot, gui_context: A
 
 def test_load_settings_show_their_cost_apply_and_unload(qtbot, gui_context: AppContext, starter_gguf: Path) -> None:
     view = make_view(qtbot, gui_context)
+    view.show()  # the model loads as the section is shown, and the panel estimates once it is on show
     qtbot.waitUntil(lambda: view.panes[0].runner.path == starter_gguf, timeout=30_000)
     pane = view.panes[0]
     panel = pane.load_panel
+    assert panel.estimate is None  # hidden: nothing estimated yet
     qtbot.mouseClick(pane.load_settings, Qt.MouseButton.LeftButton)
     assert panel.isVisibleTo(pane)
     qtbot.waitUntil(lambda: panel.estimate is not None, timeout=30_000)
@@ -325,7 +327,6 @@ def test_load_settings_show_their_cost_apply_and_unload(qtbot, gui_context: AppC
     qtbot.waitUntil(lambda: panel.estimate is not None and panel.estimate.kv_bytes == 2 * first.kv_bytes,
                     timeout=30_000)
 
-    view.show()
     qtbot.waitUntil(lambda: pane.runner.model is not None, timeout=LOAD_AND_ANSWER_MS)
     worker = pane.runner.model.pid
     qtbot.mouseClick(panel.apply_button, Qt.MouseButton.LeftButton)  # saved for the file, and reloaded with it

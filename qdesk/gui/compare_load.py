@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
+from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from qdesk.chat.load_settings import KV_CHOICES, ModelLoadSettings, memory_cost
@@ -103,7 +104,15 @@ class LoadPanel(QWidget):
         for box in (self.context_box, self.gpu_box, self.kv_box, self.threads_box):
             box.blockSignals(False)
         self.setEnabled(path is not None)
-        self._estimate()
+        self.estimate = None
+        self._asked += 1
+        if self.isVisible():
+            self._estimate()
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self.estimate is None:
+            self._estimate()  # only once on show: reading a model's header is not free
 
     def settings(self) -> ModelLoadSettings:
         layers = self.gpu_box.value()
