@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
+from qdesk.chat.load_settings import ModelLoadSettings
 from qdesk.chat.markdown import CODE_LINK, render_answer
 from qdesk.gui.background import JobFailure
 from qdesk.gui.compare_load import LoadPanel
@@ -117,6 +118,8 @@ class ComparePane(QFrame):
     model_chosen = Signal(object)  # Path | None, chosen by the user
     turn_action = Signal(str, int)  # "edit", "delete" or "regenerate", and the turn's index
     copied = Signal(str)  # "code" or "answer": put on the clipboard
+    load_applied = Signal(object)  # ModelLoadSettings from the load panel's Apply
+    unload_requested = Signal()
     settings_edited = Signal()  # own settings switched on or off, or edited
     remove_requested = Signal()
     retry_requested = Signal()
@@ -174,8 +177,9 @@ class ComparePane(QFrame):
         status_row.addWidget(self.status, 1)
         status_row.addWidget(self.retry_button)
 
-        self.load_panel = LoadPanel()
-        self.load_panel.setVisible(False)
+        self._load_panel: LoadPanel | None = None  # made when first shown (Load…): most panes never need it
+        self._load_shown: tuple[Path | None, ModelLoadSettings, int] = (None, ModelLoadSettings(), 0)
+        self._editable = True
         self.override = SamplingEditor("pane", mnemonics=False, stacked=True)
         self.override.setObjectName("paneSettings")
         self.override.setVisible(False)
@@ -191,14 +195,14 @@ class ComparePane(QFrame):
         column.addLayout(header)
         column.addWidget(self.facts)
         column.addLayout(status_row)
-        column.addWidget(self.load_panel)
+        self._column = column
         column.addWidget(self.override)
         column.addWidget(self.transcript, 1)
 
         self.model_box.addItem(NO_MODEL, "")
         self.model_box.activated.connect(self._model_activated)
         self.own_settings.toggled.connect(self._own_settings_toggled)
-        self.load_settings.toggled.connect(self.load_panel.setVisible)
+        self.load_settings.toggled.connect(lambda shown: self.load_panel.setVisible(shown))
         self.override.changed.connect(self.settings_edited)
         self.remove_button.clicked.connect(self.remove_requested)
         self.retry_button.clicked.connect(self.retry_requested)
@@ -236,6 +240,28 @@ class ComparePane(QFrame):
     def _model_activated(self, index: int) -> None:
         data = self.model_box.itemData(index)
         self.model_chosen.emit(Path(data) if data else None)
+
+    # --- load settings ---
+
+    @property
+    def load_panel(self) -> LoadPanel:
+        """The load settings panel, made on first use, under the header."""
+        if self._load_panel is None:
+            panel = LoadPanel()
+            panel.setVisible(False)
+            panel.applied.connect(self.load_applied)
+            panel.unload_requested.connect(self.unload_requested)
+            panel.apply_button.setEnabled(self._editable)
+            panel.unload_button.setEnabled(self._editable)
+            self._column.insertWidget(self._column.indexOf(self.override), panel)
+            self._load_panel = panel
+            panel.show_model(*self._load_shown)
+        return self._load_panel
+
+    def show_load_settings(self, path: Path | None, settings: ModelLoadSettings, default_gpu_layers: int) -> None:
+        self._load_shown = (path, settings, default_gpu_layers)
+        if self._load_panel is not None:
+            self._load_panel.show_model(path, settings, default_gpu_layers)
 
     # --- own settings ---
 
@@ -322,6 +348,8 @@ class ComparePane(QFrame):
         """While answering, the model and the settings stay as they are."""
         self.model_box.setEnabled(editable)
         self.own_settings.setEnabled(editable)
-        self.load_panel.apply_button.setEnabled(editable)
-        self.load_panel.unload_button.setEnabled(editable)
+        self._editable = editable
+        if self._load_panel is not None:
+            self._load_panel.apply_button.setEnabled(editable)
+            self._load_panel.unload_button.setEnabled(editable)
         self.override.setEnabled(editable)

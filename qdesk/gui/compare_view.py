@@ -298,7 +298,7 @@ class CompareView(QWidget):
         self.conversation.panes[index].model = path
         pane.runner.bind(path)
         pane.show_model(path)
-        pane.load_panel.show_model(path, self._load_settings(path), self.context.settings.gpu_layers)
+        pane.show_load_settings(path, self._load_settings(path), self.context.settings.gpu_layers)
         self._check_memory()
         self._update_facts()
         if path is not None and self.isVisible():
@@ -336,8 +336,8 @@ class CompareView(QWidget):
         pane.turn_action.connect(lambda kind, turn, pane=pane: self.turn_action(pane, kind, turn))
         pane.copied.connect(lambda what: self._say(f"Copied the {what}."))
         pane.retry_requested.connect(lambda pane=pane: pane.runner.retry(self._load_options(pane)))
-        pane.load_panel.applied.connect(lambda settings, pane=pane: self.apply_load_settings(pane, settings))
-        pane.load_panel.unload_requested.connect(lambda pane=pane: self.unload(pane))
+        pane.load_applied.connect(lambda settings, pane=pane: self.apply_load_settings(pane, settings))
+        pane.unload_requested.connect(lambda pane=pane: self.unload(pane))
         self.panes.append(pane)
         self.splitter.addWidget(pane)
         return pane
@@ -417,7 +417,7 @@ class CompareView(QWidget):
             return
         for other in self.panes:
             if other.runner.path == path:
-                other.load_panel.show_model(path, settings, self.context.settings.gpu_layers)
+                other.show_load_settings(path, settings, self.context.settings.gpu_layers)
                 if other.runner.model is not None or other.runner.loading or self.isVisible():
                     other.runner.reload(self._load_options(other))
 
