@@ -384,3 +384,22 @@ def test_answers_render_as_markdown_and_turns_can_be_copied_edited_deleted_regen
     view.send()
     qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
     assert [turn.prompt for turn in view.conversation.turns] == ["Show more code"]
+
+
+def test_a_streaming_answer_redraws_only_the_last_turn(qtbot, gui_context: AppContext) -> None:
+    from qdesk.gui.compare_pane import TranscriptEntry
+
+    view = make_view(qtbot, gui_context)
+    pane = view.panes[0]
+    done = TranscriptEntry("First?", "```python\nprint(1)\n```", turn=0)
+    pane.show_transcript([done, TranscriptEntry("Second?", "Par", streaming=True, turn=1)])
+    start = pane._tail_start
+    for text in ("Paris is", "Paris is the capital.\n\n```sh\necho hi\n```"):
+        pane.show_transcript([done, TranscriptEntry("Second?", text, streaming=True, turn=1)])
+        assert pane._tail_start == start  # the first turn was not drawn again
+    pane.show_transcript([done, TranscriptEntry("Second?", "Paris is the capital.\n\n```sh\necho hi\n```", turn=1)])
+    shown = pane.transcript.toPlainText()
+    assert shown.count("First?") == 1 and shown.count("Second?") == 1 and "Paris is the capital." in shown
+    assert "▍" not in shown and pane.code_blocks == ("print(1)\n", "echo hi\n")
+    pane.show_transcript([done])  # a turn deleted: the head changed, all is drawn afresh
+    assert "Second?" not in pane.transcript.toPlainText() and pane.code_blocks == ("print(1)\n",)

@@ -2,10 +2,11 @@
 
 `render_answer(text, diverge_at=…, dark=…)` parses `text` as CommonMark with tables and strikethrough (markdown-it-py;
 raw HTML in an answer is shown as text, never run), colours each fenced code block with Pygments (inline styles,
-which Qt's rich text understands), gives each block a "Copy code" link (`copy-code:<n>`) and returns the blocks'
-plain code for the copying. Where an answer leaves the first pane's (`diverge_at`, an offset into the raw text),
-every piece of text from there on is highlighted: a private-use character marks the offset before parsing, and the
-HTML's text after the mark is wrapped in highlight spans, so the highlight survives paragraphs, lists and code.
+which Qt's rich text understands; an answer still streaming may skip the colours), gives each block a "Copy code"
+link (`copy-code:<n>`) and returns the blocks' plain code for the copying. Where an answer leaves the first pane's
+(`diverge_at`, an offset into the raw text), every piece of text from there on is highlighted: a private-use
+character marks the offset before parsing, and the HTML's text after the mark is wrapped in highlight spans, so the
+highlight survives paragraphs, lists and code.
 """
 
 from __future__ import annotations
@@ -37,24 +38,37 @@ def _parser():  # type: ignore[no-untyped-def]
     return MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(["table", "strikethrough"])
 
 
-def _highlighted(code: str, language: str, dark: bool) -> str:
-    from pygments import highlight
-    from pygments.formatters import HtmlFormatter
+@functools.lru_cache(maxsize=64)
+def _lexer(language: str):  # type: ignore[no-untyped-def]
+    """Pygments' lexer for a fence's language (plain text when it knows none): finding one is slow, so once."""
     from pygments.lexers import TextLexer, get_lexer_by_name
     from pygments.util import ClassNotFound
 
     try:
-        lexer = get_lexer_by_name(language) if language else TextLexer()
+        return get_lexer_by_name(language) if language else TextLexer()
     except ClassNotFound:
-        lexer = TextLexer()
-    formatter = HtmlFormatter(nowrap=True, noclasses=True, style=_DARK_STYLE if dark else _LIGHT_STYLE)
-    return highlight(code, lexer, formatter)
+        return TextLexer()
+
+
+@functools.lru_cache(maxsize=2)
+def _formatter(dark: bool):  # type: ignore[no-untyped-def]
+    from pygments.formatters import HtmlFormatter
+
+    return HtmlFormatter(nowrap=True, noclasses=True, style=_DARK_STYLE if dark else _LIGHT_STYLE)
+
+
+@functools.lru_cache(maxsize=256)
+def _highlighted(code: str, language: str, dark: bool) -> str:
+    from pygments import highlight
+
+    return highlight(code, _lexer(language), _formatter(dark))
 
 
 @functools.lru_cache(maxsize=512)
 def render_answer(text: str, *, diverge_at: int | None = None, highlight: str = "#ffe58f", dark: bool = False,
-                  block_offset: int = 0) -> RenderedAnswer:
-    """`text` as HTML (see the module's notes); code links count from `block_offset` (several answers in one page)."""
+                  block_offset: int = 0, colour_code: bool = True) -> RenderedAnswer:
+    """`text` as HTML (see the module's notes); code links count from `block_offset` (several answers in one page).
+    `colour_code=False` leaves code plain: cheaper for an answer still streaming, redrawn many times a second."""
     marked = text if diverge_at is None or diverge_at >= len(text) else text[:diverge_at] + _MARK + text[diverge_at:]
     parser = _parser()
     tokens = parser.parse(marked)
@@ -67,7 +81,7 @@ def render_answer(text: str, *, diverge_at: int | None = None, highlight: str = 
         number = block_offset + len(blocks)
         plain = code.replace(_MARK, "")
         blocks.append(plain)
-        body = _highlighted(plain, language, dark)
+        body = _highlighted(plain, language, dark) if colour_code else html.escape(plain)
         if _MARK in code:  # coloured without the mark (a lexer could call it an error), then marked again
             body = _insert_mark(body, code.index(_MARK))
         token.type = "html_block"

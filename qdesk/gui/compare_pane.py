@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices
+from PySide6.QtGui import QDesktopServices, QTextCursor
 from PySide6.QtWidgets import (
     QApplication,
     QComboBox,
@@ -66,8 +66,9 @@ def _links(*pairs: tuple[str, str]) -> str:
 
 
 def transcript_html(entries: Sequence[TranscriptEntry], highlight: str, *, dark: bool = False,
-                    actions: bool = True) -> tuple[str, tuple[str, ...]]:
-    """The transcript as HTML (answers rendered as Markdown, `qdesk.chat.markdown`) and every code block's text."""
+                    actions: bool = True, block_offset: int = 0) -> tuple[str, tuple[str, ...]]:
+    """The transcript as HTML (answers rendered as Markdown, `qdesk.chat.markdown`) and every code block's text
+    (their "Copy code" links count from `block_offset`)."""
     parts = ["<html><body>"]
     blocks: list[str] = []
     for entry in entries:
@@ -77,7 +78,7 @@ def transcript_html(entries: Sequence[TranscriptEntry], highlight: str, *, dark:
                      f"{tools}</p>")
         text = entry.text + ("▍" if entry.streaming else "")
         rendered = render_answer(text, diverge_at=entry.diverge_at, highlight=highlight, dark=dark,
-                                 block_offset=len(blocks))
+                                 block_offset=block_offset + len(blocks), colour_code=not entry.streaming)
         blocks += rendered.code_blocks
         parts.append(rendered.html)
         if entry.note:
@@ -128,6 +129,10 @@ class ComparePane(QFrame):
         super().__init__(parent)
         self.runner = runner
         self._shown: tuple[TranscriptEntry, ...] = ()
+        self._head: tuple[tuple[TranscriptEntry, ...], bool] | None = None
+        """The entries before the last, as the document holds them (see `show_transcript`), and the theme."""
+        self._head_blocks: tuple[str, ...] = ()
+        self._tail_start = 0
         self._logged: JobFailure | None = None
         self._log: Path | None = None
         self.setObjectName("comparePane")
@@ -309,12 +314,28 @@ class ComparePane(QFrame):
         self.retry_button.setVisible(failure is not None)
 
     def show_transcript(self, entries: Sequence[TranscriptEntry]) -> None:
+        """Show `entries`. While an answer streams only the last entry changes, so the turns before it stay in the
+        document and only the last is replaced: Qt's HTML parsing then costs one answer, not the conversation."""
         self._shown = tuple(entries)
         bar = self.transcript.verticalScrollBar()
         at_end = bar.value() >= bar.maximum() - 4
         dark = is_dark()
-        page, self.code_blocks = transcript_html(entries, DARK_HIGHLIGHT if dark else LIGHT_HIGHLIGHT, dark=dark)
-        self.transcript.setHtml(page)
+        highlight = DARK_HIGHLIGHT if dark else LIGHT_HIGHLIGHT
+        head, tail = self._shown[:-1], self._shown[-1:]
+        document = self.transcript.document()
+        if (head, dark) != self._head:
+            page, self._head_blocks = transcript_html(head, highlight, dark=dark)
+            self.transcript.setHtml(page if head else "")
+            self._head = (head, dark)
+            self._tail_start = document.characterCount() - 1
+        cursor = QTextCursor(document)
+        cursor.setPosition(self._tail_start)
+        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        page, tail_blocks = transcript_html(tail, highlight, dark=dark, block_offset=len(self._head_blocks))
+        if tail:
+            cursor.insertHtml(page)
+        self.code_blocks = self._head_blocks + tail_blocks
         if at_end:
             bar.setValue(bar.maximum())
 
@@ -342,6 +363,7 @@ class ComparePane(QFrame):
     def changeEvent(self, event: QEvent) -> None:
         super().changeEvent(event)
         if event.type() == QEvent.Type.PaletteChange and self._shown:
+            self._head = None
             self.show_transcript(self._shown)  # the highlight's colours follow the theme
 
     def set_editable(self, editable: bool) -> None:

@@ -46,6 +46,7 @@ from qdesk.chat.conversations import (
 )
 from qdesk.chat.engine import ChatResult, LoadOptions, SamplingOptions
 from qdesk.chat.load_settings import LoadSettingsStore, ModelLoadSettings
+from qdesk.chat.markdown import render_answer
 from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
@@ -54,6 +55,7 @@ from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.compare_sidebar import ConversationList
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
+from qdesk.gui.theme import is_dark
 from qdesk.library.info import read_model_info
 from qdesk.library.store import LibraryEntry
 
@@ -61,6 +63,8 @@ MIN_PANES = 1
 """One pane is a plain chat; Compare is the same thing with more panes."""
 INITIAL_PANES = 2
 MAX_PANES = MAX_VARIANTS
+WARM_UP_MS = 3000
+"""After the window is up, the answer renderer's libraries are loaded in the background."""
 RENDER_INTERVAL_MS = 40
 """Streamed text is drawn at most this often, however fast the models answer."""
 STATE_PANES, STATE_CONVERSATION, STATE_SPLITTER = "compare/panes", "compare/conversation", "compare/splitter"
@@ -214,6 +218,13 @@ class CompareView(QWidget):
         self.refresh_library()
         self.confirm_box: QMessageBox | None = None
         self.refresh_list()
+        QTimer.singleShot(WARM_UP_MS, self._warm_up_rendering)
+
+    def _warm_up_rendering(self) -> None:
+        """Load the Markdown and code colouring libraries off the GUI thread, before the first answer needs them."""
+        run_in_background("Preparing the answer renderer",
+                          lambda _progress, _cancel: render_answer("```python\nprint(1)\n```", dark=is_dark()),
+                          parent=self, on_failure=lambda _failure: None)
 
     # --- hooks the main window calls ---
 
