@@ -140,6 +140,9 @@ class CompareSink(QObject):
         self.timer.setInterval(40)
         self.timer.timeout.connect(self._render)
         self.token.connect(self._append)
+        warm_up = getattr(self.pane, "warm_up", None)
+        if callable(warm_up):
+            warm_up()  # as the Compare view does after start: the renderer's libraries load in the background
 
     def _append(self, text: str) -> None:
         self.count += 1

@@ -401,5 +401,11 @@ def test_a_streaming_answer_redraws_only_the_last_turn(qtbot, gui_context: AppCo
     shown = pane.transcript.toPlainText()
     assert shown.count("First?") == 1 and shown.count("Second?") == 1 and "Paris is the capital." in shown
     assert "▍" not in shown and pane.code_blocks == ("print(1)\n", "echo hi\n")
+    third = TranscriptEntry("Third?", "Rome", streaming=True, turn=2)
+    finished = TranscriptEntry("Second?", "Paris is the capital.\n\n```sh\necho hi\n```", turn=1)
+    pane.show_transcript([done, finished, third])  # the second answer joins the kept turns, drawn once more
+    shown = pane.transcript.toPlainText()
+    assert [shown.count(prompt) for prompt in ("First?", "Second?", "Third?")] == [1, 1, 1]
+    assert shown.index("First?") < shown.index("Second?") < shown.index("Third?") and pane._tail_start > start
     pane.show_transcript([done])  # a turn deleted: the head changed, all is drawn afresh
     assert "Second?" not in pane.transcript.toPlainText() and pane.code_blocks == ("print(1)\n",)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices, QTextCursor
+from PySide6.QtGui import QDesktopServices, QTextCursor, QTextDocument
 from PySide6.QtWidgets import (
     QApplication,
     QComboBox,
@@ -28,7 +28,7 @@ from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
 from qdesk.chat.load_settings import ModelLoadSettings
 from qdesk.chat.markdown import CODE_LINK, render_answer
-from qdesk.gui.background import JobFailure
+from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.compare_load import LoadPanel
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
@@ -323,21 +323,40 @@ class ComparePane(QFrame):
         highlight = DARK_HIGHLIGHT if dark else LIGHT_HIGHLIGHT
         head, tail = self._shown[:-1], self._shown[-1:]
         document = self.transcript.document()
-        if (head, dark) != self._head:
+        kept = self._head[0] if self._head is not None and self._head[1] == dark else None
+        if kept is not None and head != kept and head[:len(kept)] == kept:
+            added, added_blocks = transcript_html(head[len(kept):], highlight, dark=dark,
+                                                  block_offset=len(self._head_blocks))
+            self._cut_tail(document).insertHtml(added)  # an answer finished: it joins the turns that stay
+            self._head, self._head_blocks = (head, dark), self._head_blocks + added_blocks
+            self._tail_start = document.characterCount() - 1
+        elif head != kept:
             page, self._head_blocks = transcript_html(head, highlight, dark=dark)
             self.transcript.setHtml(page if head else "")
             self._head = (head, dark)
             self._tail_start = document.characterCount() - 1
-        cursor = QTextCursor(document)
-        cursor.setPosition(self._tail_start)
-        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
-        cursor.removeSelectedText()
+        cursor = self._cut_tail(document)
         page, tail_blocks = transcript_html(tail, highlight, dark=dark, block_offset=len(self._head_blocks))
         if tail:
             cursor.insertHtml(page)
         self.code_blocks = self._head_blocks + tail_blocks
         if at_end:
             bar.setValue(bar.maximum())
+
+    def _cut_tail(self, document: QTextDocument) -> QTextCursor:
+        """Remove what follows the kept turns; the cursor stands where it was."""
+        cursor = QTextCursor(document)
+        cursor.setPosition(min(self._tail_start, document.characterCount() - 1))
+        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        return cursor
+
+    def warm_up(self) -> None:
+        """Load the Markdown and code colouring libraries off the GUI thread, before the first answer needs them."""
+        dark = is_dark()
+        run_in_background("Preparing the answer renderer",
+                          lambda _progress, _cancel: render_answer("```python\nprint(1)\n```", dark=dark),
+                          parent=self, on_failure=lambda _failure: None)
 
     def _link_clicked(self, url: QUrl) -> None:
         """Copy a code block or an answer here; edits, deletions and regenerations go to the view."""

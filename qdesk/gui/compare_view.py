@@ -46,7 +46,6 @@ from qdesk.chat.conversations import (
 )
 from qdesk.chat.engine import ChatResult, LoadOptions, SamplingOptions
 from qdesk.chat.load_settings import LoadSettingsStore, ModelLoadSettings
-from qdesk.chat.markdown import render_answer
 from qdesk.gui.background import JobFailure, run_in_background
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
@@ -55,7 +54,6 @@ from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.compare_sidebar import ConversationList
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
-from qdesk.gui.theme import is_dark
 from qdesk.library.info import read_model_info
 from qdesk.library.store import LibraryEntry
 
@@ -218,13 +216,10 @@ class CompareView(QWidget):
         self.refresh_library()
         self.confirm_box: QMessageBox | None = None
         self.refresh_list()
-        QTimer.singleShot(WARM_UP_MS, self._warm_up_rendering)
-
-    def _warm_up_rendering(self) -> None:
-        """Load the Markdown and code colouring libraries off the GUI thread, before the first answer needs them."""
-        run_in_background("Preparing the answer renderer",
-                          lambda _progress, _cancel: render_answer("```python\nprint(1)\n```", dark=is_dark()),
-                          parent=self, on_failure=lambda _failure: None)
+        self._warm_up = QTimer(self)  # owned by the view: it goes when the view goes
+        self._warm_up.setSingleShot(True)
+        self._warm_up.timeout.connect(lambda: self.panes[0].warm_up() if self.panes else None)
+        self._warm_up.start(WARM_UP_MS)
 
     # --- hooks the main window calls ---
 
