@@ -10,7 +10,8 @@ from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from qdesk.chat.load_settings import KV_CHOICES, ModelLoadSettings, memory_cost
-from qdesk.gui.background import JobFailure, run_in_background
+from qdesk.gui.background import Job, JobFailure
+from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import format_bytes
 from qdesk.memory import MemoryEstimate
 
@@ -31,8 +32,9 @@ class LoadPanel(QWidget):
     applied = Signal(object)  # ModelLoadSettings: save them and reload the model with them
     unload_requested = Signal()
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.context = context
         self.setObjectName("paneLoadSettings")
         self.path: Path | None = None
         self.default_gpu_layers = 0
@@ -139,6 +141,8 @@ class LoadPanel(QWidget):
                 self.estimate = None
                 self.cost.setText(failure.sentence)
 
-        run_in_background(f"Estimating the memory of {path.name}",
-                          lambda _progress, _cancel: memory_cost(path, settings, default_gpu_layers=layers),
-                          parent=self, on_success=shown, on_failure=failed)
+        job = Job(f"Estimating the memory of {path.name}",
+                  lambda _progress, _cancel: memory_cost(path, settings, default_gpu_layers=layers), self)
+        job.succeeded.connect(shown)
+        job.failed.connect(failed)
+        self.context.run(job)

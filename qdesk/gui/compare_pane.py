@@ -28,7 +28,7 @@ from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
 from qdesk.chat.load_settings import ModelLoadSettings
 from qdesk.chat.markdown import CODE_LINK, render_answer
-from qdesk.gui.background import JobFailure, run_in_background
+from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.compare_load import LoadPanel
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
@@ -252,7 +252,7 @@ class ComparePane(QFrame):
     def load_panel(self) -> LoadPanel:
         """The load settings panel, made on first use, under the header."""
         if self._load_panel is None:
-            panel = LoadPanel()
+            panel = LoadPanel(self.runner.context)
             panel.setVisible(False)
             panel.applied.connect(self.load_applied)
             panel.unload_requested.connect(self.unload_requested)
@@ -354,9 +354,8 @@ class ComparePane(QFrame):
     def warm_up(self) -> None:
         """Load the Markdown and code colouring libraries off the GUI thread, before the first answer needs them."""
         dark = is_dark()
-        run_in_background("Preparing the answer renderer",
-                          lambda _progress, _cancel: render_answer("```python\nprint(1)\n```", dark=dark),
-                          parent=self, on_failure=lambda _failure: None)
+        self.runner.context.run(Job("Preparing the answer renderer", lambda _progress, _cancel: render_answer(
+            "```python\nprint(1)\n```", dark=dark), self))
 
     def _link_clicked(self, url: QUrl) -> None:
         """Copy a code block or an answer here; edits, deletions and regenerations go to the view."""

@@ -20,7 +20,8 @@ from PySide6.QtWidgets import (
 )
 
 from qdesk.app.about import About, about
-from qdesk.gui.background import JobFailure, run_in_background
+from qdesk.gui.background import Job, JobFailure
+from qdesk.gui.context import AppContext
 from qdesk.gui.shortcuts import SHORTCUTS
 
 
@@ -54,11 +55,11 @@ def qt_versions() -> dict[str, str]:
 class AboutDialog(QDialog):
     """Versions and places at once; the backends once llama.cpp has been asked (in the background)."""
 
-    def __init__(self, models_folder: object = None, parent: QWidget | None = None) -> None:
+    def __init__(self, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("aboutDialog")
         self.setWindowTitle("About qdesk")
-        self.info: About = about(qt_versions(), models_folder=models_folder, backends=False)  # type: ignore[arg-type]
+        self.info: About = about(qt_versions(), models_folder=context.models_folder, backends=False)
         self.versions = QLabel()
         self.versions.setObjectName("aboutVersions")
         self.versions.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -93,9 +94,11 @@ class AboutDialog(QDialog):
         layout.addLayout(places)
         layout.addWidget(buttons)
         self._show_versions()
-        self.job = run_in_background("Looking for compute backends",
-                                     lambda _progress, _cancel: about(qt_versions(), backends=True), parent=self,
-                                     on_success=self._found, on_failure=self._failed)
+        self.job = Job("Looking for compute backends", lambda _progress, _cancel: about(qt_versions(), backends=True),
+                       self)
+        self.job.succeeded.connect(self._found)
+        self.job.failed.connect(self._failed)
+        context.run(self.job)
 
     def _show_versions(self) -> None:
         rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&nbsp;&nbsp;{html.escape(value)}</td></tr>"

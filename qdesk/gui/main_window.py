@@ -188,7 +188,7 @@ class MainWindow(QMainWindow):
         return dialog
 
     def show_about(self) -> AboutDialog:
-        dialog = AboutDialog(self.context.models_folder, self)
+        dialog = AboutDialog(self.context, self)
         dialog.open()
         return dialog
 
