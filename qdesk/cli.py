@@ -52,9 +52,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from converters.core.units import parse_size
     from converters.mix.report import render_grid
     from qdesk.library.info import memory_report, read_model_info, render_text, tensor_type_heatmap
-    from qdesk.memory import parse_size
 
     if args.backends:
         return _run_backends(args)
@@ -110,7 +110,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_backends(args: argparse.Namespace) -> int:
-    from native.backends import discover, render_text
+    from native.backends import discover
+    from qdesk.display.backends import render_text
 
     system = discover()
     print(json.dumps(system.to_json(), indent=2) if args.json else render_text(system))
@@ -188,8 +189,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
+    from converters.core.units import parse_size
     from converters.mix.allocate import MixBudget
-    from qdesk.memory import parse_size
 
     if args.like is not None:
         if args.like.upper() not in PRESET_NAMES:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from converters.core.units import format_size
+from qdesk.display.tables import text_table
 from qdesk.hub.download import DownloadedFile, DownloadResult, add_to_library, download
 from qdesk.hub.errors import (
     ChecksumError,
@@ -28,7 +30,6 @@ from qdesk.hub.listing import FileGroup, RepoFile, RepoListing, list_repo, selec
 from qdesk.hub.names import base_model_name, check_repo_path, quant_type, shard_name
 from qdesk.hub.search import FORMATS, SORTS, ModelSummary, search_models
 from qdesk.hub.settings import HubSettings, RetryPolicy
-from qdesk.hub.transfer import human_bytes
 
 __all__ = [
     "FORMATS",
@@ -66,16 +67,6 @@ __all__ = [
 ]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-                         for i, cell in enumerate(cells)).rstrip()
-
-    return [line([h.upper() for h in header]), *(line(row) for row in rows)]
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -88,13 +79,13 @@ def render_search(results: Sequence[ModelSummary]) -> str:
              result.last_modified.date().isoformat() if result.last_modified else "-",
              ", ".join(result.formats) or "-", "gated" if result.gated else "")
             for result in results]
-    return "\n".join(_table(("repository", "downloads", "likes", "updated", "formats", ""), rows, right=(1, 2)))
+    return "\n".join(text_table(("REPOSITORY", "DOWNLOADS", "LIKES", "UPDATED", "FORMATS", ""), rows, right={1, 2}))
 
 
 def render_listing(listing: RepoListing) -> str:
     """The model files (GGUF variants with their type, checkpoints) with size and fit mark, then the other files."""
     out = [f"{listing.repo_id} at {listing.revision} (commit {listing.commit[:12]}), "
-           f"{_count(len(listing.files), 'file')}, {human_bytes(listing.size)}" + (", gated" if listing.gated else "")]
+           f"{_count(len(listing.files), 'file')}, {format_size(listing.size)}" + (", gated" if listing.gated else "")]
     if listing.groups:
         rows = []
         for group in listing.groups:
@@ -102,13 +93,13 @@ def render_listing(listing: RepoListing) -> str:
             kind = kind or ("checkpoint" if group.kind == "safetensors" else "?")
             shards = f"{len(group.files)}/{group.shard_count} shards" if group.shard_count > 1 else ""
             fit = "-" if group.fit is None else group.fit.label
-            rows.append((group.name, kind, human_bytes(group.size), shards, fit))
-        out += ["", *_table(("file", "type", "size", "shards", "fit"), rows, right=(2,))]
+            rows.append((group.name, kind, format_size(group.size), shards, fit))
+        out += ["", *text_table(("FILE", "TYPE", "SIZE", "SHARDS", "FIT"), rows, right={2})]
         marks = [group.fit for group in listing.groups if group.fit is not None and group.fit.fits is not None]
         if marks:
             out += ["", "fit: at a context of 4,096 tokens on this machine; ~ marks an estimate (see --json for why)."]
     if listing.other_files:
-        others = ", ".join(f"{file.path} ({human_bytes(file.size)})" for file in listing.other_files)
+        others = ", ".join(f"{file.path} ({format_size(file.size)})" for file in listing.other_files)
         out += ["", f"other files: {others}"]
     return "\n".join(out)
 
@@ -117,7 +108,7 @@ def render_download(result: DownloadResult, library_ids: dict[str, str] | None =
     """What was fetched and where each file is, with its library name when it was added to the library."""
     fetched = [file for file in result.files if file.status != "cached"]
     out = [f"{result.repo_id} at {result.revision} (commit {result.commit[:12]}): "
-           f"{_count(len(result.files), 'file')}, {len(fetched)} fetched ({human_bytes(result.bytes_downloaded)}), "
+           f"{_count(len(result.files), 'file')}, {len(fetched)} fetched ({format_size(result.bytes_downloaded)}), "
            f"{len(result.files) - len(fetched)} already in the cache"]
     for file in result.files:
         line = f"  {file.local_path}"

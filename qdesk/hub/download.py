@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from converters.core.errors import Cancelled, OutputError
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.units import format_size
 from qdesk.hub.cache import RepoCache, blob_digest_kind
 from qdesk.hub.errors import (
     ChecksumError,
@@ -34,7 +35,7 @@ from qdesk.hub.errors import (
 from qdesk.hub.http import file_metadata, is_retryable, translated, wait
 from qdesk.hub.listing import RepoFile, check_repo_id, list_repo, select_files
 from qdesk.hub.settings import HubSettings
-from qdesk.hub.transfer import Expected, TransferMeter, fetch_blob, file_matches, human_bytes
+from qdesk.hub.transfer import Expected, TransferMeter, fetch_blob, file_matches
 
 if TYPE_CHECKING:
     from qdesk.library.store import Library, LibraryEntry
@@ -113,8 +114,8 @@ def _free_bytes(folder: Path) -> int | None:
 def _check_disk(cache: RepoCache, repo_id: str, needed: int) -> None:
     free = _free_bytes(cache.folder)
     if free is not None and free < needed:
-        raise OutputError(f"Not enough disk space to download {repo_id}: it needs {human_bytes(needed)} more and "
-                          f"{cache.root} has {human_bytes(free)} free; free some space or set HF_HUB_CACHE to a "
+        raise OutputError(f"Not enough disk space to download {repo_id}: it needs {format_size(needed)} more and "
+                          f"{cache.root} has {format_size(free)} free; free some space or set HF_HUB_CACHE to a "
                           "folder on a larger disk.")
 
 
@@ -168,7 +169,7 @@ def download(
     except (KeyboardInterrupt, Cancelled):
         kept = job.partial_bytes() if keep_partial else 0
         if keep_partial:
-            message = (f"Download of {repo_id} paused; the {human_bytes(kept)} already downloaded are kept in the "
+            message = (f"Download of {repo_id} paused; the {format_size(kept)} already downloaded are kept in the "
                        "cache, so run the same download again to resume.")
         else:
             message = f"Download of {repo_id} cancelled; its partial data was deleted."

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from converters.core.atomic import describe_os_error
 from converters.core.errors import OutputError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.units import format_duration, format_size
 from qdesk.hub.cache import Digest, RepoCache, git_blob_id
 from qdesk.hub.errors import ChecksumError, DownloadCancelled, HubConnectionError, HubError
 from qdesk.hub.http import interrupt, is_retryable, open_stream, translated, wait
@@ -31,24 +32,9 @@ from qdesk.hub.settings import HubSettings
 if TYPE_CHECKING:
     import httpx2
 
-__all__ = ["Expected", "TransferMeter", "fetch_blob", "file_matches", "human_bytes", "human_seconds"]
+__all__ = ["Expected", "TransferMeter", "fetch_blob", "file_matches"]
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-def human_bytes(count: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count:.0f} bytes"
-
-
-def human_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
 
 
 @dataclass(frozen=True)
@@ -139,9 +125,9 @@ class TransferMeter:
             speed = self.bytes_per_second()
             message = self.current
             if speed:
-                message += f": {human_bytes(speed)}/s"
+                message += f": {format_size(speed)}/s"
                 if self.total > self.done:
-                    message += f", {human_seconds((self.total - self.done) / speed)} left"
+                    message += f", {format_duration((self.total - self.done) / speed)} left"
         self._progress(Progress(self.done, self.total, "bytes", message))
 
 
@@ -216,14 +202,14 @@ def _fetch(settings: HubSettings, url: str, partial: Path, blob: Path, expected:
            meter: TransferMeter, cancel: CancelToken | None, keep_partial: bool) -> str:
     def then(done: int) -> str:
         if keep_partial:
-            return (f"the {human_bytes(done)} already downloaded are kept, so run the same download again to "
+            return (f"the {format_size(done)} already downloaded are kept, so run the same download again to "
                     "resume")
         return "the partial file was deleted, so run the download again"
 
     offset = _resume_offset(partial, expected)
     digest = expected.new_digest()
     if offset:
-        meter.report(f"{name}: checking the {human_bytes(offset)} already downloaded", force=True)
+        meter.report(f"{name}: checking the {format_size(offset)} already downloaded", force=True)
         _hash_prefix(partial, offset, digest, cancel)
     meter.add_present(offset)
     failures = 0
@@ -277,11 +263,11 @@ def _fetch(settings: HubSettings, url: str, partial: Path, blob: Path, expected:
             failures = 1 if offset > start else failures + 1
             if failures > settings.retry.attempts:
                 raise HubConnectionError(
-                    f"The connection to the Hub was lost while downloading {name} ({human_bytes(offset)} of "
-                    f"{human_bytes(expected.size)}) and {settings.retry.attempts} retries failed; {then(offset)}."
+                    f"The connection to the Hub was lost while downloading {name} ({format_size(offset)} of "
+                    f"{format_size(expected.size)}) and {settings.retry.attempts} retries failed; {then(offset)}."
                 ) from error
             delay = settings.retry.delay(failures)
-            meter.report(f"{name}: connection lost, retrying in {human_seconds(delay)}", force=True)
+            meter.report(f"{name}: connection lost, retrying in {format_duration(delay)}", force=True)
             wait(delay, cancel)
         finally:
             if unsubscribe is not None:
