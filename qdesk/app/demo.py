@@ -9,9 +9,9 @@ user cache folder and are reused on the next run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from converters.core.paths import demo_dir
 from converters.core.units import format_count
 from qdesk.app.starter import starter_model_path
 from qdesk.chat.compare import Comparison, compare
@@ -30,17 +30,8 @@ DEMO_MAX_TOKENS = 40
 DEMO_EVAL_CHUNKS = 8
 
 
-def demo_folder() -> Path:
-    override = os.environ.get("QDESK_DEMO_DIR")
-    if override:
-        return Path(override)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qdesk")) / "demo"
-
-
 def run_demo() -> int:
-    folder = demo_folder()
+    folder = demo_dir()
     folder.mkdir(parents=True, exist_ok=True)
     starter = starter_model_path()
     info = read_model_info(starter)

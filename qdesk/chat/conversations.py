@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir
 from qdesk.app.errors import UserError
-from qdesk.app.settings import config_dir
 from qdesk.chat.compare import Divergence, first_divergence
 from qdesk.chat.engine import ChatResult, GenerationStats, SamplingOptions
 

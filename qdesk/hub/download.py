@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from converters.core.errors import Cancelled, OutputError
+from converters.core.atomic import check_free_space
+from converters.core.errors import Cancelled
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.units import format_size
 from qdesk.hub.cache import RepoCache, blob_digest_kind
@@ -102,21 +102,9 @@ def _expected(file: RepoFile) -> Expected:
     return Expected(size=file.size, sha256=file.sha256, git_blob_id=None if file.sha256 else file.blob_id)
 
 
-def _free_bytes(folder: Path) -> int | None:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
 def _check_disk(cache: RepoCache, repo_id: str, needed: int) -> None:
-    free = _free_bytes(cache.folder)
-    if free is not None and free < needed:
-        raise OutputError(f"Not enough disk space to download {repo_id}: it needs {format_size(needed)} more and "
-                          f"{cache.root} has {format_size(free)} free; free some space or set HF_HUB_CACHE to a "
-                          "folder on a larger disk.")
+    check_free_space(cache.folder, needed, purpose=f"to download {repo_id}",
+                     advice="free some space or set HF_HUB_CACHE to a folder on a larger disk")
 
 
 def _partial_bytes(cache: RepoCache, file: RepoFile) -> int:

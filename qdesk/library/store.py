@@ -30,28 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import GGUFFileError, OutputError, UserError
 from converters.core.gguf_file import check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.paths import MODELS_DIR_ENV, models_dir
 from converters.core.units import format_count, format_size
 from qdesk.display.tables import text_table
 from qdesk.library.info import ModelInfo, model_info_from_header
 
 __all__ = [
     "INDEX_NAME",
-    "MODELS_DIR_ENV",
     "Library",
     "LibraryEntry",
     "LibraryError",
     "RefreshSummary",
-    "default_models_dir",
     "render_text",
 ]
 
-MODELS_DIR_ENV = "QDESK_MODELS_DIR"
 INDEX_NAME = "library.sqlite3"
 SCHEMA_VERSION = 1
 _DB_TIMEOUT_S = 10.0
@@ -75,14 +71,6 @@ _OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 
 class LibraryError(UserError):
     """A library operation cannot be done: an unknown model name, a file that cannot be imported."""
-
-
-def default_models_dir() -> Path:
-    """`$QDESK_MODELS_DIR` when set, else `<platform data dir>/qdesk/models`."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_data_dir("qdesk", appauthor=False)) / "models"
 
 
 # --- one model as the library shows it ----------------------------------------------------------
@@ -347,7 +335,7 @@ class Library:
     """The index of the user's GGUF files; every method opens the SQLite index briefly, so any thread may call."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_models_dir()
+        self.root = Path(root).expanduser() if root is not None else models_dir()
         self.index_path = self.root / INDEX_NAME
         try:
             self.root.mkdir(parents=True, exist_ok=True)
