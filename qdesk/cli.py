@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from native.errors import NativeError
 from qdesk import __version__
 from qdesk.app.errors import Cancelled, UserError
 
@@ -536,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except UsageError as error:
         parser.error(str(error))
-    except (UserError, NativeError) as error:
+    except UserError as error:  # NativeError included
         if args.debug:
             traceback.print_exc()
         print(f"qdesk: {error}", file=sys.stderr)

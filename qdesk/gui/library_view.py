@@ -342,7 +342,7 @@ class LibraryView(QWidget):
         entries = self.tree.selected_entries()
         if len(entries) != 1:
             return None
-        dialog = TypeMapDialog(entries[0].path, self)
+        dialog = TypeMapDialog(entries[0].path, self.context, self)
         dialog.open()
         return dialog
 
