@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from converters.core.units import format_size
 from qdesk import __version__
 from qdesk.app.errors import Cancelled, UserError
 
@@ -46,7 +47,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         result = convert_checkpoint(args.source, args.output, outtype=args.outtype, progress=bar)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({result.bytes_written / 1e6:.1f} MB, {result.tensor_count} tensors)")
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors)")
     return EXIT_OK
 
 
@@ -176,7 +177,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     feedback = ", error feedback" if result.plan.encoder == "feedback" else ""
-    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
+    print(f"wrote {result.path} ({format_size(result.bytes)}, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{feedback}{predicted})")
     if predictions:
         from converters.mix.report import plan_heatmap, summary_lines
