@@ -102,7 +102,8 @@ def test_the_backends_found_are_shown(qtbot, gui_context: AppContext) -> None:
 
 
 def test_gpu_backends_are_described_with_their_memory() -> None:
-    from native.backends import GIB, Backend, Device, SystemInfo
+    from converters.core.units import GIB
+    from native.backends import Backend, Device, SystemInfo
     from qdesk.gui.settings_backends import describe_backends
 
     gpu = Device("CUDA", "CUDA0", "NVIDIA H100 80GB HBM3", "gpu", 70 * GIB, 80 * GIB)

@@ -8,28 +8,16 @@ for what it gets wrong, so a bad edit never stops qdesk from starting.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir, models_dir
 from qdesk.chat.engine import SamplingOptions
-from qdesk.library.store import default_models_dir
 
-CONFIG_DIR_ENV = "QDESK_CONFIG_DIR"
 SETTINGS_NAME = "settings.json"
 THEMES = ("system", "light", "dark")
-
-
-def config_dir() -> Path:
-    """`$QDESK_CONFIG_DIR` when set, else `<platform config dir>/qdesk`."""
-    override = os.environ.get(CONFIG_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_config_dir("qdesk", appauthor=False))
 
 
 @dataclass(frozen=True)
@@ -45,7 +33,7 @@ class Settings:
     system_prompt: str = ""
 
     def models_path(self) -> Path:
-        return Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+        return Path(self.models_dir).expanduser() if self.models_dir else models_dir()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,11 +21,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.units import format_size
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
-from qdesk.gui.feedback import format_bytes
 from qdesk.gui.theme import is_dark
 from qdesk.library.store import LibraryEntry
 
@@ -68,11 +68,11 @@ def transcript_html(entries: Sequence[TranscriptEntry], highlight: str) -> str:
 def facts_text(file_type: str | None, size: int | None, stats: GenerationStats | None,
                divergence: Divergence | None, *, first: bool, answered: bool) -> str:
     """"Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs from token 5"."""
-    parts: list[str] = [file_type or "", format_bytes(size) if size is not None else "file missing"]
+    parts: list[str] = [file_type or "", format_size(size) if size is not None else "file missing"]
     if stats is not None:
         parts += [f"{stats.tokens_per_second:.1f} tokens/s", f"first token {stats.time_to_first_token_s:.2f} s"]
         if stats.memory_bytes:
-            parts.append(f"memory {format_bytes(stats.memory_bytes)}")
+            parts.append(f"memory {format_size(stats.memory_bytes)}")
     if not first and answered:
         parts.append("same as pane 1" if divergence is None else f"differs from token {divergence.token_index}")
     return " · ".join(part for part in parts if part)

@@ -9,7 +9,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
-from qdesk.gui.feedback import format_bytes
+from converters.core.units import format_count, format_size
 from qdesk.library.store import LibraryEntry
 
 COLUMNS = ("Name", "Type", "Size", "Bits/weight", "Parameters", "Context", "Architecture", "Chat template",
@@ -18,17 +18,6 @@ NAME, TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT, STATUS = range(l
 _RIGHT_ALIGNED = (SIZE, BPW, PARAMETERS, CONTEXT)
 _PROBLEM_COLOUR = QColor("#c0392b")
 ENTRY_ROLE = Qt.ItemDataRole.UserRole
-
-
-def format_parameters(count: int | None) -> str:
-    """"135M", "7.2B"; "" when unknown."""
-    if not count:
-        return ""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            value = count / scale
-            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.1f}{unit}".replace(".0", "")
-    return str(count)
 
 
 def _status_text(entry: LibraryEntry) -> str:
@@ -42,9 +31,9 @@ def _entry_cells(entry: LibraryEntry) -> list[str]:
     return [
         entry.id,
         entry.variant,
-        format_bytes(entry.bytes),
+        format_size(entry.bytes),
         "" if entry.bpw is None else f"{entry.bpw:.2f}",
-        format_parameters(entry.parameters),
+        format_count(entry.parameters) if entry.parameters else "",
         "" if entry.context_length is None else f"{entry.context_length:,}",
         entry.architecture or "",
         "yes" if entry.has_chat_template else "no",
@@ -79,7 +68,7 @@ class LibraryTree(QTreeWidget):
         self.clear()
         for base, variants in groups.items():
             branch = QTreeWidgetItem([base, ", ".join(entry.variant for entry in variants),
-                                      format_bytes(sum(entry.bytes for entry in variants))])
+                                      format_size(sum(entry.bytes for entry in variants))])
             branch.setFlags(branch.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
             branch.setTextAlignment(SIZE, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             font = branch.font(NAME)

@@ -22,10 +22,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.units import format_size
 from converters.quantization.presets import preset_named
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.gui.job_queue import QuantizeQueue
 from qdesk.gui.quantize_queue_view import QueueWidget
 from qdesk.quantization.batch import BatchRequest, VariantBatch, VariantChoice
@@ -261,7 +262,7 @@ class QuantizeView(QWidget):
                 if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
         parameters = sum(_elements(tensor.shape) for tensor in source.tensors)
         self.source_info.setText(f"{kind}. {parameters / 1e6:,.1f} M parameters; reference "
-                                 f"{format_bytes(source.reference_bytes)}; {_machine_text(preview)}.")
+                                 f"{format_size(source.reference_bytes)}; {_machine_text(preview)}.")
         self.source_info.setProperty("role", "hint")
         self._repolish(self.source_info)
         for name, choice in preview.presets.items():
@@ -285,7 +286,7 @@ class QuantizeView(QWidget):
         self._update_start()
 
     def _show_size(self, size_label: QLabel, fit_label: QLabel, choice: ChoiceSize) -> None:
-        size_label.setText(("" if choice.exact else "≈ ") + format_bytes(choice.file_bytes))
+        size_label.setText(("" if choice.exact else "≈ ") + format_size(choice.file_bytes))
         size_label.setToolTip(f"{choice.file_bytes:,} bytes" + ("" if choice.exact else " (an estimate)"))
         fit_label.setText("fits" if choice.fit.fits else "too big")
         fit_label.setProperty("role", "" if choice.fit.fits else "error")
@@ -307,7 +308,7 @@ class QuantizeView(QWidget):
             self.mix_label.setText("")
             return
         choice = self.preview.mix(size)
-        self.mix_label.setText(f"{format_bytes(size)} · {'fits' if choice.fit.fits else 'too big'}")
+        self.mix_label.setText(f"{format_size(size)} · {'fits' if choice.fit.fits else 'too big'}")
         self.mix_label.setToolTip(choice.fit.summary)
 
     # --- starting a job ---
@@ -423,8 +424,8 @@ def _elements(shape: tuple[int, ...]) -> int:
 
 def _machine_text(preview: SizePreview) -> str:
     machine = preview.machine
-    ram = f"{format_bytes(machine.ram_bytes)} RAM available"
-    return ram + (f", {format_bytes(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
+    ram = f"{format_size(machine.ram_bytes)} RAM available"
+    return ram + (f", {format_size(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
 
 
 def _truthy(value: object) -> bool:

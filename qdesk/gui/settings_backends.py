@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from native.backends import GIB, SystemInfo
+from converters.core.units import format_gib
+from native.backends import SystemInfo
 
 
 def describe_backends(info: SystemInfo) -> list[str]:
@@ -13,8 +14,8 @@ def describe_backends(info: SystemInfo) -> list[str]:
             flags = " ".join(info.cpu_simd) or "no SIMD extensions reported"
             lines.append(f"CPU: {flags}")
             continue
-        devices = ", ".join(f"{device.description or device.name} ({device.memory_free / GIB:.1f} of "
-                            f"{device.memory_total / GIB:.1f} GiB free)" for device in backend.devices)
+        devices = ", ".join(f"{device.description or device.name} ({format_gib(device.memory_free)} of "
+                            f"{format_gib(device.memory_total)} GiB free)" for device in backend.devices)
         lines.append(f"{backend.name}: {devices or 'no devices'}")
     if info.gpu_devices:
         lines.append("GPU layers are offloaded to " + ", ".join(device.name for device in info.gpu_devices) + ".")

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.paths import models_dir
 from native.backends import SystemInfo, discover
 from qdesk.app.settings import THEMES, Settings
 from qdesk.chat.engine import SamplingOptions
@@ -37,7 +38,6 @@ from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.settings_backends import describe_backends
 from qdesk.gui.theme import apply_theme
-from qdesk.library.store import default_models_dir
 
 THEME_TITLES = {"system": "Follow the system", "light": "Light", "dark": "Dark"}
 PROMPT_SAVE_DELAY_MS = 600
@@ -86,7 +86,7 @@ class SettingsView(QWidget):
         group = QGroupBox("Models")
         self.models_folder = QLineEdit()
         self.models_folder.setObjectName("modelsFolder")
-        self.models_folder.setPlaceholderText(f"{default_models_dir()} (the default)")
+        self.models_folder.setPlaceholderText(f"{models_dir()} (the default)")
         self.choose_folder = QPushButton("Ch&oose…")
         self.choose_folder.setObjectName("chooseModelsFolder")
         self.choose_folder.clicked.connect(self.choose_models_folder)
