@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from native.errors import NativeError
+from converters.core.units import format_size
 from qdesk import __version__
 from qdesk.app.errors import Cancelled, UserError
 
@@ -47,14 +47,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         result = convert_checkpoint(args.source, args.output, outtype=args.outtype, progress=bar)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({result.bytes_written / 1e6:.1f} MB, {result.tensor_count} tensors)")
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors)")
     return EXIT_OK
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from converters.core.units import parse_size
     from converters.mix.report import render_grid
     from qdesk.library.info import memory_report, read_model_info, render_text, tensor_type_heatmap
-    from qdesk.memory import parse_size
 
     if args.backends:
         return _run_backends(args)
@@ -110,7 +110,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_backends(args: argparse.Namespace) -> int:
-    from native.backends import discover, render_text
+    from native.backends import discover
+    from qdesk.display.backends import render_text
 
     system = discover()
     print(json.dumps(system.to_json(), indent=2) if args.json else render_text(system))
@@ -176,7 +177,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     feedback = ", error feedback" if result.plan.encoder == "feedback" else ""
-    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
+    print(f"wrote {result.path} ({format_size(result.bytes)}, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{feedback}{predicted})")
     if predictions:
         from converters.mix.report import plan_heatmap, summary_lines
@@ -188,8 +189,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
+    from converters.core.units import parse_size
     from converters.mix.allocate import MixBudget
-    from qdesk.memory import parse_size
 
     if args.like is not None:
         if args.like.upper() not in PRESET_NAMES:
@@ -558,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except UsageError as error:
         parser.error(str(error))
-    except (UserError, NativeError) as error:
+    except UserError as error:  # NativeError included
         if args.debug:
             traceback.print_exc()
         print(f"qdesk: {error}", file=sys.stderr)

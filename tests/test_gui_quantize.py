@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import Qt
 
+from converters.core.units import format_size
 from converters.quantization.quantize import preset_plan
-from qdesk.gui.feedback import format_bytes
 from qdesk.gui.job_queue import StepState
 from qdesk.gui.main_window import MainWindow
 from qdesk.gui.quantize_view import QuantizeView
@@ -55,7 +55,7 @@ def test_size_preview_shows_exact_sizes_for_a_float_gguf(qtbot, main_window: Mai
     qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
     header_bytes = read_source(kquant_f16).header_bytes
     expected = header_bytes + preset_plan(kquant_f16, "Q4_K_M").n_bytes
-    assert view.findChild(type(view.size_labels["Q4_K_M"]), "size_Q4_K_M").text() == format_bytes(expected)
+    assert view.findChild(type(view.size_labels["Q4_K_M"]), "size_Q4_K_M").text() == format_size(expected)
     assert view.fit_labels["Q4_K_M"].text() == "fits"
     assert "RAM" in view.fit_labels["Q4_K_M"].toolTip()
     view.mix_check.setChecked(True)

@@ -102,8 +102,9 @@ def test_the_backends_found_are_shown(qtbot, gui_context: AppContext) -> None:
 
 
 def test_gpu_backends_are_described_with_their_memory() -> None:
-    from native.backends import GIB, Backend, Device, SystemInfo
-    from qdesk.app.backends_text import describe_backends
+    from converters.core.units import GIB
+    from native.backends import Backend, Device, SystemInfo
+    from qdesk.display.backends import describe_backends
 
     gpu = Device("CUDA", "CUDA0", "NVIDIA H100 80GB HBM3", "gpu", 70 * GIB, 80 * GIB)
     info = SystemInfo("0.3.36", "", (Backend("CPU", (), (("AVX2", "1"), ("OPENMP", "1"))),

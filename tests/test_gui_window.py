@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from PySide6.QtCore import Qt
 
 from qdesk.app.settings import Settings, load_settings, save_settings
-from qdesk.gui.background import Job, start_job
+from qdesk.gui.background import Job
 from qdesk.gui.context import AppContext
 from qdesk.gui.drops import route_drop
 from qdesk.gui.main_window import SECTIONS, MainWindow
@@ -55,7 +57,7 @@ def test_a_dropped_checkpoint_opens_quantize(qtbot, main_window: MainWindow, smo
     assert main_window.current_section() == "quantize"
 
 
-def test_jobs_report_progress_results_failures_and_cancellation(qtbot) -> None:
+def test_jobs_report_progress_results_failures_and_cancellation(qtbot, gui_context: AppContext) -> None:
     from converters.core.jobs import Progress
     from qdesk.app.errors import UserError
 
@@ -66,7 +68,7 @@ def test_jobs_report_progress_results_failures_and_cancellation(qtbot) -> None:
 
     job = Job("count", counting)
     with qtbot.waitSignal(job.succeeded, timeout=10_000) as done:
-        start_job(job)
+        gui_context.run(job)
     assert done.args == [42]
     assert job.last_progress is not None and job.last_progress.fraction == 1.0
 
@@ -75,7 +77,7 @@ def test_jobs_report_progress_results_failures_and_cancellation(qtbot) -> None:
 
     job = Job("fail", failing)
     with qtbot.waitSignal(job.failed, timeout=10_000) as failed:
-        start_job(job)
+        gui_context.run(job)
     assert failed.args[0].sentence == "The file is broken; choose another."
     assert "Traceback" in failed.args[0].details
 
@@ -85,9 +87,46 @@ def test_jobs_report_progress_results_failures_and_cancellation(qtbot) -> None:
 
     job = Job("wait", waiting)
     with qtbot.waitSignal(job.failed, timeout=10_000) as cancelled:
-        start_job(job)
+        gui_context.run(job)
         job.cancel()
     assert cancelled.args[0].cancelled
+
+
+def test_llama_cpp_failures_read_as_one_sentence_like_the_cli(qtbot, gui_context: AppContext, tmp_path: Path) -> None:
+    """A real NativeError (llama.cpp refusing a file) is shown as its sentence, not as an internal error."""
+    from native.activations import ModelEvaluator
+
+    not_a_model = tmp_path / "notes.gguf"
+    not_a_model.write_text("these are notes, not a model\n", encoding="utf-8")
+    job = Job("load", lambda _progress, _cancel: ModelEvaluator(not_a_model))
+    with qtbot.waitSignal(job.failed, timeout=30_000) as failed:
+        gui_context.run(job)
+    failure = failed.args[0]
+    assert failure.sentence.startswith("llama.cpp could not load notes.gguf") and not failure.cancelled
+    assert "EvaluationFailed" in failure.details and "Traceback" in failure.details
+
+
+def test_closing_the_window_cancels_every_background_job(qtbot, gui_context: AppContext) -> None:
+    started = threading.Event()
+
+    def waiting(progress, cancel) -> None:
+        started.set()
+        while True:
+            cancel.raise_if_cancelled()
+            time.sleep(0.01)
+
+    closed: list[str] = []
+    cancellable = Job("wait", waiting)
+    keeps_going = Job("close a model", lambda _progress, _cancel: closed.append("closed"), cancellable=False)
+    with qtbot.waitSignal(cancellable.failed, timeout=10_000) as cancelled:
+        gui_context.run(cancellable)
+        assert started.wait(10)
+        gui_context.run(keeps_going)
+        assert gui_context.jobs == [cancellable, keeps_going] or closed
+        gui_context.shutdown()
+    assert cancelled.args[0].cancelled
+    assert closed == ["closed"] and not keeps_going.cancelled
+    qtbot.waitUntil(lambda: not gui_context.jobs, timeout=10_000)
 
 
 def test_settings_survive_a_bad_file(gui_folders: dict[str, Path]) -> None:

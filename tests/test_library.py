@@ -11,10 +11,11 @@ import pytest
 
 from converters.core.errors import GGUFFileError, UserError
 from converters.core.jobs import Progress
+from converters.core.paths import MODELS_DIR_ENV
 from converters.quantization.quantize import quantize
 from qdesk.app.starter import starter_model_path
 from qdesk.library.info import read_model_info
-from qdesk.library.store import INDEX_NAME, MODELS_DIR_ENV, Library, LibraryEntry, LibraryError, render_text
+from qdesk.library.store import INDEX_NAME, Library, LibraryEntry, LibraryError, render_text
 
 
 @pytest.fixture(scope="module", autouse=True)

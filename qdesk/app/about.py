@@ -7,7 +7,6 @@ models folder, caches, log file and Hugging Face cache, each as the environment 
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,27 +23,20 @@ class Place:
     """The environment variable (or setting) that moves it."""
 
 
-def _cache_dir() -> Path:
-    import platformdirs
-
-    override = os.environ.get("QDESK_CACHE_DIR")
-    return Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("qdesk", appauthor=False))
-
-
 def places(models_folder: Path | None = None) -> list[Place]:
     """Where qdesk reads and writes, as configured now."""
+    from converters.core.paths import cache_dir, config_dir, models_dir
     from qdesk.app.logs import log_path
-    from qdesk.app.settings import config_dir, settings_path
+    from qdesk.app.settings import settings_path
     from qdesk.chat.conversations import default_conversations_dir
     from qdesk.hub.settings import hub_cache_dir
-    from qdesk.library.store import default_models_dir
 
     return [
         Place("Settings", settings_path(), "QDESK_CONFIG_DIR"),
         Place("Window state", config_dir() / "window.ini", "QDESK_CONFIG_DIR"),
         Place("Conversations", default_conversations_dir(), "QDESK_CONFIG_DIR"),
-        Place("Models folder", models_folder or default_models_dir(), "Settings, or QDESK_MODELS_DIR"),
-        Place("Caches (reference logits, sensitivities, step times)", _cache_dir(), "QDESK_CACHE_DIR"),
+        Place("Models folder", models_folder or models_dir(), "Settings, or QDESK_MODELS_DIR"),
+        Place("Caches (reference logits, sensitivities, step times)", cache_dir(), "QDESK_CACHE_DIR"),
         Place("Log file", log_path(), "QDESK_CACHE_DIR"),
         Place("Hugging Face cache", hub_cache_dir(), "Settings, or HF_HUB_CACHE / HF_HOME"),
     ]
@@ -80,7 +72,7 @@ def about(extra_versions: dict[str, str] | None = None, *, models_folder: Path |
     lines: list[str] = []
     if backends:
         from native.backends import discover
-        from qdesk.app.backends_text import describe_backends
+        from qdesk.display.backends import describe_backends
 
         info = discover()
         if info.llama_cpp_version != versions["llama-cpp-python"]:
@@ -94,8 +86,9 @@ def about(extra_versions: dict[str, str] | None = None, *, models_folder: Path |
 
 
 def render_about(info: About) -> str:
-    width = max(len(name) for name in info.versions)
-    lines = [f"{name.ljust(width)}  {value}" for name, value in info.versions.items()]
+    from qdesk.display.tables import text_table
+
+    lines = text_table(None, list(info.versions.items()))
     if info.backends:
         lines += ["", "Backends:", *(f"  {line}" for line in info.backends)]
     lines += ["", "Where qdesk keeps things:"]

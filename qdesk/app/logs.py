@@ -7,27 +7,19 @@ rotated at `MAX_BYTES` (one older copy, `qdesk.log.1`).
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 
-import platformdirs
+from converters.core.paths import logs_dir
 
-__all__ = ["LOG_NAME", "MAX_BYTES", "log_failure", "log_folder", "log_path"]
+__all__ = ["LOG_NAME", "MAX_BYTES", "log_failure", "log_path"]
 
 LOG_NAME = "qdesk.log"
 MAX_BYTES = 2 * 1024 * 1024
 
 
-def log_folder() -> Path:
-    override = os.environ.get("QDESK_CACHE_DIR")
-    if override:
-        return Path(override).expanduser() / "logs"
-    return Path(platformdirs.user_log_dir("qdesk", appauthor=False))
-
-
 def log_path() -> Path:
-    return log_folder() / LOG_NAME
+    return logs_dir() / LOG_NAME
 
 
 def log_failure(sentence: str, details: str) -> Path | None:

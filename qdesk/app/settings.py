@@ -15,23 +15,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir, models_dir
 from qdesk.chat.engine import SamplingOptions
-from qdesk.library.store import default_models_dir
 
-CONFIG_DIR_ENV = "QDESK_CONFIG_DIR"
 SETTINGS_NAME = "settings.json"
 THEMES = ("system", "light", "dark")
-
-
-def config_dir() -> Path:
-    """`$QDESK_CONFIG_DIR` when set, else `<platform config dir>/qdesk`."""
-    override = os.environ.get(CONFIG_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_config_dir("qdesk", appauthor=False))
 
 
 @dataclass(frozen=True)
@@ -53,7 +42,7 @@ class Settings:
     """The Hugging Face cache folder; empty: HF_HUB_CACHE / HF_HOME, else ~/.cache/huggingface/hub."""
 
     def models_path(self) -> Path:
-        return Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+        return Path(self.models_dir).expanduser() if self.models_dir else models_dir()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

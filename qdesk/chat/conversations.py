@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir
+from converters.core.units import format_size
 from qdesk.app.errors import UserError
-from qdesk.app.settings import config_dir
 from qdesk.chat.compare import Divergence, first_divergence
 from qdesk.chat.engine import ChatResult, GenerationStats, SamplingOptions
 
@@ -446,7 +447,7 @@ def _answer_notes(answer: Answer, divergence: Divergence | None, *, first: bool)
         parts += [f"{stats.generated_tokens} tokens", f"{stats.tokens_per_second:.1f} tokens/s",
                   f"first token after {stats.time_to_first_token_s:.2f} s"]
         if stats.memory_bytes:
-            parts.append(f"memory {stats.memory_bytes / 1e6:.0f} MB")
+            parts.append(f"memory {format_size(stats.memory_bytes)}")
         if stats.stop_reason != "stop":
             parts.append({"length": "cut at the token limit", "cancelled": "stopped"}.get(stats.stop_reason,
                                                                                           stats.stop_reason))

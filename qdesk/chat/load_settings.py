@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir
 from qdesk.app.errors import UserError
-from qdesk.app.settings import config_dir
 from qdesk.chat.engine import LoadOptions
 from qdesk.memory import KV_TYPES, MemoryEstimate, estimate_memory
 

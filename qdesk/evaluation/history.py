@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir
 from qdesk.app.errors import UserError
-from qdesk.app.settings import config_dir
 
 __all__ = ["FOLDER_NAME", "EvaluationHistory", "HistoryError", "SavedEvaluation", "models_of"]
 

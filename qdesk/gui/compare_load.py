@@ -9,10 +9,10 @@ from PySide6.QtCore import Signal
 from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
+from converters.core.units import format_size
 from qdesk.chat.load_settings import KV_CHOICES, ModelLoadSettings, memory_cost
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes
 from qdesk.memory import MemoryEstimate
 
 MAX_CONTEXT = 1 << 20
@@ -21,11 +21,11 @@ KV_TITLES = {"f16": "f16 (full)", "q8_0": "q8_0 (half)", "q4_0": "q4_0 (quarter)
 
 def cost_text(estimate: MemoryEstimate) -> str:
     """"Needs about 312 MB of RAM: weights 98 MB, context (KV cache) 96 MB, working memory 118 MB"."""
-    where = f"{format_bytes(estimate.ram_bytes)} of RAM"
+    where = f"{format_size(estimate.ram_bytes)} of RAM"
     if estimate.vram_bytes:
-        where += f" and {format_bytes(estimate.vram_bytes)} of GPU memory"
-    return (f"Needs about {where}: weights {format_bytes(estimate.weights_bytes)}, context (KV cache) "
-            f"{format_bytes(estimate.kv_bytes)}, working memory {format_bytes(estimate.compute_bytes)}.")
+        where += f" and {format_size(estimate.vram_bytes)} of GPU memory"
+    return (f"Needs about {where}: weights {format_size(estimate.weights_bytes)}, context (KV cache) "
+            f"{format_size(estimate.kv_bytes)}, working memory {format_size(estimate.compute_bytes)}.")
 
 
 class LoadPanel(QWidget):

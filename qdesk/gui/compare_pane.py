@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.units import format_size
 from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
@@ -33,7 +34,6 @@ from qdesk.gui.compare_load import LoadPanel
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
 from qdesk.gui.elided_label import ElidedLabel
-from qdesk.gui.feedback import format_bytes
 from qdesk.gui.theme import is_dark
 from qdesk.library.store import LibraryEntry
 
@@ -93,11 +93,11 @@ def transcript_html(entries: Sequence[TranscriptEntry], highlight: str, *, dark:
 def facts_text(file_type: str | None, size: int | None, stats: GenerationStats | None,
                divergence: Divergence | None, *, first: bool, answered: bool) -> str:
     """"Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs from pane 1 after 5 tokens"."""
-    parts: list[str] = [file_type or "", format_bytes(size) if size is not None else "file missing"]
+    parts: list[str] = [file_type or "", format_size(size) if size is not None else "file missing"]
     if stats is not None:
         parts += [f"{stats.tokens_per_second:.1f} tokens/s", f"first token {stats.time_to_first_token_s:.2f} s"]
         if stats.memory_bytes:
-            parts.append(f"memory {format_bytes(stats.memory_bytes)}")
+            parts.append(f"memory {format_size(stats.memory_bytes)}")
     if not first and answered:
         parts.append("same as pane 1" if divergence is None else _differs(divergence.token_index))
     return " · ".join(part for part in parts if part)

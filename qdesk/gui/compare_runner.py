@@ -18,7 +18,7 @@ from PySide6.QtCore import QObject, Signal
 from converters.core.errors import Cancelled
 from converters.core.jobs import CancelToken
 from qdesk.chat.engine import ChatResult, LoadedModel, LoadOptions, Message, SamplingOptions, TokenEvent, load_model
-from qdesk.gui.background import Job, JobFailure, start_job
+from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 
 
@@ -256,7 +256,7 @@ class PaneRunner(QObject):
             model.stop()
             model.close()
 
-        job = Job(f"Closing {model.path.name}", work)
+        job = Job(f"Closing {model.path.name}", work, cancellable=False)
         self._closers.add(job)
         job.ended.connect(lambda job=job: self._closers.discard(job))
-        start_job(job)
+        self.context.run(job)

@@ -46,7 +46,7 @@ from qdesk.chat.conversations import (
 )
 from qdesk.chat.engine import ChatResult, LoadOptions, SamplingOptions
 from qdesk.chat.load_settings import LoadSettingsStore, ModelLoadSettings
-from qdesk.gui.background import JobFailure, run_in_background
+from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
 from qdesk.gui.compare_runner import PaneRunner
@@ -457,8 +457,10 @@ class CompareView(QWidget):
         def work(_progress: object, _cancel: object) -> tuple[LibraryEntry | None, list[LibraryEntry]]:
             return library.ensure_starter(), library.entries()
 
-        self._library_job = run_in_background("Reading the library", work, parent=self,
-                                              on_success=self._library_read, on_failure=self._library_failed)
+        self._library_job = Job("Reading the library", work, self)
+        self._library_job.succeeded.connect(self._library_read)
+        self._library_job.failed.connect(self._library_failed)
+        self.context.run(self._library_job)
 
     def _library_read(self, found: tuple[LibraryEntry | None, list[LibraryEntry]]) -> None:
         starter, entries = found
@@ -872,8 +874,9 @@ class CompareView(QWidget):
             self._file_types[path] = file_type
             self._update_facts()
 
-        run_in_background(f"Reading {path.name}", work, parent=self, on_success=learned,
-                          on_failure=lambda _failure: None)
+        job = Job(f"Reading {path.name}", work, self)
+        job.succeeded.connect(learned)
+        self.context.run(job)
 
     def _schedule_render(self) -> None:
         if not self._render_timer.isActive():

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QSettings, Signal
 
-from qdesk.app.settings import Settings, apply_hub_settings, config_dir, load_settings, save_settings
+from converters.core.paths import config_dir
+from qdesk.app.settings import Settings, apply_hub_settings, load_settings, save_settings
 from qdesk.gui.background import Job, start_job, wait_for_jobs
 from qdesk.library.store import Library
 

@@ -9,7 +9,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem, QWidget
 
-from qdesk.gui.feedback import format_bytes
+from converters.core.units import format_size
 from qdesk.hub import FileGroup, FitMark, ModelSummary, RepoListing
 
 DATA_ROLE = Qt.ItemDataRole.UserRole
@@ -97,7 +97,7 @@ class FilesTable(_Table):
     def show_listing(self, listing: RepoListing | None) -> None:
         self.setRowCount(0)
         for group in listing.groups if listing is not None else ():
-            items = self._add_row((group.name, _kind(group), format_bytes(group.size), fit_text(group.fit)), group,
+            items = self._add_row((group.name, _kind(group), format_size(group.size), fit_text(group.fit)), group,
                                   right=(2,))
             if group.fit is not None:
                 items[3].setToolTip(group.fit.summary)

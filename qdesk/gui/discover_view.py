@@ -18,11 +18,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.units import format_size
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.discover_download import DownloadPanel
 from qdesk.gui.discover_tables import FilesTable, ResultsTable
-from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.hub import HubSettings, ModelSummary, RepoListing, list_repo, search_models
 from qdesk.hub.status import HubStatus, hub_status
 
@@ -271,7 +272,7 @@ class DiscoverView(QWidget):
         self.listing, self.hub_settings = listing, settings
         self.files.show_listing(listing)
         gated = " · gated: log in with `hf auth login` after accepting its licence" if listing.gated else ""
-        size = "" if listing.size is None else f" · {format_bytes(listing.size)} in all"  # a mirror may not say
+        size = "" if listing.size is None else f" · {format_size(listing.size)} in all"  # a mirror may not say
         self.repo_title.setText(f"<b>{listing.repo_id}</b> · {len(listing.groups)} model files{size}{gated}")
         others = ", ".join(file.path for file in listing.other_files[:8])
         if len(listing.other_files) > 8:

@@ -40,6 +40,7 @@ from PySide6.QtWidgets import (
 
 from converters.core.errors import UserError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.units import format_duration, format_size
 from qdesk.evaluation.history import EvaluationHistory
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.charts import SizeKldChart, chart_colours
@@ -58,7 +59,7 @@ from qdesk.gui.evaluate_tables import (
     tasks_table,
     text_summary,
 )
-from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.library.store import LibraryEntry
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -79,7 +80,7 @@ def is_float_entry(entry: LibraryEntry) -> bool:
 
 
 def _entry_label(entry: LibraryEntry) -> str:
-    return f"{entry.id}  ·  {entry.file_type or entry.variant}  ·  {format_bytes(entry.bytes)}"
+    return f"{entry.id}  ·  {entry.file_type or entry.variant}  ·  {format_size(entry.bytes)}"
 
 
 class EvaluateView(QWidget):
@@ -404,7 +405,7 @@ class EvaluateView(QWidget):
         self.progress_bar.setValue(int(progress.fraction * 1000))
         if self.job is not None and self.job.cancelled:
             return
-        left = format_seconds(self.job.seconds_left()) if self.job is not None else ""
+        left = format_duration(self.job.seconds_left()) if self.job is not None else ""
         message = progress.message[:1].upper() + progress.message[1:]  # file names keep their case
         self.status_label.setText(message + (f" · about {left} left" if left else ""))
 

@@ -8,7 +8,6 @@ from PySide6.QtWidgets import QMessageBox, QWidget
 
 from qdesk.app.logs import log_failure
 from qdesk.gui.background import JobFailure, describe_failure
-from qdesk.memory import format_size
 
 
 def show_failure(parent: QWidget, failure: JobFailure | BaseException, title: str = "qdesk") -> QMessageBox:
@@ -26,20 +25,3 @@ def show_failure(parent: QWidget, failure: JobFailure | BaseException, title: st
     box.setObjectName("failureMessage")
     box.open()
     return box
-
-
-def format_seconds(seconds: float | None) -> str:
-    """"1 h 02 min", "3 min 05 s", "12 s", or "" when unknown."""
-    if seconds is None:
-        return ""
-    seconds = max(0, round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
-
-
-def format_bytes(n: int | float | None) -> str:
-    """`qdesk.memory.format_size`, or "" when the size is unknown."""
-    return "" if n is None else format_size(int(n))

@@ -16,9 +16,9 @@ from enum import Enum
 from PySide6.QtCore import QObject, Signal
 
 from converters.core.jobs import Progress
+from converters.core.units import format_duration
 from qdesk.gui.background import Job, JobFailure, wait_for_jobs
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_seconds
 from qdesk.quantization.batch import BatchStep, StepOutcome, VariantBatch
 from qdesk.quantization.timing import record_step, step_kind
 
@@ -53,7 +53,7 @@ class QueuedStep:
         if self.state is StepState.RUNNING:
             if self.progress is None or self.progress.total <= 0:
                 return "starting…"
-            left = format_seconds(self.seconds_left())
+            left = format_duration(self.seconds_left())
             doing = f"{self.progress.message} " if self.progress.message else ""
             return f"{doing}{self.progress.fraction:.0%}" + (f" · {left} left" if left else "")
         if self.state is StepState.DONE:

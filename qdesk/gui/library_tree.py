@@ -9,7 +9,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
-from qdesk.gui.feedback import format_bytes
+from converters.core.units import format_count, format_size
 from qdesk.library.identity import ModelGroup
 from qdesk.library.store import LibraryEntry
 
@@ -19,17 +19,6 @@ _RIGHT_ALIGNED = (SIZE, BPW, PARAMETERS, CONTEXT)
 _PROBLEM_COLOUR = QColor("#c0392b")
 ENTRY_ROLE = Qt.ItemDataRole.UserRole
 GROUP_ROLE = Qt.ItemDataRole.UserRole + 1
-
-
-def format_parameters(count: int | None) -> str:
-    """"135M", "7.2B"; "" when unknown."""
-    if not count:
-        return ""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            value = count / scale
-            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.1f}{unit}".replace(".0", "")
-    return str(count)
 
 
 def _status_text(entry: LibraryEntry) -> str:
@@ -43,9 +32,9 @@ def _entry_cells(entry: LibraryEntry) -> list[str]:
     return [
         entry.id,
         entry.variant,
-        format_bytes(entry.bytes),
+        format_size(entry.bytes),
         "" if entry.bpw is None else f"{entry.bpw:.2f}",
-        format_parameters(entry.parameters),
+        format_count(entry.parameters) if entry.parameters else "",
         "" if entry.context_length is None else f"{entry.context_length:,}",
         entry.architecture or "",
         "yes" if entry.has_chat_template else "no",
@@ -89,7 +78,7 @@ class LibraryTree(QTreeWidget):
         for group in groups:
             base, variants = group.name, group.entries
             branch = QTreeWidgetItem([base, ", ".join(entry.variant for entry in variants),
-                                      format_bytes(sum(entry.bytes for entry in variants))])
+                                      format_size(sum(entry.bytes for entry in variants))])
             branch.setData(NAME, GROUP_ROLE, group)
             branch.setToolTip(NAME, f"{base}: one model ({group.entries[0].architecture or 'unknown architecture'}), "
                                     f"{len(variants)} file{'s' if len(variants) != 1 else ''}. Rename it with F2.")

@@ -20,10 +20,11 @@ from PySide6.QtWidgets import (
 )
 
 from converters.core.jobs import Progress
+from converters.core.units import format_duration, format_size
 from qdesk.evaluation.history import EvaluationHistory
 from qdesk.gui.background import Job, JobFailure, describe_failure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.gui.library_jobs import ImportOutcome, import_files, refresh_library, remove_models, scan_known_folders
 from qdesk.gui.library_tree import LibraryTree
 from qdesk.gui.type_map import TypeMapDialog
@@ -305,8 +306,8 @@ class LibraryView(QWidget):
         self.progress_bar.setValue(round(progress.fraction * 1000))
         text = progress.message or job.title
         if progress.unit == "bytes" and progress.total:
-            text += f" — {format_bytes(progress.done)} of {format_bytes(progress.total)}"
-        left = format_seconds(job.seconds_left())
+            text += f" — {format_size(progress.done)} of {format_size(progress.total)}"
+        left = format_duration(job.seconds_left())
         self.progress_label.setText(text + (f", {left} left" if left else ""))
 
     def _task_failed(self, failure: JobFailure) -> None:
@@ -390,7 +391,7 @@ class LibraryView(QWidget):
         entries = self.tree.selected_entries()
         if len(entries) != 1:
             return None
-        dialog = TypeMapDialog(entries[0].path, self, title=self.display_name(entries[0]))
+        dialog = TypeMapDialog(entries[0].path, self.context, self, title=self.display_name(entries[0]))
         dialog.open()
         return dialog
 

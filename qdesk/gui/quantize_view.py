@@ -26,11 +26,12 @@ from PySide6.QtWidgets import (
 )
 
 from converters.calibration.calibrate import DEFAULT_CHUNKS
+from converters.core.units import format_duration, format_size
 from converters.quantization.presets import preset_named
 from qdesk.app.logs import log_failure
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.gui.job_queue import QuantizeQueue
 from qdesk.gui.quantize_queue_view import QueueWidget
 from qdesk.quantization.batch import BatchRequest, VariantBatch, VariantChoice
@@ -284,7 +285,7 @@ class QuantizeView(QWidget):
                 "converted GGUF" if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
         parameters = _parameters(preview)
         self.source_info.setText(f"{kind}. {parameters / 1e6:,.1f} M parameters; reference "
-                                 f"{format_bytes(source.reference_bytes)}; {_machine_text(preview)}.")
+                                 f"{format_size(source.reference_bytes)}; {_machine_text(preview)}.")
         self.source_info.setProperty("role", "hint")
         self._repolish(self.source_info)
         for name, choice in preview.presets.items():
@@ -309,7 +310,7 @@ class QuantizeView(QWidget):
         self._update_start()
 
     def _show_size(self, size_label: QLabel, fit_label: QLabel, choice: ChoiceSize) -> None:
-        size_label.setText(("" if choice.exact else "≈ ") + format_bytes(choice.file_bytes))
+        size_label.setText(("" if choice.exact else "≈ ") + format_size(choice.file_bytes))
         size_label.setToolTip(f"{choice.file_bytes:,} bytes" + ("" if choice.exact else " (an estimate)"))
         fit_label.setText("fits" if choice.fit.fits else "too big")
         fit_label.setProperty("role", "" if choice.fit.fits else "error")
@@ -331,7 +332,7 @@ class QuantizeView(QWidget):
             self.mix_label.setText("")
             return
         choice = self.preview.mix(size)
-        self.mix_label.setText(f"{format_bytes(size)} · {'fits' if choice.fit.fits else 'too big'}")
+        self.mix_label.setText(f"{format_size(size)} · {'fits' if choice.fit.fits else 'too big'}")
         self.mix_label.setToolTip(choice.fit.summary)
 
     # --- starting a job ---
@@ -379,8 +380,8 @@ class QuantizeView(QWidget):
         parts = []
         for step in times:
             share = f" ({step.seconds / total:.0%} of it)" if step.key == "calibrate" else ""
-            parts.append(f"{names.get(step.key, step.key)} {format_seconds(step.seconds)}{share}")
-        text = f"Expected: about {format_seconds(total)} in all: " + " · ".join(parts) + "."
+            parts.append(f"{names.get(step.key, step.key)} {format_duration(step.seconds)}{share}")
+        text = f"Expected: about {format_duration(total)} in all: " + " · ".join(parts) + "."
         if any(step.key == "calibrate" for step in times):
             text += (f" The importance matrix ({request.chunks} × {request.ctx} tokens of text) pays off most below "
                      "5 bits per weight; Q5_K and up barely need it (a shorter text is used for them), Q8_0 not at "
@@ -511,8 +512,8 @@ def _elements(shape: tuple[int, ...]) -> int:
 
 def _machine_text(preview: SizePreview) -> str:
     machine = preview.machine
-    ram = f"{format_bytes(machine.ram_bytes)} RAM available"
-    return ram + (f", {format_bytes(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
+    ram = f"{format_size(machine.ram_bytes)} RAM available"
+    return ram + (f", {format_size(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
 
 
 def _truthy(value: object) -> bool:

@@ -32,18 +32,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.paths import models_dir
 from native.backends import SystemInfo, discover
-from qdesk.app.backends_text import describe_backends
 from qdesk.app.errors import UserError
 from qdesk.app.logs import log_failure
 from qdesk.app.settings import THEMES, Settings
 from qdesk.chat.engine import SamplingOptions
+from qdesk.display.backends import describe_backends
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.theme import apply_theme
 from qdesk.hub.account import account, log_in, log_out
 from qdesk.hub.settings import hub_cache_dir
-from qdesk.library.store import default_models_dir
 
 THEME_TITLES = {"system": "Follow the system", "light": "Light", "dark": "Dark"}
 PROMPT_SAVE_DELAY_MS = 600
@@ -93,7 +93,7 @@ class SettingsView(QWidget):
         group = QGroupBox("Models")
         self.models_folder = QLineEdit()
         self.models_folder.setObjectName("modelsFolder")
-        self.models_folder.setPlaceholderText(f"{default_models_dir()} (the default)")
+        self.models_folder.setPlaceholderText(f"{models_dir()} (the default)")
         self.choose_folder = QPushButton("Ch&oose…")
         self.choose_folder.setObjectName("chooseModelsFolder")
         self.choose_folder.clicked.connect(self.choose_models_folder)

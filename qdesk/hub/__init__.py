@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from converters.core.units import format_size
+from qdesk.display.tables import text_table
 from qdesk.hub.download import add_to_library, download
 from qdesk.hub.errors import (
     ChecksumError,
@@ -37,7 +39,6 @@ from qdesk.hub.names import base_model_name, check_repo_path, quant_type, shard_
 from qdesk.hub.results import DownloadedFile, DownloadResult
 from qdesk.hub.search import FORMATS, SORTS, ModelSummary, search_models
 from qdesk.hub.settings import HubSettings, RetryPolicy, hub_cache_dir
-from qdesk.hub.transfer import human_bytes
 
 __all__ = [
     "FORMATS",
@@ -76,18 +77,8 @@ __all__ = [
 ]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-                         for i, cell in enumerate(cells)).rstrip()
-
-    return [line([h.upper() for h in header]), *(line(row) for row in rows)]
-
-
 def _size(count: int | None) -> str:
-    return "size unknown" if count is None else human_bytes(count)
+    return "size unknown" if count is None else format_size(count)
 
 
 def _count(n: int, noun: str) -> str:
@@ -102,7 +93,7 @@ def render_search(results: Sequence[ModelSummary]) -> str:
              result.last_modified.date().isoformat() if result.last_modified else "-",
              ", ".join(result.formats) or "-", "gated" if result.gated else "")
             for result in results]
-    return "\n".join(_table(("repository", "downloads", "likes", "updated", "formats", ""), rows, right=(1, 2)))
+    return "\n".join(text_table(("REPOSITORY", "DOWNLOADS", "LIKES", "UPDATED", "FORMATS", ""), rows, right={1, 2}))
 
 
 def render_listing(listing: RepoListing) -> str:
@@ -116,8 +107,8 @@ def render_listing(listing: RepoListing) -> str:
             kind = kind or ("checkpoint" if group.kind == "safetensors" else "?")
             shards = f"{len(group.files)}/{group.shard_count} shards" if group.shard_count > 1 else ""
             fit = "-" if group.fit is None else group.fit.label
-            rows.append((group.name, kind, "?" if group.size is None else human_bytes(group.size), shards, fit))
-        out += ["", *_table(("file", "type", "size", "shards", "fit"), rows, right=(2,))]
+            rows.append((group.name, kind, "?" if group.size is None else format_size(group.size), shards, fit))
+        out += ["", *text_table(("FILE", "TYPE", "SIZE", "SHARDS", "FIT"), rows, right={2})]
         marks = [group.fit for group in listing.groups if group.fit is not None and group.fit.fits is not None]
         if marks:
             out += ["", "fit: at a context of 4,096 tokens on this machine; ~ marks an estimate (see --json for why)."]
@@ -131,7 +122,7 @@ def render_download(result: DownloadResult, library_ids: dict[str, str] | None =
     """What was fetched and where each file is, with its library name when it was added to the library."""
     fetched = [file for file in result.files if file.status != "cached"]
     out = [f"{result.repo_id} at {result.revision} (commit {result.commit[:12]}): "
-           f"{_count(len(result.files), 'file')}, {len(fetched)} fetched ({human_bytes(result.bytes_downloaded)}), "
+           f"{_count(len(result.files), 'file')}, {len(fetched)} fetched ({format_size(result.bytes_downloaded)}), "
            f"{len(result.files) - len(fetched)} already in the cache"]
     for file in result.files:
         line = f"  {file.local_path}"

@@ -22,14 +22,15 @@ the cache are returned instead (`qdesk.hub.offline`).
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from converters.core.errors import Cancelled, OutputError
+from converters.core.atomic import check_free_space
+from converters.core.errors import Cancelled
 from converters.core.jobs import CancelToken, ProgressFn, no_progress
+from converters.core.units import format_size
 from qdesk.hub.cache import RepoCache
 from qdesk.hub.checksums import SHA256, Checksum, Expected, checksum_from_etag, file_matches
 from qdesk.hub.errors import (
@@ -46,7 +47,7 @@ from qdesk.hub.listing import RepoFile, check_repo_id, list_repo, select_files
 from qdesk.hub.offline import download_from_cache
 from qdesk.hub.results import DOWNLOADED, FROM_CACHE, RESUMED, DownloadedFile, DownloadResult
 from qdesk.hub.settings import HubSettings
-from qdesk.hub.transfer import TransferMeter, fetch_blob, human_bytes
+from qdesk.hub.transfer import TransferMeter, fetch_blob
 
 if TYPE_CHECKING:
     from qdesk.library.store import Library, LibraryEntry
@@ -69,21 +70,9 @@ class _Remote:
     expected: Expected
 
 
-def _free_bytes(folder: Path) -> int | None:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
 def _check_disk(cache: RepoCache, repo_id: str, needed: int) -> None:
-    free = _free_bytes(cache.folder)
-    if free is not None and free < needed:
-        raise OutputError(f"Not enough disk space to download {repo_id}: it needs {human_bytes(needed)} more and "
-                          f"{cache.root} has {human_bytes(free)} free; free some space or set HF_HUB_CACHE to a "
-                          "folder on a larger disk.")
+    check_free_space(cache.folder, needed, purpose=f"to download {repo_id}",
+                     advice="free some space or set HF_HUB_CACHE to a folder on a larger disk")
 
 
 def _listed_checksum(file: RepoFile) -> Checksum | None:
@@ -133,7 +122,7 @@ def download(
     except (KeyboardInterrupt, Cancelled):
         kept = job.partial_bytes() if keep_partial else 0
         if keep_partial:
-            message = (f"Download of {repo_id} paused; the {human_bytes(kept)} already downloaded are kept in the "
+            message = (f"Download of {repo_id} paused; the {format_size(kept)} already downloaded are kept in the "
                        "cache, so run the same download again to resume.")
         else:
             message = f"Download of {repo_id} cancelled; its partial data was deleted."

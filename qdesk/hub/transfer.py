@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from converters.core.atomic import describe_os_error
 from converters.core.errors import OutputError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.units import format_duration, format_size
 from qdesk.hub.cache import RepoCache
 from qdesk.hub.checksums import Digest, Expected
 from qdesk.hub.errors import ChecksumError, DownloadCancelled, HubConnectionError, HubError
@@ -38,26 +39,11 @@ from qdesk.hub.settings import HubSettings
 if TYPE_CHECKING:
     import httpx2
 
-__all__ = ["FetchedBlob", "TransferMeter", "fetch_blob", "human_bytes", "human_seconds"]
+__all__ = ["FetchedBlob", "TransferMeter", "fetch_blob"]
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
 _RANGE_NOT_SATISFIABLE = 416
-
-
-def human_bytes(count: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count:.0f} bytes"
-
-
-def human_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
 
 
 class TransferMeter:
@@ -113,9 +99,9 @@ class TransferMeter:
             speed = self.bytes_per_second()
             message = self.current
             if speed:
-                message += f": {human_bytes(speed)}/s"
+                message += f": {format_size(speed)}/s"
                 if self.total > self.done:
-                    message += f", {human_seconds((self.total - self.done) / speed)} left"
+                    message += f", {format_duration((self.total - self.done) / speed)} left"
         self._progress(Progress(self.done, self.total, "bytes", message))
 
 
@@ -236,7 +222,7 @@ class _Transfer:
 
     def then(self) -> str:
         if self.keep_partial:
-            return (f"the {human_bytes(self.offset)} already downloaded are kept, so run the same download again to "
+            return (f"the {format_size(self.offset)} already downloaded are kept, so run the same download again to "
                     "resume")
         return "the partial file was deleted, so run the download again"
 
@@ -262,7 +248,7 @@ class _Transfer:
     def run(self, blob: Path) -> FetchedBlob:
         self.offset = self.resumed_from = _resume_offset(self.partial, self.size)
         if self.offset:
-            self.meter.report(f"{self.name}: checking the {human_bytes(self.offset)} already downloaded", force=True)
+            self.meter.report(f"{self.name}: checking the {format_size(self.offset)} already downloaded", force=True)
             _hash_prefix(self.partial, self.offset, self.digest, self.cancel)
         self.meter.add_present(self.offset)
         if self.size is None:  # what is there counts as done; the rest is added once the server says the size
@@ -298,13 +284,13 @@ class _Transfer:
                     raise
                 failures = 1 if self.offset > start else failures + 1
                 if failures > self.settings.retry.attempts:
-                    of = f" of {human_bytes(self.size)}" if self.size is not None else ""
+                    of = f" of {format_size(self.size)}" if self.size is not None else ""
                     raise HubConnectionError(
                         f"The connection to the Hub was lost while downloading {self.name} "
-                        f"({human_bytes(self.offset)}{of}) and {self.settings.retry.attempts} retries failed; "
+                        f"({format_size(self.offset)}{of}) and {self.settings.retry.attempts} retries failed; "
                         f"{self.then()}.") from error
                 delay = self.settings.retry.delay(failures)
-                self.meter.report(f"{self.name}: connection lost, retrying in {human_seconds(delay)}", force=True)
+                self.meter.report(f"{self.name}: connection lost, retrying in {format_duration(delay)}", force=True)
                 wait(delay, self.cancel)
         self.expected.check(self.digest, self.name)
         os.replace(self.partial, blob)  # created by open(), so its mode follows the umask, as huggingface_hub's do

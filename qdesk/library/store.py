@@ -30,27 +30,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import GGUFFileError, OutputError, UserError
 from converters.core.gguf_file import check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.paths import MODELS_DIR_ENV, models_dir
+from converters.core.units import format_count, format_size
+from qdesk.display.tables import text_table
 from qdesk.library.identity import ModelGroup, family_key, group_entries, shape_key
 from qdesk.library.info import ModelInfo, model_info_from_header
 
 __all__ = [
     "INDEX_NAME",
-    "MODELS_DIR_ENV",
     "Library",
     "LibraryEntry",
     "LibraryError",
     "RefreshSummary",
-    "default_models_dir",
     "render_text",
 ]
 
-MODELS_DIR_ENV = "QDESK_MODELS_DIR"
 INDEX_NAME = "library.sqlite3"
 SCHEMA_VERSION = 1
 _DB_TIMEOUT_S = 10.0
@@ -76,14 +74,6 @@ _OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 
 class LibraryError(UserError):
     """A library operation cannot be done: an unknown model name, a file that cannot be imported."""
-
-
-def default_models_dir() -> Path:
-    """`$QDESK_MODELS_DIR` when set, else `<platform data dir>/qdesk/models`."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_data_dir("qdesk", appauthor=False)) / "models"
 
 
 # --- one model as the library shows it ----------------------------------------------------------
@@ -377,7 +367,7 @@ class Library:
     """The index of the user's GGUF files; every method opens the SQLite index briefly, so any thread may call."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_models_dir()
+        self.root = Path(root).expanduser() if root is not None else models_dir()
         self.index_path = self.root / INDEX_NAME
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -775,22 +765,6 @@ def _entry(row: _Row) -> LibraryEntry:
 
 # --- the text table -----------------------------------------------------------------------------
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _parameters(n: int | None) -> str:
-    if not n:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
 def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry]]) -> str:
     """An aligned table, one block per base model ("Base: F16, Q8_0, …"), one row per variant."""
     if isinstance(entries, Mapping):
@@ -805,22 +779,17 @@ def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry
         rows = [(
             entry.id,
             entry.variant,
-            _size(entry.bytes),
+            format_size(entry.bytes),
             "-" if entry.bpw is None else f"{entry.bpw:.2f}",
-            _parameters(entry.parameters),
+            format_count(entry.parameters) if entry.parameters else "-",
             "-" if entry.context_length is None else str(entry.context_length),
             "yes" if entry.has_chat_template else "no",
             entry.source + (" (read-only)" if entry.read_only and entry.source != STARTER else ""),
             entry.status if entry.problem is None else f"{entry.status}: {entry.problem}",
         ) for entry in variants]
         blocks.append((f"{base}: " + ", ".join(entry.variant for entry in variants), rows))
-    widths = [max(len(row[i]) for _, rows in blocks for row in [header, *rows]) for i in range(len(header) - 1)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = (cell.ljust(width) for cell, width in zip(cells, widths, strict=False))
-        return "  " + "  ".join(padded) + "  " + cells[-1]
-
-    out = [line(tuple(h.upper() for h in header)).rstrip()]
+    lines = iter(text_table([h.upper() for h in header], [row for _, rows in blocks for row in rows], indent="  "))
+    out = [next(lines)]
     for title, rows in blocks:
-        out += ["", title, *(line(row).rstrip() for row in rows)]
+        out += ["", title, *(next(lines) for _ in rows)]
     return "\n".join(out)

@@ -22,13 +22,13 @@ from typing import Any
 from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX, CalibrationResult, CalibrationText, calibrate
 from converters.calibration.imatrix import ImportanceMatrix
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.units import format_size
 from converters.mix.allocate import MixBudget
 from converters.quantization.presets import preset_named
 from converters.quantization.quantize import NONE, QuantizeResult, quantize, reference_outtype, variant_file_name
 from converters.writing.convert import ConversionResult, convert_checkpoint
 from qdesk.app.isolated import run_isolated
 from qdesk.library.store import Library, LibraryEntry
-from qdesk.memory import format_size
 
 __all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files"]
 

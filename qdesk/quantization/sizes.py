@@ -24,6 +24,7 @@ from pathlib import Path
 
 from converters.core.gguf_file import check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.units import format_size
 from converters.quantization.plan import tensor_bytes, type_name
 from converters.quantization.quantize import preset_plan, reference_outtype
 from converters.reading.architectures.base import ModelConfig
@@ -104,7 +105,7 @@ class SizePreview:
 
     def mix(self, file_bytes: int) -> ChoiceSize:
         """A sensitivity mix of at most `file_bytes` (the budget is its size)."""
-        return ChoiceSize(f"mix {file_bytes / 1e6:.1f} MB", file_bytes, False,
+        return ChoiceSize(f"mix {format_size(file_bytes)}", file_bytes, False,
                           fit_for_size(self.source, file_bytes, self.machine))
 
     def mix_range(self) -> tuple[int, int]:

@@ -15,15 +15,13 @@ none.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX
 from converters.core.atomic import atomic_output
+from converters.core.paths import cache_dir
 from qdesk.quantization.batch import BatchRequest, VariantChoice
 
 __all__ = ["DEFAULT_RATES", "QUICK_CHUNKS", "StepTime", "calibration_chunks", "estimate_steps", "record_step"]
@@ -64,9 +62,7 @@ def calibration_chunks(choices: Sequence[VariantChoice], default: int = DEFAULT_
 
 
 def rates_path() -> Path:
-    override = os.environ.get("QDESK_CACHE_DIR")
-    folder = Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("qdesk", appauthor=False))
-    return folder / RATES_NAME
+    return cache_dir() / RATES_NAME
 
 
 def _recorded() -> dict[str, list[float]]:
