@@ -16,11 +16,10 @@ ggml's (`native.block_layouts`). llama.cpp reads the result like any other tenso
 
 The arithmetic runs in torch on `native.compute_device.compute_device()`: a CUDA or MPS GPU when torch sees one,
 else every CPU core (`QDESK_DEVICE` or `device=` chooses). U is computed in float64 (on the CPU for MPS, which has
-no float64) and the updates run in `working_dtype`: float32 on a GPU, float64 on the CPU, where it gives the
-reference's bytes exactly (float32 comes within a tested tolerance, tests/test_error_feedback.py). The updates are
-nested as in GPTQ's lazy batches (`NESTED_COLUMNS`). ggml's encoder runs on the host: a block's current values
-(rows × 256 floats) go there and its grid comes back. `backend="numpy"` runs the float64 numpy reference
-(`native.error_feedback_reference`) that the tests compare this with.
+no float64) and the updates run in float32 (`WORKING_DTYPE`; `dtype=torch.float64` gives the reference's bytes
+exactly). The updates are nested as in GPTQ's lazy batches (`NESTED_COLUMNS`). ggml's encoder runs on the host:
+a block's current values (rows × 256 floats) go there and its grid comes back. `backend="numpy"` runs the float64
+numpy reference (`native.error_feedback_reference`) that the tests compare this with.
 
 Types: q4_0, q4_1, q5_0, q5_1, q8_0 (rows that are a multiple of 32) and q2_K, q3_K, q4_K, q5_K, q6_K (multiple of
 256).
@@ -28,7 +27,8 @@ Types: q4_0, q4_1, q5_0, q5_1, q8_0 (rows that are a multiple of 32) and q2_K, q
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +40,7 @@ from native.compute_device import compute_device
 from native.error_feedback_reference import reference_factor, reference_quantize
 from native.kernels import quantize_rows
 
-__all__ = ["DEFAULT_DAMPING", "FEEDBACK_TYPES", "PreparedInputs", "accumulate_inputs", "new_input_sum",
+__all__ = ["DEFAULT_DAMPING", "FEEDBACK_TYPES", "WORKING_DTYPE", "PreparedInputs", "accumulate_inputs", "new_input_sum",
            "prepare_inputs", "quantize_with_feedback", "supports_feedback"]
 
 DEFAULT_DAMPING = 0.01
@@ -49,6 +49,10 @@ NESTED_COLUMNS = (4, 32, 256)
 """The blocking of the updates: each error moves the rest of its 4 columns at once (a rank-one update); after 4
 columns one matrix product moves the rest of their 32, after 32 the rest of their 256, after 256 (or a larger
 grid block) the rest of the row (GPTQ's lazy batch, nested). Few, larger steps keep the per-column work small."""
+PARALLEL_PRODUCT = 1 << 24
+"""On the CPU the column steps and the products of fewer multiply-adds than this run on one thread, the larger
+products on every core: thousands of small multi-threaded steps cost more in waiting for each other than they save
+(and very much more on a machine with more busy threads than cores)."""
 PRODUCT_ROWS = 2048
 """Input rows per float32 product in `accumulate_inputs`; the products are summed in float64."""
 
@@ -68,35 +72,44 @@ def _device(device: DeviceLike) -> torch.device:
     return compute_device(None if device is None else str(device))
 
 
-def working_dtype(device: torch.device) -> torch.dtype:
-    """The precision of the feedback updates: float32 on a GPU, float64 on the CPU (bench/feedback_encoder.py)."""
-    return torch.float64 if device.type == "cpu" else torch.float32
+WORKING_DTYPE = torch.float32
+"""The precision of the feedback updates on every device. float64 gives the numpy reference's bytes exactly; float32
+gives as small an output error (within ±0.25 %, tests/test_error_feedback.py), runs 20–25 % faster on the CPU
+(bench/README.md) and is what GPUs do fast, and one precision everywhere means the CPU's tests cover the GPU's
+arithmetic."""
 
 
 @dataclass(frozen=True)
 class PreparedInputs:
     """What the encoder needs of a matrix's input second moments H, computed once per matrix."""
 
-    factor: torch.Tensor
-    """U with H⁻¹ = UᵀU (upper triangular), H damped; on the device the encoding runs on, in its precision."""
+    lower: torch.Tensor
+    """Uᵀ, where H⁻¹ = UᵀU with U upper triangular and H damped; on the device the encoding runs on, in its
+    precision. Stored transposed (contiguous) so that the updates read their blocks of U row by row."""
     dead: torch.Tensor
     """Inputs that never carried a signal (their weights are stored as zero), a boolean vector on that device."""
 
     @property
+    def factor(self) -> torch.Tensor:
+        """U (a transposed view of `lower`)."""
+        return self.lower.T
+
+    @property
     def n_in(self) -> int:
-        return self.factor.shape[0]
+        return self.lower.shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.factor.device
+        return self.lower.device
 
 
 def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_DAMPING, *,
                    device: DeviceLike = None, dtype: torch.dtype | None = None) -> PreparedInputs:
     """Factor the inputs' second-moment matrix H (n_in × n_in) for `quantize_with_feedback`.
 
-    `device` defaults to `compute_device()`; `dtype` (the precision of the factor and of the updates) to
-    float32 on a GPU and float64 on the CPU. Memory: two n_in² float64 matrices at the peak, besides H.
+    `device` defaults to `compute_device()`; `dtype`, the precision of the factor and of the updates, to
+    `WORKING_DTYPE` (the factor itself is always computed in float64). Memory: two n_in² float64 matrices at the
+    peak, besides H.
     """
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"the input matrix must be square, got shape {tuple(hessian.shape)}")
@@ -110,21 +123,23 @@ def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_
     diagonal[dead] = 1
     live = ~dead
     diagonal += damping * (float(diagonal[live].mean()) if bool(live.any()) else 1.0)
-    factor = _inverse_factor(reversed_h).to(target, dtype or working_dtype(target))
-    return PreparedInputs(factor, dead.flip(0).to(target))
+    transposed = _inverse_factor_transposed(reversed_h)
+    lower = transposed.to(target, dtype or WORKING_DTYPE, memory_format=torch.contiguous_format).contiguous()
+    del transposed
+    return PreparedInputs(lower, dead.flip(0).to(target))
 
 
-def _inverse_factor(reversed_h: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with H⁻¹ = UᵀU, from J H J (J reverses the order; the matrix is overwritten).
+def _inverse_factor_transposed(reversed_h: torch.Tensor) -> torch.Tensor:
+    """Uᵀ for U upper triangular with H⁻¹ = UᵀU, from J H J (J reverses the order; it is overwritten).
 
-    J H J = M Mᵀ (Cholesky, M lower) gives H = R Rᵀ with R = J M J upper, so U = R⁻¹ = J M⁻¹ J: one Cholesky
-    factor and one triangular solve, with two n_in² matrices alive at once.
+    J H J = M Mᵀ (Cholesky, M lower) gives H = R Rᵀ with R = J M J upper, so U = R⁻¹ = J M⁻¹ J and Uᵀ = J M⁻ᵀ J:
+    one Cholesky factor and one triangular solve, with two n_in² matrices alive at once (the result is a view).
     """
-    lower = torch.linalg.cholesky(reversed_h, out=reversed_h)
-    inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
-    del lower, reversed_h
-    return inverse.flip(0, 1)
+    cholesky = torch.linalg.cholesky(reversed_h, out=reversed_h)
+    inverse = torch.eye(cholesky.shape[0], dtype=cholesky.dtype, device=cholesky.device)
+    torch.linalg.solve_triangular(cholesky, inverse, upper=False, out=inverse)
+    del cholesky, reversed_h
+    return inverse.T.flip(0, 1)
 
 
 def quantize_with_feedback(
@@ -186,9 +201,23 @@ class _FeedbackEncoder:
                  threads: int | None, should_stop: Callable[[], bool] | None) -> None:
         self.layout, self.name, self.importance = layout, name, importance
         self.threads, self.should_stop = threads, should_stop
-        self.factor = prepared.factor
+        self.lower = prepared.lower
         self.dead = prepared.dead
-        self.device, self.dtype = self.factor.device, self.factor.dtype
+        self.device, self.dtype = self.lower.device, self.lower.dtype
+        self.cores = torch.get_num_threads()
+
+    @contextmanager
+    def _threads(self, count: int) -> Iterator[None]:
+        """On the CPU, run torch's kernels on `count` threads (restoring the count after)."""
+        if self.device.type != "cpu" or count == torch.get_num_threads():
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
     def encode(self, weights: np.ndarray) -> np.ndarray:
         layout = self.layout
@@ -197,58 +226,60 @@ class _FeedbackEncoder:
         work = source.to(self.device, self.dtype).T.contiguous()
         work[self.dead] = 0
         out = np.empty((rows, n_in // layout.block * layout.block_bytes), dtype=np.uint8)
-        nested = (*NESTED_COLUMNS, max(NESTED_COLUMNS[-1], layout.block))
-        batch = nested[-1]
+        step = NESTED_COLUMNS[0]
+        batch = max(NESTED_COLUMNS[-1], layout.block)
         errors = torch.empty((batch, rows), device=self.device, dtype=self.dtype)
         levels = torch.empty((layout.block, rows), device=self.device, dtype=self.dtype)
-        diagonal = self.factor.diagonal()
-        for column in range(n_in):
-            at = column % layout.block
-            if at == 0:
-                if self.should_stop is not None and self.should_stop():
-                    raise InterruptedError("error-feedback quantization was stopped")
-                encoded, scale, minimum, safe_scale, live = self._grid(work, column)
-            values, level, error = work[column], levels[at], errors[column % batch]
-            torch.sub(values, minimum[at], out=level)
-            level.div_(safe_scale[at]).round_().clamp_(layout.low, layout.high)
-            if live is not None:
-                level.mul_(live[at])
-            torch.addcmul(minimum[at], scale[at], level, out=error)
-            torch.sub(values, error, out=error)
-            error.div_(diagonal[column])
-            done = column + 1
-            step_end = min(n_in, _round_up(done, nested[0]))
-            if done < step_end:
-                work[done:step_end].addr_(self.factor[column, done:step_end], error, alpha=-1)
-            for size, parent in zip(nested, (*nested[1:], n_in), strict=True):
-                if done % size:
-                    break
-                self._feed(work, errors, done - size, done, min(n_in, _round_up(done, parent)))
-            if done % layout.block == 0:
-                self._pack(levels, encoded, out, done - layout.block)
+        # Row views and the pivots made once: in the column loop every torch call counts.
+        columns, error_rows, level_rows = work.unbind(0), errors.unbind(0), levels.unbind(0)
+        pivots = self.lower.diagonal().tolist()
+        with self._threads(1):
+            for column in range(n_in):
+                at = column % layout.block
+                if at == 0:
+                    if self.should_stop is not None and self.should_stop():
+                        raise InterruptedError("error-feedback quantization was stopped")
+                    encoded, minimums, divisors, scales = self._grid(work, column)
+                error, level = error_rows[column % batch], level_rows[at]
+                torch.sub(columns[column], minimums[at], out=error)
+                torch.div(error, divisors[at], out=level).round_().clamp_(layout.low, layout.high)
+                error.addcmul_(scales[at], level, value=-1).div_(pivots[column])
+                done = column + 1
+                if done % step:
+                    end = min(n_in, _round_up(done, step))
+                    work[done:end].addr_(self.lower[done:end, column], error, alpha=-1)
+                else:
+                    self._feed_finished(work, errors, done, batch)
+                if done % layout.block == 0:
+                    self._pack(levels, encoded, out, done - layout.block)
         return out
 
-    def _feed(self, work: torch.Tensor, errors: torch.Tensor, first: int, done: int, end: int) -> None:
-        """Move columns done..end by the errors of columns first..done (one matrix product)."""
-        if done < end:
-            at = first % errors.shape[0]
-            work[done:end].addmm_(self.factor[first:done, done:end].T, errors[at : at + done - first], alpha=-1)
+    def _feed_finished(self, work: torch.Tensor, errors: torch.Tensor, done: int, batch: int) -> None:
+        """After column `done` − 1, each nested block that it completes moves the rest of its parent block (the
+        rest of the row for the outermost) by its errors, in one matrix product."""
+        n_in = work.shape[0]
+        nested = (*NESTED_COLUMNS[:-1], batch)
+        for size, parent in zip(nested, (*nested[1:], n_in), strict=True):
+            if done % size:
+                break
+            end = min(n_in, _round_up(done, parent))
+            if done < end:
+                first = (done - size) % batch
+                with self._threads(self.cores if (end - done) * size * work.shape[1] >= PARALLEL_PRODUCT else 1):
+                    work[done:end].addmm_(self.lower[done:end, done - size : done], errors[first : first + size],
+                                          alpha=-1)
 
-    def _grid(self, work: torch.Tensor, first: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor | None]:
-        """ggml's encoding of the current values of the block starting at column `first` and its grid on the
-        device: per column and row the scale, the minimum, the scale safe to divide by, and for symmetric types 1
-        where the scale is not zero (a zero scale stores level 0)."""
+    def _grid(self, work: torch.Tensor, first: int) -> tuple[np.ndarray, tuple[torch.Tensor, ...],
+                                                             tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """ggml's encoding of the current values of the block starting at column `first`, and its grid on the
+        device, per column (a row each): the minimum, the divisor (the scale, infinite where the scale is zero, so
+        that the level is 0) and the scale."""
         values = work[first : first + self.layout.block].T.to(torch.float32).contiguous().cpu().numpy()
         importance = None if self.importance is None else self.importance[first : first + self.layout.block]
         encoded = quantize_rows(values, self.name, importance, threads=self.threads)
         row_scale, row_minimum = self.layout.grid(encoded)
-        scale = self._on_device(row_scale.T)
-        minimum = self._on_device(row_minimum.T)
-        empty = scale == 0
-        safe_scale = torch.where(empty, torch.ones_like(scale), scale)
-        live = (~empty).to(self.dtype) if self.layout.symmetric else None
-        return encoded, scale, minimum, safe_scale, live
+        divisor = np.where(row_scale == 0, np.inf, row_scale)
+        return encoded, *(self._on_device(grid.T).unbind(0) for grid in (row_minimum, divisor, row_scale))
 
     def _on_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)

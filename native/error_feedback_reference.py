@@ -72,17 +72,14 @@ def _encode_rows(weights: np.ndarray, layout: BlockLayout, name: str, factor: np
                                 None if importance is None else importance[first:last], threads=1)
         row_scale, row_minimum = layout.grid(encoded)
         scale, minimum = np.ascontiguousarray(row_scale.T), np.ascontiguousarray(row_minimum.T)
-        empty = scale == 0
-        safe_scale = np.where(empty, 1.0, scale)
+        divisor = np.where(scale == 0, np.inf, scale)
+        """A zero scale stores level 0."""
         for at, column in enumerate(range(first, last)):
-            values = work[column]
-            level = levels[at]
-            np.rint((values - minimum[at]) / safe_scale[at], out=level)
+            error, level = errors[at], levels[at]
+            np.subtract(work[column], minimum[at], out=error)
+            np.rint(error / divisor[at], out=level)
             np.clip(level, layout.low, layout.high, out=level)
-            if layout.symmetric:
-                level[empty[at]] = 0
-            error = errors[at]
-            np.subtract(values, scale[at] * level + minimum[at], out=error)
+            error -= scale[at] * level
             error /= factor[column, column]
             if column + 1 < last:
                 work[column + 1 : last] -= np.outer(factor[column, column + 1 : last], error)

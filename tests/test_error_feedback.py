@@ -74,14 +74,15 @@ def test_with_uncorrelated_inputs_k_quants_are_exactly_ggmls_encoding(type_name:
 
 
 @pytest.mark.parametrize("type_name", K_QUANTS)
-def test_with_uncorrelated_inputs_the_float32_path_is_ggmls_encoding_too(type_name: str) -> None:
-    """The GPU's precision, run on the CPU: the same bytes as ggml when nothing is fed forward, with an importance
-    vector too."""
+def test_with_uncorrelated_inputs_and_an_importance_vector_both_precisions_are_ggmls_encoding(type_name: str) -> None:
+    """The working precision (the GPU's too) and float64: the same bytes as ggml when nothing is fed forward, with
+    an importance vector too."""
     weights = np.random.default_rng(7).standard_normal((16, 512)).astype(np.float32)
     importance = np.exp(np.random.default_rng(8).standard_normal(512)).astype(np.float32)
-    prepared = prepare_inputs(np.eye(512), device="cpu", dtype=torch.float32)
-    encoded = quantize_with_feedback(weights, type_name, prepared, importance)
-    np.testing.assert_array_equal(encoded, quantize_rows(weights, type_name, importance))
+    for dtype in (torch.float32, torch.float64):
+        prepared = prepare_inputs(np.eye(512), device="cpu", dtype=dtype)
+        encoded = quantize_with_feedback(weights, type_name, prepared, importance)
+        np.testing.assert_array_equal(encoded, quantize_rows(weights, type_name, importance))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,7 +105,7 @@ def wide_inputs() -> np.ndarray:
 def wide_factors(wide_inputs: np.ndarray) -> dict[str, PreparedInputs]:
     """H⁻¹'s factor as the numpy reference computes it, and as torch does in float64 and float32."""
     factor, dead = reference_factor(wide_inputs, DEFAULT_DAMPING)
-    found = {"reference": PreparedInputs(torch.from_numpy(factor), torch.from_numpy(dead))}
+    found = {"reference": PreparedInputs(torch.from_numpy(factor.T.copy()), torch.from_numpy(dead))}
     for dtype in (torch.float64, torch.float32):
         found[str(dtype)] = prepare_inputs(wide_inputs, device="cpu", dtype=dtype)
     scale = np.abs(factor).max()
@@ -117,10 +118,11 @@ def test_torch_on_the_cpu_writes_the_references_bytes_and_float32_comes_within_t
         type_name: str, wide_inputs: np.ndarray, wide_factors: dict[str, PreparedInputs]) -> None:
     """Real-shaped rows (1536 wide: 6 super-blocks, several update batches), a realistic H and an importance vector.
 
-    In float64 (the CPU's precision) torch computes what the numpy reference computes, to the byte. In float32
-    (a GPU's) the rounding of a weight near a level's midpoint can go the other way, and the row then continues on
-    a slightly different path: the tolerance is ≥ 85 % of blocks identical (90–99 % measured) and tr(E H Eᵀ)
-    within 0.5 % of the reference's (0.25 % at most measured), where feedback is 35–46 % below ggml's rounding."""
+    In float64 torch computes what the numpy reference computes, to the byte. In float32 (the working precision, on
+    the CPU and on a GPU alike) the rounding of a weight near a level's midpoint can go the other way, and the row
+    then continues on a slightly different path: the tolerance is ≥ 85 % of blocks identical (90–99 % measured) and
+    tr(E H Eᵀ) within 0.5 % of the reference's (0.25 % at most measured), where feedback is 35–46 % below ggml's
+    rounding."""
     rows, n_in = 48, wide_inputs.shape[0]
     weights = np.random.default_rng(6).standard_normal((rows, n_in)).astype(np.float32)
     importance = (np.diag(wide_inputs) / (4 * n_in)).astype(np.float32)
@@ -143,9 +145,10 @@ def test_a_row_length_that_ends_inside_an_update_batch(wide_inputs: np.ndarray) 
     """576 = 2 × 256 + 64 (SmolLM2's rows): the last batch of updates is partial."""
     inputs = wide_inputs[:576, :576]
     weights = np.random.default_rng(9).standard_normal((32, 576)).astype(np.float32)
+    prepared = prepare_inputs(inputs, device="cpu", dtype=torch.float64)
     for type_name in ("q4_0", "q5_1"):
         reference = quantize_with_feedback(weights, type_name, inputs, backend="numpy")
-        np.testing.assert_array_equal(quantize_with_feedback(weights, type_name, inputs, device="cpu"), reference)
+        np.testing.assert_array_equal(quantize_with_feedback(weights, type_name, prepared), reference)
 
 
 def test_the_device_is_chosen_by_argument_or_by_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +156,7 @@ def test_the_device_is_chosen_by_argument_or_by_the_variable(monkeypatch: pytest
     weights = np.random.default_rng(11).standard_normal((8, 256)).astype(np.float32)
     monkeypatch.setenv(DEVICE_VARIABLE, "cpu")
     prepared = prepare_inputs(inputs)
-    assert prepared.device.type == "cpu" and prepared.factor.dtype == torch.float64 and prepared.n_in == 256
+    assert prepared.device.type == "cpu" and prepared.factor.dtype == torch.float32 and prepared.n_in == 256
     by_variable = quantize_with_feedback(weights, "q4_K", inputs)
     np.testing.assert_array_equal(by_variable, quantize_with_feedback(weights, "q4_K", prepared))
     monkeypatch.setenv(DEVICE_VARIABLE, "no-such-device")
@@ -168,7 +171,7 @@ def test_the_device_is_chosen_by_argument_or_by_the_variable(monkeypatch: pytest
 def test_the_factor_is_that_of_the_damped_inverse() -> None:
     inputs = _correlated_inputs(96, seed=12)
     inputs[7, :] = inputs[:, 7] = 0
-    prepared = prepare_inputs(inputs, damping=0.05, device="cpu")
+    prepared = prepare_inputs(inputs, damping=0.05, device="cpu", dtype=torch.float64)
     factor = prepared.factor.numpy()
     assert np.allclose(factor, np.triu(factor)) and np.all(np.diag(factor) > 0)
     damped = inputs.copy()
