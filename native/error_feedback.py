@@ -14,12 +14,21 @@ scales (and minimums) are read back from those bytes and kept, and the block's w
 by column to that grid with the feedback above, and their integers packed into ggml's layout in place of
 ggml's (`native.block_layouts`). llama.cpp reads the result like any other tensor of that type.
 
+H⁻¹ itself is not needed: with H = R Rᵀ (R upper triangular, so U = R⁻¹), the whole sequence of updates adds up
+to W − Q = S U for the scaled errors S, that is (W − Q) R = S, and the value column j is rounded from is
+w_j + Σ_{i<j} (w_i − q_i)·R[i,j]/R[j,j]: the errors against the original weights, fed forward through H's own
+Cholesky factor with its columns scaled to a unit diagonal (`PreparedInputs.feed`). That factor costs a quarter
+of what H⁻¹'s does. Only the values ggml chooses a block's grid from, the updated weights as they stand when the
+block is reached, need a little of the inverse: that of the block's own diagonal block of the factor
+(`PreparedInputs.block_inverses`, 256 × 256 each).
+
 The arithmetic runs in torch on `native.compute_device.compute_device()`: a CUDA or MPS GPU when torch sees one,
-else every CPU core (`QDESK_DEVICE` or `device=` chooses). U is computed in float64 (on the CPU for MPS, which has
-no float64) and the updates run in float32 (`WORKING_DTYPE`; `dtype=torch.float64` gives the reference's bytes
-exactly). The updates are nested as in GPTQ's lazy batches (`NESTED_COLUMNS`). ggml's encoder runs on the host:
-a block's current values (rows × 256 floats) go there and its grid comes back. `backend="numpy"` runs the float64
-numpy reference (`native.error_feedback_reference`) that the tests compare this with.
+else every CPU core (`QDESK_DEVICE` or `device=` chooses). The factor is computed in float64 (on the CPU for MPS,
+which has no float64) and the updates run in float32 (`WORKING_DTYPE`; `dtype=torch.float64` gives the
+reference's bytes). The updates are nested as in GPTQ's lazy batches (`NESTED_COLUMNS`). ggml's encoder runs on
+the host: a block's current values (rows × 256 floats) go there and its grid comes back. `backend="numpy"` runs
+the float64 numpy reference (`native.error_feedback_reference`, which follows U as above) that the tests compare
+this with.
 
 Types: q4_0, q4_1, q5_0, q5_1, q8_0 (rows that are a multiple of 32) and q2_K, q3_K, q4_K, q5_K, q6_K (multiple of
 256).
@@ -46,6 +55,8 @@ __all__ = ["DEFAULT_DAMPING", "FEEDBACK_TYPES", "WORKING_DTYPE", "PreparedInputs
 DEFAULT_DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal value, so that H is safely invertible."""
 NESTED_COLUMNS = (4, 32, 256)
+BLOCK_INVERSE_SIZE = NESTED_COLUMNS[-1]
+"""The batch of the outermost updates, which every grid block (32 or 256 weights) divides or equals."""
 """The blocking of the updates: each error moves the rest of its 4 columns at once (a rank-one update); after 4
 columns one matrix product moves the rest of their 32, after 32 the rest of their 256, after 256 (or a larger
 grid block) the rest of the row (GPTQ's lazy batch, nested). Few, larger steps keep the per-column work small."""
@@ -83,33 +94,31 @@ arithmetic."""
 class PreparedInputs:
     """What the encoder needs of a matrix's input second moments H, computed once per matrix."""
 
-    lower: torch.Tensor
-    """Uᵀ, where H⁻¹ = UᵀU with U upper triangular and H damped; on the device the encoding runs on, in its
-    precision. Stored transposed (contiguous) so that the updates read their blocks of U row by row."""
+    feed: torch.Tensor
+    """feed[k, i] = R[i, k] / R[k, k] for H = R Rᵀ, R upper triangular, H damped: how much the rounding error of
+    input i < k moves the value input k's weight is rounded from (lower triangular, unit diagonal, contiguous so
+    that the updates read it row by row); on the device the encoding runs on, in its precision."""
+    block_inverses: torch.Tensor
+    """The inverse of each diagonal 256 × 256 block of `feed` (the last one padded with the identity): what turns a
+    block's corrections so far into those of the optimal-brain-surgeon state its grid is chosen from."""
     dead: torch.Tensor
     """Inputs that never carried a signal (their weights are stored as zero), a boolean vector on that device."""
 
     @property
-    def factor(self) -> torch.Tensor:
-        """U (a transposed view of `lower`)."""
-        return self.lower.T
-
-    @property
     def n_in(self) -> int:
-        return self.lower.shape[0]
+        return self.feed.shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.lower.device
+        return self.feed.device
 
 
 def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_DAMPING, *,
                    device: DeviceLike = None, dtype: torch.dtype | None = None) -> PreparedInputs:
     """Factor the inputs' second-moment matrix H (n_in × n_in) for `quantize_with_feedback`.
 
-    `device` defaults to `compute_device()`; `dtype`, the precision of the factor and of the updates, to
-    `WORKING_DTYPE` (the factor itself is always computed in float64). Memory: two n_in² float64 matrices at the
-    peak, besides H.
+    `device` defaults to `compute_device()`; `dtype`, the precision of the updates, to `WORKING_DTYPE` (the
+    factor itself is computed in float64). Memory: two n_in² float64 matrices at the peak, besides H.
     """
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"the input matrix must be square, got shape {tuple(hessian.shape)}")
@@ -123,23 +132,36 @@ def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_
     diagonal[dead] = 1
     live = ~dead
     diagonal += damping * (float(diagonal[live].mean()) if bool(live.any()) else 1.0)
-    transposed = _inverse_factor_transposed(reversed_h)
-    lower = transposed.to(target, dtype or WORKING_DTYPE, memory_format=torch.contiguous_format).contiguous()
-    del transposed
-    return PreparedInputs(lower, dead.flip(0).to(target))
+    feed = _feed_matrix(reversed_h)
+    inverses = _diagonal_block_inverses(feed)
+    working = dtype or WORKING_DTYPE
+    return PreparedInputs(feed.to(target, working), inverses.to(target, working), dead.flip(0).to(target))
 
 
-def _inverse_factor_transposed(reversed_h: torch.Tensor) -> torch.Tensor:
-    """Uᵀ for U upper triangular with H⁻¹ = UᵀU, from J H J (J reverses the order; it is overwritten).
+def _feed_matrix(reversed_h: torch.Tensor) -> torch.Tensor:
+    """`PreparedInputs.feed` from J H J (J reverses the order; it is overwritten), contiguous, in float64.
 
-    J H J = M Mᵀ (Cholesky, M lower) gives H = R Rᵀ with R = J M J upper, so U = R⁻¹ = J M⁻¹ J and Uᵀ = J M⁻ᵀ J:
-    one Cholesky factor and one triangular solve, with two n_in² matrices alive at once (the result is a view).
+    J H J = Mᵀ M (Cholesky, M upper) gives H = R Rᵀ with R = J Mᵀ J upper; feed = Rᵀ = J M J with each row k
+    divided by its diagonal element R[k, k].
     """
-    cholesky = torch.linalg.cholesky(reversed_h, out=reversed_h)
-    inverse = torch.eye(cholesky.shape[0], dtype=cholesky.dtype, device=cholesky.device)
-    torch.linalg.solve_triangular(cholesky, inverse, upper=False, out=inverse)
-    del cholesky, reversed_h
-    return inverse.T.flip(0, 1)
+    upper = torch.linalg.cholesky(reversed_h, upper=True, out=reversed_h)
+    feed = upper.flip(0, 1)
+    del upper, reversed_h
+    feed /= feed.diagonal().clone()[:, None]
+    return feed
+
+
+def _diagonal_block_inverses(feed: torch.Tensor) -> torch.Tensor:
+    """The inverses of `feed`'s diagonal blocks of `BLOCK_INVERSE_SIZE` (count × size × size, lower triangular)."""
+    size = BLOCK_INVERSE_SIZE
+    n_in = feed.shape[0]
+    count = -(-n_in // size)
+    blocks = torch.eye(size, dtype=feed.dtype, device=feed.device).repeat(count, 1, 1)
+    for index in range(count):
+        first, last = index * size, min(n_in, (index + 1) * size)
+        blocks[index, : last - first, : last - first] = feed[first:last, first:last]
+    identity = torch.eye(size, dtype=feed.dtype, device=feed.device).expand(count, size, size)
+    return torch.linalg.solve_triangular(blocks, identity, upper=False)
 
 
 def quantize_with_feedback(
@@ -160,7 +182,7 @@ def quantize_with_feedback(
     handed to ggml's encoder when it picks each block's scales. `threads` is how many threads ggml's encoder uses
     (and the numpy reference's thread count); torch uses its own. `should_stop` is polled before every block;
     when it returns True, `InterruptedError` is raised. `device` is where the arithmetic runs when `inputs` is H
-    (default `compute_device()`); `backend="numpy"` runs the float64 numpy reference instead.
+    (default `compute_device()`); `backend="numpy"` runs the float64 numpy reference instead (given H).
     """
     name = type_name.lower()
     n_in = weights.shape[1]
@@ -171,9 +193,8 @@ def quantize_with_feedback(
     vector = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)
     if backend == "numpy":
         if isinstance(inputs, PreparedInputs):
-            factor, dead = inputs.factor.to("cpu", torch.float64).numpy(), inputs.dead.cpu().numpy()
-        else:
-            factor, dead = reference_factor(np.asarray(inputs), DEFAULT_DAMPING)
+            raise ValueError("the numpy reference factors H itself; pass H, not prepared inputs.")
+        factor, dead = reference_factor(np.asarray(inputs), DEFAULT_DAMPING)
         _check_inputs(factor.shape[0], n_in)
         return reference_quantize(weights, layout, name, factor, dead, vector, threads=threads,
                                   should_stop=should_stop)
@@ -194,16 +215,18 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 class _FeedbackEncoder:
-    """One matrix's encoding in torch: the work array is transposed (n_in × rows), so that the column being
-    rounded and the columns it corrects are contiguous rows of it."""
+    """One matrix's encoding in torch. The work array is transposed (n_in × rows), so that the column being rounded
+    and the columns it corrects are contiguous rows of it; it holds the original weights plus the corrections fed
+    forward so far."""
 
     def __init__(self, layout: BlockLayout, name: str, prepared: PreparedInputs, importance: np.ndarray | None,
                  threads: int | None, should_stop: Callable[[], bool] | None) -> None:
         self.layout, self.name, self.importance = layout, name, importance
         self.threads, self.should_stop = threads, should_stop
-        self.lower = prepared.lower
+        self.feed = prepared.feed
+        self.block_inverses = prepared.block_inverses
         self.dead = prepared.dead
-        self.device, self.dtype = self.lower.device, self.lower.dtype
+        self.device, self.dtype = self.feed.device, self.feed.dtype
         self.cores = torch.get_num_threads()
 
     @contextmanager
@@ -230,29 +253,38 @@ class _FeedbackEncoder:
         batch = max(NESTED_COLUMNS[-1], layout.block)
         errors = torch.empty((batch, rows), device=self.device, dtype=self.dtype)
         levels = torch.empty((layout.block, rows), device=self.device, dtype=self.dtype)
-        # Row views and the pivots made once: in the column loop every torch call counts.
+        # Row views made once: in the column loop every torch call counts.
         columns, error_rows, level_rows = work.unbind(0), errors.unbind(0), levels.unbind(0)
-        pivots = self.lower.diagonal().tolist()
         with self._threads(1):
             for column in range(n_in):
                 at = column % layout.block
+                if column % batch == 0:
+                    batch_originals = self._originals(source, column, batch)
+                    originals = batch_originals.unbind(0)
                 if at == 0:
                     if self.should_stop is not None and self.should_stop():
                         raise InterruptedError("error-feedback quantization was stopped")
-                    encoded, minimums, divisors, scales = self._grid(work, column)
+                    encoded, minimums, divisors, scales = self._grid(work, batch_originals, column)
                 error, level = error_rows[column % batch], level_rows[at]
-                torch.sub(columns[column], minimums[at], out=error)
-                torch.div(error, divisors[at], out=level).round_().clamp_(layout.low, layout.high)
-                error.addcmul_(scales[at], level, value=-1).div_(pivots[column])
+                torch.sub(columns[column], minimums[at], out=level)
+                level.div_(divisors[at]).round_().clamp_(layout.low, layout.high)
+                torch.sub(originals[column % batch], minimums[at], out=error)
+                error.addcmul_(scales[at], level, value=-1)
                 done = column + 1
                 if done % step:
                     end = min(n_in, _round_up(done, step))
-                    work[done:end].addr_(self.lower[done:end, column], error, alpha=-1)
+                    work[done:end].addr_(self.feed[done:end, column], error)
                 else:
                     self._feed_finished(work, errors, done, batch)
                 if done % layout.block == 0:
                     self._pack(levels, encoded, out, done - layout.block)
         return out
+
+    def _originals(self, source: torch.Tensor, first: int, batch: int) -> torch.Tensor:
+        """The original weights of columns first .. first + batch, a row each (zero for dead inputs)."""
+        part = source[:, first : first + batch].to(self.device, self.dtype).T.contiguous()
+        part[self.dead[first : first + batch]] = 0
+        return part
 
     def _feed_finished(self, work: torch.Tensor, errors: torch.Tensor, done: int, batch: int) -> None:
         """After column `done` − 1, each nested block that it completes moves the rest of its parent block (the
@@ -266,15 +298,24 @@ class _FeedbackEncoder:
             if done < end:
                 first = (done - size) % batch
                 with self._threads(self.cores if (end - done) * size * work.shape[1] >= PARALLEL_PRODUCT else 1):
-                    work[done:end].addmm_(self.lower[done:end, done - size : done], errors[first : first + size],
-                                          alpha=-1)
+                    work[done:end].addmm_(self.feed[done:end, done - size : done], errors[first : first + size])
 
-    def _grid(self, work: torch.Tensor, first: int) -> tuple[np.ndarray, tuple[torch.Tensor, ...],
-                                                             tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """ggml's encoding of the current values of the block starting at column `first`, and its grid on the
-        device, per column (a row each): the minimum, the divisor (the scale, infinite where the scale is zero, so
-        that the level is 0) and the scale."""
-        values = work[first : first + self.layout.block].T.to(torch.float32).contiguous().cpu().numpy()
+    def _grid(self, work: torch.Tensor, batch_originals: torch.Tensor, first: int) -> tuple[
+            np.ndarray, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """ggml's encoding of the block starting at column `first`, and its grid on the device, per column (a row
+        each): the minimum, the divisor (the scale, infinite where the scale is zero, so that the level is 0) and
+        the scale.
+
+        ggml sees the block as the optimal-brain-surgeon updates have left it after the columns before it, the
+        values GPTQ's order of updates holds there: the originals plus the corrections fed so far, turned by the
+        inverse of the block's own part of `feed` (the rest of each correction reaches a column from the columns
+        of its own block before it is rounded)."""
+        size = self.layout.block
+        within = first % BLOCK_INVERSE_SIZE
+        originals = batch_originals[within : within + size]
+        inverse = self.block_inverses[first // BLOCK_INVERSE_SIZE, within : within + size, within : within + size]
+        state = torch.addmm(originals, inverse, work[first : first + size] - originals)
+        values = state.T.to(torch.float32).contiguous().cpu().numpy()
         importance = None if self.importance is None else self.importance[first : first + self.layout.block]
         encoded = quantize_rows(values, self.name, importance, threads=self.threads)
         row_scale, row_minimum = self.layout.grid(encoded)

@@ -19,7 +19,6 @@ from native.activations import ModelEvaluator
 from native.block_layouts import LAYOUTS
 from native.compute_device import DEVICE_VARIABLE, DeviceUnavailable
 from native.error_feedback import (
-    DEFAULT_DAMPING,
     FEEDBACK_TYPES,
     PRODUCT_ROWS,
     PreparedInputs,
@@ -29,7 +28,6 @@ from native.error_feedback import (
     quantize_with_feedback,
     supports_feedback,
 )
-from native.error_feedback_reference import reference_factor
 from native.kernels import dequantize_rows, quantize_rows
 
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
@@ -102,23 +100,17 @@ def wide_inputs() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def wide_factors(wide_inputs: np.ndarray) -> dict[str, PreparedInputs]:
-    """H⁻¹'s factor as the numpy reference computes it, and as torch does in float64 and float32."""
-    factor, dead = reference_factor(wide_inputs, DEFAULT_DAMPING)
-    found = {"reference": PreparedInputs(torch.from_numpy(factor.T.copy()), torch.from_numpy(dead))}
-    for dtype in (torch.float64, torch.float32):
-        found[str(dtype)] = prepare_inputs(wide_inputs, device="cpu", dtype=dtype)
-    scale = np.abs(factor).max()
-    assert np.abs(found["torch.float64"].factor.numpy() - factor).max() < 1e-9 * scale
-    return found
+def wide_prepared(wide_inputs: np.ndarray) -> dict[torch.dtype, PreparedInputs]:
+    return {dtype: prepare_inputs(wide_inputs, device="cpu", dtype=dtype) for dtype in (torch.float64, torch.float32)}
 
 
 @pytest.mark.parametrize("type_name", FEEDBACK_TYPES)
 def test_torch_on_the_cpu_writes_the_references_bytes_and_float32_comes_within_tolerance(
-        type_name: str, wide_inputs: np.ndarray, wide_factors: dict[str, PreparedInputs]) -> None:
+        type_name: str, wide_inputs: np.ndarray, wide_prepared: dict[torch.dtype, PreparedInputs]) -> None:
     """Real-shaped rows (1536 wide: 6 super-blocks, several update batches), a realistic H and an importance vector.
 
-    In float64 torch computes what the numpy reference computes, to the byte. In float32 (the working precision, on
+    In float64 torch computes what the numpy reference computes, to the byte, though the reference feeds errors
+    forward through H⁻¹'s factor and torch through H's own. In float32 (the working precision, on
     the CPU and on a GPU alike) the rounding of a weight near a level's midpoint can go the other way, and the row
     then continues on a slightly different path: the tolerance is ≥ 85 % of blocks identical (90–99 % measured) and
     tr(E H Eᵀ) within 0.5 % of the reference's (0.25 % at most measured), where feedback is 35–46 % below ggml's
@@ -126,11 +118,11 @@ def test_torch_on_the_cpu_writes_the_references_bytes_and_float32_comes_within_t
     rows, n_in = 48, wide_inputs.shape[0]
     weights = np.random.default_rng(6).standard_normal((rows, n_in)).astype(np.float32)
     importance = (np.diag(wide_inputs) / (4 * n_in)).astype(np.float32)
-    reference = quantize_with_feedback(weights, type_name, wide_factors["reference"], importance, backend="numpy")
-    exact = quantize_with_feedback(weights, type_name, wide_factors["torch.float64"], importance)
+    reference = quantize_with_feedback(weights, type_name, wide_inputs, importance, backend="numpy")
+    exact = quantize_with_feedback(weights, type_name, wide_prepared[torch.float64], importance)
     np.testing.assert_array_equal(exact, reference)
 
-    single = quantize_with_feedback(weights, type_name, wide_factors["torch.float32"], importance)
+    single = quantize_with_feedback(weights, type_name, wide_prepared[torch.float32], importance)
     block_bytes = LAYOUTS[type_name.lower()].block_bytes
     same_blocks = np.all(single.reshape(rows, -1, block_bytes) == reference.reshape(rows, -1, block_bytes), axis=2)
     assert same_blocks.mean() >= 0.85
@@ -156,7 +148,7 @@ def test_the_device_is_chosen_by_argument_or_by_the_variable(monkeypatch: pytest
     weights = np.random.default_rng(11).standard_normal((8, 256)).astype(np.float32)
     monkeypatch.setenv(DEVICE_VARIABLE, "cpu")
     prepared = prepare_inputs(inputs)
-    assert prepared.device.type == "cpu" and prepared.factor.dtype == torch.float32 and prepared.n_in == 256
+    assert prepared.device.type == "cpu" and prepared.feed.dtype == torch.float32 and prepared.n_in == 256
     by_variable = quantize_with_feedback(weights, "q4_K", inputs)
     np.testing.assert_array_equal(by_variable, quantize_with_feedback(weights, "q4_K", prepared))
     monkeypatch.setenv(DEVICE_VARIABLE, "no-such-device")
@@ -168,18 +160,25 @@ def test_the_device_is_chosen_by_argument_or_by_the_variable(monkeypatch: pytest
             quantize_with_feedback(weights, "q4_K", inputs)
 
 
-def test_the_factor_is_that_of_the_damped_inverse() -> None:
-    inputs = _correlated_inputs(96, seed=12)
+def test_the_feed_matrix_factors_the_damped_inputs() -> None:
+    """feed = Rᵀ with unit diagonal for H = R Rᵀ (R upper triangular): G = feedᵀ makes G⁻¹ H G⁻ᵀ diagonal."""
+    inputs = _correlated_inputs(300, seed=12)
     inputs[7, :] = inputs[:, 7] = 0
     prepared = prepare_inputs(inputs, damping=0.05, device="cpu", dtype=torch.float64)
-    factor = prepared.factor.numpy()
-    assert np.allclose(factor, np.triu(factor)) and np.all(np.diag(factor) > 0)
+    feed = prepared.feed.numpy()
+    assert np.array_equal(feed, np.tril(feed)) and np.allclose(np.diag(feed), 1)
     damped = inputs.copy()
     damped[7, 7] = 1
-    live = np.arange(96) != 7
-    damped[np.diag_indices(96)] += 0.05 * np.diag(damped)[live].mean()
-    np.testing.assert_allclose(factor.T @ factor @ damped, np.eye(96), atol=1e-9)
-    assert prepared.dead.tolist() == [index == 7 for index in range(96)]
+    live = np.arange(300) != 7
+    damped[np.diag_indices(300)] += 0.05 * np.diag(damped)[live].mean()
+    unit = np.linalg.inv(feed)
+    whitened = unit.T @ damped @ unit
+    off_diagonal = whitened - np.diag(np.diag(whitened))
+    assert np.abs(off_diagonal).max() < 1e-9 * np.abs(whitened).max()
+    assert prepared.dead.tolist() == [index == 7 for index in range(300)]
+    assert prepared.block_inverses.shape == (2, 256, 256)
+    np.testing.assert_allclose(prepared.block_inverses[0].numpy(), unit[:256, :256], atol=1e-9)
+    np.testing.assert_allclose(prepared.block_inverses[1, :44, :44].numpy(), unit[256:, 256:], atol=1e-9)
 
 
 def test_what_feedback_cannot_write_is_refused() -> None:
@@ -192,6 +191,8 @@ def test_what_feedback_cannot_write_is_refused() -> None:
         quantize_with_feedback(np.zeros((2, 64), np.float32), "q8_0", prepare_inputs(np.eye(32)))
     with pytest.raises(ValueError, match="rows have 64 weights"):
         quantize_with_feedback(np.zeros((2, 64), np.float32), "q8_0", np.eye(32), backend="numpy")
+    with pytest.raises(ValueError, match="pass H"):
+        quantize_with_feedback(np.zeros((2, 64), np.float32), "q8_0", prepare_inputs(np.eye(64)), backend="numpy")
     with pytest.raises(ValueError, match="unknown backend"):
         quantize_with_feedback(np.zeros((2, 64), np.float32), "q8_0", np.eye(64), backend="fortran")  # type: ignore[arg-type]
 
