@@ -36,6 +36,7 @@ Types: q4_0, q4_1, q5_0, q5_1, q8_0 (rows that are a multiple of 32) and q2_K, q
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,6 +211,13 @@ def _check_inputs(inputs_n: int, n_in: int) -> None:
         raise ValueError(f"the input matrix is {inputs_n}×{inputs_n}, rows have {n_in} weights")
 
 
+def _unwritten_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing `array`'s memory, which is only read (so a read-only array needs no copy)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -245,9 +253,9 @@ class _FeedbackEncoder:
     def encode(self, weights: np.ndarray) -> np.ndarray:
         layout = self.layout
         rows, n_in = weights.shape
-        source = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+        source = _unwritten_tensor(np.ascontiguousarray(weights, dtype=np.float32))
         work = source.to(self.device, self.dtype).T.contiguous()
-        work[self.dead] = 0
+        work.masked_fill_(self.dead[:, None], 0)
         out = np.empty((rows, n_in // layout.block * layout.block_bytes), dtype=np.uint8)
         step = NESTED_COLUMNS[0]
         batch = max(NESTED_COLUMNS[-1], layout.block)
@@ -283,8 +291,7 @@ class _FeedbackEncoder:
     def _originals(self, source: torch.Tensor, first: int, batch: int) -> torch.Tensor:
         """The original weights of columns first .. first + batch, a row each (zero for dead inputs)."""
         part = source[:, first : first + batch].to(self.device, self.dtype).T.contiguous()
-        part[self.dead[first : first + batch]] = 0
-        return part
+        return part.masked_fill_(self.dead[first : first + batch, None], 0)
 
     def _feed_finished(self, work: torch.Tensor, errors: torch.Tensor, done: int, batch: int) -> None:
         """After column `done` − 1, each nested block that it completes moves the rest of its parent block (the

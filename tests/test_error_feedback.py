@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import gguf
@@ -204,6 +205,16 @@ def test_inputs_that_never_carried_a_signal_are_stored_as_zero(backend: str) -> 
     weights = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
     fed = dequantize_rows(quantize_with_feedback(weights, "q8_0", inputs, backend=backend), "q8_0", 8, 64)
     assert np.all(fed[:, 5] == 0) and np.isfinite(fed).all()
+
+
+def test_read_only_rows_such_as_a_memory_map_are_read_in_place(tmp_path: Path) -> None:
+    weights = np.random.default_rng(15).standard_normal((8, 256)).astype(np.float32)
+    weights.tofile(tmp_path / "rows.bin")
+    mapped = np.memmap(tmp_path / "rows.bin", dtype=np.float32, mode="r", shape=(8, 256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        encoded = quantize_with_feedback(mapped, "q4_K", _correlated_inputs(256, seed=16))
+    np.testing.assert_array_equal(encoded, quantize_with_feedback(weights, "q4_K", _correlated_inputs(256, seed=16)))
 
 
 def test_a_stop_request_is_seen_before_the_next_block() -> None:
