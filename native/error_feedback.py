@@ -86,9 +86,8 @@ def _device(device: DeviceLike) -> torch.device:
 
 WORKING_DTYPE = torch.float32
 """The precision of the feedback updates on every device. float64 gives the numpy reference's bytes exactly; float32
-gives as small an output error (within ±0.25 %, tests/test_error_feedback.py), runs 20–25 % faster on the CPU
-(bench/README.md) and is what GPUs do fast, and one precision everywhere means the CPU's tests cover the GPU's
-arithmetic."""
+gives as small an output error (within ±0.25 %, tests/test_error_feedback.py), is what GPUs do fast, is no slower
+on the CPU (bench/README.md), and one precision everywhere means the CPU's tests cover the GPU's arithmetic."""
 
 
 @dataclass(frozen=True)
