@@ -56,11 +56,11 @@ __all__ = ["DEFAULT_DAMPING", "FEEDBACK_TYPES", "WORKING_DTYPE", "PreparedInputs
 DEFAULT_DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal value, so that H is safely invertible."""
 NESTED_COLUMNS = (4, 32, 256)
-BLOCK_INVERSE_SIZE = NESTED_COLUMNS[-1]
-"""The batch of the outermost updates, which every grid block (32 or 256 weights) divides or equals."""
 """The blocking of the updates: each error moves the rest of its 4 columns at once (a rank-one update); after 4
-columns one matrix product moves the rest of their 32, after 32 the rest of their 256, after 256 (or a larger
-grid block) the rest of the row (GPTQ's lazy batch, nested). Few, larger steps keep the per-column work small."""
+columns one matrix product moves the rest of their 32, after 32 the rest of their 256, after 256 the rest of the
+row (GPTQ's lazy batch, nested). Few, larger steps keep the per-column work small."""
+BLOCK_INVERSE_SIZE = NESTED_COLUMNS[-1]
+"""The outermost batch, which every grid block (32 or 256 weights) divides or equals."""
 PARALLEL_PRODUCT = 1 << 24
 """On the CPU the column steps and the products of fewer multiply-adds than this run on one thread, the larger
 products on every core: thousands of small multi-threaded steps cost more in waiting for each other than they save
@@ -257,7 +257,7 @@ class _FeedbackEncoder:
         work.masked_fill_(self.dead[:, None], 0)
         out = np.empty((rows, n_in // layout.block * layout.block_bytes), dtype=np.uint8)
         step = NESTED_COLUMNS[0]
-        batch = max(NESTED_COLUMNS[-1], layout.block)
+        batch = BLOCK_INVERSE_SIZE
         errors = torch.empty((batch, rows), device=self.device, dtype=self.dtype)
         levels = torch.empty((layout.block, rows), device=self.device, dtype=self.dtype)
         # Row views made once: in the column loop every torch call counts.
@@ -282,7 +282,7 @@ class _FeedbackEncoder:
                     end = min(n_in, _round_up(done, step))
                     work[done:end].addr_(self.feed[done:end, column], error)
                 else:
-                    self._feed_finished(work, errors, done, batch)
+                    self._feed_finished(work, errors, done)
                 if done % layout.block == 0:
                     self._pack(levels, encoded, out, done - layout.block)
         return out
@@ -292,17 +292,16 @@ class _FeedbackEncoder:
         part = source[:, first : first + batch].to(self.device, self.dtype).T.contiguous()
         return part.masked_fill_(self.dead[first : first + batch, None], 0)
 
-    def _feed_finished(self, work: torch.Tensor, errors: torch.Tensor, done: int, batch: int) -> None:
+    def _feed_finished(self, work: torch.Tensor, errors: torch.Tensor, done: int) -> None:
         """After column `done` − 1, each nested block that it completes moves the rest of its parent block (the
-        rest of the row for the outermost) by its errors, in one matrix product."""
+        rest of the row for the outermost) by its errors (`errors` holds the batch's), in one matrix product."""
         n_in = work.shape[0]
-        nested = (*NESTED_COLUMNS[:-1], batch)
-        for size, parent in zip(nested, (*nested[1:], n_in), strict=True):
+        for size, parent in zip(NESTED_COLUMNS, (*NESTED_COLUMNS[1:], n_in), strict=True):
             if done % size:
                 break
             end = min(n_in, _round_up(done, parent))
             if done < end:
-                first = (done - size) % batch
+                first = (done - size) % errors.shape[0]
                 with self._threads(self.cores if (end - done) * size * work.shape[1] >= PARALLEL_PRODUCT else 1):
                     work[done:end].addmm_(self.feed[done:end, done - size : done], errors[first : first + size])
 
