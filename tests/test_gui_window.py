@@ -140,3 +140,46 @@ def test_settings_survive_a_bad_file(gui_folders: dict[str, Path]) -> None:
     assert loaded.sampling.temperature == 0.2 and loaded.sampling.top_k == Settings().sampling.top_k
     path.write_text("{not json")
     assert load_settings() == Settings()
+
+
+def test_the_menu_bar_quits_lists_shortcuts_and_tells_versions_and_places(qtbot, main_window: MainWindow,
+                                                                           gui_folders: dict[str, Path]) -> None:
+    menus = [action.text().replace("&", "") for action in main_window.menuBar().actions()]
+    assert menus == ["File", "View", "Help"]
+    shortcuts = main_window.show_shortcuts()
+    keys = {shortcuts.table.item(row, 1).text() for row in range(shortcuts.table.rowCount())}
+    assert {"Ctrl+Q", "Ctrl+1 … Ctrl+6", "Esc"} <= keys
+    shortcuts.close()
+
+    about = main_window.show_about()
+    versions = about.versions.text()
+    assert "qdesk" in versions and "llama-cpp-python" in versions and "Qt" in versions
+    places = {place.what: place.path for place in about.info.places}
+    assert places["Settings"] == gui_folders["config"] / "settings.json"
+    assert places["Models folder"] == gui_folders["models"]
+    assert places["Log file"].is_relative_to(gui_folders["cache"])
+    qtbot.waitUntil(lambda: "CPU" in about.backends.text(), timeout=30_000)
+    about.close()
+
+    main_window.set_theme("dark")
+    assert load_settings().theme == "dark"
+    assert [action.data() for action in main_window.theme_actions.actions() if action.isChecked()] == ["dark"]
+    main_window.set_theme("light")
+
+    file_menu = main_window.menuBar().actions()[0].menu()
+    (quit_action,) = [action for action in file_menu.actions() if action.text() == "&Quit"]
+    assert quit_action.shortcut().toString() == "Ctrl+Q"
+    quit_action.trigger()
+    assert not main_window.isVisible()
+
+
+def test_qdesk_about_prints_versions_and_places(gui_folders: dict[str, Path], capsys) -> None:
+    import json
+
+    from qdesk.cli import main
+
+    assert main(["about", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["versions"]["qdesk"] and any("CPU" in line for line in document["backends"])
+    assert {"what": "Models folder", "path": str(gui_folders["models"]),
+            "setting": "Settings, or QDESK_MODELS_DIR"} in document["places"]

@@ -17,6 +17,7 @@ from converters.core.paths import (
     cache_dir,
     config_dir,
     demo_dir,
+    logs_dir,
     models_dir,
     resources_dir,
 )
@@ -81,6 +82,7 @@ def test_folders_follow_their_overrides_at_call_time(tmp_path: Path, monkeypatch
         monkeypatch.delenv(variable, raising=False)
     defaults = {"config": config_dir(), "cache": cache_dir(), "models": models_dir()}
     assert defaults["models"].name == "models" and demo_dir() == defaults["cache"] / "demo"
+    assert logs_dir() not in defaults.values()
     assert (resources_dir() / "calibration").is_dir()
     assert len(set(defaults.values())) == 3
 
@@ -90,6 +92,7 @@ def test_folders_follow_their_overrides_at_call_time(tmp_path: Path, monkeypatch
     assert config_dir() == tmp_path / "config" and cache_dir() == tmp_path / "cache"
     assert models_dir() == Path.home() / "chosen-models"
     assert demo_dir() == tmp_path / "cache" / "demo"
+    assert logs_dir() == tmp_path / "cache" / "logs"
     monkeypatch.setenv(DEMO_DIR_ENV, str(tmp_path / "demo"))
     assert demo_dir() == tmp_path / "demo"
 

@@ -5,6 +5,7 @@
 | settings, conversations | `QDESK_CONFIG_DIR` | `platformdirs.user_config_dir("qdesk")` |
 | caches (sensitivities, reference logits) | `QDESK_CACHE_DIR` | `platformdirs.user_cache_dir("qdesk")` |
 | the models folder | `QDESK_MODELS_DIR` | `platformdirs.user_data_dir("qdesk")/models` |
+| the log file | `QDESK_CACHE_DIR` (its `logs/`) | `platformdirs.user_log_dir("qdesk")` |
 | `qdesk demo`'s files | `QDESK_DEMO_DIR` | the cache folder's `demo/` |
 | data that ships with qdesk | `QDESK_RESOURCES` | `resources/` beside the packages |
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import platformdirs
 
 __all__ = ["CACHE_DIR_ENV", "CONFIG_DIR_ENV", "DEMO_DIR_ENV", "MODELS_DIR_ENV", "RESOURCES_ENV", "cache_dir",
-           "config_dir", "demo_dir", "models_dir", "resources_dir"]
+           "config_dir", "demo_dir", "logs_dir", "models_dir", "resources_dir"]
 
 APP_NAME = "qdesk"
 CONFIG_DIR_ENV = "QDESK_CONFIG_DIR"
@@ -47,6 +48,13 @@ def cache_dir() -> Path:
 def models_dir() -> Path:
     """`$QDESK_MODELS_DIR`, else `models` in the platform's user data folder for qdesk."""
     return _override(MODELS_DIR_ENV) or Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "models"
+
+
+def logs_dir() -> Path:
+    """`logs` in `$QDESK_CACHE_DIR` when that is set (a test's or a child's folder keeps its log), else the platform's
+    user log folder for qdesk."""
+    override = _override(CACHE_DIR_ENV)
+    return override / "logs" if override else Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
 
 
 def demo_dir() -> Path:

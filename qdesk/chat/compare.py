@@ -29,6 +29,25 @@ _MEMORY_HEADROOM = 1.3
 """Weights are memory-mapped, but a variant also needs its KV cache and compute buffers: count 30% on top."""
 
 
+RANDOM_SEED = 0
+"""A seed of 0 asks for a new random seed each turn (one seed shared by every pane, recorded with the answers)."""
+SEED_LIMIT = 2**31 - 1
+
+
+def deterministic(sampling: SamplingOptions) -> SamplingOptions:
+    """Greedy decoding (temperature 0): every pane picks its likeliest token, so answers that differ show a difference
+    between the variants, never sampling noise. Compare's default."""
+    return replace(sampling, temperature=0.0)
+
+
+def turn_seed(samplings: Sequence[SamplingOptions], draw: Callable[[int], int]) -> int | None:
+    """The seed every pane of one turn shares: None when no pane samples at random with `RANDOM_SEED` (greedy panes
+    need none, a fixed seed stays), else a new one from `draw(SEED_LIMIT)` (e.g. `random.randrange`), at least 1."""
+    if not any(sampling.temperature > 0 and sampling.seed == RANDOM_SEED for sampling in samplings):
+        return None
+    return 1 + draw(SEED_LIMIT - 1)
+
+
 @dataclass(frozen=True)
 class Divergence:
     """Where an answer first differs from the first variant's: generated-token index and the texts from there."""

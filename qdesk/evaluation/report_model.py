@@ -391,8 +391,17 @@ class ChartLayout:
         return PLOT_BOTTOM - self.y_axis.fraction(kld) * (PLOT_BOTTOM - PLOT_TOP)
 
     @property
+    def y_unit(self) -> str:
+        return "(nats, log scale)" if self.y_axis.log else "(nats)"
+
+    @property
     def y_title(self) -> str:
-        return "mean KLD vs reference (nats" + (", log scale)" if self.y_axis.log else ")")
+        return f"mean KLD vs reference {self.y_unit}"
+
+    @property
+    def drift_title(self) -> str:
+        """The KLD axis in plain words, as the desktop app names it (the exact term kept)."""
+        return f"drift from the reference: mean KLD {self.y_unit}"
 
 
 def chart_layout(report: Report) -> ChartLayout | None:

@@ -177,7 +177,7 @@ class SizeKldChart(QWidget):
         painter.save()
         painter.translate(16, (PLOT_TOP + PLOT_BOTTOM) / 2)
         painter.rotate(-90)
-        _text(painter, 0, 0, layout.y_title, "middle")
+        _text(painter, 0, 0, layout.drift_title, "middle")
         painter.restore()
         painter.setFont(font)
 

@@ -79,10 +79,15 @@ def summary_table(report: Report) -> Table:
     show_tasks = any(entry.get("tasks") for entry in everyone)
     show_speed = any(entry.get("speed") for entry in everyone)
     names, scale = short_names(report), score_scale(report)
-    headers = ["Variant", "Size MB", "bpw", "PPL", "ΔPPL", "Mean KLD", "p99 KLD", "Top-1 agree"]
-    tips = ["", "File size in megabytes", "Bits per weight", "Perplexity over the evaluation text",
-            "Perplexity relative to the reference's", "Mean KL divergence from the reference, nats per token",
-            "99th percentile of the per-token KL divergence", "How often both models rank the same token first"]
+    headers = ["Variant", "Size (MB)", "Bits/weight", "Perplexity", "Perplexity change", "Drift (mean)",
+               "Drift (worst 1%)", "Same top choice"]
+    tips = ["", "File size in megabytes", "Bits per weight (bpw)",
+            "Perplexity (PPL) over the evaluation text: how surprised the model is by it; lower is better",
+            "ΔPPL: the perplexity relative to the reference's; closer to 0 is better",
+            "Mean KLD: the KL divergence of the next-token predictions from the reference's, in nats per token; "
+            "how far the variant drifts from the reference on average, lower is better",
+            "p99 KLD: the 99th percentile of the per-token KL divergence; the drift on the worst 1% of tokens",
+            "Top-1 agreement: how often both models rank the same token first"]
     if show_tasks:
         headers += ["Tasks", "Verdict"]
         tips += ["Share of task items answered correctly", "deploy or investigate, from the task scores"]

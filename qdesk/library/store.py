@@ -37,6 +37,7 @@ from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.paths import MODELS_DIR_ENV, models_dir
 from converters.core.units import format_count, format_size
 from qdesk.display.tables import text_table
+from qdesk.library.identity import ModelGroup, family_key, group_entries, shape_key
 from qdesk.library.info import ModelInfo, model_info_from_header
 
 __all__ = [
@@ -64,6 +65,7 @@ _GGUF_TREE = "gguf-tree"  # every *.gguf below it
 _HF_CACHE = "hf-cache"  # a Hugging Face cache: the *.gguf files of its snapshots, as huggingface_hub scans it
 _OLLAMA = "ollama"  # Ollama's models folder: GGUF blobs named through the manifests
 
+_GROUP_NAME = "group-name:"  # settings key prefix: the user's name for a model group
 _PROVENANCE_PREFIXES = ("qdesk.", "quantize.imatrix.")
 _PROVENANCE_GENERAL = ("source.", "base_model.")  # general.* keys saying what a conversion started from
 _OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -97,6 +99,10 @@ class LibraryEntry:
     base_model: str
     variant: str
     provenance: dict[str, str] = field(hash=False)
+    shape_key: str | None = None
+    """Architecture and shape (`qdesk.library.identity.shape_key`); None when the header could not be read."""
+    family_key: str = ""
+    """The normalised family name (`qdesk.library.identity.family_key`)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; the keys are the field names."""
@@ -443,13 +449,32 @@ class Library:
         return sorted(entries, key=lambda e: (e.base_model.casefold(), -e.bytes, e.id.casefold()))
 
     def groups(self) -> dict[str, list[LibraryEntry]]:
-        """base model -> its variants, largest file first; groups match base models case-insensitively."""
-        grouped: dict[str, list[LibraryEntry]] = {}
-        names: dict[str, str] = {}
-        for entry in self.entries():
-            key = entry.base_model.casefold()
-            grouped.setdefault(names.setdefault(key, entry.base_model), []).append(entry)
-        return grouped
+        """model name -> its variants, largest file first: files of one model's identity (architecture, shape and
+        family name, `qdesk.library.identity`) together, under the name the user gave the group if any."""
+        return {group.name: list(group.entries) for group in self.model_groups()}
+
+    def model_groups(self) -> list[ModelGroup]:
+        """The models and their variants, with each group's key (for `rename_group`)."""
+        return group_entries(self.entries(), self._group_names())
+
+    def _group_names(self) -> dict[str, str]:
+        with self._connect() as connection:
+            rows = connection.execute("SELECT key, value FROM settings WHERE key LIKE ?", (_GROUP_NAME + "%",))
+            return {key.removeprefix(_GROUP_NAME): value for key, value in rows}
+
+    def rename_group(self, key: str, name: str) -> None:
+        """Show the group `key` (`ModelGroup.key`) as `name`; an empty name goes back to the one the files give."""
+        name = " ".join(name.split())
+        with self._connect() as connection, connection:
+            if name:
+                connection.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (_GROUP_NAME + key, name))
+            else:
+                connection.execute("DELETE FROM settings WHERE key = ?", (_GROUP_NAME + key,))
+
+    def group_of(self, name: str) -> ModelGroup:
+        """The group holding the model `name` (an id or a path, as `find` takes)."""
+        entry = self.find(name)
+        return next(group for group in self.model_groups() if entry in group.entries)
 
     def find(self, name: str) -> LibraryEntry:
         """The entry whose id (case-insensitively) or path is `name`; LibraryError listing close names if none."""
@@ -733,6 +758,8 @@ def _entry(row: _Row) -> LibraryEntry:
         base_model=_base_model(facts, row.alias or stem, prefer_file_name=row.source == STARTER),
         variant=_variant(facts),
         provenance=dict((facts or {}).get("provenance") or {}),
+        shape_key=shape_key(facts) if status == OK else None,
+        family_key=family_key(facts, _base_model(facts, row.alias or stem, prefer_file_name=True)),
     )
 
 
@@ -743,10 +770,7 @@ def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry
     if isinstance(entries, Mapping):
         grouped = {name: list(variants) for name, variants in entries.items()}
     else:
-        grouped = {}
-        names: dict[str, str] = {}
-        for entry in sorted(entries, key=lambda e: (e.base_model.casefold(), -e.bytes, e.id.casefold())):
-            grouped.setdefault(names.setdefault(entry.base_model.casefold(), entry.base_model), []).append(entry)
+        grouped = {group.name: list(group.entries) for group in group_entries(list(entries))}
     if not grouped:
         return "No models in the library yet; add one with `qdesk models import FILE.gguf`."
     header = ("name", "variant", "size", "bpw", "params", "context", "chat", "source", "status")

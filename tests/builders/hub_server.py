@@ -4,6 +4,7 @@ Two threaded HTTP servers on 127.0.0.1: the Hub itself (`endpoint`) and a "CDN" 
 Hub, where LFS files live:
 
 * `GET /api/models?search=…&filter=…&sort=…&limit=…` — search (`HfApi.list_models`)
+* `GET /api/whoami-v2` — the token's owner, "tester" for `HubServer.token` (`HfApi.whoami`)
 * `GET /api/models/<owner>/<name>[/revision/<rev>]` — repository info with `siblings` (sizes, blob ids, LFS
   SHA-256) (`HfApi.model_info(files_metadata=True)`)
 * `HEAD|GET /<owner>/<name>/resolve/<rev>/<path>` — a small file: 200 with `ETag` (its git blob id) and
@@ -182,6 +183,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path == "/api/models":
             self._json(hub._search(parse_qs(url.query)))
+            return
+        if path == "/api/whoami-v2":  # `HfApi.whoami`: the token's owner, 401 for any other token
+            if self.headers.get("authorization") != f"Bearer {hub.token}":
+                self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+            else:
+                self._json({"type": "user", "name": "tester", "auth": {"type": "access_token",
+                                                                       "accessToken": {"displayName": "qdesk-test",
+                                                                                       "role": "read"}}})
             return
         info = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/(.+))?", path)
         if info:
