@@ -96,6 +96,47 @@ def _info_placement(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from converters.core.units import parse_size
+    from qdesk.chat.engine import LoadOptions
+    from qdesk.serve.server import API_KEY_ENV, ServeOptions, start_server
+
+    if args.ctx < 16:
+        raise UsageError("--ctx must be at least 16")
+    gpu_layers: int | str = args.gpu_layers
+    if gpu_layers != "auto":
+        try:
+            gpu_layers = int(gpu_layers)
+        except ValueError:
+            raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
+    load = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=gpu_layers, kv_type=args.kv_type,
+                       rpc=_rpc_endpoints(args))
+    options = ServeOptions(models=tuple(args.models), host=args.host, port=args.port,
+                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                           cors_origins=tuple(args.cors or ()), load=load,
+                           memory_limit=None if args.memory is None else parse_size(args.memory, option="--memory"))
+
+    def log(record: object) -> None:
+        from qdesk.serve.app import RequestRecord
+
+        assert isinstance(record, RequestRecord)
+        tokens = f" {record.prompt_tokens}+{record.completion_tokens} tokens" if record.model else ""
+        print(f"{record.method} {record.path} {record.status} {record.model or ''}{tokens} {record.seconds:.2f} s"
+              + (f" ({record.error})" if record.error else ""), file=sys.stderr, flush=True)
+
+    server = start_server(options, on_request=None if args.quiet else log)
+    print(f"qdesk serve: {server.url} serving {', '.join(server.models)}. Ctrl-C stops it.", file=sys.stderr,
+          flush=True)
+    try:
+        while not server.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     from converters.core.units import parse_size
     from qdesk.rpc.endpoints import TRUST_WARNING
@@ -605,6 +646,27 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="search: most downloaded or most recently updated first (default: downloads)")
     download.add_argument("--limit", type=int, default=20, metavar="N", help="search: at most N results")
     download.add_argument("--json", action="store_true", help="print one JSON document")
+
+    serve = command("serve", "an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions) over "
+                    "library variants", _run_serve)
+    serve.add_argument("models", nargs="*", metavar="MODEL",
+                       help="library names or GGUF files to offer (default: every usable model in the library)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; another needs --api-key)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every request (default: $QDESK_API_KEY)")
+    serve.add_argument("--cors", action="append", metavar="ORIGIN",
+                       help="let web pages from ORIGIN call the API (repeatable; default: none)")
+    serve.add_argument("--ctx", type=int, default=4096, help="context length per model in tokens (default 4096)")
+    serve.add_argument("--memory", metavar="SIZE", help="memory the loaded models may take together by the estimate "
+                       "(default: what is available at start); the least recently used are unloaded to make room")
+    serve.add_argument("--threads", type=int, metavar="N", help="CPU threads per model (default: all cores)")
+    serve.add_argument("--gpu-layers", default="auto", metavar="N|auto",
+                       help="layers to offload to a GPU (default auto: all when a GPU is present)")
+    serve.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16", help="KV cache type")
+    serve.add_argument("--quiet", action="store_true", help="do not print a line per request")
+    _rpc_argument(serve)
 
     worker = command("worker", "a llama.cpp RPC worker: this machine holds layers of a model run elsewhere "
                      "(trusted networks only: no authentication, no encryption)", _run_worker)
