@@ -66,17 +66,22 @@ def offered_models(names: Sequence[str], library_root: str | os.PathLike[str] | 
             raise ServeError("the library has no usable models to serve; import one with `qdesk models import` or "
                              "name GGUF files after `qdesk serve`.")
         return offered
-    by_path = {entry.path.resolve(): entry.id for entry in entries}
+    by_path = {entry.path.absolute(): entry.id for entry in entries}
     chosen: dict[str, Path] = {}
     for name in names:
         path = Path(name).expanduser()
         if path.suffix.lower() == ".gguf" or path.is_file():
             if not path.is_file():
                 raise ServeError(f"{path} does not exist; check the path of the model to serve.")
-            chosen[by_path.get(path.resolve(), path.stem)] = path
+            wanted = by_path.get(path.absolute(), path.stem)
         else:
             entry = library.find(name)
-            chosen[entry.id] = entry.path
+            wanted, path = entry.id, entry.path
+        unique, number = wanted, 1
+        while unique in chosen and chosen[unique] != path:
+            number += 1
+            unique = f"{wanted}-{number}"
+        chosen[unique] = path
     return chosen
 
 
