@@ -40,6 +40,10 @@ one step of a long prompt on a large model, or any step on a busy machine, can t
 EXIT_GRACE_S = 2.0
 STDERR_TAIL_BYTES = 4000
 STOP_REASONS = ("stop", "length", "cancelled")
+RPC_ABORT_MARKERS = ("Remote RPC server crashed", "Failed to connect to", "RPC handshake failed")
+"""What ggml's RPC client says when it aborts because a worker went away."""
+RPC_ABORT_SEARCH_BYTES = 1 << 20
+"""How far back in a crashed worker's stderr to look for those words (ggml's backtrace follows them)."""
 
 
 class EngineError(UserError):
@@ -201,11 +205,11 @@ class _Worker:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def stderr_tail(self) -> str:
+    def stderr_tail(self, limit: int = STDERR_TAIL_BYTES) -> str:
         try:
             self._stderr.seek(0, os.SEEK_END)
             size = self._stderr.tell()
-            self._stderr.seek(max(0, size - STDERR_TAIL_BYTES))
+            self._stderr.seek(max(0, size - limit))
             return self._stderr.read().decode("utf-8", errors="replace").strip()
         except (OSError, ValueError):
             return ""
@@ -361,8 +365,9 @@ class LoadedModel:
         self._broken = f"its worker stopped {when}"
         detail = self._worker.stderr_tail().splitlines()
         hint = f" (last words: {detail[-1][:300]})" if detail else ""
+        rpc_failed = bool(self.rpc) and _mentions_rpc(self._worker.stderr_tail(RPC_ABORT_SEARCH_BYTES))
         self._worker.shut()
-        if self.rpc and _mentions_rpc(detail):
+        if rpc_failed:
             return ModelCrashed(f"an RPC worker holding layers of {self.path.name} ({', '.join(self.rpc)}) stopped "
                                 f"answering {when}; start `qdesk worker` there again and load the model again.")
         return ModelCrashed(f"the worker running {self.path.name} stopped unexpectedly {when}: {how}{hint}; "
@@ -466,8 +471,9 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
 def _load_crash(worker: _Worker, path: Path, rpc: tuple[str, ...] = ()) -> ModelCrashed:
     how = worker.death()
     detail = worker.stderr_tail().splitlines()
+    rpc_failed = bool(rpc) and _mentions_rpc(worker.stderr_tail(RPC_ABORT_SEARCH_BYTES))
     worker.shut()
-    if rpc and _mentions_rpc(detail):
+    if rpc_failed:
         return ModelCrashed(f"the RPC workers ({', '.join(rpc)}) stopped answering while {path.name} was loading "
                             "onto them; check that `qdesk worker` still runs there and load the model again.")
     hint = f" (last words: {detail[-1][:300]})" if detail else ""
@@ -475,9 +481,9 @@ def _load_crash(worker: _Worker, path: Path, rpc: tuple[str, ...] = ()) -> Model
                         "or made for a newer llama.cpp, so convert or download it again.")
 
 
-def _mentions_rpc(stderr_lines: Sequence[str]) -> bool:
-    """Whether ggml's RPC client gave up (its abort message, before the backtrace that follows it)."""
-    return any("RPC" in line or "Failed to connect" in line for line in stderr_lines)
+def _mentions_rpc(stderr: str) -> bool:
+    """Whether ggml's RPC client gave up (its abort message comes before the backtrace ggml prints)."""
+    return any(marker in stderr for marker in RPC_ABORT_MARKERS)
 
 
 def _load_failure(path: Path, options: LoadOptions, error: Mapping[str, str]) -> EngineError:

@@ -214,8 +214,9 @@ def _send_logits(llm: llama_cpp.Llama, command: dict[str, Any], channel: _Channe
         return
     llm.reset()
     llm.eval(tokens)
-    logits = llm.scores[llm.n_tokens - 1].astype("float32")
-    channel.send({"logits": base64.b64encode(logits.tobytes()).decode("ascii")})
+    row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # llama-cpp-python keeps no logits unless asked for all
+    logits = ctypes.string_at(row, llm.n_vocab() * ctypes.sizeof(ctypes.c_float))
+    channel.send({"logits": base64.b64encode(logits).decode("ascii")})
 
 
 def _load_error(error: Exception) -> dict[str, str]:
