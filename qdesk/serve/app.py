@@ -92,7 +92,11 @@ class _Generation:
         self._thread.start()
 
     def _put(self, kind: str, value: Any) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        self._call(self.events.put_nowait, (kind, value))
+
+    def _call(self, function: Callable[..., Any], *arguments: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the server stopped meanwhile: nobody is waiting any more
+            self._loop.call_soon_threadsafe(function, *arguments)
 
     def _run(self) -> None:
         model, request = self.lease.model, self.request
@@ -112,7 +116,7 @@ class _Generation:
         except BaseException as error:  # nothing may be lost silently on a thread
             self._put("error", error)
         finally:
-            self._loop.call_soon_threadsafe(self._on_end)
+            self._call(self._on_end)
 
     def stop(self) -> None:
         self.lease.model.stop()
