@@ -73,6 +73,8 @@ def streamed(client: openai.OpenAI, model: str, tokens: int, index: int) -> tupl
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
     total = time.perf_counter() - started
+    if not stamps:
+        raise RuntimeError(f"{model} streamed no text for request {index}")
     speed = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     return stamps[0] - started, speed, len(stamps), total
 
@@ -126,7 +128,8 @@ def start_peer(model: Path, threads: int) -> tuple[subprocess.Popen, str] | None
     port = free_port()
     peer = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", str(CTX), "--n_threads", str(threads),
-                             "--n_threads_batch", str(threads), "--verbose", "false"],
+                             "--n_threads_batch", str(threads), "--verbose", "false",
+                             "--interrupt_requests", "false"],  # by default a new request cuts the one streaming
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + PEER_START_S
