@@ -31,5 +31,10 @@ class OutputError(UserError):
     """The output cannot be written (permissions, missing folder, full disk)."""
 
 
+class WorkerDied(UserError):
+    """A child process running a step ended without an answer (llama.cpp aborted or crashed, the system ran out of
+    memory) or made no progress for too long; the message says which."""
+
+
 class Cancelled(Exception):
     """The user cancelled the operation; nothing was left behind."""

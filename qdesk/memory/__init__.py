@@ -30,7 +30,6 @@ GPU splits follow the placement rules above; they are verified on a CPU-only mac
 
 from qdesk.display.units import SizeError, format_size, parse_size
 from qdesk.memory.allocation import (
-    PROBE_MODULE,
     AllocationLog,
     AllocationLogError,
     MeasuredAllocation,
@@ -64,7 +63,6 @@ __all__ = [
     "DEFAULT_RAM_HEADROOM",
     "DEFAULT_VRAM_HEADROOM",
     "KV_TYPES",
-    "PROBE_MODULE",
     "AllocationLog",
     "AllocationLogError",
     "FitVerdict",
