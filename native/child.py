@@ -25,11 +25,15 @@ argument names are the channel's own, because functions cannot travel by pickle:
   same class, cancelled when the caller's is.
 - `should_stop`: a callable; the child gets one that turns true when the caller's does.
 
+(None travels as itself.)
+
 A stopped child has `stop_grace_s` to end on its own (and remove its temporary files) before it is killed. A child
 that dies without an answer (llama.cpp aborting or crashing, the OOM killer) raises `ChildFailed` with one
-sentence saying what happened, taken from its exit status and the last lines of its stderr; one that reports no
-progress for the watchdog's limit (`QDESK_STALL_MINUTES`, 10 minutes by default) is killed and raises
-`ChildStalled`. Nothing a child prints reaches the parent's stdout: its stdout is the protocol, and whatever
+sentence saying what happened, taken from its exit status and the last lines of its stderr. One that neither
+reports progress nor works (uses a CPU second in `CPU_SAMPLE_S`) for the watchdog's limit (`QDESK_STALL_MINUTES`,
+10 minutes by default) is taken as hung, killed, and raises `ChildStalled`: llama.cpp has been seen to hang at
+0% CPU after an abort, while a long stretch of real work without a report (measuring a large model's speed) must
+not be cut short. Nothing a child prints reaches the parent's stdout: its stdout is the protocol, and whatever
 llama.cpp prints goes to its stderr, which the parent keeps the tail of for those sentences.
 """
 
@@ -80,6 +84,9 @@ STOP_GRACE_S = 30.0
 INTERRUPTED_GRACE_S = 2.0
 """How long a child may take to stop when its caller fails or is interrupted (Ctrl-C)."""
 POLL_S = 0.05
+CPU_SAMPLE_S = 5.0
+CPU_WORK_S = 0.1
+"""A child (with its own children) that used this much CPU time since the last sample is working, not hung."""
 PARENT_POLL_S = 0.5
 STDERR_TAIL_LINES = 40
 ORPHANED_EXIT_STATUS = 75
@@ -318,9 +325,8 @@ def run_in_child(
     would load what the child is for (llama_cpp, say). `what` names the work in sentences ("the calibration").
     `stall_s` overrides the watchdog (None: `QDESK_STALL_MINUTES`, else 10 minutes; 0: no watchdog)."""
     arguments = dict(arguments)
-    progress = arguments.pop(_PROGRESS, None)
-    cancel = arguments.pop(_CANCEL, None)
-    should_stop = arguments.pop(_SHOULD_STOP, None)
+    progress, cancel, should_stop = (arguments.pop(name) if arguments.get(name) is not None else None
+                                     for name in (_PROGRESS, _CANCEL, _SHOULD_STOP))
     channels: dict[str, Any] = {}
     if progress is not None:
         channels[_PROGRESS] = _PROGRESS
@@ -342,6 +348,7 @@ def run_in_child(
 
     limit = stall_limit_s(stall_s)
     child = _Child(spawn_python(CALL))
+    work = _CpuWatch(child.process.pid)
     stop_sent_at: float | None = None
     finished = False
     try:
@@ -357,6 +364,8 @@ def run_in_child(
                 raise stopped()
             message = child.next_message(POLL_S)
             if message is None:
+                if work.worked():
+                    last_news = time.monotonic()
                 if limit and time.monotonic() - last_news > limit:
                     child.kill()
                     raise ChildStalled(_stall_sentence(what, limit))
@@ -390,6 +399,41 @@ def stall_limit_s(asked: float | None = None) -> float:
         return max(0.0, float(os.environ[STALL_VARIABLE]) * 60)
     except (KeyError, ValueError):
         return DEFAULT_STALL_S
+
+
+class _CpuWatch:
+    """Whether a process and its descendants used at least `CPU_WORK_S` of CPU time since the last sample, sampled at
+    most every `CPU_SAMPLE_S`."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._sampled_at = time.monotonic()
+        self._seconds = 0.0
+
+    def worked(self) -> bool:
+        now = time.monotonic()
+        if now - self._sampled_at < CPU_SAMPLE_S:
+            return False
+        self._sampled_at = now
+        seconds = _cpu_seconds(self._pid)
+        worked = seconds - self._seconds >= CPU_WORK_S
+        self._seconds = max(self._seconds, seconds)
+        return worked
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil  # here, not at the top: every child imports this module first thing
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+    except psutil.Error:
+        pass
+    return total
 
 
 class _Child:
@@ -516,8 +560,9 @@ def _ending(status: int) -> str:
 
 def _stall_sentence(what: str, limit_s: float) -> str:
     minutes = f"{limit_s / 60:g} minutes" if limit_s >= 60 else f"{limit_s:g} seconds"
-    return (f"{what} made no progress for {minutes}, so qdesk stopped it; llama.cpp may be stuck on this model. If "
-            f"the machine is only slow, allow more time with the environment variable {STALL_VARIABLE}.")
+    return (f"{what} made no progress and did no work for {minutes}, so qdesk stopped it; llama.cpp may be stuck on "
+            f"this model. If the machine is only slow, allow more time with the environment variable "
+            f"{STALL_VARIABLE}.")
 
 
 # --- calling a function in a child: the child's side --------------------------------------------------------------
