@@ -13,7 +13,6 @@ native crash ends only the step.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX, Calibr
 from converters.calibration.imatrix import ImportanceMatrix
 from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.leftovers import temporary_folder
 from converters.mix.allocate import MixBudget
 from converters.quantization.presets import preset_named
 from converters.quantization.quantize import NONE, QuantizeResult, quantize, reference_outtype, variant_file_name
@@ -31,8 +31,6 @@ from qdesk.library.store import Library, LibraryEntry
 from qdesk.memory import format_size
 
 __all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files"]
-
-_TEMPORARY_PREFIX = ".qdesk-reference-"
 
 StepWork = Callable[[ProgressFn, CancelToken], "StepOutcome"]
 
@@ -155,7 +153,7 @@ class VariantBatch:
         source = Path(self.request.source)
         folder = self.request.output_folder
         if not self.request.keep_reference:
-            self._scratch = Path(tempfile.mkdtemp(prefix=_TEMPORARY_PREFIX, dir=folder))
+            self._scratch = temporary_folder(folder, "reference")
             folder = self._scratch
         outtype = reference_outtype(source if source.is_dir() else source.parent)
         result: ConversionResult = run_isolated(
