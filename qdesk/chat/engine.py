@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from converters.core.errors import GGUFFileError, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken
 from native.child import spawn_python
 
@@ -390,7 +390,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     path = Path(path)
     _check_options(options)
     try:
-        check_gguf(path)
+        check_model_gguf(path)
     except GGUFFileError as error:
         raise ModelFileError(str(error)) from error
     worker = _Worker(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.quantization.plan import fits, tensor_bytes, type_name
 from converters.quantization.presets import preset_named
@@ -139,7 +139,7 @@ def read_source(path: str | Path) -> SourceModel:
 
 
 def _gguf_source(path: Path) -> SourceModel:
-    header = check_gguf(path)
+    header = check_model_gguf(path)
     tensors = tuple(ReferenceTensor(t.name, tuple(int(d) for d in t.shape), type_name(t.type)) for t in header.tensors)
     header_bytes = path.stat().st_size - sum(t.n_bytes for t in header.tensors)
     return SourceModel(path, False, tensors, header_bytes, read_model_shape(path))
