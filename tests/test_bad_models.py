@@ -96,3 +96,15 @@ def test_an_abort_inside_llama_cpp_is_one_sentence_from_the_child(bad_models: di
     assert message.startswith("llama.cpp stopped the evaluation on an internal check")
     assert "GGML_ASSERT(eps >= 0.0f) failed" in message and "\n" not in message
 
+
+
+def test_per_layer_head_counts_of_a_hybrid_model_pass_and_impossible_ones_do_not() -> None:
+    from converters.core.hyperparameters import hyperparameter_problems
+
+    shapes = {"token_embd.weight": (256, 640), "blk.0.attn_q.weight": (256, 256), "blk.1.ssm_in.weight": (256, 512)}
+    hybrid = {"general.architecture": "x", "x.block_count": 2, "x.embedding_length": 256,
+              "x.attention.head_count": [4, 0], "x.attention.head_count_kv": [2, 0]}
+    assert hyperparameter_problems(hybrid, shapes) == []
+    assert hyperparameter_problems({**hybrid, "x.attention.head_count": [0, 0]}, shapes)
+    assert hyperparameter_problems({**hybrid, "x.attention.head_count_kv": [3, 0]}, shapes)
+    assert hyperparameter_problems({**hybrid, "general.type": "imatrix", "x.block_count": 0}, shapes) == []
