@@ -10,7 +10,6 @@ format. Without `texts` it mixes chunks from every domain of the built-in text i
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from converters.core.errors import Cancelled, UserError
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.paths import resources_dir
 
 DEFAULT_CHUNKS = 48
 DEFAULT_CTX = 512
@@ -56,14 +56,9 @@ class CalibrationResult:
     """With `covariance_chunks`: the inputs' second moments per weight (`native.activations.CollectedStats`)."""
 
 
-def resources_folder() -> Path:
-    override = os.environ.get("QDESK_RESOURCES")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "resources"
-
-
 def builtin_texts() -> list[CalibrationText]:
     """The built-in calibration text, one entry per domain (prose, chat, math, code, other languages)."""
-    folder = resources_folder() / "calibration"
+    folder = resources_dir() / "calibration"
     texts: list[CalibrationText] = []
     for path in sorted(folder.glob("*.txt")):
         texts.append(CalibrationText(BUILTIN_DATASET_PREFIX + path.stem, _documents(path.read_text(encoding="utf-8"))))

@@ -213,12 +213,9 @@ SENSITIVITY_FORMAT = "qdesk.sensitivity/2"
 
 def sensitivity_cache_folder() -> Path:
     """Where measured sensitivities are kept: `$QDESK_CACHE_DIR/sensitivity`, else the user cache folder."""
-    override = os.environ.get("QDESK_CACHE_DIR")
-    if override:
-        return Path(override) / "sensitivity"
-    import platformdirs
+    from converters.core.paths import cache_dir
 
-    return Path(platformdirs.user_cache_dir("qdesk")) / "sensitivity"
+    return cache_dir() / "sensitivity"
 
 
 def _cache_key(reference: Path, matrix: ImportanceMatrix | None, texts: Sequence[CalibrationText] | None,

@@ -29,6 +29,7 @@ import numpy as np
 from converters.calibration.divergence import ReferenceRows
 from converters.core.gguf_file import file_fingerprint
 from converters.core.leftovers import temporary_file, temporary_folder
+from converters.core.paths import cache_dir
 
 FORMAT = "qdesk.reference-logits/1"
 DEFAULT_LIMIT_BYTES = 8 << 30
@@ -37,12 +38,7 @@ _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZ
 
 
 def cache_root() -> Path:
-    override = os.environ.get("QDESK_CACHE_DIR")
-    if override:
-        return Path(override) / "reference-logits"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qdesk")) / "reference-logits"
+    return cache_dir() / "reference-logits"
 
 
 def cache_limit_bytes() -> int:

@@ -23,12 +23,12 @@ from converters.calibration.imatrix import ImportanceMatrix
 from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn
 from converters.core.leftovers import temporary_folder
+from converters.core.units import format_size
 from converters.mix.allocate import MixBudget
 from converters.quantization.presets import preset_named
 from converters.quantization.quantize import NONE, QuantizeResult, quantize, reference_outtype, variant_file_name
 from converters.writing.convert import ConversionResult, convert_checkpoint
 from qdesk.library.store import Library, LibraryEntry
-from qdesk.memory import format_size
 
 __all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files"]
 
@@ -100,8 +100,9 @@ class BatchStep:
     """"convert", "calibrate", or the variant's type label."""
     title: str
     work: StepWork
-    required: bool
-    """The later steps need this one: when it fails or is cancelled, they cannot run."""
+    needs: tuple[str, ...] = ()
+    """The keys of the earlier steps this one uses (the reference, the importance matrix): when one of them fails
+    or is cancelled, this step cannot run; the others still can."""
 
 
 @dataclass
@@ -128,14 +129,18 @@ class VariantBatch:
 
     def steps(self) -> list[BatchStep]:
         steps: list[BatchStep] = []
+        reference: tuple[str, ...] = ()
         if self._is_checkpoint():
-            steps.append(BatchStep("convert", "Convert to GGUF", self._convert, True))
-        if self._needs_matrix():
-            steps.append(BatchStep("calibrate", "Importance matrix", self._calibrate, True))
+            steps.append(BatchStep("convert", "Convert to GGUF", self._convert))
+            reference = ("convert",)
+        matrix = self._needs_matrix()
+        if matrix:
+            steps.append(BatchStep("calibrate", "Importance matrix", self._calibrate, reference))
         for choice in self.request.choices:
+            needs = reference + (("calibrate",) if matrix and choice.uses_imatrix else ())
             steps.append(BatchStep(choice.type_label, f"Quantize {choice.label}",
                                    lambda progress, cancel, choice=choice: self._quantize(choice, progress, cancel),
-                                   False))
+                                   needs))
         return steps
 
     def texts(self) -> tuple[CalibrationText, ...] | None:
