@@ -119,6 +119,8 @@ class _InputSource:
 
     def inputs(self, weights: frozenset[str]) -> list[_Input]:
         """The distinct inputs read by any of `weights`, in the model's order, each with those of its readers."""
+        if not weights:
+            return []
         if self._memory is not None:
             shared: dict[int, list[str]] = {}
             for name, matrix in self._memory.items():
@@ -132,9 +134,14 @@ class _InputSource:
         return sorted(found, key=lambda entry: _model_order(entry.weights[0]))
 
     def covariance(self, entry: _Input) -> np.ndarray:
+        from native.input_spill import SpillMismatch
+
         if self._memory is not None:
             return self._memory[str(entry.key)]
-        return self._spilled().covariance(entry.key)
+        try:
+            return self._spilled().covariance(entry.key)
+        except SpillMismatch as error:
+            raise FeedbackError(f"{error}; it was changed while qdesk worked, quantize again.") from error
 
 
 def _model_order(name: str) -> tuple[int, str]:

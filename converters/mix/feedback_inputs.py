@@ -127,6 +127,7 @@ class CalibrationInputs:
         return (texts_digest(self.texts), str(self.chunks), str(self.ctx))
 
     def __enter__(self) -> CalibrationInputs:
+        remove_dead_spills(self.scratch)
         return self
 
     def __exit__(self, *_exc: object) -> None:
