@@ -4,11 +4,12 @@
 
 Collects the inputs of every weight matrix on the built-in calibration text (`native.input_spill`, the format the
 pipeline uses: float16 with a power-of-two scale per row) and, for the matrices of `--layers` evenly spaced
-layers, also the exact covariances (float32 rows summed in float64) and those of bfloat16-rounded rows. Then each
-of those matrices is encoded with error feedback from the covariances of the first N tokens in each format, and
+layers, also the exact covariances (float32 rows summed in float64) and those of bfloat16-rounded rows of the first
+`--format-tokens` tokens. Then each of those matrices is encoded with error feedback from the covariances of the
+first N tokens (and, at `--format-tokens`, from each format's), and
 the product error tr(E H Eᵀ) is measured on held-out text (`resources/eval/text`, `--held-out` chunks of 512),
 over that of ggml's own rounding (lower is better; 1.0 means feedback saved nothing out of sample). Also prints
-the disk the spill takes per token and the time to form the covariances from it. Prints figures; never passes or
+the disk the spill takes per token and the time to form one layer's covariances from it. Prints figures; never passes or
 fails.
 """
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--held-out", type=int, default=8)
+    parser.add_argument("--format-tokens", type=int, default=4096, help="where the spill formats are compared")
     parser.add_argument("--scratch", type=Path, default=None, help="where to spill (default: beside the reference)")
     args = parser.parse_args()
 
@@ -120,6 +122,8 @@ def main() -> None:
     layers = sorted({round(i * (n_layers - 1) / max(args.layers - 1, 1)) for i in range(args.layers)})
     classes = ("attn_q", "attn_output", "ffn_up", "ffn_down")
     names = [f"blk.{layer}.{part}.weight" for layer in layers for part in classes]
+    watched = {f"blk.{layer}.{part}.weight" for layer in layers
+               for part in (*classes, "attn_k", "attn_v", "ffn_gate")}  # whichever of a shared input's readers owns it
     held_texts = [CalibrationText(path.stem, tuple(p for p in path.read_text(encoding="utf-8").split("\n\n")
                                                    if p.strip()))
                   for path in sorted((resources_folder() / "eval" / "text").glob("*.txt"))]
@@ -128,17 +132,20 @@ def main() -> None:
         train_folder, held_folder = Path(scratch) / "train", Path(scratch) / "held"
         train_folder.mkdir()
         held_folder.mkdir()
-        train, writer, seconds = collect(args.reference, train_folder, builtin_texts(), top // CTX, set(names),
-                                         list(args.tokens))
+        train, writer, seconds = collect(args.reference, train_folder, builtin_texts(), top // CTX, watched,
+                                         [args.format_tokens])
         size = sum(entry.path.stat().st_size for entry in train.inputs)
         print(f"{args.reference.name}: {train.tokens} calibration tokens spilled in {seconds:.1f} s "
               f"(calibration pass included), {size / 1e9:.2f} GB = {size / train.tokens / 1e3:.1f} kB per token; "
               f"load average {os.getloadavg()[0]:.2f}")
-        started = time.monotonic()
+        middle = {train.input_of(f"blk.{layers[len(layers) // 2]}.{part}.weight").key: part for part in classes}
         for entry in train.inputs:
-            train.covariance(entry)
-        print(f"  forming every covariance from the spill: {time.monotonic() - started:.1f} s "
-              f"for {train.tokens} tokens")
+            if entry.key in middle:
+                for tokens in args.tokens:
+                    started = time.monotonic()
+                    prefix_covariance(train, entry.weights[0], tokens)
+                    print(f"  forming the covariance of {middle[entry.key]}'s input ({entry.n_in} wide) from "
+                          f"{tokens} tokens: {time.monotonic() - started:.2f} s", flush=True)
         held, _, _ = collect(args.reference, held_folder, held_texts, args.held_out)
         weights = _ReferenceWeights(args.reference)
         results: dict[tuple[str, int], list[float]] = {}
@@ -153,8 +160,10 @@ def main() -> None:
             baseline = _output_error(rows, plain, held_h)
             owner = next(w for w in train.input_of(name).weights if w in writer.exact)
             for tokens in args.tokens:
-                variants = {"float16 spill": prefix_covariance(train, name, tokens),
-                            "float32 rows": writer.exact[owner][tokens], "bfloat16 rows": writer.bf16[owner][tokens]}
+                variants = {"float16 spill": prefix_covariance(train, name, tokens)}
+                if tokens == args.format_tokens:
+                    variants.update({"float32 rows": writer.exact[owner][tokens],
+                                     "bfloat16 rows": writer.bf16[owner][tokens]})
                 for label, covariance in variants.items():
                     fed = quantize_with_feedback(rows, type_, prepare_inputs(covariance))
                     error = _output_error(rows, dequantize_rows(fed, type_, *rows.shape), held_h)

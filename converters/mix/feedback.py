@@ -34,6 +34,7 @@ from converters.calibration.imatrix import ImportanceMatrix
 from converters.core.errors import Cancelled
 from converters.core.gguf_file import TensorHeader, check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.mix.factor_store import FactorStore, compact
 from converters.mix.feedback_cache import FeedbackCache
 from converters.mix.feedback_inputs import CalibrationInputs, FeedbackError
 from converters.mix.sensitivity import Sensitivity, TensorSensitivity
@@ -133,6 +134,14 @@ class _InputSource:
             found = [entry for entry in found if entry.weights]
         return sorted(found, key=lambda entry: _model_order(entry.weights[0]))
 
+    def width(self, entry: _Input) -> int:
+        if self._memory is not None:
+            return int(self._memory[str(entry.key)].shape[0])
+        return int(entry.key.n_in)  # type: ignore[attr-defined]
+
+    def factor_store(self) -> FactorStore | None:
+        return self._calibration.factor_store() if self._calibration is not None else None
+
     def covariance(self, entry: _Input) -> np.ndarray:
         from native.input_spill import SpillMismatch
 
@@ -217,14 +226,24 @@ def _check(cancel: CancelToken | None) -> None:
 
 
 def _factored(source: _InputSource, entry: _Input, progress: ProgressFn, step: Progress,
-              cancel: CancelToken | None) -> tuple[np.ndarray, PreparedInputs]:
+              cancel: CancelToken | None, *, with_covariance: bool) -> tuple[np.ndarray | None, PreparedInputs]:
+    """The input's factor (read back when an earlier pass of the job kept it, unless the covariance itself is
+    wanted too), always in the compact form `converters.mix.factor_store` keeps."""
+    store = source.factor_store()
+    key = str(getattr(entry.key, "key", entry.key))
+    if store is not None and not with_covariance:
+        kept = store.load(key, source.width(entry))
+        if kept is not None:
+            return None, kept.expanded()
     progress(Progress(step.done, step.total, step.unit, "forming input covariances"))
     covariance = source.covariance(entry)
     _check(cancel)
     progress(Progress(step.done, step.total, step.unit, "factoring input covariances"))
-    prepared = _prepared(covariance)
+    factor = compact(_prepared(covariance))
     _check(cancel)
-    return covariance, prepared
+    if store is not None:
+        store.save(key, factor)
+    return covariance, factor.expanded()
 
 
 def apply_feedback(
@@ -271,7 +290,7 @@ def apply_feedback(
         counter.total = counter.done + len(missing)
         for entry in source.inputs(frozenset(by_name)):
             _check(cancel)
-            _, prepared = _factored(source, entry, progress, counter.report(), cancel)
+            _, prepared = _factored(source, entry, progress, counter.report(), cancel, with_covariance=False)
             for name in entry.weights:
                 counter.step_before()
                 _re_encode(file, written.data_offset, by_name[name], sources, prepared, matrix, threads, cache,
@@ -398,7 +417,8 @@ def _measure_ratios(source: _InputSource, wanted: Mapping[str, Sequence[str]], k
     counter = _Counter(progress, len(wanted), "measuring what error feedback saves")
     for entry in source.inputs(frozenset(wanted)):
         _check(cancel)
-        covariance, prepared = _factored(source, entry, progress, counter.report(), cancel)
+        covariance, prepared = _factored(source, entry, progress, counter.report(), cancel, with_covariance=True)
+        assert covariance is not None
         for name in entry.weights:
             _check(cancel)
             counter.step_before()

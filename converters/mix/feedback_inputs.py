@@ -30,6 +30,7 @@ from converters.calibration.calibrate import CalibrationResult, CalibrationText,
 from converters.core.errors import Cancelled, UserError
 from converters.core.gguf_file import GGUFHeader, check_gguf, file_fingerprint
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.mix.factor_store import FactorStore
 
 if TYPE_CHECKING:
     from native.input_spill import SpilledInputs
@@ -61,6 +62,12 @@ def _owner_alive(pid: int, start: int) -> bool:
         return abs(int(psutil.Process(pid).create_time()) - start) <= 1
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return pid == os.getpid()
+
+
+def spill_tag_of(fingerprint: str) -> bytes:
+    from native.input_spill import spill_tag
+
+    return spill_tag(fingerprint)
 
 
 def remove_dead_spills(folder: Path) -> list[Path]:
@@ -114,6 +121,7 @@ class CalibrationInputs:
         self._folder: Path | None = None
         self._remover: weakref.finalize | None = None
         self._spilled: SpilledInputs | None = None
+        self._factors: FactorStore | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -136,6 +144,7 @@ class CalibrationInputs:
     def close(self) -> None:
         """Remove the spill folder (safe to call twice; done at exit or collection too)."""
         self._spilled = None
+        self._factors = None
         if self._remover is not None:
             self._remover()
             self._remover = None
@@ -182,6 +191,13 @@ class CalibrationInputs:
             self._collect(progress, cancel)
         assert self._spilled is not None
         return self._spilled
+
+    def factor_store(self) -> FactorStore | None:
+        """Where factored covariances are kept for the rest of the job (None before the rows are spilled)."""
+        if self._factors is None and self._spilled is not None and self._folder is not None:
+            needed = sum(entry.n_in * entry.n_in * 2 for entry in self._spilled.inputs)
+            self._factors = FactorStore(self._folder / "factors", spill_tag_of(self.fingerprint), needed)
+        return self._factors
 
     def _open(self) -> SpilledInputs:
         from native.input_spill import SpilledInputs, SpillMismatch, spill_tag
