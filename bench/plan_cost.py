@@ -50,9 +50,11 @@ def main() -> None:
     parser.add_argument("--preset", default="Q4_K_M")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-cold", action="store_true", help="leave out the run with an empty cache")
+    parser.add_argument("--scratch", type=Path, default=None, help="where outputs and caches go (default: beside "
+                        "the reference)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(dir=args.reference.parent, prefix="plan-cost-") as scratch:
+    with tempfile.TemporaryDirectory(dir=args.scratch or args.reference.parent, prefix="plan-cost-") as scratch:
         warm, cold = Path(scratch) / "cache", Path(scratch) / "cold"
         output = str(Path(scratch) / "out.gguf")
         common = [str(args.reference), "-o", output, "--imatrix", str(args.imatrix)]

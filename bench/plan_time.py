@@ -88,9 +88,11 @@ def main() -> None:
     parser.add_argument("--imatrix", default="auto", help="auto (calibrate, the default), none or a file")
     parser.add_argument("--mix-effort", default="default", choices=("fast", "default", "thorough"))
     parser.add_argument("--chunks", type=int, default=None, help="calibration chunks (default: quantize's)")
+    parser.add_argument("--scratch", type=Path, default=None, help="where the output, cache and spill go "
+                        "(default: beside the reference)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(dir=args.reference.parent, prefix="plan-time-") as scratch:
+    with tempfile.TemporaryDirectory(dir=args.scratch or args.reference.parent, prefix="plan-time-") as scratch:
         os.environ["QDESK_CACHE_DIR"] = str(Path(scratch) / "cache")
         from converters.mix.allocate import MixBudget
         from converters.mix.feedback_inputs import SPILL_PREFIX

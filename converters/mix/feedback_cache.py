@@ -1,11 +1,11 @@
 """Error feedback's results kept between jobs: the measured ratios and the re-encoded tensors' bytes.
 
 Both depend on the reference (its fingerprint), the importance matrix (its contents), the calibration text and
-how much of it the covariances saw, the encoder (the source of `native.error_feedback` and llama.cpp's version,
-whose encoder picks the block scales) and, for the bytes, the tensor and its type. A key over all of them names
-a folder `$QDESK_CACHE_DIR/feedback/<key>/` (the user cache folder by default) holding `ratios.json` and one
-`.bin` file per re-encoded tensor and type. Applying a saved plan then copies bytes instead of collecting inputs
-and re-encoding, and a second budget of the same model re-encodes only the tensors whose type is new.
+how much of it the covariances saw, the encoder (`encoder_version`) and, for the bytes, the tensor and its type. A
+key over all of them names a folder `$QDESK_CACHE_DIR/feedback/<key>/` (the user cache folder by default) holding
+`ratios.json`, `readers.json` (the weights that have an input) and one `.bin` file per re-encoded tensor and type.
+Applying a saved plan then copies bytes instead of collecting inputs and re-encoding, and a second budget of the
+same model re-encodes only the tensors whose type is new.
 
 Every entry repeats the key and what it holds in its own header, with a CRC of its bytes: an entry that was
 copied from another model's folder, cut short or altered is not used (it is recomputed and replaced). Entries
@@ -53,13 +53,18 @@ def feedback_cache_root() -> Path:
 
 @cache
 def encoder_version() -> str:
-    """A digest of the encoder's source and llama.cpp's version: a changed encoder never reuses old bytes."""
+    """A digest of what decides the bytes besides the data: the encoder's source, the spill's and the compact
+    factor's (both round what the encoder sees), and llama.cpp's version (its encoder picks the block scales). A
+    changed encoder never reuses old bytes."""
     import llama_cpp
 
+    import converters.mix.factor_store
     import native.error_feedback
+    import native.input_spill
 
-    digest = hashlib.sha256(Path(native.error_feedback.__file__).read_bytes())
-    digest.update(llama_cpp.__version__.encode())
+    digest = hashlib.sha256(llama_cpp.__version__.encode())
+    for module in (native.error_feedback, native.input_spill, converters.mix.factor_store):
+        digest.update(Path(module.__file__ or "").read_bytes())
     return digest.hexdigest()[:16]
 
 
