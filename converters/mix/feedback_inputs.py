@@ -8,19 +8,16 @@ then `inputs.adopt(result)`), or from a pass of their own the first time somethi
 The folder is created beside the output, after checking that its disk can hold the rows (about
 chunks × ctx × Σ n_in × 2 bytes: one float16 row per token and distinct input), and is removed however the job
 ends. Its name records the owner's process id and start time (`.qdesk-spill-<pid>-<start>-<random>`), so that
-the next job writing into that folder removes what a killed process left (`remove_dead_spills`), and never a
-live process's.
+the next job writing into that folder removes what a killed process left (`converters.core.leftovers`), and
+never a live process's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,14 +26,15 @@ from typing import TYPE_CHECKING
 from converters.calibration.calibrate import CalibrationResult, CalibrationText, builtin_texts, calibration_chunks
 from converters.core.errors import Cancelled, UserError
 from converters.core.gguf_file import GGUFHeader, check_gguf, file_fingerprint
+from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.leftovers import remove_leftovers, temporary_folder
 from converters.mix.factor_store import FactorStore
 
 if TYPE_CHECKING:
     from native.input_spill import SpilledInputs
 
 SPILL_PREFIX = ".qdesk-spill-"
-_SPILL_NAME = re.compile(r"^\.qdesk-spill-(?P<pid>\d+)-(?P<start>\d+)-")
 _SHARED_INPUTS = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_qkv": "attn_in",
                   "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_gate_up": "ffn_in"}
 """Weights whose products read the same input (counted once when the spill's size is estimated)."""
@@ -49,37 +47,10 @@ class FeedbackError(UserError):
     """Error feedback that cannot be applied as asked."""
 
 
-def _owner_start() -> int:
-    import psutil
-
-    return int(psutil.Process().create_time())
-
-
-def _owner_alive(pid: int, start: int) -> bool:
-    import psutil
-
-    try:
-        return abs(int(psutil.Process(pid).create_time()) - start) <= 1
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return pid == os.getpid()
-
-
 def spill_tag_of(fingerprint: str) -> bytes:
     from native.input_spill import spill_tag
 
     return spill_tag(fingerprint)
-
-
-def remove_dead_spills(folder: Path) -> list[Path]:
-    """Remove the spill folders in `folder` whose owning process is gone; returns those removed."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in folder.iterdir():
-            found = _SPILL_NAME.match(entry.name)
-            if found and entry.is_dir() and not _owner_alive(int(found["pid"]), int(found["start"])):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
 
 
 def spill_bytes(header: GGUFHeader, tokens: int) -> int:
@@ -135,7 +106,7 @@ class CalibrationInputs:
         return (texts_digest(self.texts), str(self.chunks), str(self.ctx))
 
     def __enter__(self) -> CalibrationInputs:
-        remove_dead_spills(self.scratch)
+        remove_leftovers(self.scratch)
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -153,7 +124,6 @@ class CalibrationInputs:
     def folder_for_spill(self) -> Path:
         """A new, empty spill folder (any earlier one removed), after checking that the disk can hold the rows."""
         self.close()
-        remove_dead_spills(self.scratch)
         header = check_gguf(self.reference)
         needed = spill_bytes(header, self.chunks * self.ctx)
         try:
@@ -166,8 +136,7 @@ class CalibrationInputs:
                 f"for the calibration inputs and {free / 1e9:.1f} GB are free; free some space, write the output "
                 "elsewhere, or quantize with --encoder ggml.")
         try:
-            self._folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-{_owner_start()}-",
-                                                 dir=self.scratch))
+            self._folder = temporary_folder(self.scratch, "spill")
         except OSError as error:
             raise FeedbackError(f"cannot create a scratch folder in {self.scratch} for error feedback "
                                 f"({error.strerror}); choose an output folder you can write to.") from error
@@ -210,35 +179,49 @@ class CalibrationInputs:
                 from error
 
     def _collect(self, progress: ProgressFn, cancel: CancelToken | None) -> None:
-        from native.activations import ModelEvaluator
-        from native.errors import NativeError, Stopped
-        from native.input_spill import InputSpillWriter, spill_tag
+        from native.input_spill import spill_tag
 
         folder = self.folder_for_spill()
-        writer = InputSpillWriter(folder, spill_tag(self.fingerprint))
-        should_stop = (lambda: cancel.cancelled) if cancel is not None else None
-        progress(Progress(0, self.chunks, "chunks", "collecting inputs"))
         try:
-            with ModelEvaluator(self.reference, n_ctx=self.ctx, n_gpu_layers=self.gpu_layers,
-                                covariance_chunks=self.chunks, spill=writer, should_stop=should_stop) as evaluator:
-                token_chunks = calibration_chunks(evaluator, list(self.texts or builtin_texts()), self.ctx,
-                                                  self.chunks)
-                for index, chunk in enumerate(token_chunks):
-                    if cancel is not None:
-                        cancel.raise_if_cancelled()
-                    evaluator.evaluate_chunk(chunk)
-                    progress(Progress(index + 1, len(token_chunks), "chunks", "collecting inputs"))
-                evaluator.finish_spill()
-        except Stopped:
-            writer.abandon()
-            self.close()
-            raise Cancelled("quantization was cancelled") from None
-        except NativeError as error:
-            writer.abandon()
-            self.close()
-            raise FeedbackError(str(error)) from error
+            collect_inputs(self.reference, self.texts, folder=folder, tag=spill_tag(self.fingerprint),
+                           chunks=self.chunks, ctx=self.ctx, gpu_layers=self.gpu_layers, progress=progress,
+                           cancel=cancel)
         except BaseException:
-            writer.abandon()
             self.close()
             raise
         self._spilled = self._open()
+
+
+@isolated("the input collection")
+def collect_inputs(reference: Path, texts: Sequence[CalibrationText] | None, *, folder: Path, tag: bytes,
+                   chunks: int, ctx: int, gpu_layers: int, progress: ProgressFn = no_progress,
+                   cancel: CancelToken | None = None) -> None:
+    """Evaluate `reference` on the calibration text (built-in when None) and write each weight matrix's input rows
+    of the first `chunks` chunks into `folder` (`native.input_spill`). It runs in a child process
+    (`converters.core.isolation`): llama.cpp aborts on some models it cannot run."""
+    from native.activations import ModelEvaluator
+    from native.errors import NativeError, Stopped
+    from native.input_spill import InputSpillWriter
+
+    writer = InputSpillWriter(folder, tag)
+    should_stop = (lambda: cancel.cancelled) if cancel is not None else None
+    progress(Progress(0, chunks, "chunks", "collecting inputs"))
+    try:
+        with ModelEvaluator(reference, n_ctx=ctx, n_gpu_layers=gpu_layers, covariance_chunks=chunks, spill=writer,
+                            should_stop=should_stop) as evaluator:
+            token_chunks = calibration_chunks(evaluator, list(texts or builtin_texts()), ctx, chunks)
+            for index, chunk in enumerate(token_chunks):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                evaluator.evaluate_chunk(chunk)
+                progress(Progress(index + 1, len(token_chunks), "chunks", "collecting inputs"))
+            evaluator.finish_spill()
+    except Stopped:
+        writer.abandon()
+        raise Cancelled("quantization was cancelled") from None
+    except NativeError as error:
+        writer.abandon()
+        raise FeedbackError(str(error)) from error
+    except BaseException:
+        writer.abandon()
+        raise
