@@ -24,6 +24,7 @@ from converters.calibration.imatrix import ImatrixEntry, ImportanceMatrix, write
 from converters.core.errors import Cancelled, UserError
 from converters.core.gguf_file import check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 
 DEFAULT_CHUNKS = 48
 DEFAULT_CTX = 512
@@ -122,6 +123,9 @@ def calibrate(
 
     model = Path(model)
     check_gguf(model)
+    if output is not None:
+        check_output_folder(Path(output))
+        check_outputs([model], [output])
     if chunks < 1:
         raise CalibrationError(f"--chunks must be at least 1 (got {chunks}).")
     if ctx < MIN_CTX:

@@ -69,6 +69,16 @@ def resolve_checkpoint_folder(source: Path) -> Path:
     return source
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files of a checkpoint folder that a conversion may read (every file but GGUF and hidden ones): the
+    files no output may replace."""
+    try:
+        return sorted(path for path in folder.iterdir()
+                      if path.is_file() and path.suffix != ".gguf" and not path.name.startswith("."))
+    except OSError:
+        return []
+
+
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():

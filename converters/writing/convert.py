@@ -17,11 +17,13 @@ import numpy as np
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import CheckpointError, UnsupportedModelError, UserError
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
 from converters.reading.checkpoint import (
     Checkpoint,
     SourceTensor,
     check_dtypes,
+    checkpoint_files,
     open_checkpoint,
     read_config,
     resolve_checkpoint_folder,
@@ -93,6 +95,8 @@ def convert_checkpoint(
     metadata = _model_metadata(checkpoint.folder, parameter_count)
     target = Path(output) if output is not None else (output_folder or checkpoint.folder) / _default_file_name(
         metadata, out)
+    check_output_folder(target)
+    check_outputs([*checkpoint_files(checkpoint.folder), *checkpoint.weight_files], [target])
     check_free_space(target, sum(p.declared.nbytes for p in plan) + 64 * 1024 * 1024)
 
     vocab_rows = _vocab_rows(plan)
