@@ -28,12 +28,14 @@ from converters.reading.checkpoint import (
     read_config,
     resolve_checkpoint_folder,
 )
+from converters.reading.config_shapes import check_layers, check_shapes, layer_count
 from converters.reading.prefetch import prefetched
 from converters.reading.tokenizer import TokenizerSummary, export_tokenizer
 from converters.writing.gguf_stream import DeclaredTensor, StreamingGGUFWriter
 from converters.writing.tensor_types import OUTTYPES, OutType, encode, tensor_type
 
 CHUNK_BYTES = 16 * 1024 * 1024
+_SOURCE_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 """Largest float32 slice of one tensor held in memory at once while converting."""
 
 
@@ -89,7 +91,7 @@ def convert_checkpoint(
     arch = architecture_for(config)
     checkpoint = open_checkpoint(folder, config)
     check_dtypes(checkpoint)
-    block_count = int(checkpoint.config.require("num_hidden_layers"))
+    block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
     parameter_count = sum(p.element_count for p in plan)
     metadata = _model_metadata(checkpoint.folder, parameter_count)
@@ -140,6 +142,9 @@ def _plan_tensors(
             continue
         mapped = name_map.get_type_and_name(_strip_prefix(name, arch), try_suffixes=(".weight", ".bias"))
         if mapped is None:
+            beyond = _SOURCE_LAYER.search(name)
+            if beyond is not None and int(beyond.group(1)) >= block_count:
+                check_layers([int(beyond.group(1))], block_count)
             raise UnsupportedModelError(
                 f"Tensor {name} has no place in a llama.cpp {arch.name} model; this checkpoint is a variant "
                 "qdesk does not support yet."
@@ -153,6 +158,9 @@ def _plan_tensors(
     for offset, (gguf_name, values) in enumerate(extras):
         declared = DeclaredTensor(gguf_name, tuple(values.shape), tensor_type(tuple(values.shape), out))
         planned.append(((-1, -len(checkpoint.tensors) + offset), _PlannedTensor(declared, None, generated=values)))
+    check_shapes(((p.source.name, p.kind, p.source.shape) for _, p in planned if p.source is not None),
+                 checkpoint.config)
+    check_layers((_block_of(p.declared.name) for _, p in planned if _block_of(p.declared.name) >= 0), block_count)
     planned.sort(key=lambda item: item[0])
     names = [p.declared.name for _, p in planned]
     duplicates = {n for n in names if names.count(n) > 1}
