@@ -111,7 +111,7 @@ def check_layers(layers: Iterable[int], block_count: int) -> None:
     missing = sorted(set(range(block_count)) - present)
     extra = sorted(present - set(range(block_count)))
     if missing or extra:
-        which = f"lack layer {missing[0]}" if missing else f"hold a layer {extra[0]}"
+        which = f"hold a layer {extra[0]}" if extra else f"lack layer {missing[0]}"
         raise CheckpointError(f"config.json declares {block_count} layers (num_hidden_layers) but the weights "
                               f"{which}; the config does not belong to these weights, so download the checkpoint "
                               "again.")
