@@ -85,3 +85,12 @@ def kquant_f16(test_cache: Path) -> Path:
         convert_checkpoint(checkpoint, out, outtype="f16")
 
     return _cached_gguf(test_cache, "kquant-tiny-llama-f16-v1.gguf", build)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many cases the fault and fuzz suite tried (tests/test_fuzz.py), when it ran."""
+    import sys
+
+    support = sys.modules.get("tests.fuzz_support")
+    for line in support.summary() if support is not None else []:
+        terminalreporter.write_line(line)

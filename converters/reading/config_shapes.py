@@ -9,6 +9,7 @@ Hugging Face shape `(out, in)` from the config's sizes; a bias has the first dim
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -38,21 +39,34 @@ class Sizes:
             return None if value is None else _size(key, value)
 
         heads = _size("num_attention_heads", config.require("num_attention_heads"))
+        hidden = _size("hidden_size", config.require("hidden_size"))
         return cls(
-            hidden=_size("hidden_size", config.require("hidden_size")),
+            hidden=hidden,
             feed_forward=optional("intermediate_size"),
             heads=heads,
             kv_heads=_size("num_key_value_heads", config.get("num_key_value_heads", default=heads)),
-            head_dim=_size("head_dim", config.head_dim),
+            head_dim=optional("head_dim") or max(1, hidden // heads),
             vocab=optional("vocab_size"),
         )
 
 
+def whole_number(value: object) -> int | None:
+    """A JSON value as a whole number (3 and 3.0, not true, 2.5, inf or "3"); None when it is none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _size(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or int(value) < 1:
+    number = whole_number(value)
+    if number is None or number < 1:
         raise CheckpointError(f"config.json gives `{key}` as {value!r}, not a positive whole number; download the "
                               "checkpoint again.")
-    return int(value)
+    return number
 
 
 Shape = tuple[int | None, ...]
@@ -108,14 +122,13 @@ def check_layers(layers: Iterable[int], block_count: int) -> None:
     """Raise CheckpointError unless the weights hold exactly the layers 0 … block_count - 1 that config.json
     declares (its `num_hidden_layers`)."""
     present = set(layers)
-    missing = sorted(set(range(block_count)) - present)
-    extra = sorted(present - set(range(block_count)))
-    if missing or extra:
-        which = f"hold a layer {extra[0]}" if extra else f"lack layer {missing[0]}"
+    extra = sorted(layer for layer in present if layer >= block_count)
+    if extra or len(present) < block_count:
+        missing = next(layer for layer in range(block_count) if layer not in present) if not extra else None
+        which = f"hold a layer {extra[0]}" if extra else f"lack layer {missing}"
         raise CheckpointError(f"config.json declares {block_count} layers (num_hidden_layers) but the weights "
                               f"{which}; the config does not belong to these weights, so download the checkpoint "
                               "again.")
-
 
 def layer_count(config: ModelConfig) -> int:
     """config.json's `num_hidden_layers`, checked to be a positive whole number."""

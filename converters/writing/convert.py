@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import re
 import time
@@ -19,6 +20,7 @@ from converters.core.errors import CheckpointError, UnsupportedModelError, UserE
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.outputs import check_output_folder, check_outputs
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
+from converters.reading.architectures.base import HParam
 from converters.reading.checkpoint import (
     Checkpoint,
     SourceTensor,
@@ -28,7 +30,7 @@ from converters.reading.checkpoint import (
     read_config,
     resolve_checkpoint_folder,
 )
-from converters.reading.config_shapes import check_layers, check_shapes, layer_count
+from converters.reading.config_shapes import check_layers, check_shapes, layer_count, whole_number
 from converters.reading.prefetch import prefetched
 from converters.reading.tokenizer import TokenizerSummary, export_tokenizer
 from converters.writing.gguf_stream import DeclaredTensor, StreamingGGUFWriter
@@ -133,8 +135,13 @@ def convert_checkpoint(
 def _plan_tensors(
     checkpoint: Checkpoint, arch: Architecture, out: OutType, block_count: int
 ) -> list[_PlannedTensor]:
-    name_map = gguf.get_tensor_name_map(arch.gguf_arch, block_count)
     ignored = [re.compile(pattern) for pattern in arch.ignored_tensors]
+    kept = [name for name in checkpoint.tensors if not any(pattern.fullmatch(name) for pattern in ignored)]
+    layers = {int(found.group(1)) for name in kept if (found := _SOURCE_LAYER.search(name))}
+    if max(layers, default=-1) >= block_count:
+        check_layers(layers, block_count)  # a layer beyond the config's count: refused before the map is made
+    # The map's size follows the layers the weights hold, not the config's count (which may be anything).
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, min(block_count, max(layers, default=-1) + 1))
     tied = bool(checkpoint.config.get("tie_word_embeddings", default=False))
     planned: list[tuple[tuple[int, int], _PlannedTensor]] = []
     for order, (name, source) in enumerate(checkpoint.tensors.items()):
@@ -142,9 +149,6 @@ def _plan_tensors(
             continue
         mapped = name_map.get_type_and_name(_strip_prefix(name, arch), try_suffixes=(".weight", ".bias"))
         if mapped is None:
-            beyond = _SOURCE_LAYER.search(name)
-            if beyond is not None and int(beyond.group(1)) >= block_count:
-                check_layers([int(beyond.group(1))], block_count)
             raise UnsupportedModelError(
                 f"Tensor {name} has no place in a llama.cpp {arch.name} model; this checkpoint is a variant "
                 "qdesk does not support yet."
@@ -158,9 +162,9 @@ def _plan_tensors(
     for offset, (gguf_name, values) in enumerate(extras):
         declared = DeclaredTensor(gguf_name, tuple(values.shape), tensor_type(tuple(values.shape), out))
         planned.append(((-1, -len(checkpoint.tensors) + offset), _PlannedTensor(declared, None, generated=values)))
+    check_layers(layers, block_count)
     check_shapes(((p.source.name, p.kind, p.source.shape) for _, p in planned if p.source is not None),
                  checkpoint.config)
-    check_layers((_block_of(p.declared.name) for _, p in planned if _block_of(p.declared.name) >= 0), block_count)
     planned.sort(key=lambda item: item[0])
     names = [p.declared.name for _, p in planned]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -198,10 +202,35 @@ def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelCon
                 config.require(*hparam.config_keys)
             value = hparam.default
         if value is not None:
-            _add_value(writer, f"{arch.name}.{hparam.key}", hparam.value_type(value))
+            _add_value(writer, f"{arch.name}.{hparam.key}", _config_value(hparam, value))
     if arch.derived_metadata is not None:
-        for key, value in arch.derived_metadata(config).items():
+        try:
+            derived = arch.derived_metadata(config)
+        except (TypeError, ValueError, ArithmeticError, KeyError) as error:
+            raise CheckpointError(f"config.json holds a value qdesk cannot use ({type(error).__name__}: {error}); "
+                                  "download the checkpoint again.") from error
+        for key, value in derived.items():
             _add_value(writer, key, value)
+
+
+_UINT32_LIMIT = 1 << 32
+
+
+def _config_value(hparam: HParam, value: Any) -> Any:
+    """A config.json value as its GGUF key stores it: a whole number a uint32 holds, a finite float, or a string;
+    anything else is refused naming the field."""
+    wanted, whole = hparam.value_type, whole_number(value)
+    if wanted is int and whole is not None and 0 <= whole < _UINT32_LIMIT:
+        return whole
+    if wanted is float and whole is not None and abs(whole) < 1 << 64:
+        return float(whole)
+    if wanted is float and isinstance(value, float) and math.isfinite(value):
+        return value
+    if wanted not in (int, float) and isinstance(value, wanted):
+        return value
+    kind = {int: "a whole number from 0 to 4294967295", float: "a finite number"}.get(wanted, wanted.__name__)
+    raise CheckpointError(f"config.json gives `{hparam.config_keys[0]}` as {value!r}, not {kind}; download the "
+                          "checkpoint again.")
 
 
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
