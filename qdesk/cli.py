@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import traceback
@@ -567,17 +568,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except UsageError as error:
         parser.error(str(error))
+    except BrokenPipeError as error:
+        if not _stdout_gone():
+            return _internal_error(error, args.debug)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # whoever read stdout stopped (`| head`)
+        return EXIT_USER_ERROR
     except (UserError, NativeError) as error:
         if args.debug:
             traceback.print_exc()
         print(f"qdesk: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as error:  # an unexpected failure still gets one sentence; --debug shows why
-        if args.debug:
-            traceback.print_exc()
-        print(
-            f"qdesk: internal error ({type(error).__name__}: {error}); run again with --debug "
-            "and report the traceback.",
-            file=sys.stderr,
-        )
-        return EXIT_USER_ERROR
+        return _internal_error(error, args.debug)
+
+
+def _internal_error(error: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(error)
+    print(f"qdesk: internal error ({type(error).__name__}: {error}); run again with --debug and report the "
+          "traceback.", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone away."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or no real stdout
+        return False

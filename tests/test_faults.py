@@ -79,3 +79,61 @@ def test_a_disk_that_fills_during_quantize_is_blamed_not_the_input(model: Path, 
     assert [path.name for path in small_disk.iterdir()] == [filler.name]
     assert digests([model]) == before
     assert leftovers(model.parent) == []
+
+
+# --- no code from a model folder ever runs ----------------------------------------------------------------------
+
+class _RunsCodeWhenUnpickled:
+    """What a malicious pytorch_model.bin holds: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(tiny_llama_hf: Path, tmp_path: Path) -> None:
+    import torch
+
+    from tests.cli_support import run_process
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_llama_hf, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "the-code-ran"
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 4), "payload": _RunsCodeWhenUnpickled(marker)},
+               folder / "pytorch_model.bin")
+    sentence = assert_refused(run_process("convert", folder, "-o", tmp_path / "out.gguf"),
+                              "holds Python objects other than tensors")
+    assert "never runs code from a model folder" in sentence
+    assert not marker.exists() and not (tmp_path / "out.gguf").exists()
+
+
+def test_a_chat_template_cannot_reach_python(tmp_path: Path) -> None:
+    """Calibration renders conversations through the model's own chat template, in Jinja2's sandbox."""
+    from converters.calibration.calibrate import render_conversation
+
+    marker = tmp_path / "the-template-ran-code"
+    template = ("{{ ''.__class__.__mro__[1].__subclasses__() }}"
+                f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}")
+    rendered = render_conversation([{"role": "user", "content": "hello"}], template)
+    assert rendered == "user: hello"  # the sandbox refused; the plain rendering stands in
+    assert not marker.exists()
+
+
+def test_a_reader_that_stops_reading_is_no_internal_error(kquant_f16: Path) -> None:
+    """`qdesk info MODEL --types | head -1`: stdout's reader goes away; qdesk stops quietly."""
+    import sys
+
+    from tests.cli_support import REPO_ROOT
+
+    process = subprocess.Popen([sys.executable, "-m", "qdesk", "info", kquant_f16, "--types", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    assert process.stdout is not None
+    process.stdout.close()  # gone before qdesk writes a byte
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (0, 1)
+    assert b"internal error" not in stderr and b"Traceback" not in stderr, stderr
