@@ -370,7 +370,16 @@ def _plan_mutation(document: dict[str, Any]) -> st.SearchStrategy[tuple[str, Any
     return st.one_of(retype, retype, tensor_field, dimension, top, structure)
 
 
-def _apply_plan(document: dict[str, Any], mutation: tuple[str, Any, Any]) -> Any:
+def _apply_plan(document: Any, mutation: tuple[str, Any, Any]) -> Any:
+    """The document with one mutation applied; one that no longer applies (an earlier mutation replaced the part
+    it changes) leaves it as it is."""
+    try:
+        return _mutate_plan(document, mutation)
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return document
+
+
+def _mutate_plan(document: Any, mutation: tuple[str, Any, Any]) -> Any:
     kind, index, value = mutation
     tensors = document["tensors"] if isinstance(document, dict) and isinstance(document.get("tensors"), list) else []
     if kind == "whole":
