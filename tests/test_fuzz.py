@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -322,22 +323,40 @@ def _legacy_slots(content: bytes) -> list[Slot]:
 _ODD_FLOATS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 1e38, -0.0, 1e-45]
 
 
+@dataclass(frozen=True)
+class MatrixLayout:
+    """An importance-matrix file to mutate: its bytes, its integer fields, where its values start, and below which
+    length a cut file is certainly incomplete."""
+
+    content: bytes
+    slots: list[Slot]
+    values_start: int
+    incomplete_below: int
+
+
+@pytest.fixture(scope="module")
+def matrix_layouts(imatrix_files: tuple[Path, Path]) -> dict[bool, MatrixLayout]:
+    """By `legacy`: the GGUF importance matrix and the legacy .dat one."""
+    made, legacy = imatrix_files
+    slots, data_offset = gguf_slots(made)
+    legacy_content = legacy.read_bytes()
+    return {
+        False: MatrixLayout(made.read_bytes(), slots, data_offset, check_gguf(made).data_end),
+        # a legacy cut between the entries and the optional dataset trailer leaves a good file
+        True: MatrixLayout(legacy_content, _legacy_slots(legacy_content), 4, 0),
+    }
+
+
 @hypothesis_settings(max_examples=examples(60))
 @given(data=st.data(), legacy=st.booleans())
-def test_importance_matrices_through_quantize(imatrix_files: tuple[Path, Path], kquant_f16: Path,
+def test_importance_matrices_through_quantize(matrix_layouts: dict[bool, MatrixLayout], kquant_f16: Path,
                                               data: st.DataObject, legacy: bool) -> None:
-    source = imatrix_files[1] if legacy else imatrix_files[0]
-    content = source.read_bytes()
-    if legacy:
-        slots, header_end, data_end = _legacy_slots(content), len(content), len(content)
-        certainly_bad_cut = 0  # a cut between the entries and the optional dataset trailer is a good file
-    else:
-        slots, header_end = gguf_slots(source)
-        data_end = check_gguf(source).data_end
-        certainly_bad_cut = data_end
+    layout = matrix_layouts[legacy]
+    content = layout.content
     value_edit = st.builds(lambda at, value: ByteEdit(at - at % 4, struct.pack("<f", value)),
-                           st.integers(header_end if not legacy else 4, len(content) - 4), st.sampled_from(_ODD_FLOATS))
-    edits = data.draw(st.one_of(gguf_edits(slots, header_end, len(content)),
+                           st.integers(layout.values_start, len(content) - 4), st.sampled_from(_ODD_FLOATS))
+    edits = data.draw(st.one_of(gguf_edits(layout.slots, len(content) if legacy else layout.values_start,
+                                           len(content)),
                                 st.lists(value_edit, min_size=1, max_size=3)))
     with case("importance matrix: quantize --imatrix FILE") as work:
         mutated = work / ("m.imatrix.dat" if legacy else "m.imatrix.gguf")
@@ -349,7 +368,7 @@ def test_importance_matrices_through_quantize(imatrix_files: tuple[Path, Path], 
         shutil.copyfile(kquant_f16, model)
         Contract.around([mutated, model], [out], work, lambda: run_in_process(
             "quantize", model, "-o", out, "--preset", "Q4_K_M", "--imatrix", mutated),
-            must_refuse=len(buffer) < certainly_bad_cut)
+            must_refuse=len(buffer) < layout.incomplete_below)
 
 
 # --- plan files --------------------------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from converters.writing.gguf_stream import DeclaredTensor, StreamingGGUFWriter
 from converters.writing.tensor_types import OUTTYPES, OutType, encode, tensor_type
 
 CHUNK_BYTES = 16 * 1024 * 1024
-_SOURCE_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 """Largest float32 slice of one tensor held in memory at once while converting."""
+_SOURCE_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+"""The layer index in a Hugging Face tensor name (model.layers.3.mlp…)."""
 
 
 @dataclass(frozen=True)

@@ -383,9 +383,14 @@ class Library:
             self._prepare(connection)
             yield connection
         except sqlite3.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
+            message = str(error)
+            if "locked" in message or "busy" in message:
                 raise LibraryError(f"The model index {self.index_path} stayed locked by another qdesk for "
                                    f"{_DB_TIMEOUT_S:.0f} s; try again when it has finished.") from error
+            if any(cause in message for cause in ("readonly", "unable to open", "disk I/O", "is full")):
+                raise LibraryError(f"Cannot write the model index {self.index_path} ({error}); check the models "
+                                   f"folder's permissions and free space, or choose another one (set "
+                                   f"{MODELS_DIR_ENV}).") from error
             raise self._unreadable(error) from error
         except sqlite3.DatabaseError as error:
             raise self._unreadable(error) from error
