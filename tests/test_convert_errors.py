@@ -355,6 +355,11 @@ def test_a_hugging_face_cache_snapshot_links_into_its_blobs(tmp_path: Path) -> N
         (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
     result = convert_checkpoint(snapshot, tmp_path / "out.gguf")
     assert result.tensor_count > 0
+    nested = snapshot / "language-model"  # a repository that keeps its checkpoint in a subfolder
+    nested.mkdir()
+    for file in built.iterdir():
+        (nested / file.name).symlink_to(Path("..", "..", "..", "blobs", f"blob-{file.name}"))
+    assert convert_checkpoint(nested, tmp_path / "nested.gguf").tensor_count == result.tensor_count
 
 
 @pytest.mark.parametrize(

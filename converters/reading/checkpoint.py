@@ -87,10 +87,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def _allowed_roots(folder: Path) -> tuple[Path, ...]:
     """Where the files of `folder` may really be: the folder itself, and for a snapshot of the Hugging Face cache
-    (`models--org--name/snapshots/REV`, whose files link to `../../blobs/HASH`) its repository's blobs."""
+    (`models--org--name/snapshots/REV`, or a folder inside one, whose files link to `…/blobs/HASH`) its
+    repository's blobs."""
     roots = [folder.resolve()]
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        roots.append((folder.parent.parent / "blobs").resolve())
+    for snapshot in (folder, *folder.parents):
+        if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--"):
+            roots.append((snapshot.parent.parent / "blobs").resolve())
+            break
     return tuple(roots)
 
 
