@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from native.errors import NativeError
+from converters.core.units import format_size
 from qdesk import __version__
 from qdesk.app.errors import Cancelled, UserError
 
@@ -49,14 +49,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         result = convert_checkpoint(args.source, args.output, outtype=args.outtype, progress=bar)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({result.bytes_written / 1e6:.1f} MB, {result.tensor_count} tensors)")
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors)")
     return EXIT_OK
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from converters.core.units import parse_size
     from converters.mix.report import render_grid
     from qdesk.library.info import memory_report, read_model_info, render_text, tensor_type_heatmap
-    from qdesk.memory import parse_size
 
     if args.backends:
         return _run_backends(args)
@@ -129,7 +129,8 @@ def _task_files(tasks: Sequence[str] | None) -> list[Path]:
 
 
 def _run_backends(args: argparse.Namespace) -> int:
-    from native.backends import discover, render_text
+    from native.backends import discover
+    from qdesk.display.backends import render_text
 
     system = discover()
     print(json.dumps(system.to_json(), indent=2) if args.json else render_text(system))
@@ -200,7 +201,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     feedback = ", error feedback" if result.plan.encoder == "feedback" else ""
-    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
+    print(f"wrote {result.path} ({format_size(result.bytes)}, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{feedback}{predicted})")
     if predictions:
         from converters.mix.report import plan_heatmap, summary_lines
@@ -212,8 +213,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
+    from converters.core.units import parse_size
     from converters.mix.allocate import MixBudget
-    from qdesk.memory import parse_size
 
     if args.like is not None:
         if args.like.upper() not in PRESET_NAMES:
@@ -331,8 +332,10 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         library.ensure_starter()
         library.refresh()
-        entries = library.entries()
-        print(json.dumps([entry.to_json() for entry in entries], indent=2) if args.json else render_text(entries))
+        if args.json:
+            print(json.dumps([entry.to_json() for entry in library.entries()], indent=2))
+        else:
+            print(render_text(library.groups()))
         return EXIT_OK
     if args.action == "scan":
         found = library.register_known_folders()
@@ -344,6 +347,11 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.action == "import":
         entry = library.import_model(Path(args.target), link=args.link)
         print(f"imported {entry.id} ({entry.path})")
+    elif args.action == "rename":
+        group = library.group_of(args.target)
+        library.rename_group(group.key, args.name or "")
+        shown = next(found.name for found in library.model_groups() if found.key == group.key)
+        print(f"the group of {args.target} ({len(group.entries)} files) is now shown as {shown}")
     else:
         library.remove(args.target)
         print(f"removed {args.target}")
@@ -351,6 +359,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from qdesk.app.settings import apply_hub_settings, load_settings
     from qdesk.display.terminal import ProgressBar
     from qdesk.hub import (
         DownloadCancelled,
@@ -363,6 +372,7 @@ def _run_download(args: argparse.Namespace) -> int:
         search_models,
     )
 
+    apply_hub_settings(load_settings())  # the desktop app's endpoint and cache, unless the environment sets them
     if args.search is not None:
         if args.repo_id is not None or args.limit < 1:
             raise UsageError("give either a repository or --search TEXT, and a --limit of at least 1")
@@ -399,6 +409,15 @@ def _run_download(args: argparse.Namespace) -> int:
         print(json.dumps({**result.to_json(), "library": library}, indent=2))
     else:
         print(render_download(result, library))
+    return EXIT_OK
+
+
+def _run_about(args: argparse.Namespace) -> int:
+    from qdesk.app.about import about, render_about
+    from qdesk.app.settings import load_settings
+
+    info = about(models_folder=load_settings().models_path())
+    print(json.dumps(info.to_json(), indent=2) if args.json else render_about(info))
     return EXIT_OK
 
 
@@ -523,9 +542,11 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="VRAM to check the fit against, e.g. 8GiB (default: free on this machine's GPUs)")
 
     models = command("models", "the local model library", _run_models)
-    models.add_argument("action", choices=("list", "import", "rm", "scan"),
-                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only")
-    models.add_argument("target", nargs="?", help="import: a GGUF file; rm: a model's name from `models list`")
+    models.add_argument("action", choices=("list", "import", "rm", "scan", "rename"),
+                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only; rename "
+                             "names the group (the model) a file belongs to")
+    models.add_argument("target", nargs="?", help="import: a GGUF file; rm, rename: a model's name from `models list`")
+    models.add_argument("name", nargs="?", help="rename: the group's new name (none: back to the files' own name)")
     models.add_argument("--link", action="store_true", help="import: link the file instead of copying it")
     models.add_argument("--json", action="store_true", help="list: print one JSON document")
     models.add_argument("--rebuild", action="store_true",
@@ -552,6 +573,9 @@ def _build_parser() -> argparse.ArgumentParser:
     download.add_argument("--json", action="store_true", help="print one JSON document")
 
     command("demo", "the whole flow on the bundled starter model", _run_demo)
+    about = command("about", "versions, compute backends, and where qdesk keeps its settings, models, caches and log",
+                    _run_about)
+    about.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
@@ -573,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _internal_error(error, args.debug)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # whoever read stdout stopped (`| head`)
         return EXIT_USER_ERROR
-    except (UserError, NativeError) as error:
+    except UserError as error:  # NativeError included
         if args.debug:
             traceback.print_exc()
         print(f"qdesk: {error}", file=sys.stderr)

@@ -11,10 +11,11 @@ import pytest
 
 from converters.core.errors import GGUFFileError, UserError
 from converters.core.jobs import Progress
+from converters.core.paths import MODELS_DIR_ENV
 from converters.quantization.quantize import quantize
 from qdesk.app.starter import starter_model_path
 from qdesk.library.info import read_model_info
-from qdesk.library.store import INDEX_NAME, MODELS_DIR_ENV, Library, LibraryEntry, LibraryError, render_text
+from qdesk.library.store import INDEX_NAME, Library, LibraryEntry, LibraryError, render_text
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -311,6 +312,30 @@ def test_known_folders_are_discovered(kquant_f16: Path, tmp_path: Path) -> None:
     library.remove("tiny:latest")
     assert (ollama / "blobs" / f"sha256-{model_digest}").is_file()
     assert Library(tmp_path / "empty").register_known_folders(home=tmp_path / "nobody") == []
+
+
+def test_the_hf_cache_is_the_one_named_now_and_a_damaged_repository_still_counts(
+        kquant_f16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_CACHE is read when the library looks (huggingface_hub's constant was fixed at its import); the cache
+    is read through huggingface_hub's scan_cache_dir, which drops a repository with one dangling link entirely:
+    that one is walked instead."""
+    cache = tmp_path / "elsewhere" / "hub"
+    for repo, name in (("models--a--sound-GGUF", "sound-F16.gguf"), ("models--b--damaged-GGUF", "damaged-F16.gguf")):
+        blob = cache / repo / "blobs" / f"{len(name):040x}"
+        blob.parent.mkdir(parents=True)
+        shutil.copyfile(kquant_f16, blob)
+        snapshot = cache / repo / "snapshots" / ("1" * 40)
+        snapshot.mkdir(parents=True)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (cache / "models--b--damaged-GGUF" / "snapshots" / ("1" * 40) / "gone.json").symlink_to("../../blobs/nothing")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    library = Library(tmp_path / "models")
+    assert library.register_known_folders() == ["hf-cache"]
+    entries = library.entries()
+    assert sorted(entry.id for entry in entries) == ["damaged-F16", "sound-F16"]
+    assert all(entry.source == "registered:hf-cache" and entry.status == "ok" for entry in entries)
 
 
 # --- the starter model --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ format. Without `texts` it mixes chunks from every domain of the built-in text i
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +21,11 @@ import numpy as np
 
 from converters.calibration.imatrix import ImatrixEntry, ImportanceMatrix, write_imatrix
 from converters.core.errors import Cancelled, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.outputs import check_output_folder, check_outputs
+from converters.core.paths import resources_dir
 
 DEFAULT_CHUNKS = 48
 DEFAULT_CTX = 512
@@ -56,14 +57,9 @@ class CalibrationResult:
     """With `covariance_chunks`: the inputs' second moments per weight (`native.activations.CollectedStats`)."""
 
 
-def resources_folder() -> Path:
-    override = os.environ.get("QDESK_RESOURCES")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "resources"
-
-
 def builtin_texts() -> list[CalibrationText]:
     """The built-in calibration text, one entry per domain (prose, chat, math, code, other languages)."""
-    folder = resources_folder() / "calibration"
+    folder = resources_dir() / "calibration"
     texts: list[CalibrationText] = []
     for path in sorted(folder.glob("*.txt")):
         texts.append(CalibrationText(BUILTIN_DATASET_PREFIX + path.stem, _documents(path.read_text(encoding="utf-8"))))
@@ -104,6 +100,7 @@ def _documents(text: str) -> tuple[str, ...]:
     return tuple(part for part in text.split("\n\n") if part.strip())
 
 
+@isolated("the calibration")
 def calibrate(
     model: str | Path,
     output: str | Path | None = None,
@@ -117,12 +114,14 @@ def calibrate(
     covariance_chunks: int = 0,
 ) -> CalibrationResult:
     """Compute the importance matrix of the GGUF `model` on `texts` (built-in text when None); with
-    `covariance_chunks`, also the input covariances of the first that many chunks (for error feedback)."""
+    `covariance_chunks`, also the input covariances of the first that many chunks (for error feedback).
+
+    It runs in a child process (`converters.core.isolation`): llama.cpp aborts on some models it cannot run."""
     from native.activations import ModelEvaluator
     from native.errors import NativeError, Stopped
 
     model = Path(model)
-    check_gguf(model)
+    check_model_gguf(model)
     if output is not None:
         check_output_folder(Path(output))
         check_outputs([model], [output])

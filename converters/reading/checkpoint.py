@@ -197,13 +197,7 @@ def _torch_tensors(path: Path) -> dict[str, SourceTensor]:
     import pickle
     import zipfile
 
-    try:
-        import torch
-    except ImportError:
-        raise UnsupportedModelError(
-            f"{path.name} is a PyTorch checkpoint and this qdesk has no PyTorch to read it; use the model's "
-            "safetensors release, or run qdesk from a Python install with torch."
-        ) from None
+    import torch  # a dependency of qdesk, imported only when a .bin checkpoint is read (it takes a second)
 
     try:
         try:

@@ -17,6 +17,7 @@ import numpy as np
 
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import CheckpointError, UnsupportedModelError, UserError
+from converters.core.hyperparameters import hyperparameter_problems
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.outputs import check_output_folder, check_outputs
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
@@ -96,6 +97,7 @@ def convert_checkpoint(
     check_dtypes(checkpoint)
     block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
+    _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
     parameter_count = sum(p.element_count for p in plan)
     metadata = _model_metadata(checkpoint.folder, parameter_count)
     target = Path(output) if output is not None else (output_folder or checkpoint.folder) / _default_file_name(
@@ -104,20 +106,11 @@ def convert_checkpoint(
     check_outputs([*checkpoint_files(checkpoint.folder), *checkpoint.weight_files], [target])
     check_free_space(target, sum(p.declared.nbytes for p in plan) + 64 * 1024 * 1024)
 
-    vocab_rows = _vocab_rows(plan)
     cancel.raise_if_cancelled()
     with atomic_output(target) as temporary:
         writer = StreamingGGUFWriter(temporary, arch.name)
         try:
-            metadata.set_gguf_meta_model(writer.metadata)
-            _write_hparams(writer.metadata, arch, checkpoint.config)
-            writer.metadata.add_file_type(out.file_type)
-            writer.metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            tokenizer = export_tokenizer(checkpoint.folder, writer.metadata, vocab_rows)
-            writer.metadata.add_vocab_size(tokenizer.token_count)
-            for planned in plan:
-                writer.declare(planned.declared.name, planned.declared.shape, planned.declared.qtype)
-            writer.begin_data()
+            tokenizer = _write_header(writer, checkpoint, arch, out, plan, metadata)
             _write_tensors(writer, plan, arch, checkpoint.config, report, cancel)
         finally:
             writer.close()
@@ -131,6 +124,49 @@ def convert_checkpoint(
         tokenizer=tokenizer,
         seconds=time.monotonic() - started,
     )
+
+
+def _write_header(writer: StreamingGGUFWriter, checkpoint: Checkpoint, arch: Architecture, out: OutType,
+                  plan: list[_PlannedTensor], metadata: gguf.Metadata) -> TokenizerSummary:
+    """Metadata, tokenizer and tensor table, up to where the tensor data begins."""
+    metadata.set_gguf_meta_model(writer.metadata)
+    for key, value in _hparam_values(arch, checkpoint.config).items():
+        _add_value(writer.metadata, key, value)
+    writer.metadata.add_file_type(out.file_type)
+    writer.metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer = export_tokenizer(checkpoint.folder, writer.metadata, _vocab_rows(plan))
+    writer.metadata.add_vocab_size(tokenizer.token_count)
+    for planned in plan:
+        writer.declare(planned.declared.name, planned.declared.shape, planned.declared.qtype)
+    writer.begin_data()
+    return tokenizer
+
+
+def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress: ProgressFn | None = None,
+                   cancel: CancelToken | None = None) -> Path:
+    """The GGUF `convert_checkpoint` would write, with its header, tokenizer and tensor table exactly as converted
+    but no weight read: the tensor data is a hole (a sparse file where the file system allows it), so the file
+    costs no time and next to no disk. What it is for: llama.cpp's quantizer can plan a checkpoint (a dry run of
+    a preset reads the tensor table, never the data) before anything is converted."""
+    del progress
+    (cancel or CancelToken()).raise_if_cancelled()
+    out = OUTTYPES[outtype.lower()]
+    folder = resolve_checkpoint_folder(source)
+    config = read_config(folder)
+    arch = architecture_for(config)
+    checkpoint = open_checkpoint(folder, config)
+    block_count = layer_count(checkpoint.config)
+    plan = _plan_tensors(checkpoint, arch, out, block_count)
+    _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
+    metadata = _model_metadata(checkpoint.folder, sum(p.element_count for p in plan))
+    with atomic_output(Path(output)) as temporary:
+        writer = StreamingGGUFWriter(temporary, arch.name)
+        try:
+            _write_header(writer, checkpoint, arch, out, plan, metadata)
+            writer.skip_data()
+        finally:
+            writer.close()
+    return Path(output)
 
 
 def _plan_tensors(
@@ -195,7 +231,9 @@ def _vocab_rows(plan: list[_PlannedTensor]) -> int | None:
     return None
 
 
-def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelConfig) -> None:
+def _hparam_values(arch: Architecture, config: ModelConfig) -> dict[str, Any]:
+    """The architecture's GGUF hyperparameters (full key → value) from config.json."""
+    values: dict[str, Any] = {}
     for hparam in arch.hparams:
         value = config.get(*hparam.config_keys)
         if value is None:
@@ -203,15 +241,23 @@ def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelCon
                 config.require(*hparam.config_keys)
             value = hparam.default
         if value is not None:
-            _add_value(writer, f"{arch.name}.{hparam.key}", _config_value(hparam, value))
+            values[f"{arch.name}.{hparam.key}"] = _config_value(hparam, value)
     if arch.derived_metadata is not None:
         try:
-            derived = arch.derived_metadata(config)
+            values.update(arch.derived_metadata(config))
         except (TypeError, ValueError, ArithmeticError, KeyError) as error:
             raise CheckpointError(f"config.json holds a value qdesk cannot use ({type(error).__name__}: {error}); "
                                   "download the checkpoint again.") from error
-        for key, value in derived.items():
-            _add_value(writer, key, value)
+    return values
+
+
+def _check_hparams(folder: Path, arch: Architecture, hparams: dict[str, Any], plan: list[_PlannedTensor]) -> None:
+    """Refuse a config.json that would make a GGUF llama.cpp cannot run (`converters.core.hyperparameters`)."""
+    shapes = {planned.declared.name: tuple(reversed(planned.declared.shape)) for planned in plan}
+    problems = hyperparameter_problems({"general.architecture": arch.name, **hparams}, shapes)
+    if problems:
+        raise CheckpointError(f"{folder / 'config.json'} gives impossible settings: {problems[0]}; correct "
+                              "config.json or download the checkpoint again.")
 
 
 _UINT32_LIMIT = 1 << 32

@@ -10,7 +10,7 @@ from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from converters.calibration.calibrate import resources_folder
+from converters.core.paths import resources_dir
 from qdesk.app.errors import UserError
 from qdesk.gui.context import AppContext
 from qdesk.gui.main_window import MainWindow
@@ -30,7 +30,7 @@ def application(argv: Sequence[str] = ()) -> QApplication:
     app.setOrganizationName(APP_NAME)
     app.setDesktopFileName(APP_NAME)
     app.setStyle("Fusion")
-    icon = resources_folder() / "icons" / "qdesk.svg"
+    icon = resources_dir() / "icons" / "qdesk.svg"
     if icon.is_file():
         app.setWindowIcon(QIcon(str(icon)))
     return app

@@ -32,27 +32,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import GGUFFileError, OutputError, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.outputs import place_as_new
+from converters.core.paths import MODELS_DIR_ENV, models_dir
+from converters.core.units import format_count, format_size
+from qdesk.display.tables import text_table
+from qdesk.library.identity import ModelGroup, family_key, group_entries, shape_key
 from qdesk.library.info import ModelInfo, model_info_from_header
 
 __all__ = [
     "INDEX_NAME",
-    "MODELS_DIR_ENV",
     "Library",
     "LibraryEntry",
     "LibraryError",
     "RefreshSummary",
-    "default_models_dir",
     "render_text",
 ]
 
-MODELS_DIR_ENV = "QDESK_MODELS_DIR"
 INDEX_NAME = "library.sqlite3"
 SCHEMA_VERSION = 1
 _DB_TIMEOUT_S = 10.0
@@ -66,8 +65,10 @@ _UNREAD = "unread"  # stored only between discovering a file and reading it
 
 # folder kinds: how a registered folder is searched for models
 _GGUF_TREE = "gguf-tree"  # every *.gguf below it
+_HF_CACHE = "hf-cache"  # a Hugging Face cache: the *.gguf files of its snapshots, as huggingface_hub scans it
 _OLLAMA = "ollama"  # Ollama's models folder: GGUF blobs named through the manifests
 
+_GROUP_NAME = "group-name:"  # settings key prefix: the user's name for a model group
 _PROVENANCE_PREFIXES = ("qdesk.", "quantize.imatrix.")
 _PROVENANCE_GENERAL = ("source.", "base_model.")  # general.* keys saying what a conversion started from
 _OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -76,14 +77,6 @@ _OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 
 class LibraryError(UserError):
     """A library operation cannot be done: an unknown model name, a file that cannot be imported."""
-
-
-def default_models_dir() -> Path:
-    """`$QDESK_MODELS_DIR` when set, else `<platform data dir>/qdesk/models`."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_data_dir("qdesk", appauthor=False)) / "models"
 
 
 # --- one model as the library shows it ----------------------------------------------------------
@@ -109,6 +102,10 @@ class LibraryEntry:
     base_model: str
     variant: str
     provenance: dict[str, str] = field(hash=False)
+    shape_key: str | None = None
+    """Architecture and shape (`qdesk.library.identity.shape_key`); None when the header could not be read."""
+    family_key: str = ""
+    """The normalised family name (`qdesk.library.identity.family_key`)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; the keys are the field names."""
@@ -187,7 +184,7 @@ def _variant(facts: Mapping[str, Any] | None) -> str:
 
 def _read_facts(path: Path) -> dict[str, Any]:
     """Everything the index caches about one file; raises GGUFFileError for a broken one."""
-    header = check_gguf(path)
+    header = check_model_gguf(path)
     info: ModelInfo = model_info_from_header(path, header)
     facts = info.to_json()
     provenance = {key: str(value) for key, value in header.metadata.items()
@@ -264,23 +261,48 @@ def _find_ollama(models: Path) -> list[_Found]:
             if blob.is_file() and _has_gguf_magic(blob)]
 
 
-_FINDERS: dict[str, Callable[[Path], list[_Found]]] = {_GGUF_TREE: _find_gguf_tree, _OLLAMA: _find_ollama}
+def _find_hf_cache(cache: Path) -> list[_Found]:
+    """The GGUF files of a Hugging Face cache's snapshots, one per blob, through huggingface_hub's `scan_cache_dir`.
+    It leaves out a repository it finds damaged (one dangling link is enough): those are walked as a plain tree."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        scanned = scan_cache_dir(cache)
+    except (CacheNotFound, OSError, ValueError):
+        return _find_gguf_tree(cache)
+    found: dict[Path, _Found] = {}
+    for repo in sorted(scanned.repos, key=lambda repo: str(repo.repo_path)):
+        for revision in sorted(repo.revisions, key=lambda revision: revision.commit_hash):
+            for file in sorted(revision.files, key=lambda file: file.file_path):
+                if file.file_name.endswith(".gguf") and not file.file_name.startswith(".") and file.file_path.is_file():
+                    found.setdefault(file.file_path.resolve(), _Found(file.file_path))
+    scanned_folders = {repo.repo_path.resolve() for repo in scanned.repos}
+    for folder in sorted(cache.iterdir()):
+        if folder.is_dir() and "--" in folder.name and folder.resolve() not in scanned_folders:
+            for item in _find_gguf_tree(folder):
+                found.setdefault(item.path.resolve(), item)
+    return list(found.values())
+
+
+_FINDERS: dict[str, Callable[[Path], list[_Found]]] = {
+    _GGUF_TREE: _find_gguf_tree, _HF_CACHE: _find_hf_cache, _OLLAMA: _find_ollama}
 
 
 def _known_folders(home: Path | None) -> list[tuple[str, Path, str]]:
     """(label, folder, kind) for the other applications' model folders, from `home` or the environment."""
     if home is None:
-        from huggingface_hub import constants
+        from qdesk.hub.settings import hub_cache_dir
 
         user_home = Path.home()
-        hf_cache = Path(constants.HF_HUB_CACHE)
+        hf_cache = hub_cache_dir()
         ollama = Path(os.environ.get("OLLAMA_MODELS") or user_home / ".ollama" / "models")
     else:
         user_home = home
         hf_cache = home / ".cache" / "huggingface" / "hub"
         ollama = home / ".ollama" / "models"
     return [
-        ("hf-cache", hf_cache, _GGUF_TREE),
+        ("hf-cache", hf_cache, _HF_CACHE),
         ("lmstudio", user_home / ".lmstudio" / "models", _GGUF_TREE),
         ("lmstudio", user_home / ".cache" / "lm-studio" / "models", _GGUF_TREE),  # LM Studio before 0.3
         ("ollama", ollama, _OLLAMA),
@@ -356,7 +378,7 @@ class Library:
     """The index of the user's GGUF files; every method opens the SQLite index briefly, so any thread may call."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_models_dir()
+        self.root = Path(root).expanduser() if root is not None else models_dir()
         self.index_path = self.root / INDEX_NAME
         self._schema_checked = False
         try:
@@ -481,13 +503,32 @@ class Library:
         return sorted(entries, key=lambda e: (e.base_model.casefold(), -e.bytes, e.id.casefold()))
 
     def groups(self) -> dict[str, list[LibraryEntry]]:
-        """base model -> its variants, largest file first; groups match base models case-insensitively."""
-        grouped: dict[str, list[LibraryEntry]] = {}
-        names: dict[str, str] = {}
-        for entry in self.entries():
-            key = entry.base_model.casefold()
-            grouped.setdefault(names.setdefault(key, entry.base_model), []).append(entry)
-        return grouped
+        """model name -> its variants, largest file first: files of one model's identity (architecture, shape and
+        family name, `qdesk.library.identity`) together, under the name the user gave the group if any."""
+        return {group.name: list(group.entries) for group in self.model_groups()}
+
+    def model_groups(self) -> list[ModelGroup]:
+        """The models and their variants, with each group's key (for `rename_group`)."""
+        return group_entries(self.entries(), self._group_names())
+
+    def _group_names(self) -> dict[str, str]:
+        with self._connect() as connection:
+            rows = connection.execute("SELECT key, value FROM settings WHERE key LIKE ?", (_GROUP_NAME + "%",))
+            return {key.removeprefix(_GROUP_NAME): value for key, value in rows}
+
+    def rename_group(self, key: str, name: str) -> None:
+        """Show the group `key` (`ModelGroup.key`) as `name`; an empty name goes back to the one the files give."""
+        name = " ".join(name.split())
+        with self._connect() as connection, connection:
+            if name:
+                connection.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (_GROUP_NAME + key, name))
+            else:
+                connection.execute("DELETE FROM settings WHERE key = ?", (_GROUP_NAME + key,))
+
+    def group_of(self, name: str) -> ModelGroup:
+        """The group holding the model `name` (an id or a path, as `find` takes)."""
+        entry = self.find(name)
+        return next(group for group in self.model_groups() if entry in group.entries)
 
     def find(self, name: str) -> LibraryEntry:
         """The entry whose id (case-insensitively) or path is `name`; LibraryError listing close names if none."""
@@ -611,6 +652,15 @@ class Library:
         self.refresh(progress)
         return [entry for entry in self.entries() if entry.path.is_relative_to(folder)]
 
+    def register_hf_cache(self, folder: str | os.PathLike[str] | None = None,
+                          progress: ProgressFn | None = None) -> list[LibraryEntry]:
+        """Register a Hugging Face cache read-only (default: the one HF_HUB_CACHE / HF_HOME name now) and index the
+        GGUF files of its snapshots."""
+        from qdesk.hub.settings import hub_cache_dir
+
+        cache = Path(folder).expanduser() if folder is not None else hub_cache_dir()
+        return self._register(cache, "hf-cache", _HF_CACHE, progress)
+
     def register_known_folders(self, home: str | os.PathLike[str] | None = None,
                                progress: ProgressFn | None = None) -> list[str]:
         """Register the Hugging Face cache, LM Studio's and Ollama's model folders that exist; returns their labels.
@@ -631,7 +681,7 @@ class Library:
         """A new index for the models folder `root`: the old one (damaged, foreign, or merely old) is renamed aside,
         never deleted, and its registered folders are carried over when it can still be read; the models folder's
         own files are indexed again. Returns the library and where the old index went (None if there was none)."""
-        root = Path(root).expanduser() if root is not None else default_models_dir()
+        root = Path(root).expanduser() if root is not None else models_dir()
         index = root / INDEX_NAME
         folders = _registered_folders(index)
         kept: Path | None = None
@@ -810,36 +860,19 @@ def _entry(row: _Row) -> LibraryEntry:
         base_model=_base_model(facts, row.alias or stem, prefer_file_name=row.source == STARTER),
         variant=_variant(facts),
         provenance=dict((facts or {}).get("provenance") or {}),
+        shape_key=shape_key(facts) if status == OK else None,
+        family_key=family_key(facts, _base_model(facts, row.alias or stem, prefer_file_name=True)),
     )
 
 
 # --- the text table -----------------------------------------------------------------------------
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _parameters(n: int | None) -> str:
-    if not n:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
 
 def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry]]) -> str:
     """An aligned table, one block per base model ("Base: F16, Q8_0, …"), one row per variant."""
     if isinstance(entries, Mapping):
         grouped = {name: list(variants) for name, variants in entries.items()}
     else:
-        grouped = {}
-        names: dict[str, str] = {}
-        for entry in sorted(entries, key=lambda e: (e.base_model.casefold(), -e.bytes, e.id.casefold())):
-            grouped.setdefault(names.setdefault(entry.base_model.casefold(), entry.base_model), []).append(entry)
+        grouped = {group.name: list(group.entries) for group in group_entries(list(entries))}
     if not grouped:
         return "No models in the library yet; add one with `qdesk models import FILE.gguf`."
     header = ("name", "variant", "size", "bpw", "params", "context", "chat", "source", "status")
@@ -848,22 +881,17 @@ def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry
         rows = [(
             entry.id,
             entry.variant,
-            _size(entry.bytes),
+            format_size(entry.bytes),
             "-" if entry.bpw is None else f"{entry.bpw:.2f}",
-            _parameters(entry.parameters),
+            format_count(entry.parameters) if entry.parameters else "-",
             "-" if entry.context_length is None else str(entry.context_length),
             "yes" if entry.has_chat_template else "no",
             entry.source + (" (read-only)" if entry.read_only and entry.source != STARTER else ""),
             entry.status if entry.problem is None else f"{entry.status}: {entry.problem}",
         ) for entry in variants]
         blocks.append((f"{base}: " + ", ".join(entry.variant for entry in variants), rows))
-    widths = [max(len(row[i]) for _, rows in blocks for row in [header, *rows]) for i in range(len(header) - 1)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = (cell.ljust(width) for cell, width in zip(cells, widths, strict=False))
-        return "  " + "  ".join(padded) + "  " + cells[-1]
-
-    out = [line(tuple(h.upper() for h in header)).rstrip()]
+    lines = iter(text_table([h.upper() for h in header], [row for _, rows in blocks for row in rows], indent="  "))
+    out = [next(lines)]
     for title, rows in blocks:
-        out += ["", title, *(line(row).rstrip() for row in rows)]
+        out += ["", title, *(next(lines) for _ in rows)]
     return "\n".join(out)
