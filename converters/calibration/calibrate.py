@@ -24,6 +24,7 @@ from converters.core.errors import Cancelled, UserError
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 from converters.core.paths import resources_dir
 
 DEFAULT_CHUNKS = 48
@@ -121,6 +122,9 @@ def calibrate(
 
     model = Path(model)
     check_model_gguf(model)
+    if output is not None:
+        check_output_folder(Path(output))
+        check_outputs([model], [output])
     if chunks < 1:
         raise CalibrationError(f"--chunks must be at least 1 (got {chunks}).")
     if ctx < MIN_CTX:
