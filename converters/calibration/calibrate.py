@@ -25,6 +25,7 @@ from converters.core.gguf_file import file_fingerprint
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 from converters.core.paths import resources_dir
 
 DEFAULT_CHUNKS = 48
@@ -130,6 +131,9 @@ def calibrate(
 
     model = Path(model)
     check_model_gguf(model)
+    if output is not None:
+        check_output_folder(Path(output))
+        check_outputs([model], [output])
     spill = None
     if spill_folder is not None and covariance_chunks > 0:
         spill = InputSpillWriter(Path(spill_folder), spill_tag(file_fingerprint(model)))

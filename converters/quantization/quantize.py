@@ -30,6 +30,7 @@ from converters.core.gguf_file import GGUFHeader, check_gguf
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.leftovers import temporary_folder
+from converters.core.outputs import check_output_folder, check_outputs, disk_full
 from converters.mix.allocate import MIX_BASE_PRESET, MixBudget, MixPlan, check_budget, plan_mix
 from converters.mix.feedback import ENCODERS, FEEDBACK_CHUNKS, CalibrationInputs, apply_feedback, feedback_sensitivity
 from converters.mix.report import save_plan
@@ -122,6 +123,8 @@ def quantize(
         plan, preset = None, preset_named(plan_or_preset)
         base = preset
     warnings: list[str] = []
+    input_files = _input_files(Path(source), imatrix)
+    _check_outputs_first(Path(source), output, plan_out, input_files, base.name if budget is None else "mix")
 
     scratch = Path(output).parent if output is not None else None
     with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output), ExitStack() as stack:
@@ -151,12 +154,16 @@ def quantize(
                             progress, cancel)
             plan = mix.plan
 
+        check_outputs([*input_files, reference], [target, plan_out])
         check_free_space(target, plan.n_bytes if plan is not None else reference.stat().st_size)
         cancel.raise_if_cancelled()
         with atomic_output(target) as temporary:
-            records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
-                           progress, cancel, {**(mix.metadata() if mix is not None else {}),
-                                              "qdesk.encoder": ENCODER_METADATA[chosen_encoder]})
+            try:
+                records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
+                               progress, cancel, {**(mix.metadata() if mix is not None else {}),
+                                                  "qdesk.encoder": ENCODER_METADATA[chosen_encoder]})
+            except QuantizeError as error:
+                raise disk_full(target) or error from error
             if inputs is not None:
                 apply_feedback(reference, temporary, inputs, matrix, threads=threads or None, progress=progress,
                                cancel=cancel)
@@ -173,6 +180,30 @@ def quantize(
         save_plan(result_plan, plan_out)
     return QuantizeResult(target, target.stat().st_size, result_plan, preset.name if preset else None, use,
                           tuple(warnings), time.monotonic() - started)
+
+
+def _input_files(source: Path, imatrix: ImatrixChoice) -> list[Path]:
+    """What the quantization reads from the user's disk: the GGUF or the checkpoint's files, and an imatrix file."""
+    from converters.reading.checkpoint import checkpoint_files
+
+    files = [source, *checkpoint_files(source)] if source.is_dir() else [source]
+    if isinstance(imatrix, str | Path) and str(imatrix).lower() not in (AUTO, NONE):
+        files.append(Path(imatrix))
+    return files
+
+
+def _check_outputs_first(source: Path, output: str | Path | None, plan_out: str | Path | None, inputs: list[Path],
+                         type_label: str) -> None:
+    """Before any work: the output (as given, or its default name) and the plan file go into folders that take
+    files, and neither is an input nor the other (a missing source is reported by the reading that follows)."""
+    if not source.exists():
+        return
+    target = Path(output) if output is not None else (
+        source / "model.gguf" if source.is_dir() else source.with_name(variant_file_name(source, type_label)))
+    check_output_folder(target)
+    if plan_out is not None:
+        check_output_folder(Path(plan_out))
+    check_outputs(inputs, [target if output is not None or not source.is_dir() else None, plan_out])
 
 
 def _chosen_encoder(asked: str | None, budget: MixBudget | None, plan: QuantPlan | None) -> str:
