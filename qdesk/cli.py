@@ -480,8 +480,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="how finely a sensitivity mix probes the model (fast for large models)")
     quantize.add_argument("--encoder", choices=("ggml", "feedback"), default=None,
                           help="ggml: llama.cpp's rounding; feedback: rounding errors compensated within each row "
-                               "against the calibration text's input correlations (default: feedback for a mix of "
-                               "a model whose correlations fit 4 GiB, the plan's own for --plan, ggml for a preset)")
+                               "against the calibration text's input correlations (default: feedback for a mix, "
+                               "the plan's own for --plan, ggml for a preset)")
     quantize.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)
