@@ -753,6 +753,45 @@ class ModelEvaluator:
             logits = np.ctypeslib.as_array(pointer, shape=(rows, n_vocab))
             consume(start + first_row, logits)
 
+    def evaluate_embedding_logits(self, embeddings: np.ndarray, first_output: int, consume: LogitsConsumer) -> None:
+        """`evaluate_logits` with the input embeddings given (rows × n_embd float32) instead of token ids: the
+        token embedding's lookup is skipped, so what a change of its weights does to the output alone can be told
+        from what it does to the input (a tied embedding serves both)."""
+        if self._collector is not None:
+            raise EvaluationFailed("open the evaluator with collect=False to evaluate embeddings.")
+        context = self._live_context()
+        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n_embd = int(llama.llama_model_n_embd(self._model))
+        if rows.ndim != 2 or rows.shape[1] != n_embd or not 0 < rows.shape[0] <= self._n_ctx:
+            raise ValueError(f"embeddings must be 1..{self._n_ctx} rows of {n_embd} values (got {rows.shape})")
+        if not 0 <= first_output < rows.shape[0]:
+            raise ValueError(f"first_output must lie in 0..{rows.shape[0] - 1} (got {first_output})")
+        n_vocab = self.n_vocab()
+        llama.llama_memory_clear(llama.llama_get_memory(context), True)
+        batch = llama.llama_batch_init(self._n_batch, n_embd, 1)
+        try:
+            inputs = np.ctypeslib.as_array(batch.embd, shape=(self._n_batch, n_embd))
+            positions = np.ctypeslib.as_array(batch.pos, shape=(self._n_batch,))
+            outputs = np.ctypeslib.as_array(batch.logits, shape=(self._n_batch,))
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(self._n_batch,))[:] = 1
+            for index in range(self._n_batch):
+                batch.seq_id[index][0] = 0
+            for start in range(0, rows.shape[0], self._n_batch):
+                count = min(self._n_batch, rows.shape[0] - start)
+                first_row = max(first_output - start, 0)
+                inputs[:count] = rows[start : start + count]
+                positions[:count] = np.arange(start, start + count)
+                outputs[:count] = 0
+                outputs[min(first_row, count - 1) : count] = 1
+                batch.n_tokens = count
+                self._abort_poll.stop_requested = False
+                self._finish_decode(llama.llama_decode(context, batch), count)
+                if first_row < count:
+                    pointer = llama.llama_get_logits(context)
+                    consume(start + first_row, np.ctypeslib.as_array(pointer, shape=(count - first_row, n_vocab)))
+        finally:
+            llama.llama_batch_free(batch)
+
     def weight_names(self) -> tuple[str, ...]:
         """The weights the graph has read so far (all of them after one decode), when opened with editable_weights."""
         return tuple(self._locator.weights) if self._locator is not None else ()
@@ -856,7 +895,9 @@ class ModelEvaluator:
         self._abort_poll.stop_requested = False
         if self._collector is not None:
             self._collector.begin_decode()
-        status = llama.llama_decode(context, self._batch)
+        self._finish_decode(llama.llama_decode(context, self._batch), count)
+
+    def _finish_decode(self, status: int, count: int) -> None:
         error = self._abort_poll.take_error()
         if error is not None:
             raise error

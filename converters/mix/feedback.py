@@ -38,6 +38,8 @@ FEEDBACK_CHUNKS = 32
 """Chunks of calibration text whose inputs make the covariances (8192 tokens at the default context)."""
 RATIO_SAMPLE_ROWS = 64
 """Rows per tensor on which what error feedback saves at each type is measured."""
+LOOKUP_RATIO = ":lookup"
+"""Key suffix of a tied embedding's plain squared-error ratio among a tensor's feedback ratios."""
 COVARIANCE_MEMORY_LIMIT = 4 << 30
 """Bytes of float64 covariances above which error feedback is not the default (a 1B model needs about 1.5 GB)."""
 
@@ -270,6 +272,10 @@ def feedback_sensitivity(
             decoded = dequantize_rows(fed_rows, option.type, rows.shape[0], rows.shape[1])
             baseline = _output_error(rows, plain, inputs)
             ratios[option.type] = _output_error(rows, decoded, inputs) / baseline if baseline > 0 else 1.0
+            if tensor.lookup_gain > 0:
+                plain_error = float(np.square(rows - plain).sum())
+                ratios[option.type + LOOKUP_RATIO] = (float(np.square(rows - decoded).sum()) / plain_error
+                                                      if plain_error > 0 else 1.0)
         scaled.append(_scaled(tensor, ratios))
     _LAST_RATIOS.clear()
     _LAST_RATIOS[key] = known
@@ -278,5 +284,9 @@ def feedback_sensitivity(
 
 
 def _scaled(tensor: TensorSensitivity, ratios: Mapping[str, float]) -> TensorSensitivity:
-    return replace(tensor, options=tuple(replace(option, damage=option.damage * ratios.get(option.type, 1.0))
-                                         for option in tensor.options))
+    """The damages scaled by what feedback leaves of them: the product's by tr(E H Eᵀ)'s ratio, a tied embedding's
+    lookup by the plain squared error's (feedback trades the latter for the former)."""
+    return replace(tensor, options=tuple(
+        replace(option, damage=option.damage * ratios.get(option.type, 1.0),
+                lookup_damage=option.lookup_damage * ratios.get(option.type + LOOKUP_RATIO, 1.0))
+        for option in tensor.options))
