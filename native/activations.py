@@ -50,7 +50,9 @@ from native.errors import EvaluationFailed, Stopped
 from native.ggml import GGML, MAX_SRC, GGMLTensor, ggml
 
 __all__ = [
+    "FINAL_NORM_INPUT",
     "CollectedStats",
+    "InputObserver",
     "LogitsConsumer",
     "MatrixStats",
     "ModelEvaluator",
@@ -58,6 +60,8 @@ __all__ = [
     "weight_name",
 ]
 
+InputObserver = Callable[[str, np.ndarray], None]
+"""Shown (weight name, its input rows as a view valid only during the call) for every dense product."""
 LogitsConsumer = Callable[[int, np.ndarray], None]
 """Receives (position of the first row, logits of rows × n_vocab float32); the array is valid only during the call."""
 
@@ -73,6 +77,9 @@ embedding's lookup is a `GET_ROWS`, never a watched product)."""
 _FINAL_NORM = b"result_norm"
 """llama.cpp's name for the final norm, the node just before the output product, in most architectures."""
 _FINAL_NORM_KEY = "<final norm>"
+FINAL_NORM_INPUT = _FINAL_NORM_KEY
+"""The name an input observer gets for the final norm's output rows: the input of the output product, which is
+skipped (`ModelEvaluator.output_weight` names its weight once a chunk has been evaluated)."""
 """Where the final norm's output is summed when the output product itself is skipped."""
 _LAYER_PREFIX = "blk."
 _LOAD_INTO_MEMORY = 0
@@ -202,8 +209,11 @@ class _Collector:
     """The eval callback's state: which weights to watch, the running sums, and the first error seen."""
 
     def __init__(self, lib: GGML, *, collect_output: bool, skip_output_product: bool,
-                 covariance_chunks: int = 0) -> None:
+                 covariance_chunks: int = 0, input_observer: InputObserver | None = None) -> None:
         self._lib = lib
+        self._input_observer = input_observer
+        self.output_weight: str | None = None
+        """The output product's weight, seen in the first decode (it reads the final norm's output)."""
         self._collect_output = collect_output
         self.output_skip = _OutputProductSkip(skip_output_product)
         self._watched: dict[bytes, str | None] = {}
@@ -221,9 +231,13 @@ class _Collector:
             if ask:
                 return self._wants(node)
             if self._is_final_norm(node):
-                if self.covariances is not None:
+                if self.covariances is not None or self._input_observer is not None:
                     norm = GGMLTensor.from_address(node)
-                    self.covariances.add(_FINAL_NORM_KEY, node, self._host_view(norm, node, np.float32))
+                    rows = self._host_view(norm, node, np.float32)
+                    if self.covariances is not None:
+                        self.covariances.add(_FINAL_NORM_KEY, node, rows)
+                    if self._input_observer is not None:
+                        self._input_observer(FINAL_NORM_INPUT, rows)
                 return self.output_skip.continue_after_norm()  # False cancels the rest of this graph split
             self._record(node)
         except BaseException as error:  # nothing may escape into C; raised again after the decode
@@ -253,8 +267,10 @@ class _Collector:
             return False
         weight = _read_pointer(node + _SRC_OFFSET)
         activations = _read_pointer(node + _SRC1_OFFSET)
-        if self.covariances is not None and activations and activations == self._norm_node:
-            self.covariances.output_weight = weight_name(ctypes.string_at(weight + _NAME_OFFSET))
+        if activations and activations == self._norm_node:
+            self.output_weight = weight_name(ctypes.string_at(weight + _NAME_OFFSET))
+            if self.covariances is not None:
+                self.covariances.output_weight = self.output_weight
         if not weight or not activations or _read_int(activations) != _TYPE_F32:
             return False
         if self._name_if_watched(weight) is None:
@@ -274,8 +290,11 @@ class _Collector:
             self._add_experts(name, weight, activations, ids)
         else:
             self._add_dense(name, weight, activations)
-            if self.covariances is not None and int(weight.ne[2]) == int(weight.ne[3]) == 1:
-                self.covariances.add(name, product.src[1], activations)
+            if int(weight.ne[2]) == int(weight.ne[3]) == 1:
+                if self.covariances is not None:
+                    self.covariances.add(name, product.src[1], activations)
+                if self._input_observer is not None:
+                    self._input_observer(name, activations)
 
     def _accumulator(self, name: str, n_mat: int, n_in: int) -> _Accumulator:
         found = self.matrices.get(name)
@@ -547,6 +566,8 @@ class ModelEvaluator:
     where each weight lives.
     With `covariance_chunks` > 0 the sums of x xᵀ over every dense weight's input rows in that many first chunks
     are collected as well (`CollectedStats.covariances`): n_in² floats per distinct input, for error feedback.
+    `input_observer(name, rows)` is shown every dense weight's input rows (a view, valid during the call only), and
+    the final norm's as `FINAL_NORM_INPUT`.
     """
 
     def __init__(
@@ -562,17 +583,18 @@ class ModelEvaluator:
         vocab_only: bool = False,
         editable_weights: bool = False,
         covariance_chunks: int = 0,
+        input_observer: InputObserver | None = None,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
         self._path = Path(model_path)
         self._n_ctx = n_ctx
-        self._collect = collect or collect_output or covariance_chunks > 0
+        self._collect = collect or collect_output or covariance_chunks > 0 or input_observer is not None
         self._chunks = 0
         self._tokens = 0
         self._collector = (
             _Collector(ggml(), collect_output=collect_output, skip_output_product=not collect_output,
-                       covariance_chunks=covariance_chunks)
+                       covariance_chunks=covariance_chunks, input_observer=input_observer)
             if self._collect else None
         )
         self._abort_poll = _AbortPoll(should_stop, self._collector)
@@ -911,6 +933,12 @@ class ModelEvaluator:
                                    f"{status}); check the model with `qdesk info`, or try fewer GPU layers.")
         if self._collector is not None:
             self._collector.output_skip.end_decode()
+
+    @property
+    def output_weight(self) -> str | None:
+        """The weight of the output product (the token embedding when tied), once a chunk has been evaluated while
+        collecting."""
+        return self._collector.output_weight if self._collector is not None else None
 
     def stats(self) -> CollectedStats:
         """A copy of the statistics so far (no matrices when the evaluator does not collect)."""

@@ -252,18 +252,25 @@ def test_a_starter_mix_reports_its_plan_and_eval_shows_predicted_against_measure
 
 
 @pytest.mark.slow
-def test_the_tied_embedding_is_probed_in_each_role(smollm2_f16: Path, starter_imatrix: Path) -> None:
+def test_the_tied_embedding_is_probed_in_each_role_and_inputs_rounding_is_charged(
+        smollm2_f16: Path, starter_imatrix: Path) -> None:
     from converters.calibration.imatrix import read_imatrix
     from converters.mix.sensitivity import LOOKUP_ROLE, measure_sensitivity
 
-    sensitivity = measure_sensitivity(smollm2_f16, read_imatrix(starter_imatrix), candidate_types=("q4_0", "q8_0"),
-                                      layer_bands=1, probe_chunks=1, probe_ctx=128)
+    sensitivity = measure_sensitivity(smollm2_f16, read_imatrix(starter_imatrix),
+                                      candidate_types=("q4_0", "q6_K", "q8_0", "f16"), layer_bands=1, probe_chunks=1,
+                                      probe_ctx=128)
+    for tensor in sensitivity.tensors:  # the CPU kernels round inputs for quantized types, not for f16
+        assert tensor.option("q8_0").input_damage > 0 and tensor.option("f16").input_damage == 0, tensor.name
+    down = sensitivity.tensor("blk.3.ffn_down.weight")  # rows of 1536: q6_K's kernel rounds blocks of 256
+    assert down.option("q6_K").input_damage > down.option("q8_0").input_damage
+    assert sensitivity.tensor("token_embd.weight").option("q8_0").input_damage > 0  # its output product
     embedding = sensitivity.tensor("token_embd.weight")
     assert sensitivity.group_kld["token_embd"] > 0 and sensitivity.group_kld["token_embd" + LOOKUP_ROLE] > 0
     assert embedding.gain > 0 and embedding.lookup_gain > 0
     q4 = embedding.option("q4_0")
     assert q4.lookup_damage > 0
-    assert embedding.predicted_kld("q4_0") == pytest.approx(embedding.gain * q4.damage
+    assert embedding.predicted_kld("q4_0") == pytest.approx(embedding.gain * (q4.damage + q4.input_damage)
                                                             + embedding.lookup_gain * q4.lookup_damage)
     others = [tensor for tensor in sensitivity.tensors if tensor.name != "token_embd.weight"]
     assert all(tensor.lookup_gain == 0 and tensor.option("q8_0").lookup_damage == 0 for tensor in others)

@@ -47,6 +47,7 @@ from converters.quantization.plan import ggml_type, type_name
 
 if TYPE_CHECKING:
     from native.activations import ModelEvaluator
+    from native.input_rounding import RoundingStats
     from native.kernels import ErrorTable
 
 CANDIDATE_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
@@ -56,6 +57,8 @@ DEFAULT_PROBE_CHUNKS = 2
 DEFAULT_PROBE_CTX = 256
 DEFAULT_LAYER_BANDS = 4
 DEFAULT_SAMPLE_ROWS = 256
+INPUT_ROUNDING_CHUNKS = 8
+"""Chunks (of the probe context) on which the rounding of every product's inputs is measured."""
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 TOKEN_EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"
@@ -100,6 +103,9 @@ class TypeCost:
     """Importance-weighted squared error of the whole tensor at this type (0 for a lossless type)."""
     lookup_damage: float = 0.0
     """For a tied token embedding: the squared error of the rows its lookup reads (its second role); else 0."""
+    input_damage: float = 0.0
+    """The expected squared output error of llama.cpp's CPU kernels rounding the product's inputs to 8 bits for
+    this type (`native.input_rounding`); the weights' encoding does not change it."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class TensorSensitivity:
 
     def predicted(self, option: TypeCost) -> float:
         """The predicted contribution to the mean KLD of this tensor stored as `option`."""
-        return self.gain * option.damage + self.lookup_gain * option.lookup_damage
+        return self.gain * (option.damage + option.input_damage) + self.lookup_gain * option.lookup_damage
 
     def option(self, type_name: str) -> TypeCost:
         for option in self.options:
@@ -264,14 +270,14 @@ def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
         "seconds": sensitivity.seconds,
         "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
                      "gain": t.gain, "lookup_gain": t.lookup_gain,
-                     "options": [[o.type, o.bytes, o.damage, o.lookup_damage] for o in t.options]}
+                     "options": [[o.type, o.bytes, o.damage, o.lookup_damage, o.input_damage] for o in t.options]}
                     for t in sensitivity.tensors],
     }
 
 
 def _from_json(document: dict[str, Any]) -> Sensitivity:
     tensors = tuple(TensorSensitivity(t["name"], tuple(t["shape"]), t["source_type"], t["group"], float(t["gain"]),
-                                      tuple(TypeCost(str(o[0]), int(o[1]), float(o[2]), float(o[3]))
+                                      tuple(TypeCost(str(o[0]), int(o[1]), float(o[2]), float(o[3]), float(o[4]))
                                             for o in t["options"]), float(t["lookup_gain"]))
                     for t in document["tensors"])
     return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
@@ -352,7 +358,10 @@ def measure_sensitivity(
 
     tied = TOKEN_EMBEDDING in weights and OUTPUT not in {t.name for t in header.tensors}
     group_kld: dict[str, float] = {}
+    column_squares: dict[str, np.ndarray] = {}
     try:
+        rounding = _input_rounding(reference, texts, probe_ctx, max(probe_chunks, INPUT_ROUNDING_CHUNKS),
+                                   threads, gpu_layers, should_stop)
         with ModelEvaluator(reference, n_ctx=probe_ctx, n_gpu_layers=gpu_layers, n_threads=threads, collect=False,
                             should_stop=should_stop, editable_weights=True) as evaluator:
             chunks = calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), probe_ctx, probe_chunks)
@@ -396,6 +405,7 @@ def measure_sensitivity(
                     for name in names:
                         source_type = evaluator.weight_type(name)
                         values = _as_float(originals[name], source_type, weights[name].shape)
+                        column_squares[name] = np.square(values, dtype=np.float64).sum(axis=0)
                         vector = importance.get(name) if importance is not None else None
                         degraded[name] = _round_trip(values, probes[group], vector)
                         evaluator.write_weight(name, _stored(degraded[name], source_type))
@@ -414,6 +424,11 @@ def measure_sensitivity(
     except NativeError as error:
         raise SensitivityError(str(error)) from error
 
+    for name in weights:
+        if name in rounding and name in column_squares:
+            options[name] = tuple(replace(option, input_damage=_input_damage(option.type, column_squares[name],
+                                                                            rounding[name]))
+                                  for option in options[name])
     if tied:
         options[TOKEN_EMBEDDING] = tuple(
             replace(option, lookup_damage=_plain_error(table, TOKEN_EMBEDDING, option.type))
@@ -433,6 +448,32 @@ def measure_sensitivity(
     tensors.sort(key=lambda t: order[t.name])
     return Sensitivity(tuple(tensors), group_kld, probes, baseline, sum(len(c) - 1 - probe_ctx // 2 for c in chunks),
                        time.monotonic() - started)
+
+
+def _input_rounding(reference: Path, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int,
+                    threads: int | None, gpu_layers: int, should_stop: Callable[[], bool] | None
+                    ) -> dict[str, RoundingStats]:
+    """How much rounding each weight's inputs to 8 bits perturbs them, per input column, on calibration text."""
+    from native.activations import FINAL_NORM_INPUT, ModelEvaluator
+    from native.input_rounding import InputRounding
+
+    observer = InputRounding()
+    with ModelEvaluator(reference, n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, should_stop=should_stop,
+                        input_observer=observer) as evaluator:
+        for chunk in calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), ctx, chunks):
+            evaluator.evaluate_chunk(chunk)
+        output = evaluator.output_weight
+    return observer.stats({FINAL_NORM_INPUT: output} if output is not None else {})
+
+
+def _input_damage(type_name: str, column_squares: np.ndarray, rounding: RoundingStats) -> float:
+    """Σ_j ‖W_:,j‖² E[δ_j²]: the output error of the rounding of the inputs that `type_name`'s CPU kernel makes."""
+    from native.input_rounding import INPUT_BLOCK_OF_TYPE
+
+    block = INPUT_BLOCK_OF_TYPE.get(type_name)
+    if block is None or column_squares.size % block:
+        return 0.0
+    return float(column_squares @ rounding.of_block(block))
 
 
 def _tied_roles(group: str, evaluator: ModelEvaluator, original: np.ndarray, degraded: np.ndarray,
