@@ -33,7 +33,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,12 +61,16 @@ from bench.mix_quality import (  # noqa: E402
 from converters.core.gguf_file import check_gguf  # noqa: E402
 from converters.mix.allocate import MixBudget, plan_mix  # noqa: E402
 from converters.mix.feedback import FEEDBACK_CHUNKS  # noqa: E402
+from converters.mix.sensitivity import Sensitivity  # noqa: E402
+from converters.quantization.plan import QuantPlan  # noqa: E402
 from converters.quantization.quantize import _chosen_encoder, preset_plan, quantize  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
 BAR_PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
 SERIES_PRESET_FEEDBACK = "preset + feedback"
 SERIES_MIX_GGML = "mix, ggml rounding"
+SERIES_ABLATION = "mix, "
+"""Prefix of a mix planned with one method change undone (`ABLATIONS`)."""
 RESULTS_FORMAT = "qdesk.bench.mix_quality_real/1"
 MIX_METHOD_KEY = "sensitivity/2"
 STARTER = "starter"
@@ -105,7 +109,7 @@ def preset_variants(context: ModelContext, presets: Sequence[str], encoders: Seq
 
 
 def mix_variants(context: ModelContext, presets: Sequence[str], effort: str, with_feedback: bool,
-                 log: Callable[[str], None]) -> list[Variant]:
+                 ablations: Sequence[str], log: Callable[[str], None]) -> list[Variant]:
     """The mix at each preset's size, with the encoder `qdesk quantize` picks for it, and with ggml's rounding
     when that is another; keyed by the plan's types (the sensitivity is measured once and cached)."""
     from converters.mix.feedback import collect_input_covariances, feedback_sensitivity
@@ -124,6 +128,7 @@ def mix_variants(context: ModelContext, presets: Sequence[str], effort: str, wit
         f"measured in {plain.seconds:.0f} s (this run {time.monotonic() - started:.0f} s); default encoder "
         f"{default_encoder}")
     variants = []
+    covariances = None
     for encoder in encoders:
         sensitivity = plain
         if encoder == "feedback":
@@ -141,11 +146,54 @@ def mix_variants(context: ModelContext, presets: Sequence[str], effort: str, wit
                 SERIES_MIX_GGML if encoder == "ggml" else f"mix, {encoder}")
             variants.append(Variant(f"mix like {preset}", series, context.fingerprint(mix.plan.types(), True, extra),
                                     build, note=f"{encoder} rounding", predicted_kld=mix.predicted_kld))
+        if encoder != default_encoder:
+            continue
+        for ablation in ablations:
+            changed = ABLATIONS[ablation](plain)
+            if encoder == "feedback":
+                changed = feedback_sensitivity(changed, reference, covariances, matrix)
+            for preset in [p for p in presets if p in BAR_PRESETS]:
+                like_bytes = preset_plan(reference, preset, matrix).n_bytes
+                mix = plan_mix(reference, header, MixBudget(like=preset), changed, like_bytes)
+
+                def ablated_build(output: Path, plan: QuantPlan = mix.plan, encoder: str = encoder) -> None:
+                    quantize(reference, output, plan, matrix, encoder=encoder)
+
+                extra = {"mix": MIX_METHOD_KEY, **(encoder_extra(encoder) or {})}
+                variants.append(Variant(f"mix like {preset}", f"{SERIES_ABLATION}{ablation}",
+                                        context.fingerprint(mix.plan.types(), True, extra), ablated_build,
+                                        note=f"{encoder} rounding", predicted_kld=mix.predicted_kld))
     return variants
 
 
+def without_input_rounding(sensitivity: Sensitivity) -> Sensitivity:
+    """The damages as before input rounding was charged: the weights' own error alone."""
+    return replace(sensitivity, tensors=tuple(
+        replace(tensor, options=tuple(replace(option, input_damage=0.0) for option in tensor.options))
+        for tensor in sensitivity.tensors))
+
+
+def tied_roles_joined(sensitivity: Sensitivity) -> Sensitivity:
+    """A tied embedding valued as before its roles were probed apart: one gain (the sum of the two roles' gains;
+    both roles' damages are the same unweighted error when the importance matrix has no entry for it), which error
+    feedback's product ratio then scales whole."""
+    joined = []
+    for tensor in sensitivity.tensors:
+        if tensor.lookup_gain > 0:
+            tensor = replace(tensor, gain=tensor.gain + tensor.lookup_gain, lookup_gain=0.0,
+                             options=tuple(replace(option, lookup_damage=0.0) for option in tensor.options))
+        joined.append(tensor)
+    return replace(sensitivity, tensors=tuple(joined))
+
+
+ABLATIONS: dict[str, Callable[[Sensitivity], Sensitivity]] = {
+    "no input rounding": without_input_rounding,
+    "tied roles joined": tied_roles_joined,
+}
+
+
 def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[str], with_mix: bool,
-              with_feedback: bool, effort: str, log: Callable[[str], None]) -> ModelReport:
+              with_feedback: bool, effort: str, ablations: Sequence[str], log: Callable[[str], None]) -> ModelReport:
     model = context.model
     store = ResultStore(model.reference.parent / f"results-real-{settings.chunks}x{settings.ctx}.json",
                         {"chunks": settings.chunks, "ctx": settings.ctx})
@@ -171,7 +219,7 @@ def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[st
 
     run(preset_variants(context, presets, ["ggml"]))
     if with_mix:
-        run(mix_variants(context, presets, effort, with_feedback, log))
+        run(mix_variants(context, presets, effort, with_feedback, ablations, log))
     if with_feedback:
         run(preset_variants(context, presets, ["feedback"]))
     return ModelReport(model.name, model.reference, model.reference.stat().st_size, context.base_plan.n_elements,
@@ -229,6 +277,22 @@ def markdown(reports: Sequence[ModelReport], presets: Sequence[str], settings: R
                          f"{_cell(row['mix_over_preset_feedback'], '.3f')} | {_cell(row['mix_ggml_kld'], '.5f')} | "
                          f"{_cell(row['mix_ggml_over_preset'], '.3f')} |")
         lines.append("")
+        ablated = sorted({m.series for m in report.results
+                          if m.series.startswith(SERIES_ABLATION) and m.series[len(SERIES_ABLATION):] in ABLATIONS})
+        if ablated:
+            lines += [f"Method changes undone on {report.name} (mean KLD of the mix planned without the change; "
+                      "same budget and rounding):", "",
+                      "| budget | mix | " + " | ".join(ablated) + " |", "|---|---:|" + "---:|" * len(ablated)]
+            for preset in [p for p in presets if p in BAR_PRESETS]:
+                mix = find(report.results, SERIES_MIX, f"mix like {preset}")
+                cells = []
+                for series in ablated:
+                    other = find(report.results, series, f"mix like {preset}")
+                    cells.append("—" if other is None else f"{other.kld_mean:.5f}"
+                                 + (f" ({other.kld_mean / mix.kld_mean:.2f}×)" if mix else ""))
+                mix_cell = _cell(mix.kld_mean if mix else None, ".5f")
+                lines.append(f"| {preset} | {mix_cell} | " + " | ".join(cells) + " |")
+            lines.append("")
         predicted = [m for m in report.results if m.predicted_kld]
         if predicted:
             lines += [f"Predicted against measured on {report.name}:", "",
@@ -251,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="add the presets with error-feedback rounding (and the feedback mix where it is not "
                              "the default); needs the covariances in memory")
     parser.add_argument("--no-mix", action="store_true", help="measure the presets only")
+    parser.add_argument("--ablations", default="",
+                        help=f"comma-separated, at the bar presets' sizes: {', '.join(ABLATIONS)}")
     parser.add_argument("--mix-effort", default="default")
     parser.add_argument("--calibration-chunks", type=int, default=48, help="for the starter's importance matrix")
     parser.add_argument("--json-out", type=Path, default=DEFAULT_REAL_CACHE / "mix_quality_real.json")
@@ -276,8 +342,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = prepare(name, args.calibration_chunks, timings)
         print(f"{name}: {model.reference}", flush=True)
         model_started = time.monotonic()
+        ablations = [a for a in ABLATIONS if a in args.ablations.split(",")]
+        if name != STARTER:
+            ablations = [a for a in ablations if a != "tied roles joined"]  # the Qwen models' output is untied
         report = run_model(model_context(model), settings, presets, not args.no_mix, args.feedback, args.mix_effort,
-                           lambda line: print(line, flush=True))
+                           ablations, lambda line: print(line, flush=True))
         timings.steps[f"{name}: variants (this run)"] = time.monotonic() - model_started
         reports.append(report)
     text = markdown(reports, presets, settings)

@@ -11,6 +11,8 @@ or a saved plan) it measures on the held-out text (`--chunks` × `--ctx`, as `qd
   planned type (ggml's encoder with the importance matrix), evaluated in the reference's own precision;
 * file: the quantized file llama.cpp writes for the plan (its kernels quantize the activations of each product
   to 8 bits, which the simulation does not), evaluated the same way;
+* with `--halves`: the first and the second half of the layers alone (the token embedding with the first, the
+  output with the second), so their sum against `simulated` shows whether errors of early and late layers add;
 * with `--groups`: each probe group alone at its planned types (simulated), so Σ groups against `simulated` shows
   whether the contributions add, and each group's measured against predicted shows which ones are off;
 * with `--probe-types`: each group alone at its probe type on this text, i.e. its gain re-measured on held-out text
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--effort", default="default")
     parser.add_argument("--groups", action="store_true")
+    parser.add_argument("--halves", action="store_true",
+                        help="the layers' first and second halves alone: do the halves' KLDs add up?")
     parser.add_argument("--predict", action="store_true", help="measure the sensitivity for the prediction")
     parser.add_argument("--probe-types", action="store_true")
     parser.add_argument("--no-file", action="store_true", help="skip quantizing and evaluating the file")
@@ -158,6 +162,19 @@ def main(argv: list[str] | None = None) -> None:
         report["simulated"] = editable.kld_with(planned, chunks, references)
         print(f"predicted {report['predicted']}  simulated (all planned weights round-tripped) "
               f"{report['simulated']:.5f}", flush=True)
+        if args.halves:
+            layer_of = {name: int(name.split(".")[1]) if name.startswith("blk.") else -1 for name in planned}
+            depth = max(layer_of.values()) + 1
+            early = {n: t for n, t in planned.items() if layer_of[n] < depth // 2 and n != "output.weight"}
+            late = {n: t for n, t in planned.items() if n not in early}
+            halves = {"early": editable.kld_with(early, chunks, references),
+                      "late": editable.kld_with(late, chunks, references)}
+            if predicted:
+                halves["early_predicted"] = sum(predicted[n] for n in early)
+                halves["late_predicted"] = sum(predicted[n] for n in late)
+            report["halves"] = halves
+            print(f"halves (simulated): early {halves['early']:.5f} + late {halves['late']:.5f} = "
+                  f"{halves['early'] + halves['late']:.5f} against together {report['simulated']:.5f}", flush=True)
         groups: dict[str, list[str]] = {}
         for tensor in sensitivity.tensors if sensitivity is not None else ():
             groups.setdefault(tensor.group, []).append(tensor.name)
