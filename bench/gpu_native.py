@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.imatrix_overhead import calibration_chunks  # noqa: E402
 from native.activations import ModelEvaluator  # noqa: E402
-from native.backends import discover, render_text  # noqa: E402
+from native.backends import discover  # noqa: E402
+from qdesk.display.backends import render_text  # noqa: E402
 
 BUILT_SIZES = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 16}
 

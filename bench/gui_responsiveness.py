@@ -1,7 +1,7 @@
 """How late the desktop app's event loop runs while a conversion and a generation run in the background.
 
     nice -n 5 .venv/bin/python bench/gui_responsiveness.py [--idle-s 10] [--max-tokens 256] [--interval-ms 10]
-                                                           [--convert-in-thread]
+                                                           [--convert-in-thread] [--compare-view [--turns 3]]
 
 A QApplication (offscreen unless QT_QPA_PLATFORM says otherwise) runs a QTimer every `--interval-ms`; each tick
 records how much later than the interval it fired. Two phases, same process:
@@ -11,9 +11,11 @@ records how much later than the interval it fired. Two phases, same process:
    suite, BF16 safetensors, to an F16 GGUF in a temporary folder) and, at the same time, real generations with the
    starter model (`qdesk.chat.engine.load_model` + `chat`, tokens streamed to a GUI-thread signal that appends them to a
    QPlainTextEdit, as the Compare view does), repeated until the conversion has finished (at least one answer).
-   The conversion runs as the app's Quantize queue runs it: `qdesk.app.isolated.run_isolated` in a child process, with
-   progress and cancel forwarded. With --convert-in-thread it runs in the job's own thread of this process, for
-   comparison (pure-Python stretches of a conversion then hold the GIL the event loop needs).
+   The conversion runs as the app's Quantize queue runs it: `converters.core.isolation.run_isolated` in a child
+   process, with progress and cancel forwarded. With --convert-in-thread it runs in the job's own thread of this
+   process, for comparison (pure-Python stretches of a conversion then hold the GIL the event loop needs). With
+   --compare-view the tokens go to a real Compare pane, redrawn every 40 ms as the app does (its Markdown rendering
+   included).
 
 Prints the worst, p99 and median lateness of each phase and the ratio jobs/peer. The target (issue 7) is a worst
 delay under 100 ms while the jobs run.
@@ -114,6 +116,52 @@ class TokenSink(QObject):
         cursor.insertText(text)
 
 
+class CompareSink(QObject):
+    """What the Compare view itself does (`--compare-view`): tokens gathered, and a real `ComparePane`'s transcript
+    redrawn at most every 40 ms with the answer so far (`show_transcript`: the app's own rendering, Markdown where
+    the app renders it), after `turns` earlier answers of the same length."""
+
+    token = Signal(str)
+
+    def __init__(self, turns: int) -> None:
+        super().__init__()
+        from qdesk.gui.compare_pane import ComparePane
+        from qdesk.gui.compare_runner import PaneRunner
+        from qdesk.gui.context import AppContext
+
+        self.context = AppContext()
+        self.pane = ComparePane(PaneRunner(self.context))
+        self.pane.resize(500, 600)
+        self.count = 0
+        self.turns = turns
+        self.text = ""
+        self.earlier: list[str] = []
+        self.timer = QTimer(self)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(40)
+        self.timer.timeout.connect(self._render)
+        self.token.connect(self._append)
+        warm_up = getattr(self.pane, "warm_up", None)
+        if callable(warm_up):
+            warm_up()  # as the Compare view does after start: the renderer's libraries load in the background
+
+    def _append(self, text: str) -> None:
+        self.count += 1
+        self.text += text
+        if not self.timer.isActive():
+            self.timer.start()
+
+    def _render(self) -> None:
+        from qdesk.gui.compare_pane import TranscriptEntry
+
+        entries = [TranscriptEntry(PROMPT, answer) for answer in self.earlier[-self.turns:]]
+        self.pane.show_transcript([*entries, TranscriptEntry(PROMPT, self.text, streaming=True)])
+
+    def answer_done(self) -> None:
+        self.earlier.append(self.text)
+        self.text = ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle-s", type=float, default=10.0, help="length of the peer phase (default 10 s)")
@@ -121,6 +169,11 @@ def main() -> int:
     parser.add_argument("--interval-ms", type=int, default=10, help="probe interval (default 10 ms)")
     parser.add_argument("--convert-in-thread", action="store_true",
                         help="convert in the job's thread of this process instead of a child process, to compare")
+    parser.add_argument("--compare-view", action="store_true",
+                        help="stream into a real Compare pane (its own rendering every 40 ms) instead of a plain "
+                             "text box")
+    parser.add_argument("--turns", type=int, default=3,
+                        help="--compare-view: earlier answers on show above the streaming one (default 3)")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "tests",
                         help="where the test checkpoint is cached (default .cache/tests)")
     args = parser.parse_args()
@@ -134,7 +187,7 @@ def main() -> int:
     app = QApplication.instance() or QApplication(["gui_responsiveness"])
     app.setApplicationName("qdesk-bench")
     probe = Probe(args.interval_ms)
-    sink = TokenSink()
+    sink: TokenSink | CompareSink = CompareSink(args.turns) if args.compare_view else TokenSink()
     sink.pane.show()
 
     probe.start()
@@ -148,8 +201,8 @@ def main() -> int:
         conversion_ended: list[float] = []
 
         def convert(progress: ProgressFn, cancel: CancelToken) -> float:
+            from converters.core.isolation import run_isolated
             from converters.writing.convert import convert_checkpoint
-            from qdesk.app.isolated import run_isolated
 
             started = time.monotonic()
             try:
@@ -173,6 +226,8 @@ def main() -> int:
                     model.chat([{"role": "user", "content": PROMPT}], sampling,
                                on_token=lambda event: sink.token.emit(event.text), cancel=cancel)
                     answers += 1
+                    if isinstance(sink, CompareSink):
+                        QTimer.singleShot(0, sink.answer_done)
             return answers, time.monotonic() - started
 
         jobs = [Job("convert", convert), Job("generate", generate)]
@@ -199,6 +254,9 @@ def main() -> int:
     answers, generation_s = outcome["generate"]  # type: ignore[misc]
     print(f"machine: {platform.machine()}, {os.cpu_count()} logical cores, Python {platform.python_version()}")
     where = "a thread of this process" if args.convert_in_thread else "a child process (as the app runs it)"
+    shown = (f"a Compare pane's transcript (its rendering, at most every 40 ms, {args.turns} earlier answers above)"
+             if args.compare_view else "a plain text box")
+    print(f"tokens go to {shown}")
     print(f"jobs: conversion in {where} {outcome['convert']:.1f} s ({written / 1e6:.0f} MB F16 written); "
           f"{answers} answer(s), {sink.count} tokens streamed to the GUI in {generation_s:.1f} s; "
           f"probed {busy_s:.1f} s")

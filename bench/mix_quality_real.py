@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--feedback", action="store_true",
                         help="add the presets with error-feedback rounding (and the feedback mix where it is not "
-                             "the default); needs the covariances in memory")
+                             "the default); the calibration inputs are spilled beside the reference")
     parser.add_argument("--no-mix", action="store_true", help="measure the presets only")
     parser.add_argument("--ablations", default="",
                         help=f"comma-separated, at the bar presets' sizes: {', '.join(ABLATIONS)}")

@@ -3,7 +3,7 @@
 `discover()` walks the registry once: every backend (CPU, CUDA, Metal, Vulkan, …) with its devices, their kind
 and memory, and the features the backend announces through `ggml_backend_get_features` (the CPU backend's SIMD
 flags such as AVX2 or NEON, a GPU backend's build options). The engine picks GPU offload from `gpu_devices`;
-`render_text` prints the same facts as an aligned table for `qdesk info`.
+`qdesk.display.backends.render_text` words the same facts for people.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ CPU_BUILD_FEATURES = frozenset({"LLAMAFILE", "ACCELERATE", "CPU_HBM", "OPENMP", 
 
 CPU_VECTOR_WIDTH_FEATURES = {"SVE_CNT": "SVE", "RVV_VLEN": "RISCV_V"}
 """CPU features whose value is a vector length; a positive length means the named extension is on."""
-
-GIB = 1 << 30
-
 
 @dataclass(frozen=True)
 class Device:
@@ -201,43 +198,3 @@ def discover() -> SystemInfo:
         llama_system_info=_text(llama_cpp.llama_print_system_info()).strip(),
         backends=tuple(backends),
     )
-
-
-def _gib(size: int) -> str:
-    return f"{size / GIB:.1f}"
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right_aligned: frozenset[int]) -> list[str]:
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = [
-            cell.rjust(widths[column]) if column in right_aligned else cell.ljust(widths[column])
-            for column, cell in enumerate(cells)
-        ]
-        return "  ".join(padded).rstrip()
-
-    return [line(header), line(tuple("-" * width for width in widths)), *(line(row) for row in rows)]
-
-
-def render_text(info: SystemInfo) -> str:
-    """An aligned, human-readable summary: version, CPU SIMD level, backends and their devices with memory in GiB."""
-    lines = [f"llama-cpp-python {info.llama_cpp_version}"]
-    lines.append(f"CPU SIMD: {' '.join(info.cpu_simd) if info.cpu_simd else 'none reported'}")
-    lines.append(f"GPU devices: {len(info.gpu_devices)}")
-    lines.append("")
-    backend_rows = [
-        (backend.name, str(len(backend.devices)),
-         " ".join(f"{name}={value}" if value != "1" else name for name, value in backend.features) or "-")
-        for backend in info.backends
-    ]
-    lines.extend(_table(("backend", "devices", "features"), backend_rows, frozenset({1})))
-    lines.append("")
-    device_rows = [
-        (device.backend, device.name, device.kind, _gib(device.memory_free), _gib(device.memory_total),
-         device.description)
-        for device in info.devices
-    ]
-    lines.extend(_table(("backend", "device", "kind", "free GiB", "total GiB", "description"), device_rows,
-                        frozenset({3, 4})))
-    return "\n".join(lines)

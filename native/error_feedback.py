@@ -12,285 +12,366 @@ The grid stays ggml's. When a block is reached (32 weights of a row for the lega
 for the k-quants), ggml's own encoder, given the importance matrix, encodes the block's current values; its
 scales (and minimums) are read back from those bytes and kept, and the block's weights are then rounded column
 by column to that grid with the feedback above, and their integers packed into ggml's layout in place of
-ggml's. llama.cpp reads the result like any other tensor of that type.
+ggml's (`native.block_layouts`). llama.cpp reads the result like any other tensor of that type.
 
-Types: q4_0, q4_1, q5_0, q5_1, q8_0 (rows that are a multiple of 32) and q4_K, q5_K, q6_K (multiple of 256).
+H⁻¹ itself is not needed: with H = R Rᵀ (R upper triangular, so U = R⁻¹), the whole sequence of updates adds up
+to W − Q = S U for the scaled errors S, that is (W − Q) R = S, and the value column j is rounded from is
+w_j + Σ_{i<j} (w_i − q_i)·R[i,j]/R[j,j]: the errors against the original weights, fed forward through H's own
+Cholesky factor with its columns scaled to a unit diagonal (`PreparedInputs.feed`). That factor costs a quarter
+of what H⁻¹'s does. Only the values ggml chooses a block's grid from, the updated weights as they stand when the
+block is reached, need a little of the inverse: that of the block's own diagonal block of the factor
+(`PreparedInputs.block_inverses`, 256 × 256 each).
+
+The arithmetic runs in torch on `native.compute_device.compute_device()`: a CUDA or MPS GPU when torch sees one,
+else every CPU core (`QDESK_DEVICE` or `device=` chooses). The factor is computed in float64 (on the CPU for MPS,
+which has no float64) and the updates run in float32 (`WORKING_DTYPE`; `dtype=torch.float64` gives the
+reference's bytes). The updates are nested as in GPTQ's lazy batches (`NESTED_COLUMNS`). ggml's encoder runs on
+the host: a block's current values (rows × 256 floats) go there and its grid comes back. `backend="numpy"` runs
+the float64 numpy reference (`native.error_feedback_reference`, which follows U as above) that the tests compare
+this with.
+
+Types: q4_0, q4_1, q5_0, q5_1, q8_0 (rows that are a multiple of 32) and q2_K, q3_K, q4_K, q5_K, q6_K (multiple of
+256).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import torch
 
+from native.block_layouts import LAYOUTS, BlockLayout
+from native.compute_device import compute_device
+from native.error_feedback_reference import reference_factor, reference_quantize
 from native.kernels import quantize_rows
 
-__all__ = ["DEFAULT_DAMPING", "FEEDBACK_TYPES", "PreparedInputs", "prepare_inputs", "quantize_with_feedback",
-           "supports_feedback"]
+__all__ = ["DEFAULT_DAMPING", "FEEDBACK_TYPES", "WORKING_DTYPE", "PreparedInputs", "accumulate_inputs", "new_input_sum",
+           "prepare_inputs", "quantize_with_feedback", "supports_feedback"]
 
-ROWS_PER_TASK = 4096
-"""Rows are independent given H, so slices of rows are encoded in parallel threads."""
 DEFAULT_DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal value, so that H is safely invertible."""
+NESTED_COLUMNS = (4, 32, 256)
+"""The blocking of the updates: each error moves the rest of its 4 columns at once (a rank-one update); after 4
+columns one matrix product moves the rest of their 32, after 32 the rest of their 256, after 256 the rest of the
+row (GPTQ's lazy batch, nested). Few, larger steps keep the per-column work small."""
+BLOCK_INVERSE_SIZE = NESTED_COLUMNS[-1]
+"""The outermost batch, which every grid block (32 or 256 weights) divides or equals."""
+PARALLEL_PRODUCT = 1 << 24
+"""On the CPU the column steps and the products of fewer multiply-adds than this run on one thread, the larger
+products on every core: thousands of small multi-threaded steps cost more in waiting for each other than they save
+(and very much more on a machine with more busy threads than cores)."""
+PRODUCT_ROWS = 2048
+"""Input rows per float32 product in `accumulate_inputs`; the products are summed in float64."""
 
+FEEDBACK_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
 
-def _half(raw: np.ndarray) -> np.ndarray:
-    """float16 values stored in two-byte columns of a uint8 array (rows × 2) → float64 (rows,)."""
-    return np.ascontiguousarray(raw).view(np.float16)[:, 0].astype(np.float64)
-
-
-@dataclass(frozen=True)
-class _Format:
-    """A ggml block format: block geometry, where its grid is read from, and how its integers are packed."""
-
-    block: int
-    block_bytes: int
-    low: int
-    high: int
-    offset: int
-    """Stored integer = level + offset; the value is scale · level + minimum."""
-    grid: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-    """Encoded blocks (rows × block_bytes) → per row and column, the scale and the minimum (rows × block)."""
-    pack: Callable[[np.ndarray, np.ndarray], None]
-    """(stored integers rows × block, encoded blocks rows × block_bytes): write the integers into the bytes."""
-
-
-def _nibbles_32(stored: np.ndarray) -> np.ndarray:
-    """Legacy 4-bit packing: byte j holds weight j (low nibble) and weight j + 16 (high nibble)."""
-    nibbles = (stored & 0xF).astype(np.uint8)
-    return nibbles[:, :16] | (nibbles[:, 16:] << 4)
-
-
-def _high_bit_word(stored: np.ndarray) -> np.ndarray:
-    """Legacy 5-bit packing: bit j of a little-endian 32-bit word is bit 4 of weight j."""
-    bits = ((stored >> 4) & 1).astype(np.uint32)
-    word = (bits << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
-    return word.reshape(-1, 1).view(np.uint8).reshape(-1, 4)
-
-
-def _legacy(block_bytes: int, *, has_min: bool, bits: int, symmetric: bool) -> _Format:
-    quants_at = 4 if has_min else 2
-
-    def grid(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scale = _half(encoded[:, 0:2])
-        minimum = _half(encoded[:, 2:4]) if has_min else np.zeros_like(scale)
-        return np.repeat(scale[:, None], 32, axis=1), np.repeat(minimum[:, None], 32, axis=1)
-
-    def pack(stored: np.ndarray, encoded: np.ndarray) -> None:
-        if bits == 8:
-            encoded[:, quants_at:] = stored.astype(np.int8).view(np.uint8)
-        elif bits == 4:
-            encoded[:, quants_at:] = _nibbles_32(stored)
-        else:
-            encoded[:, quants_at : quants_at + 4] = _high_bit_word(stored)
-            encoded[:, quants_at + 4 :] = _nibbles_32(stored)
-
-    levels = 1 << bits
-    low = -(levels // 2) if symmetric else 0
-    offset = 0 if bits == 8 else -low
-    return _Format(32, block_bytes, low, low + levels - 1, offset, grid, pack)
-
-
-def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The eight 6-bit scales and minimums of a q4_K/q5_K super-block (12 packed bytes per row) → rows × 8 each."""
-    q = packed.astype(np.int64)
-    scales = np.empty((q.shape[0], 8), dtype=np.int64)
-    mins = np.empty_like(scales)
-    scales[:, :4] = q[:, 0:4] & 63
-    mins[:, :4] = q[:, 4:8] & 63
-    scales[:, 4:] = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
-    mins[:, 4:] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
-    return scales, mins
-
-
-def _k_4_5(block_bytes: int, bits: int) -> _Format:
-    """q4_K / q5_K: d, dmin (f16), 12 bytes of 6-bit scales and minimums for 8 sub-blocks of 32, [qh 32], qs 128.
-
-    Weight c of the super-block: chunk j = c // 64 and half h = (c % 64) // 32 give sub-block 2j + h; qs byte
-    32j + c % 32 holds it in its low (h = 0) or high (h = 1) nibble; for q5_K bit 2j + h of qh byte c % 32 is its
-    fifth bit.
-    """
-    qs_at = 16 + (32 if bits == 5 else 0)
-    column = np.arange(256)
-    chunk, half, lane = column // 64, (column % 64) // 32, column % 32
-    sub_block = 2 * chunk + half
-
-    def grid(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d, dmin = _half(encoded[:, 0:2]), _half(encoded[:, 2:4])
-        scales, mins = _k_scales_mins(encoded[:, 4:16])
-        return d[:, None] * scales[:, sub_block], -dmin[:, None] * mins[:, sub_block]
-
-    def pack(stored: np.ndarray, encoded: np.ndarray) -> None:
-        rows = stored.shape[0]
-        qs = np.zeros((rows, 128), dtype=np.uint8)
-        np.bitwise_or.at(qs.T, chunk * 32 + lane, ((stored & 0xF) << (4 * half)).astype(np.uint8).T)
-        encoded[:, qs_at : qs_at + 128] = qs
-        if bits == 5:
-            qh = np.zeros((rows, 32), dtype=np.uint8)
-            np.bitwise_or.at(qh.T, lane, (((stored >> 4) & 1) << sub_block).astype(np.uint8).T)
-            encoded[:, 16:48] = qh
-
-    return _Format(256, block_bytes, 0, (1 << bits) - 1, 0, grid, pack)
-
-
-def _k_6() -> _Format:
-    """q6_K: ql 128, qh 64, 16 int8 scales (sub-blocks of 16), d (f16); value = d · scale · (q − 32).
-
-    Weight c: half n = c // 128, r = c % 128, quarter g = r // 32, lane l = r % 32. Its low four bits sit in
-    ql byte 64n + l + 32·(g odd), low nibble for g < 2 and high for g ≥ 2; its top two bits in qh byte 32n + l at
-    bit 2g; its scale is scales[8n + l // 16 + 2g].
-    """
-    column = np.arange(256)
-    half, rest = column // 128, column % 128
-    quarter, lane = rest // 32, rest % 32
-    ql_index = 64 * half + lane + 32 * (quarter % 2)
-    ql_shift = 4 * (quarter // 2)
-    qh_index = 32 * half + lane
-    scale_index = 8 * half + lane // 16 + 2 * quarter
-
-    def grid(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = _half(encoded[:, 208:210])
-        scales = encoded[:, 192:208].view(np.int8).astype(np.float64)
-        scale = d[:, None] * scales[:, scale_index]
-        return scale, np.zeros_like(scale)
-
-    def pack(stored: np.ndarray, encoded: np.ndarray) -> None:
-        rows = stored.shape[0]
-        ql = np.zeros((rows, 128), dtype=np.uint8)
-        qh = np.zeros((rows, 64), dtype=np.uint8)
-        np.bitwise_or.at(ql.T, ql_index, ((stored & 0xF) << ql_shift).astype(np.uint8).T)
-        np.bitwise_or.at(qh.T, qh_index, (((stored >> 4) & 3) << (2 * quarter)).astype(np.uint8).T)
-        encoded[:, 0:128] = ql
-        encoded[:, 128:192] = qh
-
-    return _Format(256, 210, -32, 31, 32, grid, pack)
-
-
-_FORMATS = {
-    "q4_0": _legacy(18, has_min=False, bits=4, symmetric=True),
-    "q4_1": _legacy(20, has_min=True, bits=4, symmetric=False),
-    "q5_0": _legacy(22, has_min=False, bits=5, symmetric=True),
-    "q5_1": _legacy(24, has_min=True, bits=5, symmetric=False),
-    "q8_0": _legacy(34, has_min=False, bits=8, symmetric=True),
-    "q4_k": _k_4_5(144, 4),
-    "q5_k": _k_4_5(176, 5),
-    "q6_k": _k_6(),
-}
-FEEDBACK_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K")
+Backend = Literal["torch", "numpy"]
+DeviceLike = str | torch.device | None
 
 
 def supports_feedback(type_name: str, n_per_row: int) -> bool:
     """Whether `quantize_with_feedback` can write rows of `n_per_row` weights as `type_name`."""
-    found = _FORMATS.get(type_name.lower())
+    found = LAYOUTS.get(type_name.lower())
     return found is not None and n_per_row > 0 and n_per_row % found.block == 0
+
+
+def _device(device: DeviceLike) -> torch.device:
+    return compute_device(None if device is None else str(device))
+
+
+WORKING_DTYPE = torch.float32
+"""The precision of the feedback updates on every device. float64 gives the numpy reference's bytes exactly; float32
+gives as small an output error (within ±0.25 %, tests/test_error_feedback.py), is what GPUs do fast, is no slower
+on the CPU (bench/README.md), and one precision everywhere means the CPU's tests cover the GPU's arithmetic."""
 
 
 @dataclass(frozen=True)
 class PreparedInputs:
     """What the encoder needs of a matrix's input second moments H, computed once per matrix."""
 
-    factor: np.ndarray
-    """U with H⁻¹ = UᵀU (upper triangular), H damped."""
-    dead: np.ndarray
-    """Inputs that never carried a signal (their weights are stored as zero)."""
+    feed: torch.Tensor
+    """feed[k, i] = R[i, k] / R[k, k] for H = R Rᵀ, R upper triangular, H damped: how much the rounding error of
+    input i < k moves the value input k's weight is rounded from (lower triangular, unit diagonal, contiguous so
+    that the updates read it row by row); on the device the encoding runs on, in its precision."""
+    block_inverses: torch.Tensor
+    """The inverse of each diagonal 256 × 256 block of `feed` (the last one padded with the identity): what turns a
+    block's corrections so far into those of the optimal-brain-surgeon state its grid is chosen from."""
+    dead: torch.Tensor
+    """Inputs that never carried a signal (their weights are stored as zero), a boolean vector on that device."""
 
     @property
     def n_in(self) -> int:
-        return self.factor.shape[0]
+        return self.feed.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.feed.device
 
 
-def prepare_inputs(hessian: np.ndarray, damping: float = DEFAULT_DAMPING) -> PreparedInputs:
-    """Factor the inputs' second-moment matrix H (n_in × n_in) for `quantize_with_feedback`."""
+def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_DAMPING, *,
+                   device: DeviceLike = None, dtype: torch.dtype | None = None) -> PreparedInputs:
+    """Factor the inputs' second-moment matrix H (n_in × n_in) for `quantize_with_feedback`.
+
+    `device` defaults to `compute_device()`; `dtype`, the precision of the updates, to `WORKING_DTYPE` (the
+    factor itself is computed in float64). Memory: two n_in² float64 matrices at the peak, besides H.
+    """
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"the input matrix must be square, got shape {hessian.shape}")
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    dead = np.diag(h) <= 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h[dead, dead] = 1
-    diagonal = np.diag(h)
-    h[np.diag_indices_from(h)] += damping * float(diagonal[~dead].mean() if (~dead).any() else 1.0)
-    lower = np.linalg.cholesky(np.linalg.inv(h))
-    return PreparedInputs(lower.T.copy(), dead)
+        raise ValueError(f"the input matrix must be square, got shape {tuple(hessian.shape)}")
+    target = _device(device)
+    factor_device = torch.device("cpu") if target.type == "mps" else target
+    reversed_h = torch.as_tensor(hessian).to(factor_device, torch.float64).flip(0, 1)
+    dead = reversed_h.diagonal() <= 0
+    reversed_h[dead, :] = 0
+    reversed_h[:, dead] = 0
+    diagonal = reversed_h.diagonal()
+    diagonal[dead] = 1
+    live = ~dead
+    diagonal += damping * (float(diagonal[live].mean()) if bool(live.any()) else 1.0)
+    feed = _feed_matrix(reversed_h)
+    inverses = _diagonal_block_inverses(feed)
+    working = dtype or WORKING_DTYPE
+    return PreparedInputs(feed.to(target, working), inverses.to(target, working), dead.flip(0).to(target))
+
+
+def prepared_from_feed(feed: np.ndarray | torch.Tensor, dead: np.ndarray | torch.Tensor, *,
+                       device: DeviceLike = None, dtype: torch.dtype | None = None) -> PreparedInputs:
+    """`PreparedInputs` again from a kept copy of its `feed` (any float precision) and `dead`: what a job keeps on
+    disk between two uses of one input instead of factoring H twice."""
+    target = _device(device)
+    factor_device = torch.device("cpu") if target.type == "mps" else target
+    exact = torch.as_tensor(feed).to(factor_device, torch.float64)
+    inverses = _diagonal_block_inverses(exact)
+    working = dtype or WORKING_DTYPE
+    return PreparedInputs(exact.to(target, working), inverses.to(target, working),
+                          torch.as_tensor(dead, dtype=torch.bool).to(target))
+
+
+def _feed_matrix(reversed_h: torch.Tensor) -> torch.Tensor:
+    """`PreparedInputs.feed` from J H J (J reverses the order; it is overwritten), contiguous, in float64.
+
+    J H J = Mᵀ M (Cholesky, M upper) gives H = R Rᵀ with R = J Mᵀ J upper; feed = Rᵀ = J M J with each row k
+    divided by its diagonal element R[k, k].
+    """
+    upper = torch.linalg.cholesky(reversed_h, upper=True, out=reversed_h)
+    feed = upper.flip(0, 1)
+    del upper, reversed_h
+    feed /= feed.diagonal().clone()[:, None]
+    return feed
+
+
+def _diagonal_block_inverses(feed: torch.Tensor) -> torch.Tensor:
+    """The inverses of `feed`'s diagonal blocks of `BLOCK_INVERSE_SIZE` (count × size × size, lower triangular)."""
+    size = BLOCK_INVERSE_SIZE
+    n_in = feed.shape[0]
+    count = -(-n_in // size)
+    blocks = torch.eye(size, dtype=feed.dtype, device=feed.device).repeat(count, 1, 1)
+    for index in range(count):
+        first, last = index * size, min(n_in, (index + 1) * size)
+        blocks[index, : last - first, : last - first] = feed[first:last, first:last]
+    identity = torch.eye(size, dtype=feed.dtype, device=feed.device).expand(count, size, size)
+    return torch.linalg.solve_triangular(blocks, identity, upper=False)
 
 
 def quantize_with_feedback(
     weights: np.ndarray,
     type_name: str,
-    inputs: np.ndarray | PreparedInputs,
+    inputs: np.ndarray | torch.Tensor | PreparedInputs,
     importance: np.ndarray | None = None,
     *,
     threads: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    device: DeviceLike = None,
+    backend: Backend = "torch",
 ) -> np.ndarray:
     """Encode float rows (rows × n_in) as `type_name` with error feedback; returns uint8 rows × bytes per row.
 
     `inputs` is the inputs' second-moment matrix H (n_in × n_in, any positive scale), or `prepare_inputs(H)`
-    when several encodings share it; `importance` is the
-    importance-matrix vector handed to ggml's encoder when it picks each block's scales. `should_stop` is
-    polled between slices of rows; when it returns True, `InterruptedError` is raised.
+    when several encodings share it (it then decides the device); `importance` is the importance-matrix vector
+    handed to ggml's encoder when it picks each block's scales. `threads` is how many threads ggml's encoder uses
+    (and the numpy reference's thread count); torch uses its own. `should_stop` is polled before every block;
+    when it returns True, `InterruptedError` is raised. `device` is where the arithmetic runs when `inputs` is H
+    (default `compute_device()`); `backend="numpy"` runs the float64 numpy reference instead (given H).
     """
     name = type_name.lower()
-    rows, n_in = weights.shape
+    n_in = weights.shape[1]
     if not supports_feedback(name, n_in):
         raise ValueError(f"error feedback writes {', '.join(FEEDBACK_TYPES)} in whole blocks; {type_name} does not "
                          f"fit rows of {n_in}.")
-    prepared = inputs if isinstance(inputs, PreparedInputs) else prepare_inputs(inputs)
-    if prepared.n_in != n_in:
-        raise ValueError(f"the input matrix is {prepared.n_in}×{prepared.n_in}, rows have {n_in} weights")
-    layout = _FORMATS[name]
+    layout = LAYOUTS[name]
     vector = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)
-    out = np.empty((rows, n_in // layout.block * layout.block_bytes), dtype=np.uint8)
-    parts = [slice(begin, min(rows, begin + ROWS_PER_TASK)) for begin in range(0, rows, ROWS_PER_TASK)]
+    if backend == "numpy":
+        if isinstance(inputs, PreparedInputs):
+            raise ValueError("the numpy reference factors H itself; pass H, not prepared inputs.")
+        factor, dead = reference_factor(np.asarray(inputs), DEFAULT_DAMPING)
+        _check_inputs(factor.shape[0], n_in)
+        return reference_quantize(weights, layout, name, factor, dead, vector, threads=threads,
+                                  should_stop=should_stop)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'numpy'.")
+    prepared = inputs if isinstance(inputs, PreparedInputs) else prepare_inputs(inputs, device=device)
+    _check_inputs(prepared.n_in, n_in)
+    return _FeedbackEncoder(layout, name, prepared, vector, threads, should_stop).encode(weights)
 
-    def encode(part: slice) -> None:
-        if should_stop is not None and should_stop():
-            raise InterruptedError("error-feedback quantization was stopped")
-        out[part] = _encode_rows(weights[part], layout, name, prepared, vector)
 
-    workers = max(1, threads if threads is not None else (os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(encode, parts):
-            pass
-    return out
+def _check_inputs(inputs_n: int, n_in: int) -> None:
+    if inputs_n != n_in:
+        raise ValueError(f"the input matrix is {inputs_n}×{inputs_n}, rows have {n_in} weights")
 
 
-def _encode_rows(weights: np.ndarray, layout: _Format, name: str, prepared: PreparedInputs,
-                 importance: np.ndarray | None) -> np.ndarray:
-    rows, n_in = weights.shape
-    size = layout.block
-    factor = prepared.factor
-    work = np.array(weights.T, dtype=np.float64, order="C")
-    """Transposed (n_in × rows), so that the column being rounded and the ones it corrects are contiguous."""
-    work[prepared.dead] = 0
-    out = np.empty((rows, n_in // size * layout.block_bytes), dtype=np.uint8)
-    errors = np.empty((size, rows))
-    levels = np.empty((size, rows))
-    for first in range(0, n_in, size):
-        last = first + size
-        encoded = quantize_rows(np.ascontiguousarray(work[first:last].T, dtype=np.float32), name,
-                                None if importance is None else importance[first:last], threads=1)
-        row_scale, row_minimum = layout.grid(encoded)
-        scale, minimum = np.ascontiguousarray(row_scale.T), np.ascontiguousarray(row_minimum.T)
-        empty = scale == 0
-        safe_scale = np.where(empty, 1.0, scale)
-        for at, column in enumerate(range(first, last)):
-            values = work[column]
-            level = levels[at]
-            np.rint((values - minimum[at]) / safe_scale[at], out=level)
-            np.clip(level, layout.low, layout.high, out=level)
-            if layout.low < 0:
-                level[empty[at]] = 0
-            error = errors[at]
-            np.subtract(values, scale[at] * level + minimum[at], out=error)
-            error /= factor[column, column]
-            if column + 1 < last:
-                work[column + 1 : last] -= np.outer(factor[column, column + 1 : last], error)
-        if last < n_in:
-            work[last:] -= factor[first:last, last:].T @ errors
-        layout.pack(levels.T.astype(np.int64) + layout.offset, encoded)
-        out[:, first // size * layout.block_bytes : last // size * layout.block_bytes] = encoded
-    return out
+def _unwritten_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing `array`'s memory, which is only read (so a read-only array needs no copy)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class _FeedbackEncoder:
+    """One matrix's encoding in torch. The work array is transposed (n_in × rows), so that the column being rounded
+    and the columns it corrects are contiguous rows of it; it holds the original weights plus the corrections fed
+    forward so far."""
+
+    def __init__(self, layout: BlockLayout, name: str, prepared: PreparedInputs, importance: np.ndarray | None,
+                 threads: int | None, should_stop: Callable[[], bool] | None) -> None:
+        self.layout, self.name, self.importance = layout, name, importance
+        self.threads, self.should_stop = threads, should_stop
+        self.feed = prepared.feed
+        self.block_inverses = prepared.block_inverses
+        self.dead = prepared.dead
+        self.device, self.dtype = self.feed.device, self.feed.dtype
+        self.cores = torch.get_num_threads()
+
+    @contextmanager
+    def _threads(self, count: int) -> Iterator[None]:
+        """On the CPU, run torch's kernels on `count` threads (restoring the count after)."""
+        if self.device.type != "cpu" or count == torch.get_num_threads():
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    def encode(self, weights: np.ndarray) -> np.ndarray:
+        layout = self.layout
+        rows, n_in = weights.shape
+        source = _unwritten_tensor(np.ascontiguousarray(weights, dtype=np.float32))
+        work = source.to(self.device, self.dtype).T.contiguous()
+        work.masked_fill_(self.dead[:, None], 0)
+        out = np.empty((rows, n_in // layout.block * layout.block_bytes), dtype=np.uint8)
+        step = NESTED_COLUMNS[0]
+        batch = BLOCK_INVERSE_SIZE
+        errors = torch.empty((batch, rows), device=self.device, dtype=self.dtype)
+        levels = torch.empty((layout.block, rows), device=self.device, dtype=self.dtype)
+        # Row views made once: in the column loop every torch call counts.
+        columns, error_rows, level_rows = work.unbind(0), errors.unbind(0), levels.unbind(0)
+        with self._threads(1):
+            for column in range(n_in):
+                at = column % layout.block
+                if column % batch == 0:
+                    batch_originals = self._originals(source, column, batch)
+                    originals = batch_originals.unbind(0)
+                if at == 0:
+                    if self.should_stop is not None and self.should_stop():
+                        raise InterruptedError("error-feedback quantization was stopped")
+                    encoded, minimums, divisors, scales = self._grid(work, batch_originals, column)
+                error, level = error_rows[column % batch], level_rows[at]
+                torch.sub(columns[column], minimums[at], out=level)
+                level.div_(divisors[at]).round_().clamp_(layout.low, layout.high)
+                torch.sub(originals[column % batch], minimums[at], out=error)
+                error.addcmul_(scales[at], level, value=-1)
+                done = column + 1
+                if done % step:
+                    end = min(n_in, _round_up(done, step))
+                    work[done:end].addr_(self.feed[done:end, column], error)
+                else:
+                    self._feed_finished(work, errors, done)
+                if done % layout.block == 0:
+                    self._pack(levels, encoded, out, done - layout.block)
+        return out
+
+    def _originals(self, source: torch.Tensor, first: int, batch: int) -> torch.Tensor:
+        """The original weights of columns first .. first + batch, a row each (zero for dead inputs)."""
+        part = source[:, first : first + batch].to(self.device, self.dtype).T.contiguous()
+        return part.masked_fill_(self.dead[first : first + batch, None], 0)
+
+    def _feed_finished(self, work: torch.Tensor, errors: torch.Tensor, done: int) -> None:
+        """After column `done` − 1, each nested block that it completes moves the rest of its parent block (the
+        rest of the row for the outermost) by its errors (`errors` holds the batch's), in one matrix product."""
+        n_in = work.shape[0]
+        for size, parent in zip(NESTED_COLUMNS, (*NESTED_COLUMNS[1:], n_in), strict=True):
+            if done % size:
+                break
+            end = min(n_in, _round_up(done, parent))
+            if done < end:
+                first = (done - size) % errors.shape[0]
+                with self._threads(self.cores if (end - done) * size * work.shape[1] >= PARALLEL_PRODUCT else 1):
+                    work[done:end].addmm_(self.feed[done:end, done - size : done], errors[first : first + size])
+
+    def _grid(self, work: torch.Tensor, batch_originals: torch.Tensor, first: int) -> tuple[
+            np.ndarray, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """ggml's encoding of the block starting at column `first`, and its grid on the device, per column (a row
+        each): the minimum, the divisor (the scale, infinite where the scale is zero, so that the level is 0) and
+        the scale.
+
+        ggml sees the block as the optimal-brain-surgeon updates have left it after the columns before it, the
+        values GPTQ's order of updates holds there: the originals plus the corrections fed so far, turned by the
+        inverse of the block's own part of `feed` (the rest of each correction reaches a column from the columns
+        of its own block before it is rounded)."""
+        size = self.layout.block
+        within = first % BLOCK_INVERSE_SIZE
+        originals = batch_originals[within : within + size]
+        inverse = self.block_inverses[first // BLOCK_INVERSE_SIZE, within : within + size, within : within + size]
+        state = torch.addmm(originals, inverse, work[first : first + size] - originals)
+        values = state.T.to(torch.float32).contiguous().cpu().numpy()
+        importance = None if self.importance is None else self.importance[first : first + self.layout.block]
+        encoded = quantize_rows(values, self.name, importance, threads=self.threads)
+        row_scale, row_minimum = self.layout.grid(encoded)
+        divisor = np.where(row_scale == 0, np.inf, row_scale)
+        return encoded, *(self._on_device(grid.T).unbind(0) for grid in (row_minimum, divisor, row_scale))
+
+    def _on_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+
+    def _pack(self, levels: torch.Tensor, encoded: np.ndarray, out: np.ndarray, block_start: int) -> None:
+        layout = self.layout
+        stored = levels.to(torch.int16).cpu().numpy().T.astype(np.int64) + layout.offset
+        layout.pack(stored, encoded)
+        at = block_start // layout.block * layout.block_bytes
+        out[:, at : at + layout.block_bytes] = encoded
+
+
+def new_input_sum(n_in: int, device: DeviceLike = None) -> torch.Tensor:
+    """An n_in × n_in float64 zero matrix for `accumulate_inputs`, on `compute_device()` (on the CPU when that is
+    MPS, which has no float64)."""
+    target = _device(device)
+    return torch.zeros((n_in, n_in), dtype=torch.float64, device="cpu" if target.type == "mps" else target)
+
+
+def accumulate_inputs(total: torch.Tensor | np.ndarray, rows: np.ndarray | torch.Tensor) -> None:
+    """total += rowsᵀ rows, in place: the second moments H of a matrix's inputs, summed over a chunk of input rows.
+
+    `total` is n_in × n_in float64, a torch tensor (the products run on its device: `new_input_sum` makes one on
+    the compute device) or a numpy array (they run on the CPU); `rows` is tokens × n_in (float32 values). Each
+    product of up to `PRODUCT_ROWS` rows is formed in float32 and added in float64, so the sum stays as precise
+    as float32 products of a few thousand terms however many chunks are added.
+    """
+    target = torch.from_numpy(total) if isinstance(total, np.ndarray) else total
+    if target.dtype != torch.float64 or target.ndim != 2 or target.shape[0] != target.shape[1]:
+        raise ValueError(f"the input sum must be a square float64 matrix, got {tuple(target.shape)} {target.dtype}")
+    if rows.ndim != 2 or rows.shape[1] != target.shape[0]:
+        raise ValueError(f"input rows of shape {tuple(rows.shape)} do not fit a {target.shape[0]}² input sum")
+    values = torch.as_tensor(rows).to(target.device, torch.float32)
+    for first in range(0, values.shape[0], PRODUCT_ROWS):
+        piece = values[first : first + PRODUCT_ROWS]
+        target += (piece.T @ piece).to(torch.float64)

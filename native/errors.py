@@ -1,13 +1,23 @@
-"""Errors raised by the native bridge; each message is one sentence saying what is wrong and what to do.
+"""The root of qdesk's user-facing errors, and the errors the native bridge raises.
 
-The bridge sits below the application's error hierarchy (it imports nothing of ours), so the
-application treats `NativeError` as a user-facing error of its own.
+`UserError` and `Cancelled` live here, in the lowest layer, so that every error a person may see belongs to one
+family whatever layer raised it: `converters.core.errors` and `qdesk.app.errors` re-export them and derive their
+own errors from them, and the CLI and the desktop app show any `UserError` as its one sentence and any
+`Cancelled` as a cancellation. The bridge still imports nothing of ours.
 """
 
 from __future__ import annotations
 
 
-class NativeError(Exception):
+class UserError(Exception):
+    """A problem with the user's input or environment, reported as one plain sentence: what is wrong, what to do."""
+
+
+class Cancelled(Exception):
+    """The user cancelled the operation; nothing was left behind."""
+
+
+class NativeError(UserError):
     """A problem reaching or running llama.cpp's compiled libraries."""
 
 
@@ -23,5 +33,13 @@ class EvaluationFailed(NativeError):
     """llama.cpp could not load a model or evaluate a batch of tokens."""
 
 
-class Stopped(NativeError):
+class Stopped(NativeError, Cancelled):
     """The caller asked a running native operation to stop, and it did."""
+
+
+class ChildFailed(NativeError):
+    """A child process (`native.child`) ended without an answer: llama.cpp aborted or crashed it, or it was killed."""
+
+
+class ChildStalled(ChildFailed):
+    """A child process made no progress for longer than its watchdog allows, and was stopped."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import sys
 import traceback
@@ -11,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from native.errors import NativeError
+from converters.core.units import format_size
 from qdesk import __version__
 from qdesk.app.errors import Cancelled, UserError
 
@@ -47,14 +49,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         result = convert_checkpoint(args.source, args.output, outtype=args.outtype, progress=bar)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({result.bytes_written / 1e6:.1f} MB, {result.tensor_count} tensors)")
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors)")
     return EXIT_OK
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from converters.core.units import parse_size
     from converters.mix.report import render_grid
     from qdesk.library.info import memory_report, read_model_info, render_text, tensor_type_heatmap
-    from qdesk.memory import parse_size
 
     if args.backends:
         return _run_backends(args)
@@ -87,6 +89,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.report is not None and args.report.suffix.lower() == ".json":
         raise UsageError("--report takes the HTML file's name (OUT.html); the JSON is written beside it")
+    if args.report is not None:
+        _check_outputs([args.ref, *args.candidates, *(args.text or ()), *_task_files(args.tasks)],
+                       [args.report, args.report.with_suffix(".json")])
     texts = read_eval_texts(args.text) if args.text else None
     bar = ProgressBar("eval")
     try:
@@ -109,8 +114,23 @@ def _run_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
+    """Before any work: every output goes into a folder that takes files, and none is an input or another output."""
+    from converters.core.outputs import check_output_folder, check_outputs
+
+    for output in outputs:
+        if output is not None:
+            check_output_folder(output)
+    check_outputs(inputs, outputs)
+
+
+def _task_files(tasks: Sequence[str] | None) -> list[Path]:
+    return [Path(task) for task in tasks or () if Path(task).is_file()]
+
+
 def _run_backends(args: argparse.Namespace) -> int:
-    from native.backends import discover, render_text
+    from native.backends import discover
+    from qdesk.display.backends import render_text
 
     system = discover()
     print(json.dumps(system.to_json(), indent=2) if args.json else render_text(system))
@@ -142,6 +162,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     suffix = ".imatrix.dat" if args.legacy_dat else ".imatrix.gguf"
     output = args.output or args.model.with_name(args.model.stem + suffix)
+    if args.model.is_file():
+        _check_outputs([args.model, *(args.text or ())], [output])
     bar = ProgressBar("calibrate")
     try:
         result = calibrate(args.model, None if args.legacy_dat else output, _calibration_texts(args),
@@ -160,6 +182,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from converters.quantization.quantize import quantize
     from qdesk.display.terminal import ProgressBar
 
+    if args.source.exists():
+        imatrix_file = None if args.imatrix.lower() in ("auto", "none") else Path(args.imatrix)
+        _check_outputs([args.source, imatrix_file, args.plan, *(args.text or ())], [args.output, args.plan_out])
     recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset or _mix_budget(args)
     bar = ProgressBar("quantize")
     try:
@@ -176,7 +201,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     feedback = ", error feedback" if result.plan.encoder == "feedback" else ""
-    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.plan.bits_per_weight:.2f} bpw; "
+    print(f"wrote {result.path} ({format_size(result.bytes)}, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{feedback}{predicted})")
     if predictions:
         from converters.mix.report import plan_heatmap, summary_lines
@@ -188,8 +213,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
+    from converters.core.units import parse_size
     from converters.mix.allocate import MixBudget
-    from qdesk.memory import parse_size
 
     if args.like is not None:
         if args.like.upper() not in PRESET_NAMES:
@@ -197,7 +222,7 @@ def _mix_budget(args: argparse.Namespace) -> object:
         return MixBudget(like=args.like.upper())
     if args.target_size is not None:
         return MixBudget(size_bytes=parse_size(args.target_size, option="--target-size"))
-    if args.target_bpw is None or args.target_bpw <= 0:
+    if args.target_bpw is None or not math.isfinite(args.target_bpw) or args.target_bpw <= 0:
         raise UsageError("--target-bpw takes a positive number of bits per weight, e.g. 4.6")
     return MixBudget(bpw=args.target_bpw)
 
@@ -296,12 +321,21 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_models(args: argparse.Namespace) -> int:
     from qdesk.library.store import Library, render_text
 
-    library = Library()
+    if args.rebuild and args.action != "scan":
+        raise UsageError("--rebuild goes with `qdesk models scan`")
+    if args.rebuild:
+        library, kept = Library.rebuilt()
+        if kept is not None:
+            print(f"set the old index aside as {kept}")
+    else:
+        library = Library()
     if args.action == "list":
         library.ensure_starter()
         library.refresh()
-        entries = library.entries()
-        print(json.dumps([entry.to_json() for entry in entries], indent=2) if args.json else render_text(entries))
+        if args.json:
+            print(json.dumps([entry.to_json() for entry in library.entries()], indent=2))
+        else:
+            print(render_text(library.groups()))
         return EXIT_OK
     if args.action == "scan":
         found = library.register_known_folders()
@@ -313,6 +347,11 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.action == "import":
         entry = library.import_model(Path(args.target), link=args.link)
         print(f"imported {entry.id} ({entry.path})")
+    elif args.action == "rename":
+        group = library.group_of(args.target)
+        library.rename_group(group.key, args.name or "")
+        shown = next(found.name for found in library.model_groups() if found.key == group.key)
+        print(f"the group of {args.target} ({len(group.entries)} files) is now shown as {shown}")
     else:
         library.remove(args.target)
         print(f"removed {args.target}")
@@ -320,6 +359,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from qdesk.app.settings import apply_hub_settings, load_settings
     from qdesk.display.terminal import ProgressBar
     from qdesk.hub import (
         DownloadCancelled,
@@ -332,6 +372,7 @@ def _run_download(args: argparse.Namespace) -> int:
         search_models,
     )
 
+    apply_hub_settings(load_settings())  # the desktop app's endpoint and cache, unless the environment sets them
     if args.search is not None:
         if args.repo_id is not None or args.limit < 1:
             raise UsageError("give either a repository or --search TEXT, and a --limit of at least 1")
@@ -368,6 +409,15 @@ def _run_download(args: argparse.Namespace) -> int:
         print(json.dumps({**result.to_json(), "library": library}, indent=2))
     else:
         print(render_download(result, library))
+    return EXIT_OK
+
+
+def _run_about(args: argparse.Namespace) -> int:
+    from qdesk.app.about import about, render_about
+    from qdesk.app.settings import load_settings
+
+    info = about(models_folder=load_settings().models_path())
+    print(json.dumps(info.to_json(), indent=2) if args.json else render_about(info))
     return EXIT_OK
 
 
@@ -430,8 +480,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="how finely a sensitivity mix probes the model (fast for large models)")
     quantize.add_argument("--encoder", choices=("ggml", "feedback"), default=None,
                           help="ggml: llama.cpp's rounding; feedback: rounding errors compensated within each row "
-                               "against the calibration text's input correlations (default: feedback for a mix of "
-                               "a model whose correlations fit 4 GiB, the plan's own for --plan, ggml for a preset)")
+                               "against the calibration text's input correlations (default: feedback for a mix, "
+                               "the plan's own for --plan, ggml for a preset)")
     quantize.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)
@@ -492,11 +542,15 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="VRAM to check the fit against, e.g. 8GiB (default: free on this machine's GPUs)")
 
     models = command("models", "the local model library", _run_models)
-    models.add_argument("action", choices=("list", "import", "rm", "scan"),
-                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only")
-    models.add_argument("target", nargs="?", help="import: a GGUF file; rm: a model's name from `models list`")
+    models.add_argument("action", choices=("list", "import", "rm", "scan", "rename"),
+                        help="scan registers the Hugging Face cache, LM Studio and Ollama folders read-only; rename "
+                             "names the group (the model) a file belongs to")
+    models.add_argument("target", nargs="?", help="import: a GGUF file; rm, rename: a model's name from `models list`")
+    models.add_argument("name", nargs="?", help="rename: the group's new name (none: back to the files' own name)")
     models.add_argument("--link", action="store_true", help="import: link the file instead of copying it")
     models.add_argument("--json", action="store_true", help="list: print one JSON document")
+    models.add_argument("--rebuild", action="store_true",
+                        help="scan: set the index aside (it is kept, renamed) and index the models folder again")
 
     download = command("download", "download from the Hugging Face Hub into its cache (resumable), list a "
                        "repository's files, or search the Hub", _run_download)
@@ -519,6 +573,9 @@ def _build_parser() -> argparse.ArgumentParser:
     download.add_argument("--json", action="store_true", help="print one JSON document")
 
     command("demo", "the whole flow on the bundled starter model", _run_demo)
+    about = command("about", "versions, compute backends, and where qdesk keeps its settings, models, caches and log",
+                    _run_about)
+    about.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
@@ -535,17 +592,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except UsageError as error:
         parser.error(str(error))
-    except (UserError, NativeError) as error:
+    except BrokenPipeError as error:
+        if not _stdout_gone():
+            return _internal_error(error, args.debug)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # whoever read stdout stopped (`| head`)
+        return EXIT_USER_ERROR
+    except UserError as error:  # NativeError included
         if args.debug:
             traceback.print_exc()
         print(f"qdesk: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as error:  # an unexpected failure still gets one sentence; --debug shows why
-        if args.debug:
-            traceback.print_exc()
-        print(
-            f"qdesk: internal error ({type(error).__name__}: {error}); run again with --debug "
-            "and report the traceback.",
-            file=sys.stderr,
-        )
-        return EXIT_USER_ERROR
+        return _internal_error(error, args.debug)
+
+
+def _internal_error(error: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(error)
+    print(f"qdesk: internal error ({type(error).__name__}: {error}); run again with --debug and report the "
+          "traceback.", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone away."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or no real stdout
+        return False

@@ -60,7 +60,7 @@ def test_debug_shows_the_traceback() -> None:
 def test_demo_runs_the_whole_flow_on_the_starter_model(test_cache: Path) -> None:
     result = qdesk("demo", timeout=600, env={"QDESK_DEMO_DIR": str(test_cache / "demo")})
     assert result.returncode == 0, result.stderr
-    assert "134.5M" in result.stdout
+    assert "135M parameters" in result.stdout
     for variant in ("F16", "Q8_0", "Q4_K_M", "Q2_K"):
         assert (test_cache / "demo" / f"SmolLM2-135M-Instruct-{variant}.gguf").is_file()
         assert f"\n{variant}" in result.stdout or f" {variant}:" in result.stdout

@@ -144,3 +144,31 @@ def test_unknown_or_newer_documents_are_refused() -> None:
         Conversation.from_json({"format": 99, "id": "x"})
     with pytest.raises(KeyError):
         Conversation.from_json({"format": 1})
+
+
+def test_a_turn_is_edited_or_deleted() -> None:
+    conversation = new_conversation([Path("a.gguf"), Path("b.gguf")])
+    for prompt in ("one", "two", "three"):
+        turn = conversation.add_turn(prompt)
+        turn.set_answer(0, Answer(Path("a.gguf"), f"answer to {prompt}"))
+    conversation.delete_turn(1)
+    assert [turn.prompt for turn in conversation.turns] == ["one", "three"]
+    edited = conversation.edit_turn(0, "uno")
+    assert [turn.prompt for turn in conversation.turns] == ["uno"] and edited.answers == [None, None]
+    assert conversation.messages(0) == []
+
+
+def test_conversations_are_renamed_and_searched(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    france = new_conversation([Path("m-Q4_K_M.gguf")])
+    france.add_turn("What is the capital of France?").set_answer(0, Answer(Path("m-Q4_K_M.gguf"), "Paris."))
+    code = new_conversation([Path("m-Q8_0.gguf")])
+    code.add_turn("Write a loop in Python")
+    store.save(france)
+    store.save(code)
+    assert [summary.id for summary in store.summaries("paris")] == [france.id]
+    assert [summary.id for summary in store.summaries("Q8_0")] == [code.id]
+    assert {summary.id for summary in store.summaries()} == {france.id, code.id}
+    assert store.rename(france.id, "  Capitals  ").title == "Capitals"
+    assert [summary.title for summary in store.summaries("capitals")] == ["Capitals"]
+    assert store.rename(france.id, "").title == "What is the capital of France?"

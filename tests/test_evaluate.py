@@ -160,10 +160,10 @@ def test_text_too_short_or_empty_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_the_builtin_text_is_held_out_from_calibration() -> None:
-    from converters.calibration.calibrate import resources_folder
+    from converters.core.paths import resources_dir
 
     calibration = "\n".join(path.read_text(encoding="utf-8")
-                            for path in (resources_folder() / "calibration").glob("*.*"))
+                            for path in (resources_dir() / "calibration").glob("*.*"))
     texts = builtin_eval_texts()
     assert [text.name for text in texts][:2] == ["qdesk-builtin:prose", "qdesk-builtin:dialogue"]
     for text in texts:

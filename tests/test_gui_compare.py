@@ -37,7 +37,9 @@ def make_view(qtbot, context: AppContext) -> CompareView:
 
 def test_panes_can_be_added_and_removed(qtbot, gui_context: AppContext) -> None:
     view = make_view(qtbot, gui_context)
-    assert len(view.panes) == MIN_PANES
+    assert len(view.panes) == 2 and MIN_PANES == 1
+    qtbot.mouseClick(view.panes[1].remove_button, Qt.MouseButton.LeftButton)  # one pane: a plain chat
+    assert len(view.panes) == 1 == len(view.conversation.panes)
     assert not view.panes[0].remove_button.isEnabled()
     while view.add_button.isEnabled():
         qtbot.mouseClick(view.add_button, Qt.MouseButton.LeftButton)
@@ -50,7 +52,8 @@ def test_panes_can_be_added_and_removed(qtbot, gui_context: AppContext) -> None:
     shared = view.conversation.settings_for(0)
     own = view.panes[1]
     qtbot.mouseClick(own.own_settings, Qt.MouseButton.LeftButton)
-    assert own.override.isVisibleTo(own) and own.override.temperature.value() == shared[0].temperature
+    assert own.override.isVisibleTo(own) and own.override.temperature.value() == shared[0].temperature == 0.0
+    own.override.free.setChecked(True)
     own.override.temperature.setValue(1.25)
     own.override.system.setText("Answer in French.")
     assert view.conversation.settings_for(1)[0].temperature == 1.25
@@ -130,7 +133,7 @@ def test_a_saved_conversation_comes_back_in_a_new_view(qtbot, gui_context: AppCo
     assert second.panes[1].own_settings.isChecked() and second.panes[1].override.seed.value() == 7
     assert second.shared.system.text() == SYSTEM and second.shared.temperature.value() == 0.0
     qtbot.waitUntil(lambda: "Paris was the capital." in second.panes[1].transcript.toPlainText(), timeout=5000)
-    assert "differs from token 2" in second.panes[1].facts.text()
+    assert "differs from pane 1 after 2 tokens" in second.panes[1].facts.text()
     highlighted = second.transcript(1)[0]
     assert highlighted.text[highlighted.diverge_at:] == "was the capital."
     assert second.transcript(0)[0].diverge_at is None
@@ -140,11 +143,23 @@ def test_a_saved_conversation_comes_back_in_a_new_view(qtbot, gui_context: AppCo
     assert second.conversation.turns == [] and second.conversation.id != conversation.id
     assert [record.model for record in second.conversation.panes] == [q8, q4]
     assert [summary.id for summary in second.store.summaries()] == [conversation.id]
-    second.history_menu.aboutToShow.emit()
-    listed = [action for action in second.history_menu.actions() if action.text().startswith("What is the capital")]
-    assert len(listed) == 1 and listed[0].isEnabled()
-    listed[0].trigger()
+    assert second.sidebar.ids() == [conversation.id]  # the list: saved ones only, newest first
+    item = second.sidebar.item_of(conversation.id)
+    assert item.text() == "What is the capital of France?"
+    second.sidebar.list.itemClicked.emit(item)
     assert second.conversation.id == conversation.id
+
+    second.sidebar.search.setText("Rome")
+    qtbot.waitUntil(lambda: second.sidebar.ids() == [], timeout=5000)
+    second.sidebar.search.setText("paris WAS")
+    qtbot.waitUntil(lambda: second.sidebar.ids() == [conversation.id], timeout=5000)
+    second.sidebar.item_of(conversation.id).setText("Capitals")  # what typing a new name does (F2)
+    assert second.store.load(conversation.id).title == "Capitals" and second.title.text() == "Capitals"
+
+    box = second.delete_conversation(conversation.id)
+    box.button(box.StandardButton.Yes).click()
+    assert second.store.summaries() == [] and second.conversation.id != conversation.id
+    assert second.conversation.turns == []
 
 
 @pytest.mark.slow
@@ -214,3 +229,183 @@ def test_two_variants_answer_side_by_side(qtbot, gui_context: AppContext, starte
     assert [turn["prompt"] for turn in document["turns"]] == ["What is the capital of France?",
                                                               "Tell me a long story about a dragon."]
     assert document["turns"][0]["answers"][1]["model"] == str(q8_variant)
+
+
+def test_divergence_highlights_follow_the_theme(qtbot, gui_context: AppContext) -> None:
+    from qdesk.gui.compare_pane import DARK_HIGHLIGHT, LIGHT_HIGHLIGHT, TranscriptEntry
+    from qdesk.gui.theme import apply_theme
+
+    view = make_view(qtbot, gui_context)
+    pane = view.panes[1]
+    apply_theme("light")
+    try:
+        pane.show_transcript([TranscriptEntry("Capital?", "Paris was the capital.", 6)])
+        assert LIGHT_HIGHLIGHT in pane.transcript.toHtml().lower()
+        apply_theme("dark")
+        qtbot.waitUntil(lambda: DARK_HIGHLIGHT in pane.transcript.toHtml().lower(), timeout=5000)
+        assert LIGHT_HIGHLIGHT not in pane.transcript.toHtml().lower()
+    finally:
+        apply_theme("light")
+
+
+def test_the_prompt_keeps_the_focus_after_stop(qtbot, main_window, starter_gguf: Path) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    main_window.show_section("compare")
+    view = main_window.views["compare"]
+    main_window.activateWindow()
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.bind_pane(view.panes[0], starter_gguf)
+    view.bind_pane(view.panes[1], None)
+    view.prompt.setFocus()
+    qtbot.keyClicks(view.prompt, "Hello")
+    qtbot.keyClick(view.prompt, Qt.Key.Key_Return)
+    assert view.busy
+    qtbot.mouseClick(view.stop_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    assert QApplication.focusWidget() is view.prompt
+    qtbot.keyClicks(QApplication.focusWidget(), "next question")
+    assert view.prompt.toPlainText() == "next question"
+
+
+def test_compare_is_deterministic_unless_free_sampling_is_on(qtbot, gui_context: AppContext, starter_gguf: Path,
+                                                             tmp_path: Path) -> None:
+    """Greedy by default, so a difference between panes is the variants'; free sampling shares one seed a turn."""
+    view = make_view(qtbot, gui_context)
+    assert gui_context.settings.sampling.temperature > 0
+    assert not view.shared.free.isChecked() and not view.shared.temperature.isEnabled()
+    assert view.conversation.sampling.temperature == 0.0
+
+    view.shared.free.setChecked(True)
+    assert view.conversation.sampling.temperature == gui_context.settings.sampling.temperature
+    assert view.conversation.sampling.seed == 0 and view.shared.seed.text() == "0 (random)"
+    broken = tmp_path / "broken-Q4_K_M.gguf"
+    broken.write_bytes(starter_gguf.read_bytes()[:4096])
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.bind_pane(view.panes[0], broken)
+    view.bind_pane(view.panes[1], broken)
+    view.prompt.setPlainText("Hello")
+    view.send()
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    seeds = {view.conversation.turns[0].answer(index).sampling.seed for index in range(2)}
+    assert len(seeds) == 1 and seeds != {0}  # one random seed, the same in both panes, kept with the answers
+
+    view.shared.free.setChecked(False)
+    assert view.conversation.sampling.temperature == 0.0
+
+
+def test_pane_headers_stay_one_line_so_transcripts_line_up(qtbot, gui_context: AppContext, tmp_path: Path) -> None:
+    view = make_view(qtbot, gui_context)
+    view.resize(1024, 600)
+    view.show()
+    qtbot.waitExposed(view)
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    long_name = tmp_path / ("a-very-long-model-file-name-that-will-not-fit-in-a-narrow-pane-" * 2 + "Q4_K_M.gguf")
+    view.bind_pane(view.panes[0], tmp_path / "short-Q8_0.gguf")
+    view.bind_pane(view.panes[1], long_name)
+    view.panes[1].facts.setText("Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs "
+                                "from the first pane at word 5 · and a few more words to overflow the pane " * 2)
+    qtbot.wait(50)
+    tops = [pane.transcript.mapTo(view, pane.transcript.rect().topLeft()).y() for pane in view.panes]
+    assert tops[0] == tops[1]
+    assert view.panes[1].facts.is_elided() and "overflow" in view.panes[1].facts.toolTip()
+
+
+def test_load_settings_show_their_cost_apply_and_unload(qtbot, gui_context: AppContext, starter_gguf: Path) -> None:
+    view = make_view(qtbot, gui_context)
+    view.show()  # the model loads as the section is shown, and the panel estimates once it is on show
+    qtbot.waitUntil(lambda: view.panes[0].runner.path == starter_gguf, timeout=30_000)
+    pane = view.panes[0]
+    panel = pane.load_panel
+    assert panel.estimate is None  # hidden: nothing estimated yet
+    qtbot.mouseClick(pane.load_settings, Qt.MouseButton.LeftButton)
+    assert panel.isVisibleTo(pane)
+    qtbot.waitUntil(lambda: panel.estimate is not None, timeout=30_000)
+    first = panel.estimate
+    assert panel.cost.text().startswith("Needs about ") and "KV cache" in panel.cost.text()
+    panel.context_box.setValue(8192)
+    qtbot.waitUntil(lambda: panel.estimate is not None and panel.estimate.kv_bytes == 2 * first.kv_bytes,
+                    timeout=30_000)
+
+    qtbot.waitUntil(lambda: pane.runner.model is not None, timeout=LOAD_AND_ANSWER_MS)
+    worker = pane.runner.model.pid
+    qtbot.mouseClick(panel.apply_button, Qt.MouseButton.LeftButton)  # saved for the file, and reloaded with it
+    assert view.load_store.get(starter_gguf).n_ctx == 8192
+    qtbot.waitUntil(lambda: pane.runner.model is not None and pane.runner.model.n_ctx >= 8192,
+                    timeout=LOAD_AND_ANSWER_MS)
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+    qtbot.mouseClick(panel.unload_button, Qt.MouseButton.LeftButton)
+    assert pane.runner.model is None and pane.status.text().startswith("Unloaded")
+    view.activated()  # showing the section again does not load it back
+    assert pane.runner.model is None and not pane.runner.loading
+    view.shutdown()
+
+
+def test_answers_render_as_markdown_and_turns_can_be_copied_edited_deleted_regenerated(
+        qtbot, gui_context: AppContext, starter_gguf: Path, tmp_path: Path) -> None:
+    from PySide6.QtCore import QUrl
+    from PySide6.QtWidgets import QApplication
+
+    broken = tmp_path / "broken-Q4_K_M.gguf"
+    broken.write_bytes(starter_gguf.read_bytes()[:4096])
+    q8 = tmp_path / "m-Q8_0.gguf"
+    conversation = new_conversation([broken, q8])
+    for number, prompt in enumerate(("Show code", "Thanks", "Bye")):
+        turn = conversation.add_turn(prompt)
+        turn.set_answer(0, Answer(broken, f"Here:\n\n```python\nprint({number})\n```\n**done**"))
+        turn.set_answer(1, Answer(q8, f"answer {number}"))
+    view = make_view(qtbot, gui_context)
+    qtbot.waitUntil(lambda: view._library_job is None, timeout=30_000)
+    view.store.save(conversation)
+    view.open_conversation(conversation.id)
+    view._render()
+    pane = view.panes[0]
+    assert "print(0)" in pane.transcript.toPlainText() and "```" not in pane.transcript.toPlainText()
+    assert pane.code_blocks == ("print(0)\n", "print(1)\n", "print(2)\n")
+    pane.transcript.anchorClicked.emit(QUrl("copy-code:1"))
+    assert QApplication.clipboard().text() == "print(1)\n"
+    pane.transcript.anchorClicked.emit(QUrl("copy-answer:2"))
+    assert QApplication.clipboard().text().startswith("Here:") and "print(2)" in QApplication.clipboard().text()
+
+    pane.transcript.anchorClicked.emit(QUrl("delete:1"))
+    assert [turn.prompt for turn in view.conversation.turns] == ["Show code", "Bye"]
+    assert [turn.prompt for turn in view.store.load(conversation.id).turns] == ["Show code", "Bye"]
+
+    view.panes[1].transcript.anchorClicked.emit(QUrl("regenerate:0"))  # pane 2 alone asks turn 1 again
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    assert view.conversation.turns[0].answer(0).text.startswith("Here:")  # pane 1's answer is untouched
+    assert view.conversation.turns[0].answer(1).error  # q8 is no file: the new answer failed, in its place
+
+    pane.transcript.anchorClicked.emit(QUrl("edit:0"))
+    assert view.prompt.toPlainText() == "Show code" and "Editing prompt 1" in view.notice.text()
+    view.prompt.setPlainText("Show more code")
+    view.bind_pane(view.panes[1], None)
+    view.send()
+    qtbot.waitUntil(lambda: not view.busy, timeout=30_000)
+    assert [turn.prompt for turn in view.conversation.turns] == ["Show more code"]
+
+
+def test_a_streaming_answer_redraws_only_the_last_turn(qtbot, gui_context: AppContext) -> None:
+    from qdesk.gui.compare_pane import TranscriptEntry
+
+    view = make_view(qtbot, gui_context)
+    pane = view.panes[0]
+    done = TranscriptEntry("First?", "```python\nprint(1)\n```", turn=0)
+    pane.show_transcript([done, TranscriptEntry("Second?", "Par", streaming=True, turn=1)])
+    start = pane._tail_start
+    for text in ("Paris is", "Paris is the capital.\n\n```sh\necho hi\n```"):
+        pane.show_transcript([done, TranscriptEntry("Second?", text, streaming=True, turn=1)])
+        assert pane._tail_start == start  # the first turn was not drawn again
+    pane.show_transcript([done, TranscriptEntry("Second?", "Paris is the capital.\n\n```sh\necho hi\n```", turn=1)])
+    shown = pane.transcript.toPlainText()
+    assert shown.count("First?") == 1 and shown.count("Second?") == 1 and "Paris is the capital." in shown
+    assert "▍" not in shown and pane.code_blocks == ("print(1)\n", "echo hi\n")
+    third = TranscriptEntry("Third?", "Rome", streaming=True, turn=2)
+    finished = TranscriptEntry("Second?", "Paris is the capital.\n\n```sh\necho hi\n```", turn=1)
+    pane.show_transcript([done, finished, third])  # the second answer joins the kept turns, drawn once more
+    shown = pane.transcript.toPlainText()
+    assert [shown.count(prompt) for prompt in ("First?", "Second?", "Third?")] == [1, 1, 1]
+    assert shown.index("First?") < shown.index("Second?") < shown.index("Third?") and pane._tail_start > start
+    pane.show_transcript([done])  # a turn deleted: the head changed, all is drawn afresh
+    assert "Second?" not in pane.transcript.toPlainText() and pane.code_blocks == ("print(1)\n",)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QPushButton, QWidget
 
 from qdesk.gui.context import AppContext
 from qdesk.gui.discover_download import State
@@ -25,7 +26,7 @@ WAIT_MS = 60_000
 @pytest.fixture(scope="module")
 def repo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hub-repo")
-    write_tiny_gguf(folder / BIG)
+    write_tiny_gguf(folder / BIG, vocab=5000)  # over 1 MiB: fetched by qdesk's own resumable transfer
     write_tiny_gguf(folder / SMALL, dtype=np.float16)
     (folder / "README.md").write_text("# tiny\n")
     return folder
@@ -198,3 +199,61 @@ def test_a_downloaded_checkpoint_goes_to_quantize(qtbot, gui_context: AppContext
         qtbot.mouseClick(panel.quantize_button, Qt.MouseButton.LeftButton)
     (folder,) = opened.args
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_offline_mode_shows_on_opening_with_a_way_on(qtbot, gui_context: AppContext, hub: HubServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    view = discover_view(qtbot, gui_context)
+    view.activated()
+    qtbot.waitUntil(lambda: view.hub_status is not None, timeout=WAIT_MS)
+    assert view.offline_row.isVisibleTo(view) and "Offline mode" in view.offline_label.text()
+    assert not view.search_button.isEnabled()
+    with qtbot.waitSignal(view.scan_requested, timeout=1000):
+        qtbot.mouseClick(view.findChild(QPushButton, "offlineScan"), Qt.MouseButton.LeftButton)
+    assert hub.log == []
+
+
+def test_no_network_shows_on_opening_and_clears_when_the_hub_answers(qtbot, gui_context: AppContext, hub: HubServer,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    view = discover_view(qtbot, gui_context)
+    view.activated()
+    qtbot.waitUntil(lambda: view.hub_status is not None, timeout=WAIT_MS)
+    assert view.offline_row.isVisibleTo(view) and "cannot be reached" in view.offline_label.text()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    qtbot.mouseClick(view.retry_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: view.hub_status is not None and view.hub_status.online, timeout=WAIT_MS)
+    assert not view.offline_row.isVisibleTo(view)
+
+
+def test_failure_details_go_to_the_log_not_the_window(qtbot, gui_context: AppContext,
+                                                      gui_folders: dict[str, Path]) -> None:
+    from qdesk.app.logs import log_path
+    from qdesk.gui.feedback import show_failure
+
+    parent = QWidget()
+    qtbot.addWidget(parent)
+    try:
+        raise RuntimeError("a bug deep inside")
+    except RuntimeError as error:
+        box = show_failure(parent, error, "Discover")
+    assert box.detailedText() == "" and "Traceback" not in box.text() + box.informativeText()
+    assert str(log_path()) in box.informativeText() and log_path().is_relative_to(gui_folders["cache"])
+    assert "Traceback" in log_path().read_text(encoding="utf-8")
+    assert box.findChild(QPushButton, "openLog") is not None
+    box.close()
+
+
+def test_every_column_shows_in_a_narrow_window(qtbot, gui_context: AppContext, hub: HubServer) -> None:
+    view = discover_view(qtbot, gui_context)
+    view.resize(850, 600)  # the section's width in a 1024-pixel window
+    open_repo(qtbot, view)
+    for table in (view.results, view.files):
+        header = table.horizontalHeader()
+        last = header.count() - 1
+        assert header.sectionViewportPosition(last) + header.sectionSize(last) <= table.viewport().width()
+        assert header.sectionSize(0) > 60  # the name still has room

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,110 @@ def test_cancelling_returns_to_idle_and_writes_nothing(qtbot, view: EvaluateView
     assert view.progress_bar.isHidden()
     assert len(view.chart.points) == 0
     assert list(tmp_path.rglob("*.partial")) == [] and list(tmp_path.rglob("*.html")) == []
+
+
+
+@pytest.fixture
+def no_llama_cpp_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the GUI process loaded a model in llama.cpp")
+
+    monkeypatch.setattr("native.activations.ModelEvaluator.__init__", refuse)
+
+
+@pytest.mark.usefixtures("no_llama_cpp_in_this_process")
+def test_the_window_never_loads_a_model_in_llama_cpp_itself(qtbot, view: EvaluateView, gui_context: AppContext,
+                                                             kquant_f16: Path, tmp_path: Path) -> None:
+    candidate = tmp_path / "copy.gguf"
+    shutil.copyfile(kquant_f16, candidate)
+    gui_context.open_in_evaluate.emit([kquant_f16, candidate])
+    view.chunks_spin.setValue(1)
+    view.tasks_check.setChecked(False)
+    view.speed_check.setChecked(False)
+    view.run_button.click()
+    qtbot.waitUntil(lambda: not view.running, timeout=EVALUATION_TIMEOUT_MS)
+    assert view.report is not None, view.status_label.text()
+
+
+@pytest.mark.usefixtures("no_llama_cpp_in_this_process")
+def test_a_model_llama_cpp_would_stop_on_is_a_sentence_and_the_window_stays(
+        qtbot, view: EvaluateView, gui_context: AppContext, kquant_f16: Path, tmp_path: Path) -> None:
+    from tests.builders.bad_gguf import rewrite_metadata
+
+    bad = rewrite_metadata(kquant_f16, tmp_path / "eps-nan.gguf", {"llama.attention.layer_norm_rms_epsilon": math.nan})
+    gui_context.open_in_evaluate.emit([kquant_f16, bad])
+    assert view.reference_path() == kquant_f16 and view.checked_variants() == [bad]
+    view.chunks_spin.setValue(1)
+    view.tasks_check.setChecked(False)
+    view.speed_check.setChecked(False)
+    view.run_button.click()
+    qtbot.waitUntil(lambda: not view.running, timeout=EVALUATION_TIMEOUT_MS)
+
+    assert "eps-nan.gguf has impossible settings" in view.status_label.text()
+    assert view.report is None and view.run_button.isEnabled() and view.isVisible()
+
+
+def test_a_float_gguf_made_later_becomes_the_reference(view: EvaluateView, gui_context: AppContext,
+                                                        kquant_f16: Path) -> None:
+    from qdesk.gui.evaluate_view import NO_FLOAT_MODEL
+
+    assert view.reference_path() is None and view.status_label.text() == NO_FLOAT_MODEL
+    gui_context.library().import_model(kquant_f16, link=True)
+    gui_context.library_changed.emit()
+    assert view.reference_path() is not None and view.reference_path().name == kquant_f16.name
+    assert view.status_label.text() != NO_FLOAT_MODEL
+
+
+def test_progress_keeps_file_names_as_they_are(view: EvaluateView) -> None:
+    from converters.core.jobs import Progress
+
+    view._progressed(Progress(1, 4, "chunks", "scoring SmolLM2-135M-Q8_0.gguf"))
+    assert view.status_label.text() == "Scoring SmolLM2-135M-Q8_0.gguf"
+
+
+def test_table_headers_are_plain_words_with_the_exact_terms_in_tooltips() -> None:
+    from qdesk.gui.evaluate_tables import summary_table
+
+    report = {"reference": {"name": "ref-F16.gguf", "bytes": 2_000_000, "bpw": 16.0, "ppl": 10.0},
+              "candidates": [{"name": "ref-Q4_K_M.gguf", "bytes": 1_000_000, "bpw": 4.8, "ppl": 10.5,
+                              "kld_mean": 0.02, "kld_p99": 0.3, "top1_agreement": 0.9}]}
+    table = summary_table(report)
+    tips = dict(zip(table.headers, table.header_tooltips, strict=True))
+    for jargon in ("PPL", "ΔPPL", "KLD", "p99", "bpw"):
+        assert not any(jargon in header for header in table.headers), table.headers
+    assert tips["Perplexity"].startswith("Perplexity (PPL)") and tips["Perplexity change"].startswith("ΔPPL")
+    assert tips["Drift (worst 1%)"].startswith("p99 KLD") and "Mean KLD" in tips["Drift (mean)"]
+
+
+def test_compare_facts_say_where_answers_differ_in_words() -> None:
+    from qdesk.chat.compare import Divergence
+    from qdesk.gui.compare_pane import facts_text
+
+    assert facts_text("Q8_0", 1_000, None, Divergence(0, "", "a", "b"), first=False,
+                      answered=True).endswith("differs from pane 1 from the start")
+    assert facts_text("Q8_0", 1_000, None, Divergence(5, "", "a", "b"), first=False,
+                      answered=True).endswith("differs from pane 1 after 5 tokens")
+
+
+def test_the_last_evaluation_comes_back_and_opens_from_the_library(qtbot, main_window, gui_context: AppContext,
+                                                                   starter_gguf: Path) -> None:
+    from qdesk.evaluation.history import EvaluationHistory
+    from qdesk.gui.main_window import MainWindow
+
+    document = {"reference": {"path": "/refs/SmolLM2-F16.gguf", "name": "SmolLM2-F16.gguf", "bytes": 270_000_000,
+                              "bpw": 16.0, "ppl": 10.0},
+                "candidates": [{"path": str(starter_gguf), "name": starter_gguf.name, "bytes": 98_000_000,
+                                "bpw": 5.7, "ppl": 10.6, "kld_mean": 0.03, "kld_p99": 0.4, "top1_agreement": 0.9}]}
+    EvaluationHistory().save(document)
+    window = MainWindow(gui_context)  # a restart: the last evaluation is on show again
+    qtbot.addWidget(window)
+    assert window.views["evaluate"].report == document
+    assert window.views["evaluate"].status_label.text().startswith("Evaluation of ")
+
+    library = main_window.views["library"]
+    qtbot.waitUntil(lambda: bool(library.tree.entries()), timeout=60_000)
+    main_window.views["evaluate"].show_report(None)
+    library.tree.select_paths([starter_gguf])
+    assert library.report_button.isEnabled()
+    qtbot.mouseClick(library.report_button, Qt.MouseButton.LeftButton)
+    assert main_window.current_section() == "evaluate" and main_window.views["evaluate"].report == document

@@ -144,3 +144,35 @@ def test_tensor_types_show_bits_by_class_and_layer(qtbot, gui_context: AppContex
     assert grid.item(0, 0).text() == "5.0" and grid.item(0, 0).toolTip().startswith("q4_1")
     assert "token_embd" in dialog.details.text() and "q8_0" in dialog.details.text()
     dialog.close()
+
+
+def test_a_group_is_renamed_in_place_and_models_get_display_names(qtbot, gui_context: AppContext,
+                                                                  starter_gguf: Path) -> None:
+    view = library_view(qtbot, gui_context)
+    select(view, starter_gguf)
+    assert view.display_name(view.tree.entries()[0]) == "SmolLM2-135M-Instruct · Q4_1"
+    dialog = view.show_types()
+    assert dialog is not None and dialog.windowTitle() == "Tensor types — SmolLM2-135M-Instruct · Q4_1"
+    qtbot.waitUntil(lambda: dialog.heatmap is not None, timeout=WAIT_MS)
+    assert "Smollm2 135M 8k" not in dialog.heading.text() and "SmolLM2-135M-Instruct · Q4_1" in dialog.heading.text()
+    dialog.close()
+
+    assert view.tree.rename_current_group()
+    branch = view.tree.topLevelItem(0)
+    with qtbot.waitSignal(gui_context.library_changed, timeout=WAIT_MS):
+        branch.setText(NAME, "Tiny chat model")  # what typing a new name in the editor does
+    qtbot.waitUntil(lambda: view.tree.topLevelItem(0).text(NAME) == "Tiny chat model", timeout=WAIT_MS)
+    assert list(gui_context.library().groups()) == ["Tiny chat model"]
+
+
+def test_every_column_shows_at_1024_and_the_name_takes_the_rest_at_1920(qtbot, main_window) -> None:
+    view = main_window.views["library"]
+    qtbot.waitUntil(lambda: bool(view.tree.entries()), timeout=WAIT_MS)
+    header = view.tree.header()
+    for width in (1024, 1920):
+        main_window.resize(width, 700)
+        qtbot.wait(100)
+        last = header.count() - 1
+        assert header.sectionViewportPosition(last) + header.sectionSize(last) <= view.tree.viewport().width()
+        assert not view.tree.horizontalScrollBar().isVisible()
+    assert header.sectionSize(NAME) > 700  # at 1920 the name column stretches

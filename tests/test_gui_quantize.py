@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import Qt
 
+from converters.core.units import format_size
 from converters.quantization.quantize import preset_plan
-from qdesk.gui.feedback import format_bytes
 from qdesk.gui.job_queue import StepState
 from qdesk.gui.main_window import MainWindow
 from qdesk.gui.quantize_view import QuantizeView
@@ -55,7 +55,7 @@ def test_size_preview_shows_exact_sizes_for_a_float_gguf(qtbot, main_window: Mai
     qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
     header_bytes = read_source(kquant_f16).header_bytes
     expected = header_bytes + preset_plan(kquant_f16, "Q4_K_M").n_bytes
-    assert view.findChild(type(view.size_labels["Q4_K_M"]), "size_Q4_K_M").text() == format_bytes(expected)
+    assert view.findChild(type(view.size_labels["Q4_K_M"]), "size_Q4_K_M").text() == format_size(expected)
     assert view.fit_labels["Q4_K_M"].text() == "fits"
     assert "RAM" in view.fit_labels["Q4_K_M"].toolTip()
     view.mix_check.setChecked(True)
@@ -73,7 +73,7 @@ def test_a_dropped_checkpoint_becomes_variants_in_the_library(qtbot, main_window
     view = _view(main_window)
     assert view.source == tiny_checkpoint
     qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
-    assert view.size_labels["Q8_0"].text().startswith("≈ ")  # a checkpoint's sizes are estimates
+    assert view.size_labels["Q8_0"].text()[0].isdigit()  # llama.cpp's plan of the checkpoint's skeleton: exact
     _choose(view, {"Q8_0", "Q4_0"}, "builtin")
     view.calibration_buttons["builtin"].setChecked(True)
     view.keep_reference.setChecked(True)
@@ -134,3 +134,69 @@ def test_closing_the_window_cancels_running_jobs(qtbot, main_window: MainWindow,
     models = gui_context.models_folder
     assert list(models.glob("*.gguf")) == []
     assert _leftovers(models) == []
+
+
+def test_cancelling_the_importance_matrix_skips_only_the_presets_that_need_it(qtbot, main_window: MainWindow,
+                                                                             gui_context, kquant_f16: Path) -> None:
+    main_window.show_section("quantize")
+    view = _view(main_window)
+    view.set_source(kquant_f16)
+    _choose(view, {"Q4_K_M", "Q8_0"}, "builtin")
+    qtbot.waitUntil(lambda: view.start_button.isEnabled(), timeout=TIMEOUT_MS)
+    view.start()
+    queued = view.queue.batches[0]
+    calibrate = queued.steps[0]
+    assert [step.step.key for step in queued.steps] == ["calibrate", "Q4_K_M", "Q8_0"]
+    assert calibrate.state is StepState.RUNNING
+    view.queue.cancel_step(queued, calibrate)
+    qtbot.waitUntil(lambda: queued.over, timeout=TIMEOUT_MS)
+
+    states = {step.step.key: step.state for step in queued.steps}
+    assert states == {"calibrate": StepState.CANCELLED, "Q4_K_M": StepState.SKIPPED, "Q8_0": StepState.DONE}
+    assert "Importance matrix" in queued.steps[1].describe()
+    made = _library_files(gui_context)
+    assert len(made) == 1 and made[0].endswith("-Q8_0.gguf"), made
+    assert main_window.statusBar().currentMessage() == "Quantize: the queue is done (1 made, 1 skipped)."
+
+
+def test_job_titles_say_which_calibration_each_uses(tmp_path: Path) -> None:
+    from qdesk.gui.quantize_queue_view import EMPTY_TEXT
+    from qdesk.gui.quantize_view import job_title
+    from qdesk.quantization.batch import BatchRequest, VariantChoice
+
+    choices = (VariantChoice(preset="Q4_K_M"), VariantChoice(preset="Q8_0"))
+    titles = {job_title(BatchRequest(tmp_path / "Model", choices, tmp_path, use_imatrix=use, text_files=files))
+              for use, files in ((True, ()), (False, ()), (True, (tmp_path / "mine.txt",)))}
+    assert titles == {"Model → Q4_K_M, Q8_0 · built-in calibration text", "Model → Q4_K_M, Q8_0 · no importance matrix",
+                      "Model → Q4_K_M, Q8_0 · calibrated on mine.txt"}
+    assert job_title(BatchRequest(tmp_path / "Model", (VariantChoice(preset="Q8_0"),), tmp_path)) == (
+        "Model → Q8_0 · no importance matrix")
+    assert "on the left" in EMPTY_TEXT
+
+
+def test_expected_times_show_before_starting(qtbot, main_window: MainWindow, kquant_f16: Path) -> None:
+    from qdesk.quantization.timing import QUICK_CHUNKS
+
+    view = _view(main_window)
+    view.set_source(kquant_f16)
+    _choose(view, {"Q4_K_M", "Q8_0"}, "builtin")
+    qtbot.waitUntil(lambda: view.preview is not None, timeout=TIMEOUT_MS)
+    text = view.time_estimate.text()
+    assert text.startswith("Expected: about ") and "importance matrix" in text and "% of it" in text
+    assert "Q8_0" in text and "Q4_K_M" in text
+    _choose(view, {"Q5_K_M"}, "builtin")
+    assert view.request().chunks == QUICK_CHUNKS and f"{QUICK_CHUNKS} × 512" in view.time_estimate.text()
+    _choose(view, {"Q4_K_M"}, "none")
+    assert "importance matrix" not in view.time_estimate.text()
+
+
+def test_the_form_and_the_queue_share_the_width(qtbot, main_window: MainWindow) -> None:
+    main_window.show_section("quantize")
+    view = _view(main_window)
+    main_window.resize(1920, 1080)
+    qtbot.wait(100)
+    form, queue = view.splitter.sizes()
+    assert form > 700 and queue > 700  # no longer kept to the left half's first 580 pixels
+    main_window.resize(1024, 700)
+    qtbot.wait(100)
+    assert all(size > 300 for size in view.splitter.sizes())

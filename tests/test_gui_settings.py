@@ -102,11 +102,81 @@ def test_the_backends_found_are_shown(qtbot, gui_context: AppContext) -> None:
 
 
 def test_gpu_backends_are_described_with_their_memory() -> None:
-    from native.backends import GIB, Backend, Device, SystemInfo
-    from qdesk.gui.settings_backends import describe_backends
+    from converters.core.units import GIB
+    from native.backends import Backend, Device, SystemInfo
+    from qdesk.display.backends import describe_backends
 
     gpu = Device("CUDA", "CUDA0", "NVIDIA H100 80GB HBM3", "gpu", 70 * GIB, 80 * GIB)
     info = SystemInfo("0.3.36", "", (Backend("CPU", (), (("AVX2", "1"), ("OPENMP", "1"))),
                                      Backend("CUDA", (gpu,), ())))
     assert describe_backends(info) == ["CPU: AVX2", "CUDA: NVIDIA H100 80GB HBM3 (70.0 of 80.0 GiB free)",
                                        "GPU layers are offloaded to CUDA0."]
+
+
+def test_hub_endpoint_cache_and_font_size_apply_at_once(qtbot, gui_context: AppContext, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    from qdesk.hub.settings import HubSettings
+
+    for name in ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HOME", "QDESK_HUB_VARIABLES"):
+        monkeypatch.delenv(name, raising=False)
+    view = settings_view(qtbot, gui_context)
+    view.hf_endpoint.setText("ftp://mirror")
+    view.hf_endpoint.editingFinished.emit()
+    assert view.hub_problem.isVisibleTo(view) and load_settings().hf_endpoint == ""
+    view.hf_endpoint.setText("https://mirror.example/")
+    view.hf_endpoint.editingFinished.emit()
+    view.hf_cache.setText(str(tmp_path / "hf-cache"))
+    view.hf_cache.editingFinished.emit()
+    hub = HubSettings.from_environment(token=False)
+    assert (hub.endpoint, hub.cache_dir) == ("https://mirror.example", tmp_path / "hf-cache")
+    assert load_settings().hf_endpoint == "https://mirror.example/"
+
+    from qdesk.app.settings import apply_hub_settings
+
+    outside = {"HF_ENDPOINT": "https://set-outside"}  # the environment the user started qdesk with wins
+    assert apply_hub_settings(load_settings(), outside) == {"HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    assert outside["HF_ENDPOINT"] == "https://set-outside"
+
+    view.hf_endpoint.setText("")
+    view.hf_endpoint.editingFinished.emit()
+    assert HubSettings.from_environment(token=False).endpoint == "https://huggingface.co"
+    type_into(qtbot, view.font_size, "15")
+    assert load_settings().font_size == 15
+    from qdesk.gui.theme import apply_font_size
+
+    apply_font_size(15)
+    assert QApplication.font().pointSize() == 15
+    apply_font_size(0)
+    assert QApplication.font().pointSize() != 15
+
+
+def test_logging_in_checks_the_token_with_the_hub_and_keeps_it(qtbot, gui_context: AppContext, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    from huggingface_hub import constants, get_token
+
+    from tests.builders.hub_server import HubServer
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf" / "stored_tokens"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        view = settings_view(qtbot, gui_context)
+        view.activated()
+        assert view.account_label.text().startswith("Not logged in")
+        view.token.setText("hf_wrong")
+        view.log_in()
+        qtbot.waitUntil(lambda: view.account_job is None, timeout=30_000)
+        assert "does not accept this token" in view.account_label.text() and get_token() is None
+        view.token.setText(server.token)
+        qtbot.mouseClick(view.log_in_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: view.account_job is None, timeout=30_000)
+        assert view.account_label.text().startswith("Logged in as tester.")
+        assert get_token() == server.token and view.token.text() == ""
+        assert (tmp_path / "hf" / "token").stat().st_mode & 0o077 == 0
+        qtbot.mouseClick(view.log_out_button, Qt.MouseButton.LeftButton)
+        assert get_token() is None and "Logged out." in view.account_label.text()
+        server.release()

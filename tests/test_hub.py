@@ -27,6 +27,8 @@ from qdesk.hub import (
     ChecksumError,
     DownloadCancelled,
     HubConnectionError,
+    HubNotFoundError,
+    HubOfflineError,
     HubSettings,
     HubUnreachableError,
     RetryPolicy,
@@ -35,9 +37,11 @@ from qdesk.hub import (
     download,
     list_repo,
     quant_type,
+    render_listing,
     search_models,
     shard_name,
 )
+from qdesk.hub.download import SMALL_FILE_BYTES
 from qdesk.hub.fit import fetch_gguf_shape
 from qdesk.hub.names import base_model_name
 from qdesk.memory import check_fit, check_fit_for_shape, read_model_shape, read_model_shape_from_prefix
@@ -59,7 +63,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hub-files")
     gguf_repo = root / "gguf"
     gguf_repo.mkdir()
-    write_tiny_gguf(gguf_repo / BIG)
+    write_tiny_gguf(gguf_repo / BIG, vocab=5000)  # over 1 MiB: fetched by qdesk's own resumable transfer
     write_tiny_gguf(gguf_repo / SMALL, dtype=np.float16)
     write_tiny_gguf(gguf_repo / "tiny-llama-Q8_0-00001-of-00002.gguf", layers=range(1))
     (gguf_repo / "tiny-llama-Q8_0-00002-of-00002.gguf").write_bytes(np.random.default_rng(2).bytes(60_000))
@@ -156,6 +160,13 @@ def test_file_names_give_types_shards_and_models() -> None:
                                   "", "a/\x00b", "\\\\host\\share\\x"])
 def test_names_that_escape_the_cache_are_refused(name: str) -> None:
     with pytest.raises(UnsafeFileNameError, match="refuses"):
+        check_repo_path(name)
+
+
+@pytest.mark.parametrize(("name", "reason"), [("/etc/passwd", "absolute"), ("C:x.gguf", "drive"),
+                                              ("a/../../x", "'..'"), ("a//b", "empty")])
+def test_an_unsafe_name_is_refused_for_its_real_reason(name: str, reason: str) -> None:
+    with pytest.raises(UnsafeFileNameError, match=reason):
         check_repo_path(name)
 
 
@@ -305,6 +316,7 @@ def test_a_damaged_cached_copy_is_refetched(server: HubServer, settings: HubSett
 
 def test_paused_download_resumes_with_only_the_missing_bytes(server: HubServer, settings: HubSettings) -> None:
     data = served(server, GGUF_REPO, BIG)
+    assert len(data) > SMALL_FILE_BYTES  # qdesk's own transfer, not hf_hub_download
     partial = partial_file(settings, GGUF_REPO, data)
     server.pause(BIG, PAUSE_AT)
     token = CancelToken()
@@ -341,6 +353,39 @@ def test_a_server_ignoring_range_gets_a_fresh_start(server: HubServer, settings:
     (body,) = cdn_gets(server)
     assert body.range == f"bytes={PAUSE_AT}-" and body.status == 200 and body.body_bytes == len(data)
     assert seen[-1].done == seen[-1].total == len(data)
+
+
+def test_a_damaged_small_file_is_refused_and_not_kept(server: HubServer, settings: HubSettings) -> None:
+    """Small files come through hf_hub_download, which checks no checksum: qdesk checks it after."""
+    server.corrupt.add("config.json")
+    with pytest.raises(ChecksumError) as damaged:
+        download(GGUF_REPO, include=["config.json"], settings=settings)
+    assert "config.json arrived damaged" in one_sentence(str(damaged.value))
+    repo_folder = settings.cache_dir / "models--tester--tiny-GGUF"
+    assert not list(repo_folder.glob("blobs/*")) and not list(repo_folder.glob("snapshots/*/*"))
+    server.corrupt.clear()
+    (file,) = download(GGUF_REPO, include=["config.json"], settings=settings).files
+    assert file.checksum == "git-sha1" and file.local_path.read_bytes() == served(server, GGUF_REPO, "config.json")
+
+
+def test_why_qdesk_keeps_its_own_transfer(server: HubServer, settings: HubSettings) -> None:
+    """huggingface_hub 2.4's hf_hub_download deletes its partial file when a transfer fails, so the next call starts
+    from the first byte again, where qdesk's transfer resumes (test_server_going_away_is_a_clear_error_and_resumable).
+    The day this fails, huggingface_hub has learnt to resume across calls: see docs/hub.md."""
+    from huggingface_hub import hf_hub_download
+
+    data = served(server, GGUF_REPO, BIG)
+    blobs = settings.cache_dir / "models--tester--tiny-GGUF" / "blobs"
+    server.pause(BIG, PAUSE_AT)
+    threading.Thread(target=lambda: (server.wait_until_paused(), server.stop()), daemon=True).start()
+    with pytest.raises(Exception):  # noqa: B017 (whatever huggingface_hub raises: the point is what it leaves)
+        hf_hub_download(GGUF_REPO, BIG, cache_dir=settings.cache_dir, endpoint=server.endpoint, token=False)
+    assert not list(blobs.glob("*"))  # the bytes it had received are gone
+    server.start()
+    server.clear_log()
+    hf_hub_download(GGUF_REPO, BIG, cache_dir=settings.cache_dir, endpoint=server.endpoint, token=False)
+    (body,) = cdn_gets(server)
+    assert body.range is None and body.body_bytes == len(data)
 
 
 def test_a_downloaded_checkpoint_is_ready_to_quantize(server: HubServer, settings: HubSettings) -> None:
@@ -468,6 +513,64 @@ def test_a_listing_that_escapes_the_cache_is_refused(server: HubServer, settings
 
 # --- offline, tokens, and the command line -------------------------------------------------------------------------
 
+# --- other servers: mirrors without sizes, LFS metadata, Range support or checksums ----------------------------
+
+def test_a_mirror_without_sizes_lfs_metadata_or_ranges(folders: dict[str, Path], tmp_path: Path) -> None:
+    with HubServer(listing_metadata=False, ranges=False) as mirror:
+        mirror.add(ServedRepo.from_folder(GGUF_REPO, folders["gguf"]))
+        settings = settings_for(mirror, tmp_path / "hf" / "hub")
+        data, config = served(mirror, GGUF_REPO, BIG), served(mirror, GGUF_REPO, "config.json")
+
+        listing = list_repo(GGUF_REPO, settings=settings, ram_bytes=16 * GiB, vram_bytes=0)
+        sizes = {file.path: file.size for file in listing.files}
+        assert sizes[BIG] == len(data) and sizes["README.md"] is None  # a model file's size is asked with a HEAD
+        assert not any(file.sha256 for file in listing.files)
+        groups = {group.name: group for group in listing.groups}
+        assert groups[SMALL].fit.fits and not groups[SMALL].fit.approximate  # its header, though Range is ignored
+        assert "README.md (size unknown)" in render_listing(listing)
+
+        partial = partial_file(settings, GGUF_REPO, data)
+        token = CancelToken()
+        mirror.pause(BIG, PAUSE_AT)
+        threading.Thread(target=lambda: (mirror.wait_until_paused(), wait_for_size(partial, PAUSE_AT),
+                                         token.cancel()), daemon=True).start()
+        with pytest.raises(DownloadCancelled):
+            download(GGUF_REPO, include=[BIG], settings=settings, cancel=token)
+        mirror.release()
+        mirror.clear_log()
+
+        seen: list[Progress] = []
+        result = download(GGUF_REPO, include=[BIG, "config.json"], settings=settings, progress=seen.append)
+        files = {file.path: file for file in result.files}
+        assert files[BIG].local_path.read_bytes() == data and files[BIG].status == "downloaded"  # from zero again
+        (body,) = cdn_gets(mirror)
+        assert body.range == f"bytes={PAUSE_AT}-" and body.status == 200 and body.body_bytes == len(data)
+        assert result.bytes_downloaded == len(data) + len(config) and seen[-1].done == seen[-1].total
+        assert (files[BIG].checksum, files["config.json"].checksum) == ("sha256", "git-sha1")  # from the ETags
+        assert files[BIG].sha256 == sha256_of(data) and result.unverified == []
+
+
+def test_a_plain_mirror_gives_no_checksum_and_the_result_says_so(folders: dict[str, Path], tmp_path: Path) -> None:
+    with HubServer(listing_metadata=False, ranges=False, hub_headers=False) as mirror:
+        mirror.add(ServedRepo.from_folder(GGUF_REPO, folders["gguf"]))
+        env = cli_env(mirror, tmp_path)
+        listed = qdesk("download", GGUF_REPO, "--list", env=env)
+        assert listed.returncode == 0 and "size unknown" in listed.stdout, listed.stderr
+
+        fetched = qdesk("download", GGUF_REPO, "--include", BIG, "--include", "config.json", "--json", env=env)
+        assert fetched.returncode == 0, fetched.stderr
+        result = json.loads(fetched.stdout)
+        assert sorted(result["unverified"]) == sorted([BIG, "config.json"])
+        for file in result["files"]:
+            data = served(mirror, GGUF_REPO, file["path"])
+            assert Path(file["local_path"]).read_bytes() == data and file["size"] == len(data)  # sizes from the GET
+            assert file["verified"] is False and file["checksum"] is None and file["status"] == "downloaded"
+
+        again = qdesk("download", GGUF_REPO, "--include", BIG, env=env)
+        assert again.returncode == 0 and "already in the cache" in again.stdout
+        assert f"not checksummed (the server published no checksum for them): {BIG}" in again.stdout
+
+
 def closed_port_endpoint() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -486,6 +589,28 @@ def test_without_network_the_cache_still_serves(server: HubServer, settings: Hub
         download(CHECKPOINT_REPO, settings=unreachable)
     with pytest.raises(HubUnreachableError):
         list_repo(GGUF_REPO, settings=unreachable)
+
+
+def test_an_include_pattern_that_matches_nothing_says_so(server: HubServer, settings: HubSettings) -> None:
+    download(GGUF_REPO, include=["*.md"], settings=settings)
+    with pytest.raises(HubNotFoundError) as online:
+        download(GGUF_REPO, include=["../*"], settings=settings)
+    assert f"No file of {GGUF_REPO} matches '../*'" in one_sentence(str(online.value))
+    offline = settings_for(server, settings.cache_dir, offline=True)
+    with pytest.raises(HubOfflineError) as cached:
+        download(GGUF_REPO, include=["../*"], settings=offline)
+    message = one_sentence(str(cached.value))
+    assert f"no file of {GGUF_REPO} in the cache matches '../*'" in message and "is not in the cache" not in message
+
+
+def test_search_fails_at_once_when_the_server_is_in_trouble(server: HubServer, settings: HubSettings) -> None:
+    """HfApi.list_models would retry five times over 23 s: qdesk configures its client not to."""
+    server.api_status = 503
+    with pytest.raises(HubUnreachableError, match="HTTP 503"):
+        search_models("tiny", formats="gguf", settings=settings)
+    assert len(server.requests(path_contains="/api/models")) == 1
+    with pytest.raises(HubUnreachableError, match="cannot be reached"):
+        search_models("tiny", settings=settings_for(server, settings.cache_dir, endpoint=closed_port_endpoint()))
 
 
 def qdesk(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -580,6 +705,8 @@ def test_offline_mode_makes_no_request_and_says_so_once(server: HubServer, tmp_p
     assert "Offline mode is on" in one_sentence(offline.stderr) and "README.md" in offline.stdout
     missing = qdesk("download", CHECKPOINT_REPO, env={**env, "HF_HUB_OFFLINE": "1"})
     assert missing.returncode == 1 and "HF_HUB_OFFLINE" in one_sentence(missing.stderr)
+    unmatched = qdesk("download", GGUF_REPO, "--include", "../*", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert unmatched.returncode == 1 and "in the cache matches '../*'" in one_sentence(unmatched.stderr)
     search = qdesk("download", "--search", "tiny", env={**env, "HF_HUB_OFFLINE": "1"})
     assert search.returncode == 1 and "Offline mode" in one_sentence(search.stderr)
     assert server.log == []

@@ -99,3 +99,18 @@ def test_the_plan_and_its_report_do_not_import_each_other_back(module: str) -> N
              "converters.mix.report": "converters.quantization.plan"}[module]
     imports_other = other in _imports(_modules()[module], top_level_only=False)
     assert not (imports_other and module in _imports(_modules()[other], top_level_only=False))
+
+
+def test_the_gui_starts_background_work_only_through_the_context() -> None:
+    """`AppContext.run` is the one entry point, so closing the window can cancel every job."""
+    allowed = {"qdesk.gui.background", "qdesk.gui.context"}
+    starters = {"start_job", "QThreadPool", "QRunnable", "QThread", "Thread"}
+    offenders = []
+    for name, path in _modules().items():
+        if _layer(name) != LAYERS.index("qdesk.gui") or name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            used = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if used in starters:
+                offenders.append(f"{name} uses {used}")
+    assert offenders == []

@@ -15,14 +15,11 @@ from qdesk.memory import (
     DEFAULT_RAM_HEADROOM,
     DEFAULT_VRAM_HEADROOM,
     MiB,
-    SizeError,
     check_fit,
     estimate_memory,
-    format_size,
     max_gpu_layers,
     measure_allocation,
     parse_allocation_log,
-    parse_size,
     read_model_shape,
 )
 
@@ -217,18 +214,6 @@ def test_estimate_json_keys(starter_gguf: Path) -> None:
     assert set(document["cpu"]) == set(document["gpu"]) == {"weights", "kv", "compute"}
     assert document["total_bytes"] == document["ram_bytes"] + document["vram_bytes"]
     assert document["ram_bytes"] == sum(document["cpu"].values())
-
-
-def test_sizes() -> None:
-    assert parse_size("8GB") == 8 * 10**9
-    assert parse_size("1.5GiB") == 3 * 2**29
-    assert parse_size(" 512 mib ") == 512 * MiB
-    assert parse_size("8G") == 8 * 2**30
-    assert parse_size("1000") == 1000
-    for bad in ("", "lots", "8XB", "-1GB", "1.2.3GB"):
-        with pytest.raises(SizeError, match="is not a memory size"):
-            parse_size(bad)
-    assert format_size(295_347_456) == "295 MB" and format_size(1_500_000_000) == "1.5 GB"
 
 
 # --- qdesk info ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from native.backends import DEVICE_KINDS, SystemInfo, cpu_simd_flags, discover, render_text
+from native.backends import DEVICE_KINDS, SystemInfo, cpu_simd_flags, discover
+from qdesk.display.backends import render_text
 
 # /proc/cpuinfo flag -> the name ggml's CPU backend reports for it.
 X86_FLAG_NAMES = {

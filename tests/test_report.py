@@ -14,7 +14,8 @@ import pytest
 
 import qdesk
 from converters.core.errors import OutputError
-from qdesk.evaluation.report import heat_scale, kld_axis, render_html, write_report
+from qdesk.evaluation.report import render_html, write_report
+from qdesk.evaluation.report_model import heat_scale, kld_axis
 
 HOSTILE_NAME = "SmolLM2-135M-Instruct-Q4_K_M <script>alert('x')</script> & co.gguf"
 VOID_ELEMENTS = {"meta", "br", "hr", "img", "input", "link", "wbr"}

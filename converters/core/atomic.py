@@ -1,15 +1,21 @@
-"""Outputs appear complete or not at all: written to a temporary file beside the target, then renamed."""
+"""Outputs appear complete or not at all: written to a temporary file beside the target, then renamed.
+
+The temporary file's name records its owner (`converters.core.leftovers`), so that one left by a killed process is
+removed by the next process that writes into the same folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import tempfile
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from converters.core.errors import OutputError
+from converters.core.leftovers import temporary_file
+from converters.core.units import format_size
 
 
 def describe_os_error(error: OSError, path: Path) -> str:
@@ -25,22 +31,29 @@ def describe_os_error(error: OSError, path: Path) -> str:
     return f"Cannot write {path}: {error.strerror or error}; choose another output path."
 
 
-def check_free_space(path: Path, needed_bytes: int) -> None:
-    """Refuse to start when the output's file system cannot hold `needed_bytes` more."""
-    free = _free_bytes(path.parent)
+def check_free_space(path: Path, needed_bytes: int, *, purpose: str | None = None,
+                     advice: str = "free some space or choose another folder") -> None:
+    """Refuse to start when the file system that will hold `path` cannot take `needed_bytes` more.
+
+    The sentence says what the space is for (`purpose`, by default "for <file name>") and what to do (`advice`).
+    """
+    folder = path.parent
+    free = free_bytes(folder)
     if free is not None and free < needed_bytes:
         raise OutputError(
-            f"Not enough disk space for {path.name}: it needs about {needed_bytes / 1e9:.2f} GB "
-            f"and {path.parent} has {free / 1e9:.2f} GB free; free some space or choose another folder."
+            f"Not enough disk space {purpose or f'for {path.name}'}: it needs about {format_size(needed_bytes)} "
+            f"and {folder} has {format_size(free)} free; {advice}."
         )
 
 
-def _free_bytes(folder: Path) -> int | None:
+def free_bytes(folder: Path) -> int | None:
+    """Bytes free to this user on the file system of `folder` (or of its nearest existing parent); None if unknown."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        stats = os.statvfs(folder)
+        return shutil.disk_usage(folder).free
     except OSError:
         return None
-    return stats.f_bavail * stats.f_frsize
 
 
 def _current_umask() -> int:
@@ -56,12 +69,10 @@ def atomic_output(path: Path) -> Iterator[Path]:
     if path.is_dir():
         raise OutputError(f"Cannot write {path}: it is a folder; give a file name ending in .gguf.")
     try:
-        fd, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        temporary = temporary_file(path.parent, path.name)
     except OSError as error:
         raise OutputError(describe_os_error(error, path)) from error
-    temporary = Path(temporary_name)
     try:
-        os.close(fd)
         yield temporary
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)

@@ -1,10 +1,15 @@
-"""User-facing errors: each message is one sentence saying what is wrong and what to do."""
+"""User-facing errors: each message is one sentence saying what is wrong and what to do.
+
+`UserError` and `Cancelled` come from `native.errors`, the lowest layer, so llama.cpp's errors
+(`native.errors.NativeError`) are user-facing errors too.
+"""
 
 from __future__ import annotations
 
+from native.errors import Cancelled, UserError
 
-class UserError(Exception):
-    """A problem with the user's input or environment, reported as one plain sentence."""
+__all__ = ["Cancelled", "CheckpointError", "GGUFFileError", "ImatrixError", "OutputError", "TokenizerError",
+           "UnsupportedModelError", "UserError", "WorkerDied"]
 
 
 class CheckpointError(UserError):
@@ -31,5 +36,6 @@ class OutputError(UserError):
     """The output cannot be written (permissions, missing folder, full disk)."""
 
 
-class Cancelled(Exception):
-    """The user cancelled the operation; nothing was left behind."""
+class WorkerDied(UserError):
+    """A child process running a step ended without an answer (llama.cpp aborted or crashed, the system ran out of
+    memory) or made no progress for too long; the message says which."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import re
 import time
@@ -16,16 +17,21 @@ import numpy as np
 
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import CheckpointError, UnsupportedModelError, UserError
+from converters.core.hyperparameters import hyperparameter_problems
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
+from converters.reading.architectures.base import HParam
 from converters.reading.checkpoint import (
     Checkpoint,
     SourceTensor,
     check_dtypes,
+    checkpoint_files,
     open_checkpoint,
     read_config,
     resolve_checkpoint_folder,
 )
+from converters.reading.config_shapes import check_layers, check_shapes, layer_count, whole_number
 from converters.reading.prefetch import prefetched
 from converters.reading.tokenizer import TokenizerSummary, export_tokenizer
 from converters.writing.gguf_stream import DeclaredTensor, StreamingGGUFWriter
@@ -33,6 +39,8 @@ from converters.writing.tensor_types import OUTTYPES, OutType, encode, tensor_ty
 
 CHUNK_BYTES = 16 * 1024 * 1024
 """Largest float32 slice of one tensor held in memory at once while converting."""
+_SOURCE_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+"""The layer index in a Hugging Face tensor name (model.layers.3.mlp…)."""
 
 
 @dataclass(frozen=True)
@@ -87,28 +95,22 @@ def convert_checkpoint(
     arch = architecture_for(config)
     checkpoint = open_checkpoint(folder, config)
     check_dtypes(checkpoint)
-    block_count = int(checkpoint.config.require("num_hidden_layers"))
+    block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
+    _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
     parameter_count = sum(p.element_count for p in plan)
     metadata = _model_metadata(checkpoint.folder, parameter_count)
     target = Path(output) if output is not None else (output_folder or checkpoint.folder) / _default_file_name(
         metadata, out)
+    check_output_folder(target)
+    check_outputs([*checkpoint_files(checkpoint.folder), *checkpoint.weight_files], [target])
     check_free_space(target, sum(p.declared.nbytes for p in plan) + 64 * 1024 * 1024)
 
-    vocab_rows = _vocab_rows(plan)
     cancel.raise_if_cancelled()
     with atomic_output(target) as temporary:
         writer = StreamingGGUFWriter(temporary, arch.name)
         try:
-            metadata.set_gguf_meta_model(writer.metadata)
-            _write_hparams(writer.metadata, arch, checkpoint.config)
-            writer.metadata.add_file_type(out.file_type)
-            writer.metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            tokenizer = export_tokenizer(checkpoint.folder, writer.metadata, vocab_rows)
-            writer.metadata.add_vocab_size(tokenizer.token_count)
-            for planned in plan:
-                writer.declare(planned.declared.name, planned.declared.shape, planned.declared.qtype)
-            writer.begin_data()
+            tokenizer = _write_header(writer, checkpoint, arch, out, plan, metadata)
             _write_tensors(writer, plan, arch, checkpoint.config, report, cancel)
         finally:
             writer.close()
@@ -124,11 +126,59 @@ def convert_checkpoint(
     )
 
 
+def _write_header(writer: StreamingGGUFWriter, checkpoint: Checkpoint, arch: Architecture, out: OutType,
+                  plan: list[_PlannedTensor], metadata: gguf.Metadata) -> TokenizerSummary:
+    """Metadata, tokenizer and tensor table, up to where the tensor data begins."""
+    metadata.set_gguf_meta_model(writer.metadata)
+    for key, value in _hparam_values(arch, checkpoint.config).items():
+        _add_value(writer.metadata, key, value)
+    writer.metadata.add_file_type(out.file_type)
+    writer.metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer = export_tokenizer(checkpoint.folder, writer.metadata, _vocab_rows(plan))
+    writer.metadata.add_vocab_size(tokenizer.token_count)
+    for planned in plan:
+        writer.declare(planned.declared.name, planned.declared.shape, planned.declared.qtype)
+    writer.begin_data()
+    return tokenizer
+
+
+def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress: ProgressFn | None = None,
+                   cancel: CancelToken | None = None) -> Path:
+    """The GGUF `convert_checkpoint` would write, with its header, tokenizer and tensor table exactly as converted
+    but no weight read: the tensor data is a hole (a sparse file where the file system allows it), so the file
+    costs no time and next to no disk. What it is for: llama.cpp's quantizer can plan a checkpoint (a dry run of
+    a preset reads the tensor table, never the data) before anything is converted."""
+    del progress
+    (cancel or CancelToken()).raise_if_cancelled()
+    out = OUTTYPES[outtype.lower()]
+    folder = resolve_checkpoint_folder(source)
+    config = read_config(folder)
+    arch = architecture_for(config)
+    checkpoint = open_checkpoint(folder, config)
+    block_count = layer_count(checkpoint.config)
+    plan = _plan_tensors(checkpoint, arch, out, block_count)
+    _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
+    metadata = _model_metadata(checkpoint.folder, sum(p.element_count for p in plan))
+    with atomic_output(Path(output)) as temporary:
+        writer = StreamingGGUFWriter(temporary, arch.name)
+        try:
+            _write_header(writer, checkpoint, arch, out, plan, metadata)
+            writer.skip_data()
+        finally:
+            writer.close()
+    return Path(output)
+
+
 def _plan_tensors(
     checkpoint: Checkpoint, arch: Architecture, out: OutType, block_count: int
 ) -> list[_PlannedTensor]:
-    name_map = gguf.get_tensor_name_map(arch.gguf_arch, block_count)
     ignored = [re.compile(pattern) for pattern in arch.ignored_tensors]
+    kept = [name for name in checkpoint.tensors if not any(pattern.fullmatch(name) for pattern in ignored)]
+    layers = {int(found.group(1)) for name in kept if (found := _SOURCE_LAYER.search(name))}
+    if max(layers, default=-1) >= block_count:
+        check_layers(layers, block_count)  # a layer beyond the config's count: refused before the map is made
+    # The map's size follows the layers the weights hold, not the config's count (which may be anything).
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, min(block_count, max(layers, default=-1) + 1))
     tied = bool(checkpoint.config.get("tie_word_embeddings", default=False))
     planned: list[tuple[tuple[int, int], _PlannedTensor]] = []
     for order, (name, source) in enumerate(checkpoint.tensors.items()):
@@ -149,6 +199,9 @@ def _plan_tensors(
     for offset, (gguf_name, values) in enumerate(extras):
         declared = DeclaredTensor(gguf_name, tuple(values.shape), tensor_type(tuple(values.shape), out))
         planned.append(((-1, -len(checkpoint.tensors) + offset), _PlannedTensor(declared, None, generated=values)))
+    check_layers(layers, block_count)
+    check_shapes(((p.source.name, p.kind, p.source.shape) for _, p in planned if p.source is not None),
+                 checkpoint.config)
     planned.sort(key=lambda item: item[0])
     names = [p.declared.name for _, p in planned]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -178,7 +231,9 @@ def _vocab_rows(plan: list[_PlannedTensor]) -> int | None:
     return None
 
 
-def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelConfig) -> None:
+def _hparam_values(arch: Architecture, config: ModelConfig) -> dict[str, Any]:
+    """The architecture's GGUF hyperparameters (full key → value) from config.json."""
+    values: dict[str, Any] = {}
     for hparam in arch.hparams:
         value = config.get(*hparam.config_keys)
         if value is None:
@@ -186,10 +241,43 @@ def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelCon
                 config.require(*hparam.config_keys)
             value = hparam.default
         if value is not None:
-            _add_value(writer, f"{arch.name}.{hparam.key}", hparam.value_type(value))
+            values[f"{arch.name}.{hparam.key}"] = _config_value(hparam, value)
     if arch.derived_metadata is not None:
-        for key, value in arch.derived_metadata(config).items():
-            _add_value(writer, key, value)
+        try:
+            values.update(arch.derived_metadata(config))
+        except (TypeError, ValueError, ArithmeticError, KeyError) as error:
+            raise CheckpointError(f"config.json holds a value qdesk cannot use ({type(error).__name__}: {error}); "
+                                  "download the checkpoint again.") from error
+    return values
+
+
+def _check_hparams(folder: Path, arch: Architecture, hparams: dict[str, Any], plan: list[_PlannedTensor]) -> None:
+    """Refuse a config.json that would make a GGUF llama.cpp cannot run (`converters.core.hyperparameters`)."""
+    shapes = {planned.declared.name: tuple(reversed(planned.declared.shape)) for planned in plan}
+    problems = hyperparameter_problems({"general.architecture": arch.name, **hparams}, shapes)
+    if problems:
+        raise CheckpointError(f"{folder / 'config.json'} gives impossible settings: {problems[0]}; correct "
+                              "config.json or download the checkpoint again.")
+
+
+_UINT32_LIMIT = 1 << 32
+
+
+def _config_value(hparam: HParam, value: Any) -> Any:
+    """A config.json value as its GGUF key stores it: a whole number a uint32 holds, a finite float, or a string;
+    anything else is refused naming the field."""
+    wanted, whole = hparam.value_type, whole_number(value)
+    if wanted is int and whole is not None and 0 <= whole < _UINT32_LIMIT:
+        return whole
+    if wanted is float and whole is not None and abs(whole) < 1 << 64:
+        return float(whole)
+    if wanted is float and isinstance(value, float) and math.isfinite(value):
+        return value
+    if wanted not in (int, float) and isinstance(value, wanted):
+        return value
+    kind = {int: "a whole number from 0 to 4294967295", float: "a finite number"}.get(wanted, wanted.__name__)
+    raise CheckpointError(f"config.json gives `{hparam.config_keys[0]}` as {value!r}, not {kind}; download the "
+                          "checkpoint again.")
 
 
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

@@ -63,6 +63,17 @@ class StreamingGGUFWriter:
         self.metadata.write_padding(self._file, written)
         return written
 
+    def skip_data(self) -> None:
+        """Leave every declared tensor's bytes unwritten: extend the file to its full length without writing (a
+        hole), for a file whose tensor table is all that will be read."""
+        assert self._file is not None, "begin_data() first"
+        end = self._file.tell()
+        for tensor in self.declared:
+            end += (-end) % self.metadata.data_alignment
+            end += tensor.nbytes
+        end += (-end) % self.metadata.data_alignment
+        self._file.truncate(end)
+
     def close(self) -> None:
         self.metadata.close()
         self._file = None

@@ -9,12 +9,14 @@ user cache folder and are reused on the next run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from converters.core.paths import demo_dir
+from converters.core.units import format_count
 from qdesk.app.starter import starter_model_path
 from qdesk.chat.compare import Comparison, compare
 from qdesk.chat.engine import LoadOptions, SamplingOptions
+from qdesk.display.tables import text_table
 from qdesk.evaluation.evaluate import Evaluation, ModelFacts, evaluate
 from qdesk.evaluation.report import write_report
 from qdesk.library.info import read_model_info
@@ -28,21 +30,12 @@ DEMO_MAX_TOKENS = 40
 DEMO_EVAL_CHUNKS = 8
 
 
-def demo_folder() -> Path:
-    override = os.environ.get("QDESK_DEMO_DIR")
-    if override:
-        return Path(override)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qdesk")) / "demo"
-
-
 def run_demo() -> int:
-    folder = demo_folder()
+    folder = demo_dir()
     folder.mkdir(parents=True, exist_ok=True)
     starter = starter_model_path()
     info = read_model_info(starter)
-    print(f"qdesk demo: {info.name} ({info.parameters / 1e6:.1f}M parameters, shipped as {info.file_type}) "
+    print(f"qdesk demo: {info.name} ({format_count(info.parameters)} parameters, shipped as {info.file_type}) "
           f"in {folder}\n")
     variants = make_variants(starter, folder)
     _step(f"measuring each variant against the F16 reference on {DEMO_EVAL_CHUNKS} chunks of held-out text")
@@ -102,10 +95,7 @@ def render_report(variants: list[Path], comparisons: list[Comparison], evaluatio
             f"{measured.divergence.top1_agreement * 100:.1f}%"
         rows.append((path.stem.rsplit("-", 1)[-1], f"{header.bytes / 1e6:.1f}", f"{header.bpw or 0:.2f}",
                      f"{ppl:.2f}", kld, top1, speed))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows[0], rows[1:], right=range(1, len(rows[0])), rule=True)
     lines.append(f"(PPL and KLD over {evaluation.scored_tokens} held-out tokens; KLD in nats per token against F16)")
     for comparison in comparisons:
         lines.append("")

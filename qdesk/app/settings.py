@@ -1,4 +1,5 @@
-"""The user's preferences: models folder, threads, GPU layers, theme and sampling defaults.
+"""The user's preferences: models folder, threads, GPU layers, theme, font size, sampling defaults and the Hub's
+endpoint and cache folder.
 
 Stored as JSON in `$QDESK_CONFIG_DIR/settings.json` (default: the platform's user config folder). The desktop app
 edits them; the file is written atomically, and an unreadable or partly invalid file falls back to the defaults
@@ -9,27 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir, models_dir
 from qdesk.chat.engine import SamplingOptions
-from qdesk.library.store import default_models_dir
 
-CONFIG_DIR_ENV = "QDESK_CONFIG_DIR"
 SETTINGS_NAME = "settings.json"
 THEMES = ("system", "light", "dark")
-
-
-def config_dir() -> Path:
-    """`$QDESK_CONFIG_DIR` when set, else `<platform config dir>/qdesk`."""
-    override = os.environ.get(CONFIG_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_config_dir("qdesk", appauthor=False))
 
 
 @dataclass(frozen=True)
@@ -43,9 +34,15 @@ class Settings:
     theme: str = "system"
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     system_prompt: str = ""
+    font_size: int = 0
+    """Points for the whole window; 0: the system's."""
+    hf_endpoint: str = ""
+    """The Hub (or a mirror) to search and download from; empty: HF_ENDPOINT, else huggingface.co."""
+    hf_cache_dir: str = ""
+    """The Hugging Face cache folder; empty: HF_HUB_CACHE / HF_HOME, else ~/.cache/huggingface/hub."""
 
     def models_path(self) -> Path:
-        return Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+        return Path(self.models_dir).expanduser() if self.models_dir else models_dir()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +66,37 @@ class Settings:
         if isinstance(sampling, dict):
             values["sampling"] = SamplingOptions.from_json(sampling)
         return replace(defaults, **values)
+
+
+HUB_VARIABLES = {"hf_endpoint": "HF_ENDPOINT", "hf_cache_dir": "HF_HUB_CACHE"}
+"""The settings that reach the Hub through the variables `qdesk.hub.settings.HubSettings` reads at each call."""
+SET_BY_QDESK = "QDESK_HUB_VARIABLES"
+"""Which of those variables qdesk itself set (so that a later change of the setting may change or clear them)."""
+
+
+def apply_hub_settings(settings: Settings, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Put the Hub settings into the environment, where `HubSettings.from_environment()` (and huggingface_hub) read
+    them: a variable the user set outside qdesk wins over the setting; one qdesk set before follows the setting
+    (cleared with it). Returns the variables qdesk set."""
+    environ = os.environ if environ is None else environ
+    ours = set(filter(None, environ.get(SET_BY_QDESK, "").split(",")))
+    applied = {}
+    for name, variable in HUB_VARIABLES.items():
+        value = str(getattr(settings, name)).strip()
+        if variable in environ and variable not in ours:
+            continue
+        if value:
+            environ[variable] = str(Path(value).expanduser()) if name == "hf_cache_dir" else value.rstrip("/")
+            ours.add(variable)
+            applied[variable] = environ[variable]
+        elif variable in ours:
+            environ.pop(variable, None)
+            ours.discard(variable)
+    if ours:
+        environ[SET_BY_QDESK] = ",".join(sorted(ours))
+    else:
+        environ.pop(SET_BY_QDESK, None)
+    return applied
 
 
 def settings_path() -> Path:

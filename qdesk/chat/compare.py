@@ -18,12 +18,34 @@ from typing import Any
 
 from converters.core.errors import Cancelled, UserError
 from converters.core.jobs import CancelToken
+from converters.core.units import format_size
 from qdesk.chat.engine import ChatResult, EngineError, LoadOptions, SamplingOptions, TokenEvent, load_model
+from qdesk.display.tables import text_table
+from qdesk.memory.fit import available_ram
 
 MIN_VARIANTS = 1
 MAX_VARIANTS = 4
 _MEMORY_HEADROOM = 1.3
 """Weights are memory-mapped, but a variant also needs its KV cache and compute buffers: count 30% on top."""
+
+
+RANDOM_SEED = 0
+"""A seed of 0 asks for a new random seed each turn (one seed shared by every pane, recorded with the answers)."""
+SEED_LIMIT = 2**31 - 1
+
+
+def deterministic(sampling: SamplingOptions) -> SamplingOptions:
+    """Greedy decoding (temperature 0): every pane picks its likeliest token, so answers that differ show a difference
+    between the variants, never sampling noise. Compare's default."""
+    return replace(sampling, temperature=0.0)
+
+
+def turn_seed(samplings: Sequence[SamplingOptions], draw: Callable[[int], int]) -> int | None:
+    """The seed every pane of one turn shares: None when no pane samples at random with `RANDOM_SEED` (greedy panes
+    need none, a fixed seed stays), else a new one from `draw(SEED_LIMIT)` (e.g. `random.randrange`), at least 1."""
+    if not any(sampling.temperature > 0 and sampling.seed == RANDOM_SEED for sampling in samplings):
+        return None
+    return 1 + draw(SEED_LIMIT - 1)
 
 
 @dataclass(frozen=True)
@@ -200,29 +222,14 @@ def _common_prefix(a: str, b: str) -> str:
 def fits_together(paths: Sequence[Path]) -> bool:
     """Whether every variant's weights, with headroom for caches, fit in the memory that is free now."""
     needed = sum(path.stat().st_size for path in paths if path.is_file()) * _MEMORY_HEADROOM
-    return needed <= available_memory()
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new processes (MemAvailable on Linux; free pages elsewhere)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
+    return needed <= available_ram()
 
 
 def render_comparison(comparison: Comparison, width: int = 100) -> str:
     """The terminal view: a table of sizes and speeds, then each answer, with where it left the first one's path."""
     rows = [("model", "size", "tokens", "tok/s", "first token", "diverges at")]
     for answer in comparison.answers:
-        size = f"{answer.path.stat().st_size / 1e6:.1f} MB" if answer.path.is_file() else "-"
+        size = format_size(answer.path.stat().st_size) if answer.path.is_file() else "-"
         if answer.result is None:
             rows.append((answer.path.name, size, "-", "-", "-", "failed"))
             continue
@@ -231,10 +238,7 @@ def render_comparison(comparison: Comparison, width: int = 100) -> str:
             if answer is not comparison.answers[0] else "(first)"
         rows.append((answer.path.name, size, str(stats.generated_tokens), f"{stats.tokens_per_second:.1f}",
                      f"{stats.time_to_first_token_s:.2f} s", diverges))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows[0], rows[1:], right=range(1, len(rows[0])), rule=True)
     lines.append("")
     lines.append(f"prompt: {comparison.prompt}")
     for answer in comparison.answers:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.atomic import atomic_output
+from converters.core.paths import config_dir
+from converters.core.units import format_size
 from qdesk.app.errors import UserError
-from qdesk.app.settings import config_dir
 from qdesk.chat.compare import Divergence, first_divergence
 from qdesk.chat.engine import ChatResult, GenerationStats, SamplingOptions
 
@@ -193,6 +194,17 @@ class Conversation:
         self.touch()
         return turn
 
+    def delete_turn(self, index: int) -> None:
+        """Forget turn `index`: its prompt and every pane's answer to it (later turns stay)."""
+        del self.turns[index]
+        self.touch()
+
+    def edit_turn(self, index: int, prompt: str) -> Turn:
+        """Ask `prompt` instead of turn `index`'s: that turn's answers and every later turn go (their context
+        changed), and a new last turn holds the prompt, to be answered."""
+        del self.turns[index:]
+        return self.add_turn(prompt)
+
     def add_pane(self, record: PaneRecord | None = None) -> None:
         self.panes.append(record or PaneRecord())
         for turn in self.turns:
@@ -327,11 +339,21 @@ class ConversationStore:
     def delete(self, identifier: str) -> None:
         self.path_of(identifier).unlink(missing_ok=True)
 
-    def summaries(self) -> list[ConversationSummary]:
-        """Every readable conversation, the most recently updated first (unreadable files are left out)."""
+    def rename(self, identifier: str, title: str) -> Conversation:
+        """Give the conversation `identifier` the title `title` (blank: named by its first prompt again)."""
+        conversation = self.load(identifier)
+        title = " ".join(title.split())
+        conversation.title = title or (_title_from(conversation.turns[0].prompt) if conversation.turns else "")
+        self.save(conversation)
+        return conversation
+
+    def summaries(self, search: str = "") -> list[ConversationSummary]:
+        """Every readable conversation, the most recently updated first (unreadable files are left out); with
+        `search`, only those whose title, prompts, answers or model names hold it (ignoring case)."""
         found: list[ConversationSummary] = []
         if not self.folder.is_dir():
             return found
+        wanted = search.casefold().strip()
         for path in self.folder.glob("*.json"):
             if path.name.startswith("."):
                 continue
@@ -339,10 +361,21 @@ class ConversationStore:
                 conversation = Conversation.from_json(json.loads(path.read_text(encoding="utf-8")))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            found.append(ConversationSummary(
+            summary = ConversationSummary(
                 conversation.id, conversation.display_title, conversation.updated, len(conversation.turns),
-                tuple(pane.model.name for pane in conversation.panes if pane.model is not None)))
+                tuple(pane.model.name for pane in conversation.panes if pane.model is not None))
+            if wanted and wanted not in _searchable(conversation, summary):
+                continue
+            found.append(summary)
         return sorted(found, key=lambda summary: (summary.updated, summary.id), reverse=True)
+
+
+def _searchable(conversation: Conversation, summary: ConversationSummary) -> str:
+    texts = [summary.title, *summary.models]
+    for turn in conversation.turns:
+        texts.append(turn.prompt)
+        texts += [answer.text for answer in turn.answers if answer is not None]
+    return "\n".join(texts).casefold()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -414,7 +447,7 @@ def _answer_notes(answer: Answer, divergence: Divergence | None, *, first: bool)
         parts += [f"{stats.generated_tokens} tokens", f"{stats.tokens_per_second:.1f} tokens/s",
                   f"first token after {stats.time_to_first_token_s:.2f} s"]
         if stats.memory_bytes:
-            parts.append(f"memory {stats.memory_bytes / 1e6:.0f} MB")
+            parts.append(f"memory {format_size(stats.memory_bytes)}")
         if stats.stop_reason != "stop":
             parts.append({"length": "cut at the token limit", "cancelled": "stopped"}.get(stats.stop_reason,
                                                                                           stats.stop_reason))

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 MIN_P = 0.05
@@ -149,14 +150,7 @@ def _usable_context(llm: llama_cpp.Llama) -> int:
 
 
 def _resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return int(psutil.Process().memory_info().rss)
 
 
 def _generate(llm: llama_cpp.Llama, format_chat: Callable[[list[dict[str, str]]], str], command: dict[str, Any],

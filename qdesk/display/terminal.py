@@ -7,14 +7,7 @@ import time
 from typing import TextIO
 
 from converters.core.jobs import Progress
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
+from converters.core.units import format_duration, format_size
 
 
 class ProgressBar:
@@ -40,12 +33,12 @@ class ProgressBar:
         bar = "#" * filled + "-" * (self.width - filled)
         elapsed = now - self._started
         if progress.unit == "bytes":
-            amount = f"{_human_bytes(progress.done)}/{_human_bytes(progress.total)}"
+            amount = f"{format_size(progress.done)}/{format_size(progress.total)}"
         else:
             amount = f"{progress.done:.0f}/{progress.total:.0f}"
         remaining = ""
         if 0 < progress.fraction < 1 and elapsed > 1:
-            remaining = f" ~{elapsed * (1 - progress.fraction) / progress.fraction:.0f}s left"
+            remaining = f" ~{format_duration(elapsed * (1 - progress.fraction) / progress.fraction)} left"
         line = f"\r{self.label} [{bar}] {progress.fraction * 100:5.1f}% {amount}{remaining} {progress.message}"
         self.stream.write(line[:160].ljust(100))
         self.stream.flush()

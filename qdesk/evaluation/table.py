@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from qdesk.display.tables import text_table
 from qdesk.evaluation.evaluate import CandidateResult, Evaluation, ReferenceResult
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return lines
+    """The first row is the header; the first column is a name, the others are figures."""
+    return text_table(rows[0], rows[1:], right=range(1, len(rows[0])), rule=True)
 
 
 def _number(value: float | None, digits: int = 4) -> str:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converters.calibration.calibrate import resources_folder
 from converters.core.errors import Cancelled, UserError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.paths import resources_dir
 from qdesk.chat.engine import EngineError, LoadedModel, LoadOptions, ModelCrashed, SamplingOptions, load_model
 from qdesk.evaluation.task_checkers import CHECKER_TYPES, Checker, CheckerSpecError, build_checker
 
@@ -185,7 +185,7 @@ def _fraction_passed(results: Iterable[ItemResult]) -> float:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 def builtin_suite_path(name: str) -> Path:
-    return resources_folder() / "eval" / "tasks" / f"{name}.jsonl"
+    return resources_dir() / "eval" / "tasks" / f"{name}.jsonl"
 
 
 class _LineError(Exception):

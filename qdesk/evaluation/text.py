@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.calibration.calibrate import read_plain_text, resources_folder
+from converters.calibration.calibrate import read_plain_text
 from converters.core.errors import UserError
+from converters.core.paths import resources_dir
 
 DEFAULT_CTX = 512
 MIN_CTX = 16
@@ -72,7 +73,7 @@ class TokenChunks:
 
 
 def builtin_eval_texts() -> list[EvalText]:
-    folder = resources_folder() / "eval" / "text"
+    folder = resources_dir() / "eval" / "text"
 
     def rank(path: Path) -> tuple[int, str]:
         return (BUILTIN_ORDER.index(path.stem) if path.stem in BUILTIN_ORDER else len(BUILTIN_ORDER), path.stem)

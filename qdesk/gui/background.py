@@ -1,9 +1,13 @@
 """Running qdesk's functions off the GUI thread: one small abstraction for every slow step.
 
-A `Job` wraps a plain function `work(progress, cancel) -> result`. `start_job` runs it on Qt's thread pool and
-delivers its progress reports, its result or its error on the GUI thread through Qt signals. Progress reports are
-coalesced: the GUI sees the latest one at most every `PROGRESS_INTERVAL_S`, so a chatty function cannot flood the
-event loop.
+A `Job` wraps a plain function `work(progress, cancel) -> result`. Views hand it to `AppContext.run`, the one
+entry point for background work, which lists it until it ends and cancels it when the window closes; `start_job`
+(called by `AppContext.run` only) runs it on Qt's thread pool and delivers its progress reports, its result or its
+error on the GUI thread through Qt signals. Progress reports are coalesced: the GUI sees the latest one at most
+every `PROGRESS_INTERVAL_S`, so a chatty function cannot flood the event loop.
+
+A failure reaches the view as a `JobFailure`: any `UserError` (llama.cpp's `NativeError` included) as its one
+sentence, a cancellation as such, anything else as one sentence with the traceback in the details.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ class Job(QObject):
     failed = Signal(object)  # JobFailure (cancellation included, with cancelled=True)
     ended = Signal()  # after succeeded or failed
 
-    def __init__(self, title: str, work: Work, parent: QObject | None = None) -> None:
+    def __init__(self, title: str, work: Work, parent: QObject | None = None, *, cancellable: bool = True) -> None:
         super().__init__(parent)
         self.title = title
         self.work = work
+        self.cancellable = cancellable
+        """False for work that must run to its end once queued (closing a model), shutdown included."""
         self.cancel_token = CancelToken()
         self.started_at: float | None = None
         self.last_progress: Progress | None = None
@@ -71,7 +77,8 @@ class Job(QObject):
         self._outcome.done.connect(self._finish)
 
     def cancel(self) -> None:
-        self.cancel_token.cancel()
+        if self.cancellable:
+            self.cancel_token.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -138,27 +145,12 @@ def job_pool() -> QThreadPool:
 
 
 def start_job(job: Job) -> Job:
-    """Run `job` on the thread pool; its signals fire on the GUI thread."""
+    """Run `job` on the thread pool; its signals fire on the GUI thread. Views call `AppContext.run` instead."""
     job.started_at = time.monotonic()
     job.running = True
     job._flush.start()
     job_pool().start(_Runner(job))
     return job
-
-
-def run_in_background(title: str, work: Work, *, parent: QObject | None = None,
-                      on_success: Callable[[Any], None] | None = None,
-                      on_failure: Callable[[JobFailure], None] | None = None,
-                      on_progress: Callable[[Progress], None] | None = None) -> Job:
-    """Make, connect and start a job in one call."""
-    job = Job(title, work, parent)
-    if on_success is not None:
-        job.succeeded.connect(on_success)
-    if on_failure is not None:
-        job.failed.connect(on_failure)
-    if on_progress is not None:
-        job.progressed.connect(on_progress)
-    return start_job(job)
 
 
 def wait_for_jobs(timeout_ms: int = 30_000) -> bool:

@@ -1,9 +1,8 @@
 """The size-vs-KLD chart, painted with QPainter from the same axes and label placement as the HTML report's SVG.
 
-The chart is drawn in the report's own coordinate system (`CHART_WIDTH` × `CHART_HEIGHT`, plot area `PLOT_*`),
-scaled uniformly into the widget, so `qdesk.evaluation.report.place_labels` keeps labels off points and each other
-here as
-it does on the page. Colours come from the widget's palette, so the chart reads in light and dark themes.
+The chart is drawn from `qdesk.evaluation.report_model.chart_layout`, in the report's own coordinate system
+(`CHART_WIDTH` × `CHART_HEIGHT`, plot area `PLOT_*`) scaled uniformly into the widget, so points and labels sit
+where they sit on the page. Colours come from the widget's palette, so the chart reads in light and dark themes.
 """
 
 from __future__ import annotations
@@ -16,25 +15,19 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QPainter, QPaintEvent, QPalette, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from qdesk.evaluation.report import (
+from qdesk.evaluation.report_model import (
     CHART_HEIGHT,
     CHART_WIDTH,
     PLOT_BOTTOM,
     PLOT_LEFT,
     PLOT_RIGHT,
     PLOT_TOP,
-    Axis,
-    _finite,
-    _is_decade,
-    _megabytes,
-    _short_names,
-    _significant,
-    _tick_label,
-    kld_axis,
-    place_labels,
-    size_axis,
+    ChartLayout,
+    ChartPoint,
+    chart_layout,
+    is_decade,
+    tick_label,
 )
-from qdesk.gui.evaluate_tables import plotted_candidates
 
 EMPTY_TEXT = "Run an evaluation to see each variant's file size against its divergence from the reference."
 
@@ -66,59 +59,6 @@ def chart_colours(palette: QPalette) -> ChartColours:
         deploy=QColor("#5fd08a" if dark else "#17803d"),
         investigate=QColor("#ffad5c" if dark else "#a94e00"),
     )
-
-
-@dataclass(frozen=True)
-class ChartPoint:
-    name: str
-    label: str
-    x: float
-    y: float
-    verdict: str
-    hollow: bool
-    tooltip: str
-
-
-@dataclass(frozen=True)
-class ChartLayout:
-    """Everything the chart draws, in report coordinates."""
-
-    x_axis: Axis
-    y_axis: Axis
-    points: tuple[ChartPoint, ...]
-    labels: tuple[tuple[float, float, str], ...]
-    reference_x: float | None
-
-    def x_pixel(self, megabytes: float) -> float:
-        return PLOT_LEFT + self.x_axis.fraction(megabytes) * (PLOT_RIGHT - PLOT_LEFT)
-
-    def y_pixel(self, kld: float) -> float:
-        return PLOT_BOTTOM - self.y_axis.fraction(kld) * (PLOT_BOTTOM - PLOT_TOP)
-
-
-def chart_layout(report: Mapping[str, Any]) -> ChartLayout | None:
-    """Axes, points and label positions for the report's candidates; None when no candidate has a KLD."""
-    candidates = plotted_candidates(report)
-    if not candidates:
-        return None
-    names = _short_names(report)
-    reference_bytes = _finite((report.get("reference") or {}).get("bytes"))
-    sizes = [c["bytes"] / 1e6 for c in candidates]
-    klds = [max(0.0, float(c["kld_mean"])) for c in candidates]
-    x_axis = size_axis([*sizes, *([reference_bytes / 1e6] if reference_bytes else [])])
-    y_axis = kld_axis(klds)
-    layout = ChartLayout(x_axis, y_axis, (), (), None)
-    points = []
-    for candidate, size, kld in zip(candidates, sizes, klds, strict=True):
-        hollow = kld == 0 and y_axis.log
-        label = str(names.get(candidate.get("name"), candidate.get("name"))) + (" (KLD 0)" if hollow else "")
-        verdict = str((candidate.get("tasks") or {}).get("recommendation") or "none")
-        tooltip = f"{candidate.get('name')}: {_megabytes(size * 1e6)} MB, mean KLD {_significant(kld)} nats"
-        points.append(ChartPoint(str(candidate.get("name")), label, layout.x_pixel(size), layout.y_pixel(kld),
-                                 verdict, hollow, tooltip))
-    labels = place_labels([(p.x, p.y) for p in points], [p.label for p in points])
-    reference_x = layout.x_pixel(reference_bytes / 1e6) if reference_bytes else None
-    return ChartLayout(x_axis, y_axis, tuple(points), tuple(labels), reference_x)
 
 
 class SizeKldChart(QWidget):
@@ -180,14 +120,14 @@ class SizeKldChart(QWidget):
             painter.setPen(QPen(colours.grid, 1))
             painter.drawLine(QPointF(x, PLOT_TOP), QPointF(x, PLOT_BOTTOM))
             painter.setPen(colours.muted)
-            _text(painter, x, PLOT_BOTTOM + 18, _tick_label(tick), "middle")
+            _text(painter, x, PLOT_BOTTOM + 18, tick_label(tick), "middle")
         for tick in layout.y_axis.ticks:
             y = layout.y_pixel(tick)
-            minor = layout.y_axis.log and not _is_decade(tick)
+            minor = layout.y_axis.log and not is_decade(tick)
             painter.setPen(QPen(colours.grid, 1, Qt.PenStyle.DotLine if minor else Qt.PenStyle.SolidLine))
             painter.drawLine(QPointF(PLOT_LEFT, y), QPointF(PLOT_RIGHT, y))
             painter.setPen(colours.muted)
-            _text(painter, PLOT_LEFT - 8, y + 4, _tick_label(tick), "end")
+            _text(painter, PLOT_LEFT - 8, y + 4, tick_label(tick), "end")
         painter.setPen(QPen(colours.muted, 1))
         painter.setBrush(Qt.BrushStyle.NoBrush)
         painter.drawRect(QRectF(PLOT_LEFT, PLOT_TOP, PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP))
@@ -209,7 +149,7 @@ class SizeKldChart(QWidget):
     @staticmethod
     def _paint_points(painter: QPainter, layout: ChartLayout, colours: ChartColours) -> None:
         fills = {"deploy": colours.deploy, "investigate": colours.investigate}
-        for point, (lx, ly, anchor) in zip(layout.points, layout.labels, strict=True):
+        for point in layout.points:
             fill = fills.get(point.verdict, colours.point)
             if point.hollow:
                 painter.setPen(QPen(fill, 2))
@@ -223,7 +163,7 @@ class SizeKldChart(QWidget):
             font = painter.font()
             painter.setFont(bold)
             painter.setPen(colours.text)
-            _text(painter, lx, ly, point.label, anchor)
+            _text(painter, point.label_x, point.label_y, point.label, point.label_anchor)
             painter.setFont(font)
 
     @staticmethod
@@ -237,8 +177,7 @@ class SizeKldChart(QWidget):
         painter.save()
         painter.translate(16, (PLOT_TOP + PLOT_BOTTOM) / 2)
         painter.rotate(-90)
-        y_title = "mean KLD vs reference (nats" + (", log scale)" if layout.y_axis.log else ")")
-        _text(painter, 0, 0, y_title, "middle")
+        _text(painter, 0, 0, layout.drift_title, "middle")
         painter.restore()
         painter.setFont(font)
 

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QTextCursor, QTextDocument
 from PySide6.QtWidgets import (
+    QApplication,
     QComboBox,
     QFrame,
     QHBoxLayout,
@@ -21,16 +23,23 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.units import format_size
+from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
+from qdesk.chat.load_settings import ModelLoadSettings
+from qdesk.chat.markdown import CODE_LINK, render_answer
+from qdesk.gui.background import Job, JobFailure
+from qdesk.gui.compare_load import LoadPanel
 from qdesk.gui.compare_runner import PaneRunner
 from qdesk.gui.compare_settings import SamplingEditor
-from qdesk.gui.feedback import format_bytes
+from qdesk.gui.elided_label import ElidedLabel
 from qdesk.gui.theme import is_dark
 from qdesk.library.store import LibraryEntry
 
 NO_MODEL = "Choose a model…"
 LIGHT_HIGHLIGHT, DARK_HIGHLIGHT = "#ffe58f", "#7a5c00"
+"""Behind the part of an answer that leaves the first pane's: pale yellow under dark text, dark amber under light."""
 
 
 @dataclass(frozen=True)
@@ -43,43 +52,75 @@ class TranscriptEntry:
     """Where `text` leaves the first pane's answer: `text[diverge_at:]` is highlighted."""
     note: str = ""
     streaming: bool = False
+    turn: int = -1
+    """The turn's index in the conversation (-1: not one of its turns; no actions then)."""
 
 
-def transcript_html(entries: Sequence[TranscriptEntry], highlight: str) -> str:
+ACTIONS = ("edit", "delete", "regenerate", "copy-answer")
+"""Links under each turn: the prompt's Edit and Delete, the answer's Copy and Regenerate."""
+_LINK_STYLE = "text-decoration: none;"
+
+
+def _links(*pairs: tuple[str, str]) -> str:
+    return " · ".join(f'<a style="{_LINK_STYLE}" href="{href}">{html.escape(text)}</a>' for text, href in pairs)
+
+
+def transcript_html(entries: Sequence[TranscriptEntry], highlight: str, *, dark: bool = False,
+                    actions: bool = True, block_offset: int = 0) -> tuple[str, tuple[str, ...]]:
+    """The transcript as HTML (answers rendered as Markdown, `qdesk.chat.markdown`) and every code block's text
+    (their "Copy code" links count from `block_offset`)."""
     parts = ["<html><body>"]
+    blocks: list[str] = []
     for entry in entries:
+        tools = (f'<small>&nbsp;&nbsp;{_links(("Edit", f"edit:{entry.turn}"), ("Delete", f"delete:{entry.turn}"))}'
+                 "</small>" if actions and entry.turn >= 0 and not entry.streaming else "")
         parts.append(f'<p style="white-space: pre-wrap; margin-bottom: 2px;"><b>You:</b> {html.escape(entry.prompt)}'
-                     "</p>")
-        text = entry.text
-        if entry.diverge_at is not None and entry.diverge_at < len(text):
-            body = (html.escape(text[:entry.diverge_at]) + f'<span style="background-color: {highlight};">'
-                    + html.escape(text[entry.diverge_at:]) + "</span>")
-        else:
-            body = html.escape(text)
-        if entry.streaming:
-            body += "▍"
-        parts.append(f'<p style="white-space: pre-wrap; margin-top: 2px;">{body}</p>')
+                     f"{tools}</p>")
+        text = entry.text + ("▍" if entry.streaming else "")
+        rendered = render_answer(text, diverge_at=entry.diverge_at, highlight=highlight, dark=dark,
+                                 block_offset=block_offset + len(blocks), colour_code=not entry.streaming)
+        blocks += rendered.code_blocks
+        parts.append(rendered.html)
         if entry.note:
             parts.append(f'<p style="margin-top: 0px;"><i><small>{html.escape(entry.note)}</small></i></p>')
+        if actions and entry.turn >= 0 and not entry.streaming and entry.text:
+            links = _links(("Copy answer", f"copy-answer:{entry.turn}"), ("Regenerate", f"regenerate:{entry.turn}"))
+            parts.append(f'<p style="margin-top: 0px;"><small>{links}</small></p>')
     parts.append("</body></html>")
-    return "".join(parts)
+    return "".join(parts), tuple(blocks)
 
 
 def facts_text(file_type: str | None, size: int | None, stats: GenerationStats | None,
                divergence: Divergence | None, *, first: bool, answered: bool) -> str:
-    """"Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs from token 5"."""
-    parts: list[str] = [file_type or "", format_bytes(size) if size is not None else "file missing"]
+    """"Q4_K_M · 105 MB · 48.1 tokens/s · first token 0.21 s · memory 230 MB · differs from pane 1 after 5 tokens"."""
+    parts: list[str] = [file_type or "", format_size(size) if size is not None else "file missing"]
     if stats is not None:
         parts += [f"{stats.tokens_per_second:.1f} tokens/s", f"first token {stats.time_to_first_token_s:.2f} s"]
         if stats.memory_bytes:
-            parts.append(f"memory {format_bytes(stats.memory_bytes)}")
+            parts.append(f"memory {format_size(stats.memory_bytes)}")
     if not first and answered:
-        parts.append("same as pane 1" if divergence is None else f"differs from token {divergence.token_index}")
+        parts.append("same as pane 1" if divergence is None else _differs(divergence.token_index))
     return " · ".join(part for part in parts if part)
+
+
+def _differs(token_index: int) -> str:
+    """Where an answer leaves pane 1's, in words: tokens are the pieces of text the model writes one at a time."""
+    if token_index == 0:
+        return "differs from pane 1 from the start"
+    return f"differs from pane 1 after {token_index} token{'s' if token_index != 1 else ''}"
+
+
+FACTS_TIP = ("Type and size of the model file; for the last answer, its speed (tokens per second; a token is a word "
+             "or a piece of one), the time to its first token, the memory of the model's process, and where it "
+             "first differs from pane 1's answer (the first divergent token; the rest is highlighted).")
 
 
 class ComparePane(QFrame):
     model_chosen = Signal(object)  # Path | None, chosen by the user
+    turn_action = Signal(str, int)  # "edit", "delete" or "regenerate", and the turn's index
+    copied = Signal(str)  # "code" or "answer": put on the clipboard
+    load_applied = Signal(object)  # ModelLoadSettings from the load panel's Apply
+    unload_requested = Signal()
     settings_edited = Signal()  # own settings switched on or off, or edited
     remove_requested = Signal()
     retry_requested = Signal()
@@ -87,6 +128,13 @@ class ComparePane(QFrame):
     def __init__(self, runner: PaneRunner, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.runner = runner
+        self._shown: tuple[TranscriptEntry, ...] = ()
+        self._head: tuple[tuple[TranscriptEntry, ...], bool] | None = None
+        """The entries before the last, as the document holds them (see `show_transcript`), and the theme."""
+        self._head_blocks: tuple[str, ...] = ()
+        self._tail_start = 0
+        self._logged: JobFailure | None = None
+        self._log: Path | None = None
         self.setObjectName("comparePane")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.setMinimumWidth(220)
@@ -105,6 +153,12 @@ class ComparePane(QFrame):
         self.own_settings.setCheckable(True)
         self.own_settings.setToolTip("Give this pane its own system prompt and sampling settings instead of the "
                                      "shared ones")
+        self.load_settings = QToolButton()
+        self.load_settings.setObjectName("paneLoadButton")
+        self.load_settings.setText("Load…")
+        self.load_settings.setCheckable(True)
+        self.load_settings.setToolTip("How this model file is loaded (context length, GPU layers, KV cache, threads) "
+                                      "and what that costs in memory; Unload")
         self.remove_button = QToolButton()
         self.remove_button.setObjectName("removePane")
         self.remove_button.setText("✕")
@@ -114,27 +168,31 @@ class ComparePane(QFrame):
         header.addWidget(self.title)
         header.addWidget(self.model_box, 1)
         header.addWidget(self.own_settings)
+        header.addWidget(self.load_settings)
         header.addWidget(self.remove_button)
 
-        self.facts = QLabel()
+        self.facts = ElidedLabel(explanation=FACTS_TIP)  # one line in every pane, so the transcripts line up
         self.facts.setObjectName("paneFacts")
-        self.facts.setWordWrap(True)
         self.facts.setProperty("role", "hint")
-        self.status = QLabel()
+        self.status = ElidedLabel()
         self.status.setObjectName("paneStatus")
-        self.status.setWordWrap(True)
         self.retry_button = QPushButton("Retry")
         self.retry_button.setObjectName("paneRetry")
         status_row = QHBoxLayout()
         status_row.addWidget(self.status, 1)
         status_row.addWidget(self.retry_button)
 
+        self._load_panel: LoadPanel | None = None  # made when first shown (Load…): most panes never need it
+        self._load_shown: tuple[Path | None, ModelLoadSettings, int] = (None, ModelLoadSettings(), 0)
+        self._editable = True
         self.override = SamplingEditor("pane", mnemonics=False, stacked=True)
         self.override.setObjectName("paneSettings")
         self.override.setVisible(False)
         self.transcript = QTextBrowser()
         self.transcript.setObjectName("paneTranscript")
         self.transcript.setOpenLinks(False)
+        self.transcript.anchorClicked.connect(self._link_clicked)
+        self.code_blocks: tuple[str, ...] = ()
         self.transcript.setPlaceholderText("Answers appear here.")
 
         column = QVBoxLayout(self)
@@ -142,12 +200,14 @@ class ComparePane(QFrame):
         column.addLayout(header)
         column.addWidget(self.facts)
         column.addLayout(status_row)
+        self._column = column
         column.addWidget(self.override)
         column.addWidget(self.transcript, 1)
 
         self.model_box.addItem(NO_MODEL, "")
         self.model_box.activated.connect(self._model_activated)
         self.own_settings.toggled.connect(self._own_settings_toggled)
+        self.load_settings.toggled.connect(lambda shown: self.load_panel.setVisible(shown))
         self.override.changed.connect(self.settings_edited)
         self.remove_button.clicked.connect(self.remove_requested)
         self.retry_button.clicked.connect(self.retry_requested)
@@ -186,6 +246,28 @@ class ComparePane(QFrame):
         data = self.model_box.itemData(index)
         self.model_chosen.emit(Path(data) if data else None)
 
+    # --- load settings ---
+
+    @property
+    def load_panel(self) -> LoadPanel:
+        """The load settings panel, made on first use, under the header."""
+        if self._load_panel is None:
+            panel = LoadPanel(self.runner.context)
+            panel.setVisible(False)
+            panel.applied.connect(self.load_applied)
+            panel.unload_requested.connect(self.unload_requested)
+            panel.apply_button.setEnabled(self._editable)
+            panel.unload_button.setEnabled(self._editable)
+            self._column.insertWidget(self._column.indexOf(self.override), panel)
+            self._load_panel = panel
+            panel.show_model(*self._load_shown)
+        return self._load_panel
+
+    def show_load_settings(self, path: Path | None, settings: ModelLoadSettings, default_gpu_layers: int) -> None:
+        self._load_shown = (path, settings, default_gpu_layers)
+        if self._load_panel is not None:
+            self._load_panel.show_model(path, settings, default_gpu_layers)
+
     # --- own settings ---
 
     def _own_settings_toggled(self, checked: bool) -> None:
@@ -217,24 +299,97 @@ class ComparePane(QFrame):
             text = "Answering…"
         elif runner.model is not None:
             text = "Ready."
+        elif runner.unloaded:
+            text = "Unloaded; it loads again when you send a prompt."
         else:
             text = "Loads when you send a prompt."
         self.status.setText(text)
         self.status.setProperty("role", "error" if failure is not None else "hint")
-        self.status.setToolTip(failure.details[-2000:] if failure is not None and failure.details else "")
+        if failure is not None and failure.details and failure is not self._logged:
+            self._logged, self._log = failure, log_failure(failure.sentence, failure.details)
+        log = self._log if failure is not None and failure is self._logged else None
+        self.status.setToolTip(text + (f"\n\nThe details are in qdesk's log ({log})." if log else ""))
         self.status.style().unpolish(self.status)
         self.status.style().polish(self.status)
         self.retry_button.setVisible(failure is not None)
 
     def show_transcript(self, entries: Sequence[TranscriptEntry]) -> None:
+        """Show `entries`. While an answer streams only the last entry changes, so the turns before it stay in the
+        document and only the last is replaced: Qt's HTML parsing then costs one answer, not the conversation."""
+        self._shown = tuple(entries)
         bar = self.transcript.verticalScrollBar()
         at_end = bar.value() >= bar.maximum() - 4
-        self.transcript.setHtml(transcript_html(entries, DARK_HIGHLIGHT if is_dark() else LIGHT_HIGHLIGHT))
+        dark = is_dark()
+        highlight = DARK_HIGHLIGHT if dark else LIGHT_HIGHLIGHT
+        head, tail = self._shown[:-1], self._shown[-1:]
+        document = self.transcript.document()
+        kept = self._head[0] if self._head is not None and self._head[1] == dark else None
+        if kept is not None and head != kept and head[:len(kept)] == kept:
+            added, added_blocks = transcript_html(head[len(kept):], highlight, dark=dark,
+                                                  block_offset=len(self._head_blocks))
+            self._cut_tail(document).insertHtml(added)  # an answer finished: it joins the turns that stay
+            self._head, self._head_blocks = (head, dark), self._head_blocks + added_blocks
+            self._tail_start = document.characterCount() - 1
+        elif head != kept:
+            page, self._head_blocks = transcript_html(head, highlight, dark=dark)
+            self.transcript.setHtml(page if head else "")
+            self._head = (head, dark)
+            self._tail_start = document.characterCount() - 1
+        cursor = self._cut_tail(document)
+        page, tail_blocks = transcript_html(tail, highlight, dark=dark, block_offset=len(self._head_blocks))
+        if tail:
+            cursor.insertHtml(page)
+        self.code_blocks = self._head_blocks + tail_blocks
         if at_end:
             bar.setValue(bar.maximum())
+
+    def _cut_tail(self, document: QTextDocument) -> QTextCursor:
+        """Remove what follows the kept turns; the cursor stands where it was."""
+        cursor = QTextCursor(document)
+        cursor.setPosition(min(self._tail_start, document.characterCount() - 1))
+        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        return cursor
+
+    def warm_up(self) -> None:
+        """Load the Markdown and code colouring libraries off the GUI thread, before the first answer needs them."""
+        dark = is_dark()
+        self.runner.context.run(Job("Preparing the answer renderer", lambda _progress, _cancel: render_answer(
+            "```python\nprint(1)\n```", dark=dark), self))
+
+    def _link_clicked(self, url: QUrl) -> None:
+        """Copy a code block or an answer here; edits, deletions and regenerations go to the view."""
+        link = url.toString()
+        kind, _, argument = link.partition(":")
+        if kind in ("http", "https"):
+            QDesktopServices.openUrl(url)
+            return
+        if not argument.lstrip("-").isdigit():
+            return
+        number = int(argument)
+        if kind + ":" == CODE_LINK and 0 <= number < len(self.code_blocks):
+            QApplication.clipboard().setText(self.code_blocks[number])
+            self.copied.emit("code")
+        elif kind == "copy-answer":
+            entry = next((entry for entry in self._shown if entry.turn == number), None)
+            if entry is not None:
+                QApplication.clipboard().setText(entry.text)
+                self.copied.emit("answer")
+        elif kind in ACTIONS:
+            self.turn_action.emit(kind, number)
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and self._shown:
+            self._head = None
+            self.show_transcript(self._shown)  # the highlight's colours follow the theme
 
     def set_editable(self, editable: bool) -> None:
         """While answering, the model and the settings stay as they are."""
         self.model_box.setEnabled(editable)
         self.own_settings.setEnabled(editable)
+        self._editable = editable
+        if self._load_panel is not None:
+            self._load_panel.apply_button.setEnabled(editable)
+            self._load_panel.unload_button.setEnabled(editable)
         self.override.setEnabled(editable)

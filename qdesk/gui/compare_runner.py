@@ -18,7 +18,7 @@ from PySide6.QtCore import QObject, Signal
 from converters.core.errors import Cancelled
 from converters.core.jobs import CancelToken
 from qdesk.chat.engine import ChatResult, LoadedModel, LoadOptions, Message, SamplingOptions, TokenEvent, load_model
-from qdesk.gui.background import Job, JobFailure, start_job
+from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 
 
@@ -54,6 +54,8 @@ class PaneRunner(QObject):
         self._pieces: list[str] = []
         self._delivery_pending = False
         self._generation = 0
+        self.unloaded = False
+        """Unloaded by the user: it stays unloaded until a prompt is sent (or it is bound anew)."""
         self._tokens_waiting.connect(self._deliver)
 
     # --- what the pane shows ---
@@ -80,11 +82,28 @@ class PaneRunner(QObject):
         self.release()
         self.path = path
         self.load_failure = None
+        self.unloaded = False
+        self.state_changed.emit()
+
+    def unload(self) -> None:
+        """Free the model's memory (its worker process ends); the next prompt loads it again."""
+        self.release()
+        self.load_failure = None
+        self.unloaded = True
+        self.state_changed.emit()
+
+    def reload(self, options: LoadOptions) -> None:
+        """Load the bound model again with `options` (new load settings)."""
+        self.release()
+        self.load_failure = None
+        self.unloaded = False
+        self.ensure_loaded(options)
         self.state_changed.emit()
 
     def ensure_loaded(self, options: LoadOptions) -> None:
         """Start loading the bound model unless it is loaded, loading, or failed to load (see `retry`)."""
-        if self.path is None or self.model is not None or self._load_job is not None or self.load_failure is not None:
+        if (self.path is None or self.model is not None or self._load_job is not None or self.load_failure is not None
+                or self.unloaded):
             return
         path = self.path
 
@@ -144,6 +163,7 @@ class PaneRunner(QObject):
             self.model = None
         if self.model is None:
             self.load_failure = None
+            self.unloaded = False
             self._request = request
             self.ensure_loaded(options)
             self.state_changed.emit()
@@ -236,7 +256,7 @@ class PaneRunner(QObject):
             model.stop()
             model.close()
 
-        job = Job(f"Closing {model.path.name}", work)
+        job = Job(f"Closing {model.path.name}", work, cancellable=False)
         self._closers.add(job)
         job.ended.connect(lambda job=job: self._closers.discard(job))
-        start_job(job)
+        self.context.run(job)

@@ -1,4 +1,5 @@
-"""The Compare section: 2 to 4 panes side by side, each bound to a model, one prompt box sending to all of them.
+"""The Compare section: 1 to 4 panes side by side, each bound to a model, one prompt box sending to all of them (one
+pane is a plain chat), and the list of saved conversations beside them.
 
 Answers stream into every pane at once; where a pane's answer leaves the first pane's, the rest of it is
 highlighted. The conversation (`qdesk.chat.conversations`) is saved after every turn and reopened from the
@@ -18,10 +19,12 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QKeySequence, QShortcut, QShowEvent
 from PySide6.QtWidgets import (
+    QApplication,
     QFileDialog,
     QHBoxLayout,
     QLabel,
-    QMenu,
+    QMainWindow,
+    QMessageBox,
     QPushButton,
     QSplitter,
     QVBoxLayout,
@@ -30,7 +33,7 @@ from PySide6.QtWidgets import (
 
 from converters.core.errors import UserError
 from qdesk.app.settings import Settings
-from qdesk.chat.compare import MAX_VARIANTS, fits_together
+from qdesk.chat.compare import MAX_VARIANTS, RANDOM_SEED, SEED_LIMIT, deterministic, fits_together, turn_seed
 from qdesk.chat.conversations import (
     Answer,
     Conversation,
@@ -42,23 +45,26 @@ from qdesk.chat.conversations import (
     new_conversation,
 )
 from qdesk.chat.engine import ChatResult, LoadOptions, SamplingOptions
-from qdesk.gui.background import JobFailure, run_in_background
+from qdesk.chat.load_settings import LoadSettingsStore, ModelLoadSettings
+from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.compare_pane import ComparePane, TranscriptEntry, facts_text
 from qdesk.gui.compare_prompt import PromptBox
 from qdesk.gui.compare_runner import PaneRunner
-from qdesk.gui.compare_settings import SEED_LIMIT, SamplingEditor
+from qdesk.gui.compare_settings import SamplingEditor
+from qdesk.gui.compare_sidebar import ConversationList
 from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
 from qdesk.library.info import read_model_info
 from qdesk.library.store import LibraryEntry
 
-MIN_PANES = 2
+MIN_PANES = 1
+"""One pane is a plain chat; Compare is the same thing with more panes."""
+INITIAL_PANES = 2
 MAX_PANES = MAX_VARIANTS
-CHAT_CONTEXT = 4096
-"""Tokens of context each pane's model is loaded with: room for a few turns of conversation."""
+WARM_UP_MS = 3000
+"""After the window is up, the answer renderer's libraries are loaded in the background."""
 RENDER_INTERVAL_MS = 40
 """Streamed text is drawn at most this often, however fast the models answer."""
-MENU_CONVERSATIONS = 30
 STATE_PANES, STATE_CONVERSATION, STATE_SPLITTER = "compare/panes", "compare/conversation", "compare/splitter"
 
 
@@ -67,8 +73,10 @@ class CompareView(QWidget):
         super().__init__()
         self.context = context
         self.store = ConversationStore()
+        self.load_store = LoadSettingsStore()
         settings = context.settings
-        self.conversation: Conversation = new_conversation(system=settings.system_prompt, sampling=settings.sampling)
+        self.conversation: Conversation = new_conversation(system=settings.system_prompt,
+                                                           sampling=deterministic(settings.sampling))
         self.panes: list[ComparePane] = []
         self._retired: list[PaneRunner] = []
         self._entries: list[LibraryEntry] = []
@@ -78,6 +86,8 @@ class CompareView(QWidget):
         self._running: set[ComparePane] = set()
         self._turn_index: int | None = None
         self._panes_restored = False
+        self._editing: int | None = None
+        """The turn whose prompt is being edited in the prompt box (see `edit_turn`)."""
         self._defaults_offered = False
         self._library_job: object | None = None
         self._library_again = False
@@ -91,9 +101,11 @@ class CompareView(QWidget):
         self.new_button.setObjectName("newConversation")
         self.history_button = QPushButton("&Conversations")
         self.history_button.setObjectName("conversationsButton")
-        self.history_menu = QMenu(self.history_button)
-        self.history_menu.setObjectName("conversationsMenu")
-        self.history_button.setMenu(self.history_menu)
+        self.history_button.setCheckable(True)
+        self.history_button.setChecked(True)
+        self.history_button.setToolTip("Show or hide the list of saved conversations")
+        self.sidebar = ConversationList()
+        self.sidebar.setMinimumWidth(160)
         self.export_button = QPushButton("E&xport…")
         self.export_button.setObjectName("exportConversation")
         self.export_button.setToolTip("Save this conversation as Markdown or JSON")
@@ -107,6 +119,7 @@ class CompareView(QWidget):
 
         self.shared = SamplingEditor("shared")
         self.shared.setObjectName("sharedSettings")
+        self.shared.set_free_temperature(settings.sampling.temperature)
         self.shared.set_values(self.conversation.sampling, self.conversation.system)
         shared_label = QLabel("Shared:")
         shared_label.setToolTip("System prompt and sampling settings for every pane without its own")
@@ -140,19 +153,31 @@ class CompareView(QWidget):
         self.regenerate_button.setToolTip("Ask the last prompt again (with a new seed when sampling is random)")
         buttons = QVBoxLayout()
         for button in (self.send_button, self.stop_button, self.regenerate_button):
+            button.setFocusPolicy(Qt.FocusPolicy.TabFocus)  # a click leaves the focus in the prompt box
             buttons.addWidget(button)
         buttons.addStretch(1)
         prompt_row = QHBoxLayout()
         prompt_row.addWidget(self.prompt, 1)
         prompt_row.addLayout(buttons)
 
-        column = QVBoxLayout(self)
+        main = QWidget()
+        column = QVBoxLayout(main)
+        column.setContentsMargins(0, 0, 0, 0)
         column.addLayout(top)
         column.addLayout(shared_row)
         column.addWidget(self.memory_warning)
         column.addWidget(self.splitter, 1)
         column.addWidget(self.notice)
         column.addLayout(prompt_row)
+        self.outer = QSplitter(Qt.Orientation.Horizontal)
+        self.outer.setObjectName("compareOuterSplitter")
+        self.outer.setChildrenCollapsible(False)
+        self.outer.addWidget(self.sidebar)
+        self.outer.addWidget(main)
+        self.outer.setStretchFactor(1, 1)
+        self.outer.setSizes([220, 1000])
+        outer_layout = QHBoxLayout(self)
+        outer_layout.addWidget(self.outer)
         self.setFocusProxy(self.prompt)
 
         self._render_timer = QTimer(self)
@@ -161,7 +186,11 @@ class CompareView(QWidget):
         self._render_timer.timeout.connect(self._render)
 
         self.new_button.clicked.connect(self.new_conversation)
-        self.history_menu.aboutToShow.connect(self._fill_history_menu)
+        self.history_button.toggled.connect(self.sidebar.setVisible)
+        self.sidebar.open_requested.connect(self.open_conversation)
+        self.sidebar.rename_requested.connect(self.rename_conversation)
+        self.sidebar.delete_requested.connect(self.delete_conversation)
+        self.sidebar.search_changed.connect(lambda _text: self.refresh_list())
         self.export_button.clicked.connect(self.export_dialog)
         self.add_button.clicked.connect(lambda: self.add_pane())
         self.shared.changed.connect(self._shared_settings_edited)
@@ -173,15 +202,24 @@ class CompareView(QWidget):
         escape = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
         escape.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
         escape.activated.connect(self.stop_all)
+        new = QShortcut(QKeySequence(QKeySequence.StandardKey.New), self)
+        new.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        new.activated.connect(self.new_conversation)
         context.library_changed.connect(self.refresh_library)
         context.open_in_compare.connect(self.open_models)
         context.settings_changed.connect(self._settings_changed)
 
-        for _ in range(MIN_PANES):
+        for _ in range(INITIAL_PANES):
             self._make_pane()
             self.conversation.add_pane()
         self._after_panes_changed()
         self.refresh_library()
+        self.confirm_box: QMessageBox | None = None
+        self.refresh_list()
+        self._warm_up = QTimer(self)  # owned by the view: it goes when the view goes
+        self._warm_up.setSingleShot(True)
+        self._warm_up.timeout.connect(lambda: self.panes[0].warm_up() if self.panes else None)
+        self._warm_up.start(WARM_UP_MS)
 
     # --- hooks the main window calls ---
 
@@ -197,6 +235,8 @@ class CompareView(QWidget):
         state.setValue(STATE_PANES, json.dumps([_path_text(pane.runner.path) for pane in self.panes]))
         state.setValue(STATE_CONVERSATION, self.conversation.id if self.conversation.turns else "")
         state.setValue(STATE_SPLITTER, self.splitter.saveState())
+        state.setValue("compare/list", self.history_button.isChecked())
+        state.setValue("compare/outer", self.outer.saveState())
 
     def restore_state(self, state: QSettings) -> None:
         identifier = str(state.value(STATE_CONVERSATION, "") or "")
@@ -217,6 +257,11 @@ class CompareView(QWidget):
         splitter = state.value(STATE_SPLITTER)
         if splitter is not None:
             self.splitter.restoreState(splitter)
+        outer = state.value("compare/outer")
+        if outer is not None:
+            self.outer.restoreState(outer)
+        self.history_button.setChecked(str(state.value("compare/list", True)).lower() in ("true", "1"))
+        self.refresh_list()
 
     def shutdown(self) -> None:
         for pane in list(self._running):
@@ -259,10 +304,11 @@ class CompareView(QWidget):
         self.conversation.panes[index].model = path
         pane.runner.bind(path)
         pane.show_model(path)
+        pane.show_load_settings(path, self._load_settings(path), self.context.settings.gpu_layers)
         self._check_memory()
         self._update_facts()
         if path is not None and self.isVisible():
-            pane.runner.ensure_loaded(self._load_options())
+            pane.runner.ensure_loaded(self._load_options(pane))
 
     def open_models(self, paths: list[Path]) -> None:
         """Bind the panes to `paths` (context.open_in_compare); a conversation already under way is kept in the list
@@ -293,7 +339,11 @@ class CompareView(QWidget):
         pane.model_chosen.connect(lambda path, pane=pane: self.bind_pane(pane, path))
         pane.settings_edited.connect(lambda pane=pane: self._pane_settings_edited(pane))
         pane.remove_requested.connect(lambda pane=pane: self.remove_pane(pane))
-        pane.retry_requested.connect(lambda pane=pane: pane.runner.retry(self._load_options()))
+        pane.turn_action.connect(lambda kind, turn, pane=pane: self.turn_action(pane, kind, turn))
+        pane.copied.connect(lambda what: self._say(f"Copied the {what}."))
+        pane.retry_requested.connect(lambda pane=pane: pane.runner.retry(self._load_options(pane)))
+        pane.load_applied.connect(lambda settings, pane=pane: self.apply_load_settings(pane, settings))
+        pane.unload_requested.connect(lambda pane=pane: self.unload(pane))
         self.panes.append(pane)
         self.splitter.addWidget(pane)
         return pane
@@ -340,22 +390,49 @@ class CompareView(QWidget):
         chain: list[QWidget] = [self.new_button, self.history_button, self.export_button, self.add_button,
                                 *self.shared.fields()]
         for pane in self.panes:
-            chain += [pane.model_box, pane.own_settings, *pane.override.fields(), pane.remove_button,
-                      pane.transcript]
+            chain += [pane.model_box, pane.own_settings, pane.load_settings, *pane.override.fields(),
+                      pane.remove_button, pane.transcript]
         chain += [self.prompt, self.send_button, self.stop_button, self.regenerate_button]
         for before, after in itertools.pairwise(chain):
             QWidget.setTabOrder(before, after)
 
     def _load_bound(self) -> None:
-        options = self._load_options()
         for pane in self.panes:
-            pane.runner.ensure_loaded(options)
+            pane.runner.ensure_loaded(self._load_options(pane))
 
-    def _load_options(self) -> LoadOptions:
+    def _load_settings(self, path: Path | None) -> ModelLoadSettings:
+        return self.load_store.get(path) if path is not None else ModelLoadSettings()
+
+    def _load_options(self, pane: ComparePane) -> LoadOptions:
+        """How `pane`'s model loads: its file's own load settings, the app's Settings where they defer to them."""
         settings = self.context.settings
-        bound = max(1, sum(pane.runner.path is not None for pane in self.panes))
+        bound = max(1, sum(other.runner.path is not None for other in self.panes))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // bound)
-        return LoadOptions(n_ctx=CHAT_CONTEXT, n_threads=threads, n_gpu_layers=settings.gpu_layers)
+        return self._load_settings(pane.runner.path).options(default_threads=threads,
+                                                              default_gpu_layers=settings.gpu_layers)
+
+    def apply_load_settings(self, pane: ComparePane, settings: ModelLoadSettings) -> None:
+        """Remember `settings` for the pane's model file and reload it with them (every pane on that file)."""
+        path = pane.runner.path
+        if path is None or self.busy:
+            return
+        try:
+            self.load_store.set(path, settings)
+        except UserError as error:
+            self._show_notice(str(error))
+            return
+        for other in self.panes:
+            if other.runner.path == path:
+                other.show_load_settings(path, settings, self.context.settings.gpu_layers)
+                if other.runner.model is not None or other.runner.loading or self.isVisible():
+                    other.runner.reload(self._load_options(other))
+
+    def unload(self, pane: ComparePane) -> None:
+        """Free the pane's model now; it loads again with the next prompt."""
+        if pane in self._running:
+            return
+        pane.runner.unload()
+        self._check_memory()
 
     def _check_memory(self) -> None:
         paths = [pane.runner.path for pane in self.panes if pane.runner.path is not None]
@@ -380,8 +457,10 @@ class CompareView(QWidget):
         def work(_progress: object, _cancel: object) -> tuple[LibraryEntry | None, list[LibraryEntry]]:
             return library.ensure_starter(), library.entries()
 
-        self._library_job = run_in_background("Reading the library", work, parent=self,
-                                              on_success=self._library_read, on_failure=self._library_failed)
+        self._library_job = Job("Reading the library", work, self)
+        self._library_job.succeeded.connect(self._library_read)
+        self._library_job.failed.connect(self._library_failed)
+        self.context.run(self._library_job)
 
     def _library_read(self, found: tuple[LibraryEntry | None, list[LibraryEntry]]) -> None:
         starter, entries = found
@@ -422,7 +501,10 @@ class CompareView(QWidget):
     def _settings_changed(self, settings: Settings) -> None:
         if self.conversation.turns or self.busy:
             return  # a conversation under way keeps the settings it started with
+        self.shared.set_free_temperature(settings.sampling.temperature)
         sampling, system = settings.sampling, settings.system_prompt
+        if not self.shared.free_sampling:
+            sampling = deterministic(sampling)
         self.conversation.sampling, self.conversation.system = sampling, system
         self.shared.set_values(sampling, system)
 
@@ -447,16 +529,71 @@ class CompareView(QWidget):
         return targets
 
     def send(self) -> None:
-        """Send the prompt box's text to every pane with a model."""
+        """Send the prompt box's text to every pane with a model (in place of the prompt being edited, if any)."""
         prompt = self.prompt.toPlainText().strip()
         if self.busy or not prompt:
             return
         targets = self._panes_with_models()
         if not targets:
             return
-        self.conversation.add_turn(prompt)
+        if self._editing is not None and self._editing < len(self.conversation.turns):
+            self.conversation.edit_turn(self._editing, prompt)
+        else:
+            self.conversation.add_turn(prompt)
+        self._editing = None
         self.prompt.clear()
         self._start_turn(len(self.conversation.turns) - 1, targets, seed=None)
+
+    # --- one turn's actions: edit, delete, regenerate in one pane ---
+
+    def turn_action(self, pane: ComparePane, kind: str, turn: int) -> None:
+        if self.busy or not 0 <= turn < len(self.conversation.turns):
+            return
+        if kind == "edit":
+            self.edit_turn(turn)
+        elif kind == "delete":
+            self.delete_turn(turn)
+        elif kind == "regenerate" and pane in self.panes and pane.runner.path is not None:
+            self.regenerate_turn(pane, turn)
+
+    def edit_turn(self, turn: int) -> None:
+        """Put turn `turn`'s prompt in the box: sending replaces it, and drops its answers and the turns after it."""
+        self._editing = turn
+        self.prompt.setPlainText(self.conversation.turns[turn].prompt)
+        self.prompt.setFocus()
+        later = len(self.conversation.turns) - turn - 1
+        self._show_notice(f"Editing prompt {turn + 1}: Send replaces it and its answers"
+                          + (f", and the {later} turn{'s' if later != 1 else ''} after it" if later else "")
+                          + "; Esc cancels the edit.")
+
+    def cancel_edit(self) -> None:
+        if self._editing is not None:
+            self._editing = None
+            self.prompt.clear()
+            self._show_notice("")
+
+    def delete_turn(self, turn: int) -> None:
+        """Forget turn `turn` in every pane (the turns after it stay)."""
+        self.conversation.delete_turn(turn)
+        if self._editing is not None:
+            self.cancel_edit()
+        self._save()
+        self._update_controls()
+        self._update_facts()
+        self._schedule_render()
+
+    def regenerate_turn(self, pane: ComparePane, turn: int) -> None:
+        """Ask turn `turn` again in `pane` alone (its history up to that turn), replacing its answer there."""
+        index = self.panes.index(pane)
+        self.conversation.turns[turn].set_answer(index, None)
+        sampling = self.conversation.settings_for(index)[0]
+        self._start_turn(turn, [pane], seed=1 + random.randrange(SEED_LIMIT - 1) if sampling.temperature > 0
+                         else None)
+
+    def _say(self, text: str) -> None:
+        window = self.window()
+        if isinstance(window, QMainWindow):
+            window.statusBar().showMessage(text, 3000)
 
     def regenerate(self) -> None:
         """Ask the last prompt again in every pane with a model, replacing its answers."""
@@ -470,22 +607,28 @@ class CompareView(QWidget):
         for pane in targets:
             turn.set_answer(self.panes.index(pane), None)
         random_sampling = any(self.conversation.settings_for(i)[0].temperature > 0 for i in range(len(self.panes)))
-        self._start_turn(index, targets, seed=random.randrange(SEED_LIMIT) if random_sampling else None)
+        self._start_turn(index, targets, seed=1 + random.randrange(SEED_LIMIT - 1) if random_sampling else None)
 
     def stop_all(self) -> None:
-        """Stop every answer; each keeps what it has said so far."""
+        """Stop every answer; each keeps what it has said so far (Esc while nothing runs cancels an edit)."""
+        if not self.busy:
+            self.cancel_edit()
         for pane in self.panes:
             pane.runner.stop()
 
     def _start_turn(self, index: int, targets: list[ComparePane], seed: int | None) -> None:
+        """Ask turn `index` in `targets`; `seed` replaces every pane's (None: one new seed shared by the panes that
+        sample with seed 0, see `qdesk.chat.compare.turn_seed`)."""
         self._turn_index = index
         prompt = self.conversation.turns[index].prompt
-        options = self._load_options()
+        chosen = {pane: self.conversation.settings_for(self.panes.index(pane)) for pane in targets}
+        shared_seed = turn_seed([sampling for sampling, _system in chosen.values()], random.randrange)
         for pane in targets:
-            pane_index = self.panes.index(pane)
-            sampling, system = self.conversation.settings_for(pane_index)
+            sampling, system = chosen[pane]
             if seed is not None:
                 sampling = replace(sampling, seed=seed)
+            elif shared_seed is not None and sampling.temperature > 0 and sampling.seed == RANDOM_SEED:
+                sampling = replace(sampling, seed=shared_seed)
             self._live[pane] = ""
             self._used[pane] = (sampling, system)
             self._running.add(pane)
@@ -493,7 +636,7 @@ class CompareView(QWidget):
             pane_index = self.panes.index(pane)
             sampling, system = self._used[pane]
             messages = [*self.conversation.messages(pane_index, turns=index), {"role": "user", "content": prompt}]
-            pane.runner.ask(messages, sampling, system or None, options)
+            pane.runner.ask(messages, sampling, system or None, self._load_options(pane))
         self._save()
         self._update_controls()
         self._update_facts()
@@ -543,6 +686,8 @@ class CompareView(QWidget):
         fresh = new_conversation(system=self.conversation.system, sampling=self.conversation.sampling)
         fresh.panes = panes
         self.conversation = fresh
+        self._editing = None
+        self.refresh_list()
         self._show_notice("")
         self._update_controls()
         self._update_facts()
@@ -559,6 +704,7 @@ class CompareView(QWidget):
             return
         self._save()
         self._apply_conversation(conversation)
+        self.refresh_list()
 
     def _apply_conversation(self, conversation: Conversation) -> None:
         while len(conversation.panes) < MIN_PANES:
@@ -566,6 +712,7 @@ class CompareView(QWidget):
         while len(conversation.panes) > MAX_PANES:
             conversation.remove_pane(len(conversation.panes) - 1)
         self.conversation = conversation
+        self._editing = None
         self._set_pane_count(len(conversation.panes))
         self.shared.set_values(conversation.sampling, conversation.system)
         for pane, record in zip(self.panes, conversation.panes, strict=True):
@@ -578,20 +725,52 @@ class CompareView(QWidget):
         self._update_facts()
         self._schedule_render()
 
-    def _fill_history_menu(self) -> None:
-        menu = self.history_menu
-        menu.clear()
-        menu.addAction("New conversation", self.new_conversation).setEnabled(not self.busy)
-        menu.addSeparator()
-        summaries = self.store.summaries()
-        if not summaries:
-            menu.addAction("No saved conversations").setEnabled(False)
-        for summary in summaries[:MENU_CONVERSATIONS]:
-            when = summary.updated[:16].replace("T", " ")
-            action = menu.addAction(f"{summary.title} — {when}, {summary.turns} turns",
-                                    lambda identifier=summary.id: self.open_conversation(identifier))
-            action.setToolTip(", ".join(summary.models))
-            action.setEnabled(not self.busy and summary.id != self.conversation.id)
+    # --- the conversation list ---
+
+    def refresh_list(self) -> None:
+        """The saved conversations (those matching the search), the current one selected."""
+        self.sidebar.show_summaries(self.store.summaries(self.sidebar.search.text()), self.conversation.id)
+
+    def rename_conversation(self, identifier: str, title: str) -> None:
+        try:
+            renamed = self.store.rename(identifier, title)
+        except UserError as error:
+            self._show_notice(str(error))
+        else:
+            if identifier == self.conversation.id:
+                self.conversation.title = renamed.title
+                self._update_controls()
+        self.refresh_list()
+
+    def delete_conversation(self, identifier: str) -> QMessageBox | None:
+        """Ask, then delete the saved conversation (the current one gives way to a new, empty one)."""
+        if self.busy:
+            return None
+        item = self.sidebar.item_of(identifier)
+        title = item.text() if item is not None else identifier
+        box = QMessageBox(QMessageBox.Icon.Question, "Delete conversation",
+                          f"Delete the conversation “{title}”? Its prompts and answers are gone for good.",
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, self)
+        box.setObjectName("confirmDeleteConversation")
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.button(QMessageBox.StandardButton.Yes).setText("Delete")
+        box.finished.connect(lambda answer: self._delete_confirmed(answer, identifier))
+        box.open()
+        self.confirm_box = box
+        return box
+
+    def _delete_confirmed(self, answer: int, identifier: str) -> None:
+        self.confirm_box = None
+        if answer != QMessageBox.StandardButton.Yes or self.busy:
+            return
+        try:
+            self.store.delete(identifier)
+        except (UserError, OSError) as error:
+            self._show_notice(f"The conversation could not be deleted: {error}")
+        if identifier == self.conversation.id:
+            self.conversation.turns.clear()  # nothing left to keep: a new one starts with the same panes
+            self.new_conversation()
+        self.refresh_list()
 
     def _save(self) -> None:
         if not self.conversation.turns:
@@ -600,6 +779,7 @@ class CompareView(QWidget):
             self.store.save(self.conversation)
         except UserError as error:
             self._show_notice(f"The conversation could not be saved: {error}")
+        self.refresh_list()
 
     # --- export ---
 
@@ -638,6 +818,8 @@ class CompareView(QWidget):
         self.notice.setVisible(bool(text))
 
     def _update_controls(self) -> None:
+        focus = QApplication.focusWidget()
+        had_focus = focus is not None and (focus is self or self.isAncestorOf(focus))
         busy = self.busy
         turns = bool(self.conversation.turns)
         self.send_button.setEnabled(not busy)
@@ -651,6 +833,9 @@ class CompareView(QWidget):
             pane.remove_button.setEnabled(not busy and len(self.panes) > MIN_PANES)
             pane.set_editable(not busy)
         self.title.setText(self.conversation.display_title)
+        focus = QApplication.focusWidget()
+        if had_focus and (focus is None or not focus.isEnabled() or not self.isAncestorOf(focus)):
+            self.prompt.setFocus()  # a button that was disabled must not send the focus out of the section
 
     def _update_facts(self) -> None:
         last = self.conversation.turns[-1] if self.conversation.turns else None
@@ -689,8 +874,9 @@ class CompareView(QWidget):
             self._file_types[path] = file_type
             self._update_facts()
 
-        run_in_background(f"Reading {path.name}", work, parent=self, on_success=learned,
-                          on_failure=lambda _failure: None)
+        job = Job(f"Reading {path.name}", work, self)
+        job.succeeded.connect(learned)
+        self.context.run(job)
 
     def _schedule_render(self) -> None:
         if not self._render_timer.isActive():
@@ -722,7 +908,7 @@ class CompareView(QWidget):
                     diverge_at = diverging_offset(reference_text, text, reference_done=not reference_streaming,
                                                   done=not streaming)
             entries.append(TranscriptEntry(turn.prompt, text, diverge_at, self._note(pane, answer, streaming, text),
-                                           streaming))
+                                           streaming, number))
         return entries
 
     @staticmethod

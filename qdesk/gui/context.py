@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QSettings, Signal
 
-from qdesk.app.settings import Settings, config_dir, load_settings, save_settings
+from converters.core.paths import config_dir
+from qdesk.app.settings import Settings, apply_hub_settings, load_settings, save_settings
 from qdesk.gui.background import Job, start_job, wait_for_jobs
 from qdesk.library.store import Library
 
@@ -25,6 +26,7 @@ class AppContext(QObject):
     def __init__(self, settings: Settings | None = None, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.settings = settings if settings is not None else load_settings()
+        apply_hub_settings(self.settings)
         self._library: Library | None = None
         self.jobs: list[Job] = []
 
@@ -34,6 +36,7 @@ class AppContext(QObject):
         models_moved = settings.models_path() != self.settings.models_path()
         self.settings = settings
         save_settings(settings)
+        apply_hub_settings(settings)
         if models_moved:
             self._library = None
             self.library_changed.emit()

@@ -9,10 +9,11 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from converters.core.jobs import Progress
+from converters.core.units import format_size
 from qdesk.gui.background import Job, JobFailure, describe_failure
 from qdesk.gui.context import AppContext
 from qdesk.gui.discover_jobs import DownloadOutcome, discard_partial, download_group
-from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.hub import FileGroup, HubSettings, RepoListing
 from qdesk.library.store import LibraryError
 
@@ -138,7 +139,7 @@ class DownloadPanel(QWidget):
             return
         self._done_bytes = int(progress.done)
         self.bar.setValue(round(progress.fraction * 1000))
-        text = f"{format_bytes(progress.done)} of {format_bytes(progress.total)}"
+        text = f"{format_size(progress.done)} of {format_size(progress.total)}"
         if progress.message:
             text += f" — {progress.message}"
         self.label.setText(f"Downloading {self.target[1].name}: {text}")
@@ -149,7 +150,7 @@ class DownloadPanel(QWidget):
         result = outcome.result
         text = f"Downloaded {self.target[1].name if self.target else result.repo_id}"
         if result.bytes_downloaded:
-            text += f" ({format_bytes(result.bytes_downloaded)} fetched)"
+            text += f" ({format_size(result.bytes_downloaded)} fetched)"
         if outcome.entries:
             text += "; it is in the library as " + ", ".join(entry.id for entry in outcome.entries) + "."
         elif outcome.checkpoint_dir is not None:
@@ -171,7 +172,7 @@ class DownloadPanel(QWidget):
         self.state = State.PAUSED
         name = self.target[1].name if self.target else "the file"
         if failure.cancelled:
-            self.label.setText(f"Paused {name} at {format_bytes(self._done_bytes)}; the part downloaded is kept, "
+            self.label.setText(f"Paused {name} at {format_size(self._done_bytes)}; the part downloaded is kept, "
                                "so Resume carries on from there.")
         else:
             self.failure = failure

@@ -9,7 +9,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem, QWidget
 
-from qdesk.gui.feedback import format_bytes
+from converters.core.units import format_size
 from qdesk.hub import FileGroup, FitMark, ModelSummary, RepoListing
 
 DATA_ROLE = Qt.ItemDataRole.UserRole
@@ -29,7 +29,11 @@ class _Table(QTableWidget):
         self.setTabKeyNavigation(False)
         self.verticalHeader().hide()
         self.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 10)
-        self.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header = self.horizontalHeader()  # the name takes what the other columns leave, so they always show
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)
 
     def _add_row(self, cells: Sequence[str], data: Any, right: Sequence[int] = ()) -> list[QTableWidgetItem]:
         row = self.rowCount()
@@ -64,8 +68,6 @@ class ResultsTable(_Table):
                                   result, right=(1, 2))
             if result.gated:
                 items[0].setToolTip("Gated: accept its licence on the Hub and log in with `hf auth login` first.")
-        for column in range(1, self.columnCount()):
-            self.resizeColumnToContents(column)
 
     def current_result(self) -> ModelSummary | None:
         return self.current_data()
@@ -88,19 +90,19 @@ class FilesTable(_Table):
     """One row per model file (a GGUF variant, a shard set, a checkpoint) with its type, size and fit mark."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__("repoFiles", ("File", "Type", "Size", "Fits this machine"), parent)
+        super().__init__("repoFiles", ("File", "Type", "Size", "Fits here"), parent)
+        self.horizontalHeaderItem(3).setToolTip("Whether it fits this machine's memory: ✓ fits, ✓ ~fits (an "
+                                                "estimate), ✗ does not fit, ? unknown; hover a mark for why")
 
     def show_listing(self, listing: RepoListing | None) -> None:
         self.setRowCount(0)
         for group in listing.groups if listing is not None else ():
-            items = self._add_row((group.name, _kind(group), format_bytes(group.size), fit_text(group.fit)), group,
+            items = self._add_row((group.name, _kind(group), format_size(group.size), fit_text(group.fit)), group,
                                   right=(2,))
             if group.fit is not None:
                 items[3].setToolTip(group.fit.summary)
                 if group.fit.fits is not None:
                     items[3].setForeground(QBrush(_FITS if group.fit.fits else _DOES_NOT_FIT))
-        for column in range(1, self.columnCount()):
-            self.resizeColumnToContents(column)
 
     def current_group(self) -> FileGroup | None:
         return self.current_data()

@@ -5,7 +5,7 @@ Every request runs off the GUI thread; without network (or in offline mode) the 
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QComboBox,
@@ -18,12 +18,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from converters.core.units import format_size
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
 from qdesk.gui.discover_download import DownloadPanel
 from qdesk.gui.discover_tables import FilesTable, ResultsTable
-from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.hub import HubSettings, ModelSummary, RepoListing, list_repo, search_models
+from qdesk.hub.status import HubStatus, hub_status
 
 SEARCH_LIMIT = 50
 LISTING_DELAY_MS = 250
@@ -42,9 +44,14 @@ def _listing(repo_id: str) -> tuple[RepoListing, HubSettings]:
 
 
 class DiscoverView(QWidget):
+    import_requested = Signal()  # "Import…" while offline: the Library's import dialog
+    scan_requested = Signal()  # "Find other apps' models" while offline: the Library's scan
+
     def __init__(self, context: AppContext) -> None:
         super().__init__()
         self.context = context
+        self.status_job: Job | None = None
+        self.hub_status: HubStatus | None = None
         self.search_job: Job | None = None
         self.listing_job: Job | None = None
         self.listing: RepoListing | None = None
@@ -84,6 +91,30 @@ class DiscoverView(QWidget):
         message_row.addWidget(self.message, 1)
         message_row.addWidget(self.details_button)
 
+        self.offline_row = QWidget()
+        self.offline_row.setObjectName("offlineRow")
+        self.offline_label = QLabel()
+        self.offline_label.setObjectName("offlineLabel")
+        self.offline_label.setWordWrap(True)
+        self.offline_label.setProperty("role", "error")
+        offline_import = QPushButton("&Import…")
+        offline_import.setObjectName("offlineImport")
+        offline_import.setToolTip("Add .gguf files you already have to the library")
+        offline_import.clicked.connect(self.import_requested)
+        offline_scan = QPushButton("Find &other apps' models")
+        offline_scan.setObjectName("offlineScan")
+        offline_scan.setToolTip("Add the Hugging Face cache, LM Studio's and Ollama's models, read-only")
+        offline_scan.clicked.connect(self.scan_requested)
+        self.retry_button = QPushButton("Check a&gain")
+        self.retry_button.setObjectName("offlineRetry")
+        self.retry_button.clicked.connect(self.check_hub)
+        offline_layout = QHBoxLayout(self.offline_row)
+        offline_layout.setContentsMargins(0, 0, 0, 0)
+        offline_layout.addWidget(self.offline_label, 1)
+        for button in (offline_import, offline_scan, self.retry_button):
+            offline_layout.addWidget(button)
+        self.offline_row.hide()
+
         self.results = ResultsTable()
         self.results.itemSelectionChanged.connect(self._listing_timer_start)
         self.files = FilesTable()
@@ -121,6 +152,7 @@ class DiscoverView(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(heading)
         layout.addWidget(hint)
+        layout.addWidget(self.offline_row)
         layout.addLayout(search_row)
         layout.addLayout(message_row)
         layout.addWidget(self.splitter, 1)
@@ -139,6 +171,30 @@ class DiscoverView(QWidget):
 
     def activated(self) -> None:
         self.search_box.setFocus()
+        if self.hub_status is None and self.status_job is None:
+            self.check_hub()
+
+    # --- offline or not ---
+
+    def check_hub(self) -> None:
+        """Ask in the background whether the Hub can be searched now (no request in offline mode)."""
+        if self.status_job is not None:
+            return
+        job = Job("Checking the Hugging Face Hub", lambda _progress, _cancel: hub_status(), self)
+        job.succeeded.connect(self._show_hub_status)
+        job.ended.connect(lambda: setattr(self, "status_job", None))
+        self.retry_button.setEnabled(False)
+        self.status_job = self.context.run(job)
+
+    def _show_hub_status(self, status: HubStatus) -> None:
+        self.hub_status = status
+        self.retry_button.setEnabled(True)
+        offline = not status.online
+        if offline:
+            self.offline_label.setText(f"{status.sentence} Meanwhile you can import the models you have, or find "
+                                       "other apps' models on this computer.")
+        self.offline_row.setVisible(offline)
+        self.search_button.setEnabled(not status.offline_mode)
 
     def save_state(self, state: QSettings) -> None:
         state.setValue("discover/format", self.format_box.currentData())
@@ -177,6 +233,7 @@ class DiscoverView(QWidget):
         if job is not self.search_job:
             return
         self.search_job = None
+        self.offline_row.hide()  # the Hub answered
         self.results.show_results(results)
         if results:
             more = " (the first ones)" if len(results) >= SEARCH_LIMIT else ""
@@ -215,8 +272,8 @@ class DiscoverView(QWidget):
         self.listing, self.hub_settings = listing, settings
         self.files.show_listing(listing)
         gated = " · gated: log in with `hf auth login` after accepting its licence" if listing.gated else ""
-        self.repo_title.setText(f"<b>{listing.repo_id}</b> · {len(listing.groups)} model files · "
-                                f"{format_bytes(listing.size)} in all{gated}")
+        size = "" if listing.size is None else f" · {format_size(listing.size)} in all"  # a mirror may not say
+        self.repo_title.setText(f"<b>{listing.repo_id}</b> · {len(listing.groups)} model files{size}{gated}")
         others = ", ".join(file.path for file in listing.other_files[:8])
         if len(listing.other_files) > 8:
             others += f" and {len(listing.other_files) - 8} more"

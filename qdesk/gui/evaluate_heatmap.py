@@ -1,20 +1,19 @@
 """The per-token divergence heat map: the sample paragraph once per variant, each token coloured by its KLD.
 
-The colour steps and their cap come from `qdesk.evaluation.report.heat_scale`, as in the HTML report; hovering a token
-shows its index, its text and its KLD.
+The tokens, runs, colour steps and their cap come from `qdesk.evaluation.report_model.heat_map`, as in the HTML
+report; hovering a token shows its index, its text and its KLD.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from PySide6.QtCore import QEvent, QObject, Qt
 from PySide6.QtGui import QColor, QFont, QFontDatabase, QHelpEvent, QTextBlockFormat, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import QTextBrowser, QToolTip, QWidget
 
-from qdesk.evaluation.report import HEAT_BINS, HeatScale, _finite, _short_names, _significant, _visible, heat_scale
+from qdesk.evaluation.report_model import HeatMap, HeatRun, HeatScale, heat_map, significant, token_title, visible
 from qdesk.gui.charts import is_dark_palette
 
 # Step 0 is uncoloured; steps 1-7 run from pale to strong (the report's YlOrRd ramp, and its dark counterpart).
@@ -23,34 +22,6 @@ LIGHT_STEPS = ((None, None), ("#ffeda0", "#1c2026"), ("#fed976", "#1c2026"), ("#
 DARK_STEPS = ((None, None), ("#3b1d5e", "#e4e7eb"), ("#5c2073", "#e4e7eb"), ("#84287e", "#ffffff"),
               ("#ad3576", "#ffffff"), ("#d64d66", "#ffffff"), ("#f1775c", "#15181c"), ("#fcb17e", "#15181c"))
 EMPTY_TEXT = "Run an evaluation to see, token by token, where each variant's predictions part from the reference's."
-
-
-@dataclass(frozen=True)
-class HeatRun:
-    label: str
-    name: str
-    klds: tuple[float | None, ...]
-
-
-@dataclass(frozen=True)
-class HeatMap:
-    tokens: tuple[str, ...]
-    runs: tuple[HeatRun, ...]
-    scale: HeatScale
-
-
-def heat_map(report: Mapping[str, Any]) -> HeatMap | None:
-    """The sample's tokens, each candidate's per-token KLD and the shared colour scale; None without a sample."""
-    sample = report.get("sample") or {}
-    tokens = tuple("" if token is None else str(token) for token in sample.get("tokens") or [])
-    runs = [run for run in sample.get("candidates") or [] if run.get("kld") is not None]
-    if not tokens or not runs:
-        return None
-    names = _short_names(report)
-    pooled = [v for run in runs for v in (_finite(x) for x in run["kld"]) if v is not None]
-    return HeatMap(tokens, tuple(HeatRun(str(names.get(run.get("name"), run.get("name"))), str(run.get("name")),
-                                         tuple(_finite(x) for x in run["kld"])) for run in runs),
-                   heat_scale(pooled))
 
 
 class HeatMapView(QTextBrowser):
@@ -88,14 +59,14 @@ class HeatMapView(QTextBrowser):
         self._legend(cursor, self.map.scale, steps, muted)
         mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
         for run in self.map.runs:
-            self._heading(cursor, run, muted)
+            self._heading(cursor, run, len(self.map.tokens), muted)
             block = QTextBlockFormat()
             block.setLineHeight(150, QTextBlockFormat.LineHeightTypes.ProportionalHeight.value)
             block.setBottomMargin(10)
             cursor.insertBlock(block)
             for index, token in enumerate(self.map.tokens):
-                kld = run.klds[index] if index < len(run.klds) else None
-                cursor.insertText(_visible(token) or "∅",
+                kld = run.kld_at(index)
+                cursor.insertText(visible(token) or "∅",
                                   _token_format(index, token, kld, self.map.scale, steps, mono))
                 self.token_spans += 1
                 for _ in range(token.count("\n")):
@@ -105,18 +76,15 @@ class HeatMapView(QTextBrowser):
     def _legend(self, cursor: QTextCursor, scale: HeatScale, steps: Sequence[tuple[str | None, str | None]],
                 muted: QTextCharFormat) -> None:
         cursor.insertText("KLD (nats)  ", muted)
-        width = scale.cap / HEAT_BINS
-        for step in range(HEAT_BINS):
-            low, high = _significant(step * width, 3), _significant((step + 1) * width, 3)
-            text = f" ≥ {low} " if step == HEAT_BINS - 1 else f" {low}–{high} "
-            cursor.insertText(text, _step_format(steps[step]))
+        for step, text in enumerate(scale.legend()):
+            cursor.insertText(f" {text} ", _step_format(steps[step]))
             cursor.insertText(" ", QTextCharFormat())
         cursor.insertBlock()
-        cursor.insertText(f"Full colour at {_significant(scale.cap)} nats: {scale.basis}. "
+        cursor.insertText(f"Full colour at {significant(scale.cap)} nats: {scale.basis}. "
                           "Hover a token to read its value.", muted)
 
     @staticmethod
-    def _heading(cursor: QTextCursor, run: HeatRun, muted: QTextCharFormat) -> None:
+    def _heading(cursor: QTextCursor, run: HeatRun, token_count: int, muted: QTextCharFormat) -> None:
         heading = QTextBlockFormat()
         heading.setTopMargin(14)
         cursor.insertBlock(heading)
@@ -124,10 +92,7 @@ class HeatMapView(QTextBrowser):
         bold.setFontWeight(QFont.Weight.Bold)
         bold.setToolTip(run.name)
         cursor.insertText(run.label, bold)
-        measured = [v for v in run.klds if v is not None]
-        stats = (f"   mean {_significant(sum(measured) / len(measured))}, max {_significant(max(measured))} nats "
-                 f"over {len(measured)} tokens" if measured else "   no values")
-        cursor.insertText(stats, muted)
+        cursor.insertText("   " + run.stats(token_count), muted)
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
         if watched is self.viewport() and event.type() == QEvent.Type.ToolTip and isinstance(event, QHelpEvent):
@@ -160,8 +125,7 @@ def _token_format(index: int, token: str, kld: float | None, scale: HeatScale,
     step = 0 if kld is None else scale.step(kld)
     text_format = _step_format(steps[step])
     text_format.setFont(font)
-    value = "not measured" if kld is None else f"{_significant(kld)} nats"
-    text_format.setToolTip(f"#{index} {_visible(token, for_title=True)} · KLD {value}")
+    text_format.setToolTip(token_title(index, token, kld))
     text_format.setProperty(QTextCharFormat.Property.UserProperty, step)
     return text_format
 

@@ -40,6 +40,8 @@ from PySide6.QtWidgets import (
 
 from converters.core.errors import UserError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.units import format_duration, format_size
+from qdesk.evaluation.history import EvaluationHistory
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.charts import SizeKldChart, chart_colours
 from qdesk.gui.context import AppContext
@@ -57,7 +59,7 @@ from qdesk.gui.evaluate_tables import (
     tasks_table,
     text_summary,
 )
-from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.library.store import LibraryEntry
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -78,13 +80,14 @@ def is_float_entry(entry: LibraryEntry) -> bool:
 
 
 def _entry_label(entry: LibraryEntry) -> str:
-    return f"{entry.id}  ·  {entry.file_type or entry.variant}  ·  {format_bytes(entry.bytes)}"
+    return f"{entry.id}  ·  {entry.file_type or entry.variant}  ·  {format_size(entry.bytes)}"
 
 
 class EvaluateView(QWidget):
     def __init__(self, context: AppContext) -> None:
         super().__init__()
         self.context = context
+        self.history = EvaluationHistory()
         self.job: Job | None = None
         self.report: dict[str, Any] | None = None
         self.saved_paths: tuple[Path, Path] | None = None
@@ -116,6 +119,7 @@ class EvaluateView(QWidget):
         self.reload_models()
         self._set_running(False)
         self.show_report(None)
+        self.show_saved()  # the last evaluation, kept across restarts
 
     # --- layout ---
 
@@ -265,8 +269,16 @@ class EvaluateView(QWidget):
         self.reference_combo.blockSignals(False)
         self._select_reference(reference)
         self._fill_variants(checked)
-        if not self.running and self.report is None and not floats and self.reference_path() is None:
+        if self.reference_path() is None and floats and not self.running:
+            chosen = [entry for entry in entries if entry.path in checked]
+            self._select_reference(_likeliest_reference(floats, chosen).path)
+            self._reference_changed()
+        if self.running:
+            return
+        if self.report is None and not floats and self.reference_path() is None:
             self.status_label.setText(NO_FLOAT_MODEL)
+        elif self.status_label.text() in (NO_FLOAT_MODEL, NEEDS_REFERENCE) and self.reference_path() is not None:
+            self.status_label.setText(IDLE_TEXT)
 
     def _select_reference(self, path: Path | None) -> None:
         index = 0 if path is None else self.reference_combo.findData(str(path))
@@ -393,13 +405,37 @@ class EvaluateView(QWidget):
         self.progress_bar.setValue(int(progress.fraction * 1000))
         if self.job is not None and self.job.cancelled:
             return
-        left = format_seconds(self.job.seconds_left()) if self.job is not None else ""
-        self.status_label.setText(progress.message.capitalize() + (f" · about {left} left" if left else ""))
+        left = format_duration(self.job.seconds_left()) if self.job is not None else ""
+        message = progress.message[:1].upper() + progress.message[1:]  # file names keep their case
+        self.status_label.setText(message + (f" · about {left} left" if left else ""))
 
     def _succeeded(self, report: dict[str, Any]) -> None:
         self.show_report(report)
         self.status_label.setText("Done: " + text_summary(report) + ".")
         self.tabs.setCurrentIndex(0)
+        try:
+            self.history.save(report, text_summary(report))
+        except UserError as error:
+            self.status_label.setText(f"Done, but not kept for next time: {error}")
+        self.context.library_changed.emit()  # the Library offers this evaluation for the models it measured
+
+    # --- evaluations kept across restarts ---
+
+    def show_saved(self, model: Path | None = None) -> bool:
+        """Show the newest kept evaluation (that measured `model`, when given); False when there is none."""
+        saved = self.history.latest(model)
+        if saved is None or self.running:
+            return False
+        try:
+            report = self.history.load(saved)
+        except UserError as error:
+            self.status_label.setText(str(error))
+            return False
+        self.show_report(report)
+        when = saved.created[:16].replace("T", " ")
+        self.status_label.setText(f"Evaluation of {when}: " + text_summary(report) + ".")
+        self.tabs.setCurrentIndex(0)
+        return True
 
     def _failed(self, failure: JobFailure) -> None:
         if failure.cancelled:
@@ -436,8 +472,9 @@ class EvaluateView(QWidget):
             self.memory_caption.setText("")
             self._update_actions()
             return
-        captions = [text_summary(report) + ". KLD: KL divergence of the next-token distributions from the "
-                    "reference's, nats per token; lower and further left on the chart is better."]
+        captions = [text_summary(report) + ". Drift (KLD, the KL divergence): how far each variant's next-token "
+                    "predictions are from the reference's, in nats per token; lower and further left on the chart is "
+                    "better."]
         captions += notes(report)
         self.summary_caption.setText("\n".join(captions))
         verdicts = recommendations(report)
@@ -516,6 +553,12 @@ class EvaluateView(QWidget):
         reference = str(state.value("evaluate/reference", "") or "")
         if reference and self.reference_combo.findData(reference) > 0:
             self.reference_combo.setCurrentIndex(self.reference_combo.findData(reference))
+
+
+def _likeliest_reference(floats: list[LibraryEntry], checked: list[LibraryEntry]) -> LibraryEntry:
+    """The float GGUF to offer as the reference: one of the same base model as a checked variant, else the first."""
+    bases = {entry.base_model for entry in checked}
+    return next((entry for entry in floats if entry.base_model in bases), floats[0])
 
 
 def _table_widget(name: str) -> QTableWidget:

@@ -2,22 +2,25 @@
 
 Each entry is a `qdesk.quantization.batch.VariantBatch`; its steps (convert, calibrate, one quantization per choice)
 run in order as background `Job`s through the context, so closing the window cancels them. A step that later
-steps depend on (convert, calibrate) takes them down with it when it fails or is cancelled; cancelling one
-quantization leaves the others to run. Every variant that lands is in the library, and `library_changed` says so.
+steps need (convert, calibrate) takes down with it only the steps that need it when it fails or is cancelled (a
+Q8_0 needs no importance matrix); cancelling one quantization leaves the others to run. Every variant that lands
+is in the library, and `library_changed` says so.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
 from PySide6.QtCore import QObject, Signal
 
 from converters.core.jobs import Progress
+from converters.core.units import format_duration
 from qdesk.gui.background import Job, JobFailure, wait_for_jobs
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_seconds
 from qdesk.quantization.batch import BatchStep, StepOutcome, VariantBatch
+from qdesk.quantization.timing import record_step, step_kind
 
 
 class StepState(Enum):
@@ -50,7 +53,7 @@ class QueuedStep:
         if self.state is StepState.RUNNING:
             if self.progress is None or self.progress.total <= 0:
                 return "starting…"
-            left = format_seconds(self.seconds_left())
+            left = format_duration(self.seconds_left())
             doing = f"{self.progress.message} " if self.progress.message else ""
             return f"{doing}{self.progress.fraction:.0%}" + (f" · {left} left" if left else "")
         if self.state is StepState.DONE:
@@ -67,6 +70,8 @@ class QueuedBatch:
     batch: VariantBatch
     steps: list[QueuedStep] = field(default_factory=list)
     closed: bool = False
+    work: dict[str, float] = field(default_factory=dict)
+    """Each step's work in its rate's units (`qdesk.quantization.timing.step_units`), to learn this machine's rates."""
 
     @property
     def over(self) -> bool:
@@ -88,8 +93,8 @@ class QuantizeQueue(QObject):
         self.batches: list[QueuedBatch] = []
         self._stopping = False
 
-    def add(self, batch: VariantBatch, title: str) -> QueuedBatch:
-        queued = QueuedBatch(title, batch, [QueuedStep(step) for step in batch.steps()])
+    def add(self, batch: VariantBatch, title: str, work: dict[str, float] | None = None) -> QueuedBatch:
+        queued = QueuedBatch(title, batch, [QueuedStep(step) for step in batch.steps()], work=dict(work or {}))
         self.batches.append(queued)
         self.changed.emit()
         self._advance()
@@ -113,8 +118,7 @@ class QuantizeQueue(QObject):
             step.job.cancel()
         elif step.state is StepState.WAITING:
             step.state = StepState.CANCELLED
-            if step.step.required:
-                self._skip_rest(queued, step)
+            self._skip_dependents(queued, step)
             self._settle(queued)
             self.changed.emit()
 
@@ -169,6 +173,9 @@ class QuantizeQueue(QObject):
 
     def _succeeded(self, queued: QueuedBatch, step: QueuedStep, outcome: StepOutcome) -> None:
         step.state, step.outcome = StepState.DONE, outcome
+        key = step.step.key
+        if key in queued.work and step.job is not None and step.job.started_at is not None:
+            record_step(step_kind(key), queued.work[key], time.monotonic() - step.job.started_at)
         if outcome.path is not None:
             self.context.library_changed.emit()
             self.variant_added.emit(outcome.path)
@@ -177,8 +184,7 @@ class QuantizeQueue(QObject):
     def _failed(self, queued: QueuedBatch, step: QueuedStep, failure: JobFailure) -> None:
         step.state = StepState.CANCELLED if failure.cancelled else StepState.FAILED
         step.failure = failure
-        if step.step.required:
-            self._skip_rest(queued, step)
+        self._skip_dependents(queued, step)
         self._next(queued)
 
     def _next(self, queued: QueuedBatch) -> None:
@@ -186,12 +192,15 @@ class QuantizeQueue(QObject):
         self.changed.emit()
         self._advance()
 
-    def _skip_rest(self, queued: QueuedBatch, failed: QueuedStep) -> None:
-        reason = f"skipped: the step “{failed.step.title}” did not finish"
+    def _skip_dependents(self, queued: QueuedBatch, failed: QueuedStep) -> None:
+        """Skip the waiting steps that need `failed` (directly or through a step that needs it); the others run."""
+        reason = f"skipped: it needs the step “{failed.step.title}”, which did not finish"
+        lost = {failed.step.key}
         for step in queued.steps[queued.steps.index(failed) + 1:]:
-            if step.state is StepState.WAITING:
+            if step.state is StepState.WAITING and lost.intersection(step.step.needs):
                 step.state = StepState.SKIPPED
                 step.failure = JobFailure(reason, "")
+                lost.add(step.step.key)
 
     def _settle(self, queued: QueuedBatch) -> None:
         """Once every step is over, remove the batch's temporary files."""
@@ -200,6 +209,17 @@ class QuantizeQueue(QObject):
             queued.closed = True
 
     # --- for the status bar ---
+
+    def outcome_summary(self) -> str:
+        """What the finished jobs came to: "2 made, 1 cancelled, 1 skipped" (an empty queue: "")."""
+        counts: dict[StepState, int] = {}
+        for queued in self.batches:
+            for step in queued.steps:
+                if step.step.key not in ("convert", "calibrate") and step.state.over:
+                    counts[step.state] = counts.get(step.state, 0) + 1
+        words = ((StepState.DONE, "made"), (StepState.FAILED, "failed"), (StepState.CANCELLED, "cancelled"),
+                 (StepState.SKIPPED, "skipped"))
+        return ", ".join(f"{counts[state]} {word}" for state, word in words if counts.get(state))
 
     def summary(self) -> str:
         """One line on the queue for any section to show: what runs now, how far, how many steps wait."""

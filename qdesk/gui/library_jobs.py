@@ -13,16 +13,17 @@ from pathlib import Path
 from converters.core.errors import Cancelled
 from converters.core.jobs import CancelToken, Progress, ProgressFn
 from qdesk.app.errors import UserError
+from qdesk.library.identity import ModelGroup
 from qdesk.library.store import Library, LibraryEntry
 
 
 def refresh_library(library: Library, progress: ProgressFn, cancel: CancelToken, *,
-                    offer_starter: bool = False) -> dict[str, list[LibraryEntry]]:
+                    offer_starter: bool = False) -> list[ModelGroup]:
     """Rescan the library (registering the starter model first when `offer_starter`) and return its groups."""
     if offer_starter:
         library.ensure_starter()
     library.refresh(progress, cancel)
-    return library.groups()
+    return library.model_groups()
 
 
 def scan_known_folders(library: Library, progress: ProgressFn, cancel: CancelToken) -> list[str]:

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
-from qdesk.gui.feedback import format_bytes
+from converters.core.units import format_count, format_size
+from qdesk.library.identity import ModelGroup
 from qdesk.library.store import LibraryEntry
 
-COLUMNS = ("Name", "Type", "Size", "Bits/weight", "Parameters", "Context", "Architecture", "Chat template",
-           "Status")
+COLUMNS = ("Name", "Type", "Size", "Bits/weight", "Parameters", "Context", "Architecture", "Chat", "Status")
 NAME, TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT, STATUS = range(len(COLUMNS))
 _RIGHT_ALIGNED = (SIZE, BPW, PARAMETERS, CONTEXT)
 _PROBLEM_COLOUR = QColor("#c0392b")
 ENTRY_ROLE = Qt.ItemDataRole.UserRole
-
-
-def format_parameters(count: int | None) -> str:
-    """"135M", "7.2B"; "" when unknown."""
-    if not count:
-        return ""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            value = count / scale
-            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.1f}{unit}".replace(".0", "")
-    return str(count)
+GROUP_ROLE = Qt.ItemDataRole.UserRole + 1
 
 
 def _status_text(entry: LibraryEntry) -> str:
@@ -42,9 +32,9 @@ def _entry_cells(entry: LibraryEntry) -> list[str]:
     return [
         entry.id,
         entry.variant,
-        format_bytes(entry.bytes),
+        format_size(entry.bytes),
         "" if entry.bpw is None else f"{entry.bpw:.2f}",
-        format_parameters(entry.parameters),
+        format_count(entry.parameters) if entry.parameters else "",
         "" if entry.context_length is None else f"{entry.context_length:,}",
         entry.architecture or "",
         "yes" if entry.has_chat_template else "no",
@@ -55,8 +45,13 @@ def _entry_cells(entry: LibraryEntry) -> list[str]:
 class LibraryTree(QTreeWidget):
     """Models grouped by base model; several variants can be selected (a whole branch selects its variants)."""
 
+    group_renamed = Signal(object, str)  # ModelGroup, the name the user typed ("" for the files' own name)
+
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self._filling = False
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)  # F2 and the menu rename groups
+        self.itemChanged.connect(self._item_changed)
         self.setObjectName("libraryTree")
         self.setColumnCount(len(COLUMNS))
         self.setHeaderLabels(list(COLUMNS))
@@ -64,23 +59,30 @@ class LibraryTree(QTreeWidget):
         self.setAlternatingRowColors(True)
         self.setUniformRowHeights(True)
         self.setAllColumnsShowFocus(True)
-        header = self.header()
-        header.setStretchLastSection(True)
-        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Interactive)
-        self.setColumnWidth(NAME, 300)
+        header = self.header()  # the name takes the width left over, so every column shows at 1024 px and at 1920
+        header.setStretchLastSection(False)
+        header.setMinimumSectionSize(40)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self._collapsed: set[str] = set()
         self.itemCollapsed.connect(lambda item: self._collapsed.add(item.text(NAME)))
         self.itemExpanded.connect(lambda item: self._collapsed.discard(item.text(NAME)))
 
-    def show_groups(self, groups: Mapping[str, list[LibraryEntry]]) -> None:
+    def show_groups(self, groups: Sequence[ModelGroup]) -> None:
         """Replace the rows, keeping which models were selected and which branches were collapsed."""
         selected = {entry.path for entry in self.selected_entries()}
         collapsed = set(self._collapsed)
+        self._filling = True
         self.clear()
-        for base, variants in groups.items():
+        for group in groups:
+            base, variants = group.name, group.entries
             branch = QTreeWidgetItem([base, ", ".join(entry.variant for entry in variants),
-                                      format_bytes(sum(entry.bytes for entry in variants))])
-            branch.setFlags(branch.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
+                                      format_size(sum(entry.bytes for entry in variants))])
+            branch.setData(NAME, GROUP_ROLE, group)
+            branch.setToolTip(NAME, f"{base}: one model ({group.entries[0].architecture or 'unknown architecture'}), "
+                                    f"{len(variants)} file{'s' if len(variants) != 1 else ''}. Rename it with F2.")
+            branch.setFlags((branch.flags() & ~Qt.ItemFlag.ItemIsDragEnabled) | Qt.ItemFlag.ItemIsEditable)
             branch.setTextAlignment(SIZE, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             font = branch.font(NAME)
             font.setBold(True)
@@ -98,9 +100,34 @@ class LibraryTree(QTreeWidget):
                 if entry.path in selected:
                     row.setSelected(True)
             branch.setExpanded(base not in collapsed)
-        self._collapsed = collapsed & set(groups)
-        for column in (TYPE, SIZE, BPW, PARAMETERS, CONTEXT, ARCHITECTURE, CHAT):
-            self.resizeColumnToContents(column)
+        self._collapsed = collapsed & {group.name for group in groups}
+        self._filling = False
+
+    def group_of(self, entry: LibraryEntry) -> ModelGroup | None:
+        for i in range(self.topLevelItemCount()):
+            group = self.topLevelItem(i).data(NAME, GROUP_ROLE)
+            if group is not None and entry in group.entries:
+                return group
+        return None
+
+    def rename_current_group(self) -> bool:
+        """Start editing the name of the current row's group (F2); False when nothing is selected."""
+        selected = self.selectedItems()
+        item = selected[0] if selected else self.currentItem()
+        if item is None:
+            return False
+        branch = item.parent() or item
+        self.setCurrentItem(branch)
+        self.editItem(branch, NAME)
+        return True
+
+    def _item_changed(self, item: QTreeWidgetItem, column: int) -> None:
+        group = item.data(NAME, GROUP_ROLE)
+        if self._filling or column != NAME or item.parent() is not None or group is None:
+            return
+        name = " ".join(item.text(NAME).split())
+        if name != group.name:
+            self.group_renamed.emit(group, name)
 
     def entries(self) -> list[LibraryEntry]:
         return [self.topLevelItem(i).child(j).data(NAME, ENTRY_ROLE)

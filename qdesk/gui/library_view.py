@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
+from PySide6.QtCore import QPoint, QSettings, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QPushButton,
@@ -18,12 +20,15 @@ from PySide6.QtWidgets import (
 )
 
 from converters.core.jobs import Progress
+from converters.core.units import format_duration, format_size
+from qdesk.evaluation.history import EvaluationHistory
 from qdesk.gui.background import Job, JobFailure, describe_failure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes, format_seconds, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.gui.library_jobs import ImportOutcome, import_files, refresh_library, remove_models, scan_known_folders
 from qdesk.gui.library_tree import LibraryTree
 from qdesk.gui.type_map import TypeMapDialog
+from qdesk.library.identity import ModelGroup, display_name
 from qdesk.library.store import Library, LibraryEntry, LibraryError
 
 MAX_COMPARE_PANES = 4
@@ -32,6 +37,8 @@ EMPTY = "No models yet. " + HINT
 
 
 class LibraryView(QWidget):
+    report_requested = Signal(object)  # Path: show the last evaluation that measured this model
+
     def __init__(self, context: AppContext) -> None:
         super().__init__()
         self.context = context
@@ -50,6 +57,9 @@ class LibraryView(QWidget):
         self.tree = LibraryTree()
         self.tree.itemSelectionChanged.connect(self._update_actions)
         self.tree.itemDoubleClicked.connect(lambda item, _column: item.childCount() or self.open_in_compare())
+        self.tree.group_renamed.connect(self.rename_group)
+        self.tree.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.tree.customContextMenuRequested.connect(self._context_menu)
 
         self.import_button = self._button("&Import…", "importButton", self.choose_files, "Copy .gguf files into "
                                           "the models folder (Ctrl+O)")
@@ -63,13 +73,16 @@ class LibraryView(QWidget):
                                             "Measure the selected variants against the first (largest) one")
         self.types_button = self._button("&Tensor types…", "typesButton", self.show_types,
                                          "Bits per weight of every matrix, by tensor class and layer")
+        self.report_button = self._button("Last e&valuation", "reportButton", self.open_last_evaluation,
+                                          "Show the last evaluation that measured the selected model")
+        self.history = EvaluationHistory()
         self.refresh_button = self._button("Re&fresh", "refreshButton", self.refresh,
                                            "Look for new, changed and missing files (F5)")
         self.scan_button = self._button("Find &other apps' models", "scanButton", self.scan_other_apps,
                                         "Add the Hugging Face cache, LM Studio's and Ollama's models, read-only")
         buttons = QHBoxLayout()
         for button in (self.import_button, self.delete_button, self.reveal_button, self.compare_button,
-                       self.evaluate_button, self.types_button):
+                       self.evaluate_button, self.report_button, self.types_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         buttons.addWidget(self.scan_button)
@@ -103,7 +116,8 @@ class LibraryView(QWidget):
         for keys, slot in ((QKeySequence.StandardKey.Delete, self.delete_selected),
                            (QKeySequence.StandardKey.Open, self.choose_files),
                            (QKeySequence.StandardKey.Refresh, self.refresh),
-                           (QKeySequence(Qt.Key.Key_Escape), self.cancel_task)):
+                           (QKeySequence(Qt.Key.Key_Escape), self.cancel_task),
+                           (QKeySequence(Qt.Key.Key_F2), self.tree.rename_current_group)):
             shortcut = QShortcut(QKeySequence(keys), self)
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(slot)
@@ -125,10 +139,10 @@ class LibraryView(QWidget):
         self.tree.setFocus()
 
     def save_state(self, state: QSettings) -> None:
-        state.setValue("library/header", self.tree.header().saveState())
+        state.setValue("library/columns", self.tree.header().saveState())
 
     def restore_state(self, state: QSettings) -> None:
-        header = state.value("library/header")
+        header = state.value("library/columns")
         if header is not None:
             self.tree.header().restoreState(header)
 
@@ -164,7 +178,7 @@ class LibraryView(QWidget):
         job.ended.connect(self._refresh_ended)
         self.refresh_job = self.context.run(job)
 
-    def _refreshed(self, library: Library, groups: dict[str, list[LibraryEntry]]) -> None:
+    def _refreshed(self, library: Library, groups: list[ModelGroup]) -> None:
         if library.root != self.context.models_folder:
             self._refresh_again = True  # the models folder changed meanwhile
             return
@@ -292,8 +306,8 @@ class LibraryView(QWidget):
         self.progress_bar.setValue(round(progress.fraction * 1000))
         text = progress.message or job.title
         if progress.unit == "bytes" and progress.total:
-            text += f" — {format_bytes(progress.done)} of {format_bytes(progress.total)}"
-        left = format_seconds(job.seconds_left())
+            text += f" — {format_size(progress.done)} of {format_size(progress.total)}"
+        left = format_duration(job.seconds_left())
         self.progress_label.setText(text + (f", {left} left" if left else ""))
 
     def _task_failed(self, failure: JobFailure) -> None:
@@ -313,6 +327,37 @@ class LibraryView(QWidget):
         self._import_queue.clear()
         if self.task_job is not None:
             self.task_job.cancel()
+
+    # --- naming models ---
+
+    def rename_group(self, group: ModelGroup, name: str) -> None:
+        """Show `group` as `name` from now on ("" gives it back the name its files give)."""
+        library = self._library()
+        if library is None:
+            return
+        try:
+            library.rename_group(group.key, name)
+        except (LibraryError, sqlite3.Error) as error:
+            self._say(f"The model could not be renamed: {error}", error=True)
+        self.context.library_changed.emit()
+
+    def _context_menu(self, position: QPoint) -> None:
+        menu = QMenu(self)
+        menu.setObjectName("libraryMenu")
+        menu.addAction("Open in Compare", self.open_in_compare).setEnabled(self.compare_button.isEnabled())
+        menu.addAction("Evaluate", self.open_in_evaluate).setEnabled(self.evaluate_button.isEnabled())
+        menu.addAction("Tensor types…", self.show_types).setEnabled(self.types_button.isEnabled())
+        menu.addAction("Last evaluation", self.open_last_evaluation).setEnabled(self.report_button.isEnabled())
+        menu.addSeparator()
+        menu.addAction("Rename model…\tF2", self.tree.rename_current_group).setEnabled(
+            self.tree.currentItem() is not None)
+        menu.addAction("Reveal", self.reveal_selected).setEnabled(self.reveal_button.isEnabled())
+        menu.addAction("Delete…", self.delete_selected).setEnabled(self.delete_button.isEnabled())
+        menu.popup(self.tree.viewport().mapToGlobal(position))
+
+    def display_name(self, entry: LibraryEntry) -> str:
+        group = self.tree.group_of(entry)
+        return display_name(entry, group.name if group is not None else None)
 
     # --- sending models elsewhere ---
 
@@ -337,11 +382,16 @@ class LibraryView(QWidget):
         if entries:
             self.context.open_in_evaluate.emit([entry.path for entry in entries])
 
+    def open_last_evaluation(self) -> None:
+        entries = self.tree.selected_entries()
+        if len(entries) == 1 and self.history.latest(entries[0].path) is not None:
+            self.report_requested.emit(entries[0].path)
+
     def show_types(self) -> TypeMapDialog | None:
         entries = self.tree.selected_entries()
         if len(entries) != 1:
             return None
-        dialog = TypeMapDialog(entries[0].path, self)
+        dialog = TypeMapDialog(entries[0].path, self.context, self, title=self.display_name(entries[0]))
         dialog.open()
         return dialog
 
@@ -355,6 +405,9 @@ class LibraryView(QWidget):
         self.compare_button.setEnabled(1 <= count <= MAX_COMPARE_PANES)
         self.evaluate_button.setEnabled(count > 0)
         self.types_button.setEnabled(count == 1)
+        entries = self.tree.selected_entries()
+        evaluated = len(entries) == 1 and self.history.latest(entries[0].path) is not None
+        self.report_button.setEnabled(evaluated)
         self.scan_button.setEnabled(not busy)
 
     def _say(self, text: str, *, error: bool = False) -> None:

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PySide6.QtCore import Qt
-from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
+from PySide6.QtCore import Qt, QUrl
+from PySide6.QtGui import (
+    QAction,
+    QActionGroup,
+    QCloseEvent,
+    QDesktopServices,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+)
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QMainWindow,
+    QMenu,
     QPushButton,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
 
+from qdesk.app.logs import log_path
 from qdesk.gui.compare_view import CompareView
 from qdesk.gui.context import AppContext
 from qdesk.gui.discover_view import DiscoverView
 from qdesk.gui.drops import route_drop
 from qdesk.gui.evaluate_view import EvaluateView
 from qdesk.gui.feedback import show_failure
+from qdesk.gui.help_dialogs import AboutDialog, ShortcutsDialog
 from qdesk.gui.library_view import LibraryView
 from qdesk.gui.quantize_view import QuantizeView
 from qdesk.gui.settings_view import SettingsView
-from qdesk.gui.theme import apply_theme
+from qdesk.gui.theme import apply_font_size, apply_theme
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,6 @@ class MainWindow(QMainWindow):
             view.setObjectName(f"{section.key}View")
             self.views[section.key] = view
             self.stack.addWidget(view)
-            shortcut = QShortcut(QKeySequence(f"Ctrl+{number}"), self)
-            shortcut.activated.connect(lambda key=section.key: self.show_section(key))
         self.sidebar.currentRowChanged.connect(self._row_changed)
 
         self.guide = self._guide_banner()
@@ -92,13 +101,103 @@ class MainWindow(QMainWindow):
         row.addWidget(content, 1)
         self.setCentralWidget(central)
         self.statusBar().setObjectName("statusBar")
+        self._build_menus()
 
+        discover, library = self.views["discover"], self.views["library"]
+        discover.import_requested.connect(lambda: (self.show_section("library"), library.choose_files()))
+        discover.scan_requested.connect(lambda: (self.show_section("library"), library.scan_other_apps()))
+        library.report_requested.connect(lambda path: self.views["evaluate"].show_saved(path)
+                                         and self.show_section("evaluate"))
         context.show_section.connect(self.show_section)
         context.open_in_quantize.connect(lambda _path: self.show_section("quantize"))
         context.open_in_compare.connect(lambda _paths: self.show_section("compare"))
         context.open_in_evaluate.connect(lambda _paths: self.show_section("evaluate"))
+        apply_font_size(context.settings.font_size)
         context.settings_changed.connect(lambda settings: apply_theme(settings.theme))
+        context.settings_changed.connect(lambda settings: apply_font_size(settings.font_size))
+        context.settings_changed.connect(lambda settings: self._show_theme(settings.theme))
         self.restore_state()
+
+    # --- the menu bar ---
+
+    def _build_menus(self) -> None:
+        bar = self.menuBar()
+        bar.setObjectName("menuBar")
+        file_menu = bar.addMenu("&File")
+        self._action(file_menu, "&Import models…", self._import_models, tip="Copy .gguf files into the library")
+        self._action(file_menu, "&Quantize a checkpoint folder…", self._open_checkpoint,
+                     tip="Choose a Hugging Face checkpoint folder to quantize")
+        file_menu.addSeparator()
+        self._action(file_menu, "&Settings", lambda: self.show_section("settings"), "Ctrl+,")
+        file_menu.addSeparator()
+        quit_action = self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        quit_action.setShortcut(QKeySequence("Ctrl+Q"))
+        quit_action.setMenuRole(QAction.MenuRole.QuitRole)
+
+        view_menu = bar.addMenu("&View")
+        for number, section in enumerate(SECTIONS, start=1):
+            self._action(view_menu, section.title, lambda key=section.key: self.show_section(key), f"Ctrl+{number}")
+        view_menu.addSeparator()
+        themes = view_menu.addMenu("&Theme")
+        self.theme_actions = QActionGroup(self)
+        for key, title in (("system", "Follow the &system"), ("light", "&Light"), ("dark", "&Dark")):
+            action = self._action(themes, title, lambda key=key: self.set_theme(key))
+            action.setCheckable(True)
+            action.setData(key)
+            self.theme_actions.addAction(action)
+        self._show_theme(self.context.settings.theme)
+        self._action(view_menu, "Show the &welcome guide", self.guide.show)
+
+        help_menu = bar.addMenu("&Help")
+        self._action(help_menu, "&Keyboard shortcuts", self.show_shortcuts, QKeySequence.StandardKey.HelpContents)
+        self._action(help_menu, "&Where qdesk keeps its files", self.show_about)
+        self._action(help_menu, "Open the &log file", self.open_log)
+        help_menu.addSeparator()
+        about = self._action(help_menu, "&About qdesk", self.show_about)
+        about.setMenuRole(QAction.MenuRole.AboutRole)
+
+    def _action(self, menu: QMenu, text: str, slot: object, keys: object = None, tip: str = "") -> QAction:
+        action = menu.addAction(text)
+        action.triggered.connect(lambda _checked=False: slot())  # type: ignore[operator]
+        if keys is not None:
+            action.setShortcut(QKeySequence(keys))  # type: ignore[arg-type]
+            action.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
+        if tip:
+            action.setStatusTip(tip)
+        return action
+
+    def _import_models(self) -> None:
+        self.show_section("library")
+        self.views["library"].choose_files()
+
+    def _open_checkpoint(self) -> None:
+        self.show_section("quantize")
+        self.views["quantize"].choose_folder()
+
+    def set_theme(self, theme: str) -> None:
+        if theme != self.context.settings.theme:
+            self.context.update_settings(replace(self.context.settings, theme=theme))
+
+    def _show_theme(self, theme: str) -> None:
+        for action in self.theme_actions.actions():
+            action.setChecked(action.data() == theme)
+
+    def show_shortcuts(self) -> ShortcutsDialog:
+        dialog = ShortcutsDialog(self)
+        dialog.open()
+        return dialog
+
+    def show_about(self) -> AboutDialog:
+        dialog = AboutDialog(self.context, self)
+        dialog.open()
+        return dialog
+
+    def open_log(self) -> None:
+        path = log_path()
+        if not path.exists():
+            self.statusBar().showMessage(f"Nothing has gone wrong yet: there is no log file ({path}).", 8000)
+            return
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
 
     # --- sections ---
 

@@ -17,35 +17,37 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from qdesk.gui.elided_label import ElidedLabel
 from qdesk.gui.feedback import show_failure
 from qdesk.gui.job_queue import QuantizeQueue, QueuedBatch, QueuedStep, StepState
 
-EMPTY_TEXT = "No jobs yet: choose a source and variants above, then Quantize."
+EMPTY_TEXT = "No jobs yet: choose a source and variants on the left, then Quantize."
 
 
 class _StepRow:
     """The widgets of one step, kept so progress updates touch only them."""
 
     def __init__(self, grid: QGridLayout, row: int, step: QueuedStep) -> None:
+        """Two lines per step, whatever the width: title, bar and buttons, then where it stands (one line, the rest
+        in its tooltip), so a narrow panel never wraps a step into fragments."""
         key = step.step.key
         self.title = QLabel(step.step.title)
-        self.title.setWordWrap(True)
         self.bar = QProgressBar()
         self.bar.setObjectName(f"progress_{key}")
         self.bar.setRange(0, 1000)
         self.bar.setTextVisible(False)
-        self.bar.setFixedWidth(110)
-        self.status = QLabel()
+        self.bar.setMinimumWidth(60)
+        self.status = ElidedLabel()
         self.status.setObjectName(f"status_{key}")
-        self.status.setWordWrap(True)
         self.cancel = QPushButton("Cancel")
         self.cancel.setObjectName(f"cancel_{key}")
         self.cancel.setToolTip(f"Cancel: {step.step.title.lower()}")
         self.details = QPushButton("Details…")
         self.details.setObjectName(f"details_{key}")
-        for column, widget in enumerate((self.title, self.bar, self.status, self.cancel, self.details)):
-            grid.addWidget(widget, row, column)
-        grid.setColumnStretch(2, 1)
+        for column, widget in enumerate((self.title, self.bar, self.cancel, self.details)):
+            grid.addWidget(widget, 2 * row, column)
+        grid.addWidget(self.status, 2 * row + 1, 0, 1, 4)
+        grid.setColumnStretch(1, 1)
         self.update(step)
 
     def update(self, step: QueuedStep) -> None:

@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
     QFileDialog,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -17,19 +18,25 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QPushButton,
     QRadioButton,
+    QScrollArea,
     QSlider,
+    QSplitter,
     QVBoxLayout,
     QWidget,
 )
 
+from converters.calibration.calibrate import DEFAULT_CHUNKS
+from converters.core.units import format_duration, format_size
 from converters.quantization.presets import preset_named
+from qdesk.app.logs import log_failure
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
-from qdesk.gui.feedback import format_bytes, show_failure
+from qdesk.gui.feedback import show_failure
 from qdesk.gui.job_queue import QuantizeQueue
 from qdesk.gui.quantize_queue_view import QueueWidget
 from qdesk.quantization.batch import BatchRequest, VariantBatch, VariantChoice
 from qdesk.quantization.sizes import PRESET_CHOICES, ChoiceSize, SizePreview, preview_sizes
+from qdesk.quantization.timing import calibration_chunks, estimate_steps, step_kind, step_units
 
 SOURCE_HINT = ("Drop a Hugging Face checkpoint folder (or a .safetensors file inside one) or an F16/BF16 GGUF "
                "anywhere on this window, or browse for one.")
@@ -75,17 +82,34 @@ class QuantizeView(QWidget):
         start_row.addWidget(self.start_button)
         start_row.addWidget(self.start_hint, 1)
         options.addLayout(start_row)
+        self.time_estimate = QLabel()
+        self.time_estimate.setObjectName("timeEstimate")
+        self.time_estimate.setProperty("role", "hint")
+        self.time_estimate.setWordWrap(True)
+        options.addWidget(self.time_estimate)
         options.addStretch(1)
 
         self.queue_widget = QueueWidget(self.queue)
         self.queue_widget.setObjectName("jobQueue")
-        layout = QHBoxLayout(self)
         left = QWidget()
-        options.setContentsMargins(0, 0, 0, 0)
+        options.setContentsMargins(0, 0, 8, 0)
         left.setLayout(options)
-        left.setMaximumWidth(580)
-        layout.addWidget(left, 3)
-        layout.addWidget(self.queue_widget, 2)
+        scroll = QScrollArea()  # at 700 px high the form scrolls rather than squeezing its boxes
+        scroll.setObjectName("quantizeOptions")
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(left)
+        scroll.setMinimumWidth(left.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.setObjectName("quantizeSplitter")
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.addWidget(scroll)
+        self.splitter.addWidget(self.queue_widget)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        layout = QHBoxLayout(self)
+        layout.addWidget(self.splitter)
 
         self.queue.changed.connect(self._show_queue_status)
         self.queue.step_progressed.connect(lambda _step: self._show_queue_status())
@@ -257,11 +281,11 @@ class QuantizeView(QWidget):
         self.preview_job = None
         self.preview = preview
         source = preview.source
-        kind = ("Hugging Face checkpoint: sizes are estimates from its tensor shapes (marked ≈)"
-                if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
-        parameters = sum(_elements(tensor.shape) for tensor in source.tensors)
+        kind = ("Hugging Face checkpoint: sizes from llama.cpp's own plan for each preset, as it will quantize the "
+                "converted GGUF" if source.is_checkpoint else "GGUF: sizes from llama.cpp's own plan for each preset")
+        parameters = _parameters(preview)
         self.source_info.setText(f"{kind}. {parameters / 1e6:,.1f} M parameters; reference "
-                                 f"{format_bytes(source.reference_bytes)}; {_machine_text(preview)}.")
+                                 f"{format_size(source.reference_bytes)}; {_machine_text(preview)}.")
         self.source_info.setProperty("role", "hint")
         self._repolish(self.source_info)
         for name, choice in preview.presets.items():
@@ -278,14 +302,15 @@ class QuantizeView(QWidget):
             return
         self.source_info.setText(failure.sentence)
         self.source_info.setProperty("role", "error")
-        self.source_info.setToolTip(failure.details[-2000:])
+        log = log_failure(failure.sentence, failure.details) if failure.details else None
+        self.source_info.setToolTip(f"The details are in qdesk's log ({log})." if log else "")
         self._repolish(self.source_info)
         for name in PRESET_CHOICES:
             self.size_labels[name].setText("?")
         self._update_start()
 
     def _show_size(self, size_label: QLabel, fit_label: QLabel, choice: ChoiceSize) -> None:
-        size_label.setText(("" if choice.exact else "≈ ") + format_bytes(choice.file_bytes))
+        size_label.setText(("" if choice.exact else "≈ ") + format_size(choice.file_bytes))
         size_label.setToolTip(f"{choice.file_bytes:,} bytes" + ("" if choice.exact else " (an estimate)"))
         fit_label.setText("fits" if choice.fit.fits else "too big")
         fit_label.setProperty("role", "" if choice.fit.fits else "error")
@@ -307,7 +332,7 @@ class QuantizeView(QWidget):
             self.mix_label.setText("")
             return
         choice = self.preview.mix(size)
-        self.mix_label.setText(f"{format_bytes(size)} · {'fits' if choice.fit.fits else 'too big'}")
+        self.mix_label.setText(f"{format_size(size)} · {'fits' if choice.fit.fits else 'too big'}")
         self.mix_label.setToolTip(choice.fit.summary)
 
     # --- starting a job ---
@@ -339,29 +364,69 @@ class QuantizeView(QWidget):
         problem = self._problem()
         self.start_button.setEnabled(not problem)
         self.start_hint.setText(problem)
+        self._show_time_estimate()
 
-    def start(self) -> None:
-        """Queue a job for the current source and choices."""
-        if self._problem() or self.source is None:
+    def _show_time_estimate(self) -> None:
+        """Each step's expected time before anything runs, the importance matrix's share, and what it buys."""
+        request = None if self.preview is None or self._problem() else self.request()
+        if request is None or self.preview is None:
+            self.time_estimate.setText("")
             return
+        source = self.preview.source
+        times = estimate_steps(request, is_checkpoint=source.is_checkpoint, reference_bytes=source.reference_bytes,
+                               parameters=_parameters(self.preview))
+        total = sum(step.seconds for step in times)
+        names = {"convert": "convert", "calibrate": "importance matrix"}
+        parts = []
+        for step in times:
+            share = f" ({step.seconds / total:.0%} of it)" if step.key == "calibrate" else ""
+            parts.append(f"{names.get(step.key, step.key)} {format_duration(step.seconds)}{share}")
+        text = f"Expected: about {format_duration(total)} in all: " + " · ".join(parts) + "."
+        if any(step.key == "calibrate" for step in times):
+            text += (f" The importance matrix ({request.chunks} × {request.ctx} tokens of text) pays off most below "
+                     "5 bits per weight; Q5_K and up barely need it (a shorter text is used for them), Q8_0 not at "
+                     "all, and Calibration: None skips it.")
+        self.time_estimate.setText(text)
+        measured = all(step.measured for step in times)
+        self.time_estimate.setToolTip("From this machine's own earlier steps." if measured else
+                                      "From typical rates of a 2-core machine until a step of each kind has run "
+                                      "here; then from this machine's own.")
+
+    def request(self) -> BatchRequest | None:
+        """The job the form describes now (None without a source)."""
+        if self.source is None:
+            return None
         mode = self.calibration_mode()
-        request = BatchRequest(
+        choices = tuple(self.choices())
+        return BatchRequest(
             source=self.source,
-            choices=tuple(self.choices()),
+            choices=choices,
             output_folder=self.context.models_folder,
             use_imatrix=mode != "none",
             text_files=tuple(self.text_files) if mode == "files" else (),
             keep_reference=self.keep_reference.isChecked(),
+            chunks=calibration_chunks(choices) or DEFAULT_CHUNKS,
             gpu_layers=self.context.settings.gpu_layers,
             threads=self.context.settings.threads,
         )
+
+    def start(self) -> None:
+        """Queue a job for the current source and choices."""
+        request = None if self._problem() else self.request()
+        if request is None or self.source is None:
+            return
         try:
             batch = VariantBatch(request, self.context.library())
         except Exception as error:  # a library that cannot be opened: one sentence, details on demand
             show_failure(self, error)
             return
-        labels = ", ".join(choice.label for choice in request.choices)
-        self.queue.add(batch, f"{self.source.name} → {labels}")
+        work = {}
+        if self.preview is not None:
+            source = self.preview.source
+            work = {step.key: step_units(step_kind(step.key), reference_bytes=source.reference_bytes,
+                                         parameters=_parameters(self.preview), chunks=request.chunks, ctx=request.ctx)
+                    for step in batch.steps()}
+        self.queue.add(batch, job_title(request), work)
 
     # --- queue state everywhere ---
 
@@ -374,7 +439,9 @@ class QuantizeView(QWidget):
             window.statusBar().showMessage(summary)
             self._status_shown = True
         elif self._status_shown:
-            window.statusBar().showMessage("Quantize: the queue is done.", 8000)
+            outcome = self.queue.outcome_summary()
+            window.statusBar().showMessage(f"Quantize: the queue is done ({outcome})." if outcome else
+                                           "Quantize: the queue is done.", 8000)
             self._status_shown = False
 
     # --- hooks the main window calls ---
@@ -386,6 +453,7 @@ class QuantizeView(QWidget):
         state.setValue(STATE_PREFIX + "mix_position", self.mix_slider.value())
         state.setValue(STATE_PREFIX + "calibration", self.calibration_mode())
         state.setValue(STATE_PREFIX + "keep_reference", self.keep_reference.isChecked())
+        state.setValue(STATE_PREFIX + "splitter", self.splitter.saveState())
 
     def restore_state(self, state: QSettings) -> None:
         presets = state.value(STATE_PREFIX + "presets")
@@ -400,6 +468,9 @@ class QuantizeView(QWidget):
         self.calibration_buttons["builtin" if mode == "files" or mode not in CALIBRATION_MODES else mode].setChecked(
             True)
         self.keep_reference.setChecked(_truthy(state.value(STATE_PREFIX + "keep_reference", True)))
+        splitter = state.value(STATE_PREFIX + "splitter")
+        if splitter is not None:
+            self.splitter.restoreState(splitter)
         self._update_start()
 
     def shutdown(self) -> None:
@@ -414,6 +485,24 @@ class QuantizeView(QWidget):
         widget.style().polish(widget)
 
 
+def job_title(request: BatchRequest) -> str:
+    """"Model → Q4_K_M, Q8_0 · built-in calibration text": what is made and from what text, so jobs differ."""
+    labels = ", ".join(choice.label for choice in request.choices)
+    if not request.use_imatrix or not any(choice.uses_imatrix for choice in request.choices):
+        calibration = "no importance matrix"
+    elif request.text_files:
+        names = ", ".join(path.name for path in request.text_files[:2])
+        more = f" and {len(request.text_files) - 2} more" if len(request.text_files) > 2 else ""
+        calibration = f"calibrated on {names}{more}"
+    else:
+        calibration = "built-in calibration text"
+    return f"{Path(request.source).name} → {labels} · {calibration}"
+
+
+def _parameters(preview: SizePreview) -> int:
+    return sum(_elements(tensor.shape) for tensor in preview.source.tensors)
+
+
 def _elements(shape: tuple[int, ...]) -> int:
     count = 1
     for dimension in shape:
@@ -423,8 +512,8 @@ def _elements(shape: tuple[int, ...]) -> int:
 
 def _machine_text(preview: SizePreview) -> str:
     machine = preview.machine
-    ram = f"{format_bytes(machine.ram_bytes)} RAM available"
-    return ram + (f", {format_bytes(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
+    ram = f"{format_size(machine.ram_bytes)} RAM available"
+    return ram + (f", {format_size(machine.vram_bytes)} VRAM free" if machine.vram_bytes is not None else ", no GPU")
 
 
 def _truthy(value: object) -> bool:

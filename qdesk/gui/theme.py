@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QColor, QGuiApplication, QPalette
+from PySide6.QtGui import QColor, QFont, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
 
 _SCHEMES = {
@@ -82,3 +82,21 @@ def apply_theme(theme: str) -> None:
 
 def is_dark() -> bool:
     return QApplication.palette().color(QPalette.ColorRole.Window).lightness() < 128
+
+
+_SYSTEM_FONT: QFont | None = None
+
+
+def apply_font_size(points: int) -> None:
+    """Every widget's text at `points` (0: the system's size)."""
+    global _SYSTEM_FONT
+    app = QApplication.instance()
+    if not isinstance(app, QApplication):
+        return
+    if _SYSTEM_FONT is None:
+        _SYSTEM_FONT = QFont(app.font())
+    font = QFont(_SYSTEM_FONT)
+    if points > 0:
+        font.setPointSize(points)
+    if app.font() != font:
+        app.setFont(font)

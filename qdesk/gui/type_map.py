@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from converters.mix.report import Cell, PlanHeatmap, summary_lines
-from qdesk.gui.background import JobFailure, run_in_background
+from qdesk.gui.background import Job, JobFailure
+from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
 from qdesk.library.info import tensor_type_heatmap
 
@@ -57,10 +59,13 @@ class TypeMap(QTableWidget):
 class TypeMapDialog(QDialog):
     """The grid for one GGUF file, read in the background, with a line per class and the matrices outside blocks."""
 
-    def __init__(self, path: Path, parent: QWidget | None = None) -> None:
+    def __init__(self, path: Path, context: AppContext, parent: QWidget | None = None, *,
+                 title: str | None = None) -> None:
         super().__init__(parent)
+        self.title = title or path.name
+        """The model's display name (`qdesk.library.identity.display_name`), not its raw `general.name`."""
         self.setObjectName("typeMapDialog")
-        self.setWindowTitle(f"Tensor types — {path.name}")
+        self.setWindowTitle(f"Tensor types — {self.title}")
         self.resize(1000, 420)
         self.heatmap: PlanHeatmap | None = None
         self.heading = QLabel(f"Reading {path.name}…")
@@ -77,14 +82,16 @@ class TypeMapDialog(QDialog):
         layout.addWidget(self.grid, 1)
         layout.addWidget(self.details)
         layout.addWidget(buttons)
-        self.job = run_in_background(f"types of {path.name}", lambda _progress, _cancel: tensor_type_heatmap(path),
-                                     parent=self, on_success=self._show, on_failure=self._failed)
+        self.job = Job(f"types of {path.name}", lambda _progress, _cancel: tensor_type_heatmap(path), self)
+        self.job.succeeded.connect(self._show)
+        self.job.failed.connect(self._failed)
+        context.run(self.job)
 
     def _show(self, heatmap: PlanHeatmap) -> None:
         self.heatmap = heatmap
         predicted = "" if heatmap.predicted_kld is None else f"; predicted KLD {heatmap.predicted_kld:.4f}"
-        self.heading.setText(f"<b>{heatmap.label}</b>: {heatmap.bpw:.2f} bits per weight{predicted}. Each cell is "
-                             "one matrix's bits per weight (hover for its type); bluer is fewer bits.")
+        self.heading.setText(f"<b>{html.escape(self.title)}</b>: {heatmap.bpw:.2f} bits per weight{predicted}. Each "
+                             "cell is one matrix's bits per weight (hover for its type); bluer is fewer bits.")
         self.grid.show_heatmap(heatmap)
         self.details.setText("\n".join(line.strip() for line in summary_lines(heatmap)))
 

@@ -2,7 +2,8 @@
 
 ```
 <cache>/models--<owner>--<name>/
-    blobs/<etag>                     the file's bytes; the ETag is the SHA-256 for LFS files, the git blob id else
+    blobs/<etag>                     the file's bytes, named by the ETag of its resolve URL: on the Hub the SHA-256
+                                     of an LFS file, the git blob id of a small one; a mirror's own ETag elsewhere
     blobs/<etag>.incomplete          a partial download, resumed from its end (qdesk; huggingface_hub < 1.0 too)
     refs/<revision>                  the commit a branch or tag pointed to when last resolved
     snapshots/<commit>/<path>        a relative symbolic link to ../../blobs/<etag> (a copy where links are not allowed)
@@ -16,7 +17,6 @@ revisions as plain names, and the final path must lie inside the repository's fo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -24,41 +24,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from qdesk.hub.errors import HubError, UnsafeFileNameError
 from qdesk.hub.names import check_repo_path
 
-__all__ = ["COMMIT_PATTERN", "Digest", "RepoCache", "blob_digest_kind", "git_blob_id"]
+__all__ = ["COMMIT_PATTERN", "RepoCache"]
 
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
-_ETAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-_SHA1_PATTERN = re.compile(r"^[0-9a-f]{40}$")
-
-
-class Digest(Protocol):
-    """A hashlib object."""
-
-    def update(self, data: bytes, /) -> None: ...
-
-    def hexdigest(self) -> str: ...
-
-
-def git_blob_id(data_size: int) -> Digest:
-    """A SHA-1 primed as git hashes a blob of `data_size` bytes (`blob <size>\\0` first): feed it the bytes."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    digest.update(b"blob %d\0" % data_size)
-    return digest
-
-
-def blob_digest_kind(etag: str) -> str | None:
-    """What a blob's name promises about its bytes: "sha256" (an LFS file), "git-sha1" (a git blob id) or None."""
-    if _SHA256_PATTERN.match(etag):
-        return "sha256"
-    if _SHA1_PATTERN.match(etag):
-        return "git-sha1"
-    return None
+_ETAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,254}$")
 
 
 @dataclass(frozen=True)
@@ -82,8 +55,8 @@ class RepoCache:
 
     def blob_path(self, etag: str) -> Path:
         if not _ETAG_PATTERN.match(etag) or ".." in etag:
-            raise HubError(f"The Hub named a file's content {etag!r}, which is not a checksum; qdesk refuses to "
-                           "store it. Try again later.")
+            raise HubError(f"The Hub named a file's content {etag!r} (its ETag), which cannot name a file in the "
+                           "cache; qdesk refuses to store it. Try again later, or use another mirror.")
         return self._inside(self.folder / "blobs" / etag)
 
     def incomplete_path(self, etag: str) -> Path:
@@ -108,27 +81,6 @@ class RepoCache:
         return self._inside(self.folder / "refs" / revision)
 
     # --- reading ---
-
-    def commit_for(self, revision: str) -> str | None:
-        """The commit `revision` resolves to from the cache alone: itself if a full hash, else its ref."""
-        if COMMIT_PATTERN.match(revision):
-            return revision
-        try:
-            commit = self.ref_path(revision).read_text(encoding="utf-8").strip()
-        except OSError:
-            return None
-        return commit if COMMIT_PATTERN.match(commit) else None
-
-    def snapshot_files(self, commit: str) -> list[str]:
-        """Repository paths of the complete files in a cached snapshot (dangling links left out)."""
-        folder = self.snapshot_dir(commit)
-        if not folder.is_dir():
-            return []
-        found = []
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():  # follows the link: a dangling one is not a file
-                found.append(path.relative_to(folder).as_posix())
-        return found
 
     def etag_of(self, snapshot_file: Path) -> str | None:
         """The name of the blob a snapshot entry links to; None where the entry is a copy, not a link."""

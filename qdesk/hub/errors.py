@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from converters.core.errors import Cancelled, UserError
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "HubUnreachableError",
     "UnsafeFileNameError",
     "hub_error",
+    "no_file_matches",
+    "unreachable",
 ]
 
 
@@ -62,6 +66,14 @@ OFFLINE_MODE = ("Offline mode is on (HF_HUB_OFFLINE is set), so qdesk does not c
                 "unset HF_HUB_OFFLINE to search or download.")
 
 
+def no_file_matches(repo_id: str, patterns: Iterable[str], *, in_cache: bool = False) -> str:
+    """The start of the sentence for `--include` globs that matched no file (a clause: the caller ends it)."""
+    listed = ", ".join(repr(pattern) for pattern in patterns)
+    where = " in the cache" if in_cache else ""
+    return (f"No file of {repo_id}{where} matches {listed} (the patterns match paths inside the repository, such as "
+            "'*Q4_K_M*' or 'config.json')")
+
+
 def unreachable(endpoint: str) -> str:
     return (f"The Hugging Face Hub at {endpoint} cannot be reached (no network, or the server is down); check the "
             "connection and try again.")
@@ -81,6 +93,7 @@ def hub_error(error: BaseException, *, repo_id: str | None, endpoint: str, has_t
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -88,6 +101,14 @@ def hub_error(error: BaseException, *, repo_id: str | None, endpoint: str, has_t
     )
 
     what = repo_id or "the Hub"
+    if isinstance(error, LocalEntryNotFoundError):  # huggingface_hub found neither the server nor a cached copy
+        cause = error.__cause__
+        if cause is not None and cause is not error:
+            translation = hub_error(cause, repo_id=repo_id, endpoint=endpoint, has_token=has_token,
+                                    revision=revision, path=path)
+            if translation is not None:
+                return translation
+        return HubUnreachableError(unreachable(endpoint))
     if isinstance(error, OfflineModeIsEnabled):
         return HubOfflineError(OFFLINE_MODE)
     if isinstance(error, httpx2.TransportError):

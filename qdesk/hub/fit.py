@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.errors import GGUFFileError
+from converters.core.units import format_size
 from qdesk.hub.http import open_stream, translated
 from qdesk.hub.settings import HubSettings
 from qdesk.memory import (
@@ -24,7 +25,6 @@ from qdesk.memory import (
     DEFAULT_RAM_HEADROOM,
     ModelShape,
     check_fit_for_shape,
-    format_size,
     read_model_shape_from_prefix,
 )
 

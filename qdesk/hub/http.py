@@ -1,12 +1,24 @@
 """HTTP to the Hub through huggingface_hub's shared httpx2 client: error translation, streamed GETs that keep the
-token off other hosts, and waits between retries that a cancel interrupts."""
+token off other hosts, waits between retries that a cancel interrupts, and the client's configuration for the calls
+qdesk leaves to huggingface_hub (`library_requests`).
+
+huggingface_hub's `http_backoff` (behind `HfApi.list_models`, among others) retries a network error or a 429/5xx
+answer five times over 23 s, logging each try, and its shared client has no timeout. Its documented way to
+configure that client is `set_client_factory`: qdesk installs, once, a client built like the default one (the same
+request hooks, so offline mode is still enforced) whose requests made inside `library_requests(settings)` get the
+settings' timeout where they set none, and fail at once on a network error or a 429/5xx answer (as an error
+`http_backoff` does not retry), so that qdesk's own retry policy decides. Outside that block the client behaves as
+huggingface_hub's default one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urljoin
 
 from converters.core.jobs import CancelToken
@@ -17,13 +29,74 @@ if TYPE_CHECKING:
     import httpx2
     from huggingface_hub import HfFileMetadata
 
-__all__ = ["RETRYABLE_STATUS", "check_online", "file_metadata", "interrupt", "is_retryable", "open_stream",
-           "translated", "wait"]
+__all__ = ["RETRYABLE_STATUS", "check_online", "file_metadata", "interrupt", "is_retryable", "library_requests",
+           "open_stream", "translated", "wait"]
 
 T = TypeVar("T")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_REDIRECTS = 10
+_SCOPE: contextvars.ContextVar[HubSettings | None] = contextvars.ContextVar("qdesk_hub_requests", default=None)
+_INSTALL_LOCK = threading.Lock()
+_installed = False
+
+
+@functools.cache
+def _client_class() -> type[httpx2.Client]:
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    class NetworkFailure(httpx2.TransportError):
+        """A network error inside `library_requests`: a TransportError (so it reads as "cannot be reached"), but not
+        one of those `http_backoff` retries."""
+
+    class QdeskHubClient(httpx2.Client):
+        def send(self, request: httpx2.Request, **options: Any) -> httpx2.Response:
+            settings = _SCOPE.get()
+            if settings is None:
+                return super().send(request, **options)
+            if all(value is None for value in (request.extensions.get("timeout") or {}).values()):
+                request.extensions["timeout"] = httpx2.Timeout(settings.timeout_s).as_dict()
+            try:
+                response = super().send(request, **options)
+            except NetworkFailure:
+                raise
+            except httpx2.TransportError as error:
+                raise NetworkFailure(f"{type(error).__name__}: {error}", request=request) from error
+            if response.status_code in RETRYABLE_STATUS:
+                response.read()
+                hf_raise_for_status(response)
+            return response
+
+    return QdeskHubClient
+
+
+def _install_client() -> None:
+    global _installed
+    with _INSTALL_LOCK:
+        if _installed:
+            return
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils import get_session
+
+        default = get_session()
+        hooks, follow_redirects, timeout = default.event_hooks, default.follow_redirects, default.timeout
+        client_class = _client_class()
+        set_client_factory(lambda: client_class(event_hooks=hooks, follow_redirects=follow_redirects,
+                                                timeout=timeout))
+        _installed = True
+
+
+@contextlib.contextmanager
+def library_requests(settings: HubSettings) -> Iterator[None]:
+    """The requests huggingface_hub makes inside the block get `settings.timeout_s` where they set no timeout, and
+    raise at once on a network error or a 429/5xx answer instead of being retried by huggingface_hub."""
+    _install_client()
+    token = _SCOPE.set(settings)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
 
 
 def check_online(settings: HubSettings) -> None:
@@ -55,11 +128,10 @@ def is_retryable(error: BaseException) -> bool:
 
     if isinstance(error, httpx2.TransportError):
         return True
-    cause = error.__cause__
-    if isinstance(error, HubError) and cause is not None and cause is not error:
-        return is_retryable(cause)
-    return (isinstance(error, HfHubHTTPError) and error.response is not None
-            and error.response.status_code in RETRYABLE_STATUS)
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code in RETRYABLE_STATUS
+    cause = error.__cause__  # a HubError, or huggingface_hub's LocalEntryNotFoundError, says why in its cause
+    return cause is not None and cause is not error and is_retryable(cause)
 
 
 def wait(seconds: float, cancel: CancelToken | None) -> None:

@@ -1,21 +1,25 @@
 """A repository's files as qdesk shows them: sizes, checksums, GGUF quantization types, shard sets, fit marks.
 
 One request lists everything: huggingface_hub's `model_info(files_metadata=True)`
-(`GET /api/models/<repo>/revision/<rev>?blobs=true`), which gives the commit, each file's size, git blob id and,
-for LFS files, the SHA-256 the download is checked against.
+(`GET /api/models/<repo>/revision/<rev>?blobs=true`), which on the Hub gives the commit, each file's size, git blob
+id and, for LFS files, the SHA-256 the download is checked against. A mirror may leave out any of these but the
+commit (which `snapshot_download` needs too): a size it does not give is unknown (None), never 0. For the fit
+marks, the sizes of the model files it left out are asked with a HEAD request each (the size huggingface_hub reads
+too: X-Linked-Size, else Content-Length).
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qdesk.hub.cache import COMMIT_PATTERN
 from qdesk.hub.errors import HubError
 from qdesk.hub.fit import FitMark, checkpoint_fit, fetch_gguf_shape, gguf_fit, resized_shape, unknown_fit
-from qdesk.hub.http import check_online, translated
+from qdesk.hub.http import check_online, file_metadata, translated
 from qdesk.hub.names import (
     GGUF,
     SAFETENSORS,
@@ -23,10 +27,14 @@ from qdesk.hub.names import (
     check_repo_path,
     file_kind,
     is_projector,
+    matches_any,
     quant_type,
     shard_name,
 )
 from qdesk.hub.settings import HubSettings
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import RepoSibling
 
 __all__ = ["FileGroup", "RepoFile", "RepoListing", "check_repo_id", "list_repo", "select_files"]
 
@@ -36,7 +44,8 @@ class RepoFile:
     """One file of a repository at one commit."""
 
     path: str
-    size: int
+    size: int | None
+    """Its size in bytes; None when the listing did not give it (a mirror's): the download learns it."""
     sha256: str | None = None
     """The Hub's SHA-256 of an LFS file (its blob name in the cache); None for a small file kept in git."""
     blob_id: str | None = None
@@ -60,8 +69,9 @@ class FileGroup:
     fit: FitMark | None = None
 
     @property
-    def size(self) -> int:
-        return sum(file.size for file in self.files)
+    def size(self) -> int | None:
+        """The files' total size; None when one of them has no known size."""
+        return _total(self.files)
 
     @property
     def complete(self) -> bool:
@@ -87,14 +97,20 @@ class RepoListing:
     other_files: tuple[RepoFile, ...]
 
     @property
-    def size(self) -> int:
-        return sum(file.size for file in self.files)
+    def size(self) -> int | None:
+        """The files' total size; None when one of them has no known size."""
+        return _total(self.files)
 
     def to_json(self) -> dict[str, Any]:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit, "gated": self.gated,
                 "size": self.size, "groups": [group.to_json() for group in self.groups],
                 "other_files": [file.to_json() for file in self.other_files],
                 "files": [file.to_json() for file in self.files]}
+
+
+def _total(files: Iterable[RepoFile]) -> int | None:
+    sizes = [file.size for file in files]
+    return None if any(size is None for size in sizes) else sum(size for size in sizes if size is not None)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -161,20 +177,38 @@ def list_repo(
     commit = info.sha or ""
     if not COMMIT_PATTERN.match(commit):
         raise HubError(f"The Hub did not say which commit {repo_id} {revision} is; try again later.")
-    files = tuple(
-        RepoFile(
-            path=check_repo_path(sibling.rfilename),
-            size=int(sibling.size if sibling.size is not None else (sibling.lfs.size if sibling.lfs else 0)),
-            sha256=sibling.lfs.sha256.lower() if sibling.lfs else None,
-            blob_id=sibling.blob_id,
-        )
-        for sibling in info.siblings or ()
-    )
+    files = tuple(_repo_file(sibling) for sibling in info.siblings or ())
+    if fit:
+        files = _with_model_file_sizes(settings, repo_id, commit, files)
     groups, others = _group(files)
     if fit:
         groups = _with_fit_marks(settings, repo_id, commit, groups, ram_bytes, vram_bytes, n_ctx)
     return RepoListing(repo_id=repo_id, revision=revision, commit=commit, gated=bool(info.gated), files=files,
                        groups=tuple(groups), other_files=tuple(others))
+
+
+def _repo_file(sibling: RepoSibling) -> RepoFile:
+    lfs = sibling.lfs
+    size = sibling.size if sibling.size is not None else (lfs.size if lfs is not None else None)
+    sha256 = lfs.sha256.lower() if lfs is not None and lfs.sha256 else None
+    return RepoFile(path=check_repo_path(sibling.rfilename), size=None if size is None else int(size), sha256=sha256,
+                    blob_id=sibling.blob_id)
+
+
+def _with_model_file_sizes(settings: HubSettings, repo_id: str, commit: str,
+                           files: tuple[RepoFile, ...]) -> tuple[RepoFile, ...]:
+    """The files, with the sizes the listing left out of GGUF and safetensors files asked with a HEAD each (one
+    that fails leaves the size unknown)."""
+    from huggingface_hub import hf_hub_url
+
+    sized = []
+    for file in files:
+        if file.size is None and file_kind(file.path) in (GGUF, SAFETENSORS):
+            url = hf_hub_url(repo_id, file.path, revision=commit, endpoint=settings.endpoint)
+            with contextlib.suppress(HubError), translated(settings, repo_id, revision=commit, path=file.path):
+                file = dataclasses.replace(file, size=file_metadata(settings, url).size)
+        sized.append(file)
+    return tuple(sized)
 
 
 def _with_fit_marks(settings: HubSettings, repo_id: str, commit: str, groups: list[FileGroup],
@@ -188,8 +222,11 @@ def _with_fit_marks(settings: HubSettings, repo_id: str, commit: str, groups: li
     marks: dict[str, FitMark] = {}
     models: dict[str, list[FileGroup]] = {}
     for group in groups:
-        if group.kind == SAFETENSORS:
-            marks[group.name] = checkpoint_fit(group.size, ram_bytes=ram, vram_bytes=vram)
+        size = group.size
+        if size is None:
+            marks[group.name] = unknown_fit("The server did not give its size.")
+        elif group.kind == SAFETENSORS:
+            marks[group.name] = checkpoint_fit(size, ram_bytes=ram, vram_bytes=vram)
         elif group.projector:
             marks[group.name] = unknown_fit("A multimodal projector: it is loaded beside its model, not on its own.")
         elif not group.complete:
@@ -198,8 +235,9 @@ def _with_fit_marks(settings: HubSettings, repo_id: str, commit: str, groups: li
         else:
             models.setdefault(base_model_name(group.files[0].path), []).append(group)
     for variants in models.values():
-        reference = min(variants, key=lambda group: (group.shard_count > 1, group.size))
+        reference = min(variants, key=lambda group: (group.shard_count > 1, group.size or 0))
         first = reference.files[0]
+        assert first.size is not None and reference.size is not None  # groups without a size were marked above
         url = hf_hub_url(repo_id, first.path, revision=commit, endpoint=settings.endpoint)
         try:
             shape = fetch_gguf_shape(settings, url, file_size=first.size, name=first.path)
@@ -216,7 +254,7 @@ def _with_fit_marks(settings: HubSettings, repo_id: str, commit: str, groups: li
         for group in variants:
             exact = group is reference and group.shard_count == 1
             variant_shape = full if group is reference else resized_shape(
-                full, group.size - header_bytes * group.shard_count)
+                full, (group.size or 0) - header_bytes * group.shard_count)
             basis = ("the first shard's header and the other shards' sizes" if group is reference
                      else f"{reference.name}'s header, scaled to this file's size")
             marks[group.name] = gguf_fit(variant_shape, approximate=not exact, basis=basis, ram_bytes=ram,
@@ -228,12 +266,12 @@ def _with_fit_marks(settings: HubSettings, repo_id: str, commit: str, groups: li
 def select_files(listing: RepoListing, include: Iterable[str] | None) -> list[RepoFile]:
     """The files matching any of the `include` globs (all files without any), matched case-insensitively against
     the path in the repository; picking one shard of a set picks the whole set."""
-    patterns = [pattern.lower() for pattern in include or ()]
+    patterns = list(include or ())
     if not patterns:
         return list(listing.files)
 
     def wanted(path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path.lower(), pattern) for pattern in patterns)
+        return matches_any(path, patterns)
 
     chosen = {file.path for file in listing.files if wanted(file.path)}
     for group in listing.groups:

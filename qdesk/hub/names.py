@@ -5,7 +5,9 @@ Pure functions on strings; nothing here touches the network or the disk.
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -20,6 +22,7 @@ __all__ = [
     "check_repo_path",
     "file_kind",
     "is_projector",
+    "matches_any",
     "quant_type",
     "shard_name",
 ]
@@ -125,6 +128,12 @@ def base_model_name(path: str) -> str:
     return re.sub(r"[-_. ]+$", "", stem).casefold() or name.casefold()
 
 
+def matches_any(path: str, patterns: Iterable[str]) -> bool:
+    """Whether the repository path matches one of the globs (`--include`), case-insensitively."""
+    lowered = path.lower()
+    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
+
+
 def check_repo_path(path: str) -> str:
     """`path` itself when it names a file inside the repository; UnsafeFileNameError for anything that could land
     outside the cache folder (`..`, an absolute or drive path, backslashes, empty or control characters)."""
@@ -145,9 +154,9 @@ def _path_problem(path: str) -> str | None:
     if "\\" in path:
         return "holds a backslash"
     segments = path.split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
-        return "holds an empty, '.' or '..' part"
     if PurePosixPath(path).is_absolute() or any(PureWindowsPath(segment).drive or PureWindowsPath(segment).root
                                                 for segment in segments):
         return "is an absolute or drive path"
+    if any(segment in ("", ".", "..") for segment in segments):
+        return "holds an empty, '.' or '..' part"
     return None

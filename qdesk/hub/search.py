@@ -1,22 +1,24 @@
 """Searching the Hub for models by text: GGUF files, safetensors checkpoints, or either; by downloads or recency.
 
-The request is the one huggingface_hub's `HfApi.list_models` makes (`GET /api/models?search=…&filter=gguf&sort=
-downloads&limit=…&expand=…`), sent once through its shared client and parsed into its `ModelInfo`: `list_models`
-itself retries a failed request five times over 23 s, logging each, where a search without network should say so
-at once, in one sentence. The Hub tags repositories with the formats they hold ("gguf", "safetensors"); "either"
-asks for each and merges.
+huggingface_hub's `HfApi.list_models` makes the request (`GET /api/models?search=…&filter=gguf&sort=downloads&
+limit=…&expand=…`) and parses the answer into its `ModelInfo`. It runs inside `qdesk.hub.http.library_requests`:
+a search without network says so at once, in one sentence, instead of being retried for 23 s. The Hub tags
+repositories with the formats they hold ("gguf", "safetensors"); "any" asks for each and merges.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qdesk.hub.errors import HubError
-from qdesk.hub.http import check_online, translated
+from qdesk.hub.http import check_online, library_requests, translated
 from qdesk.hub.names import GGUF, SAFETENSORS
 from qdesk.hub.settings import HubSettings
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelInfo
 
 __all__ = ["FORMATS", "SORTS", "ModelSummary", "search_models"]
 
@@ -24,7 +26,8 @@ Format = Literal["gguf", "safetensors", "any"]
 Sort = Literal["downloads", "recent"]
 FORMATS: tuple[str, ...] = ("gguf", "safetensors", "any")
 SORTS: tuple[str, ...] = ("downloads", "recent")
-_EXPAND = ["downloads", "likes", "lastModified", "tags", "gated", "pipeline_tag"]
+_EXPAND: Any = ["downloads", "likes", "lastModified", "tags", "gated", "pipeline_tag"]
+_LIBRARY_SORT: dict[str, Any] = {"downloads": "downloads", "recent": "last_modified"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class ModelSummary:
                 "formats": list(self.formats), "gated": self.gated, "pipeline_tag": self.pipeline_tag}
 
 
-def _summary(info: Any) -> ModelSummary:
+def _summary(info: ModelInfo) -> ModelSummary:
     tags = set(info.tags or ())
     return ModelSummary(
         repo_id=info.id,
@@ -75,24 +78,16 @@ def search_models(
         raise HubError(f"{sort!r} is not a search order; choose one of {', '.join(SORTS)}.")
     if limit < 1:
         raise HubError("Ask for at least one search result.")
-    from huggingface_hub import ModelInfo
-    from huggingface_hub.utils import get_session, hf_raise_for_status
-
     settings = settings or HubSettings.from_environment()
     check_online(settings)
+    api = settings.api()
     found: dict[str, ModelSummary] = {}
     for tag in ((GGUF, SAFETENSORS) if formats == "any" else (formats,)):
-        params: dict[str, Any] = {"filter": tag, "sort": "downloads" if sort == "downloads" else "lastModified",
-                                  "limit": limit, "expand": _EXPAND}
-        if text:
-            params["search"] = text
-        with translated(settings, None):
-            response = get_session().get(f"{settings.endpoint}/api/models", params=params,
-                                         headers=settings.headers(), timeout=settings.timeout_s)
-            hf_raise_for_status(response)
-            items = response.json()
-        for item in items if isinstance(items, list) else ():
-            summary = _summary(ModelInfo(**{"siblings": None, **item}))
+        with translated(settings, None), library_requests(settings):
+            infos = list(api.list_models(search=text or None, filter=tag, sort=_LIBRARY_SORT[sort], limit=limit,
+                                         expand=_EXPAND))
+        for info in infos:
+            summary = _summary(info)
             found.setdefault(summary.repo_id, summary)
 
     def order(summary: ModelSummary) -> tuple[float, str]:

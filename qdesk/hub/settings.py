@@ -1,7 +1,8 @@
 """Where the Hub is and how to talk to it: endpoint, cache folder, token, offline mode, timeouts and retries.
 
-Everything is read the standard huggingface_hub way, at call time: `HF_ENDPOINT`, `HF_HUB_CACHE` / `HF_HOME`,
-`HF_HUB_OFFLINE` (the environment now, or huggingface_hub's own constant read at its import), and the token from
+Everything is read the standard huggingface_hub way, at call time: `HF_ENDPOINT` (any server that speaks the Hub's
+API: the Hub, a public mirror, a self-hosted one), `HF_HUB_CACHE` / `HF_HOME` (`hub_cache_dir`), `HF_HUB_OFFLINE`
+(the environment now, or huggingface_hub's own constant read at its import), and the token from
 `huggingface_hub.get_token()` (HF_TOKEN, or the file `hf auth login` writes). The token is kept out of `repr` and
 is never printed or logged.
 """
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-__all__ = ["HubSettings", "RetryPolicy"]
+__all__ = ["HubSettings", "RetryPolicy", "hub_cache_dir"]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -40,15 +41,22 @@ def _env_true(name: str) -> bool:
     return (os.environ.get(name) or "").strip().upper() in _TRUE
 
 
-def _environment_cache_dir() -> Path:
-    """HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default (read at its import)."""
-    from huggingface_hub import constants
+def _environment_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(os.path.expandvars(value)).expanduser() if value else None
 
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache folder the environment names now, the way huggingface_hub resolves it at its import:
+    HF_HUB_CACHE, else the older HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub,
+    else ~/.cache/huggingface/hub. Read at every call (huggingface_hub's constant is fixed when it is imported)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if (folder := _environment_path(name)) is not None:
+            return folder
+    if (home := _environment_path("HF_HOME")) is not None:
+        return home / "hub"
+    cache = _environment_path("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return cache / "huggingface" / "hub"
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ class HubSettings:
             token = get_token()
         return cls(
             endpoint=endpoint.rstrip("/"),
-            cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else _environment_cache_dir(),
+            cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir(),
             token=token or None,
             offline=offline,
             timeout_s=timeout_s,

@@ -2,16 +2,22 @@
 
 The bytes go to `blobs/<etag>.incomplete`. A later call (after a pause, a lost connection or a killed process)
 asks the server for the rest only (`Range: bytes=<size of the partial file>-`); the bytes already there are read
-once to carry on the checksum. When the file is whole its SHA-256 (LFS files; the Hub's published checksum) or git
-blob id (small files) is compared with what the Hub announced; a mismatch deletes the partial file and raises
-ChecksumError, so a damaged file never takes the blob's name.
+once to carry on the checksum. A server that ignores the Range header (it answers 200 with the whole file) gets a
+fresh start: the partial file is rewritten from its first byte. When the file is whole it is compared with the
+checksum its server published (see `qdesk.hub.checksums`); a mismatch deletes the partial file and raises
+ChecksumError, so a damaged file never takes the blob's name. A size nobody announced before the transfer is taken
+from the response's headers (Content-Range, else Content-Length); without either, the file ends where the body
+ends.
+
+qdesk does this itself rather than through `hf_hub_download` for the reasons docs/hub.md gives (resuming after a
+pause or a killed process, a cancel from another thread, progress callbacks, the checksum before the blob is named);
+small files, where none of that matters, go through `hf_hub_download` (`qdesk.hub.download`).
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import hashlib
 import os
 import re
 import time
@@ -23,7 +29,9 @@ from typing import TYPE_CHECKING
 from converters.core.atomic import describe_os_error
 from converters.core.errors import OutputError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
-from qdesk.hub.cache import Digest, RepoCache, git_blob_id
+from converters.core.units import format_duration, format_size
+from qdesk.hub.cache import RepoCache
+from qdesk.hub.checksums import Digest, Expected
 from qdesk.hub.errors import ChecksumError, DownloadCancelled, HubConnectionError, HubError
 from qdesk.hub.http import interrupt, is_retryable, open_stream, translated, wait
 from qdesk.hub.settings import HubSettings
@@ -31,63 +39,11 @@ from qdesk.hub.settings import HubSettings
 if TYPE_CHECKING:
     import httpx2
 
-__all__ = ["Expected", "TransferMeter", "fetch_blob", "file_matches", "human_bytes", "human_seconds"]
+__all__ = ["FetchedBlob", "TransferMeter", "fetch_blob"]
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-def human_bytes(count: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count:.0f} bytes"
-
-
-def human_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What the Hub announced for a file: its size and checksum (SHA-256 for LFS files, else the git blob id)."""
-
-    size: int
-    sha256: str | None = None
-    git_blob_id: str | None = None
-
-    def new_digest(self) -> Digest:
-        return hashlib.sha256() if self.sha256 or not self.git_blob_id else git_blob_id(self.size)
-
-    def check(self, digest: Digest, name: str) -> str:
-        """The SHA-256 when it was the one computed (else ""); ChecksumError when the digest differs."""
-        value = digest.hexdigest()
-        wanted = self.sha256 or self.git_blob_id
-        if wanted is not None and value != wanted.lower():
-            kind = "SHA-256" if self.sha256 else "git blob id"
-            raise ChecksumError(f"{name} arrived damaged: its {kind} is {value[:12]}… but the Hub published "
-                                f"{wanted[:12]}…; the bad copy was deleted, so run the download again.")
-        return value if self.sha256 or not self.git_blob_id else ""
-
-
-def file_matches(path: Path, expected: Expected, cancel: CancelToken | None = None) -> bool:
-    """Whether the file at `path` has the expected size and checksum (read in full)."""
-    try:
-        if path.stat().st_size != expected.size:
-            return False
-        digest = expected.new_digest()
-        with path.open("rb") as file:
-            while block := file.read(4 * 1024 * 1024):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                digest.update(block)
-    except OSError:
-        return False
-    wanted = expected.sha256 or expected.git_blob_id
-    return wanted is None or digest.hexdigest() == wanted.lower()
+_UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
+_RANGE_NOT_SATISFIABLE = 416
 
 
 class TransferMeter:
@@ -110,6 +66,10 @@ class TransferMeter:
     def add_present(self, count: int) -> None:
         """Bytes already on disk: done, but not transferred (they do not count toward the speed)."""
         self.done += count
+
+    def expect(self, count: int) -> None:
+        """Bytes of a file whose size was learned only when its transfer began."""
+        self.total += count
 
     def discard(self, count: int) -> None:
         """Bytes counted as done that were thrown away (a partial file the server would not resume)."""
@@ -139,21 +99,21 @@ class TransferMeter:
             speed = self.bytes_per_second()
             message = self.current
             if speed:
-                message += f": {human_bytes(speed)}/s"
+                message += f": {format_size(speed)}/s"
                 if self.total > self.done:
-                    message += f", {human_seconds((self.total - self.done) / speed)} left"
+                    message += f", {format_duration((self.total - self.done) / speed)} left"
         self._progress(Progress(self.done, self.total, "bytes", message))
 
 
-def _resume_offset(partial: Path, expected: Expected) -> int:
+def _resume_offset(partial: Path, size: int | None) -> int:
     try:
-        size = partial.stat().st_size
+        length = partial.stat().st_size
     except FileNotFoundError:
         return 0
-    if size > expected.size:  # not a prefix of this file: start again
+    if size is not None and length > size:  # not a prefix of this file: start again
         os.truncate(partial, 0)
         return 0
-    return size
+    return length
 
 
 def _hash_prefix(partial: Path, length: int, digest: Digest, cancel: CancelToken | None) -> None:
@@ -177,6 +137,40 @@ def _range_start(response: httpx2.Response) -> int:
     return int(match.group(1))
 
 
+def _announced_size(response: httpx2.Response) -> int | None:
+    """The whole file's size as the response's headers give it: Content-Range's total for a part, Content-Length
+    for the whole (unless the body is encoded); None when they do not say."""
+    if response.status_code == 206:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        return int(match.group(3)) if match is not None and match.group(3) != "*" else None
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() and encoding in ("", "identity") else None
+
+
+def _unsatisfied_range_size(error: BaseException) -> int | None:
+    """For a 416 answer to a resumed request (the partial file is as long as the file, or longer): the size the
+    server gives in `Content-Range: bytes */<size>` (-1 when it gives none); None for any other error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cause = error.__cause__ if isinstance(error, HubError) else error
+    if not isinstance(cause, HfHubHTTPError) or cause.response is None:
+        return None
+    if cause.response.status_code != _RANGE_NOT_SATISFIABLE:
+        return None
+    match = _UNSATISFIED_RANGE.match(cause.response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match is not None else -1
+
+
+@dataclass(frozen=True)
+class FetchedBlob:
+    """A blob now in the cache: its size, and where the transfer that completed it started (0: from the first
+    byte; more: it carried on a partial file)."""
+
+    size: int
+    resumed_from: int
+
+
 class _EndedEarly(Exception):
     """The server closed the body before the file's last byte (a network error: retried)."""
 
@@ -192,17 +186,17 @@ def fetch_blob(
     meter: TransferMeter,
     cancel: CancelToken | None = None,
     keep_partial: bool = True,
-) -> str:
-    """Download `url` into the blob `etag` of `cache`, resuming a partial file; returns the SHA-256 it verified ("" for
-    a small file checked by its git blob id). A network error is retried with exponential backoff while the retries
-    last, then raised as HubConnectionError; the partial file stays for a later call unless `keep_partial` is False
-    (then it is deleted on any failure or cancel). A damaged download is always deleted."""
+) -> FetchedBlob:
+    """Download `url` into the blob `etag` of `cache`, resuming a partial file. A network error
+    is retried with exponential backoff while the retries last, then raised as HubConnectionError; the partial file
+    stays for a later call unless `keep_partial` is False (then it is deleted on any failure or cancel). A damaged
+    download is always deleted."""
     partial = cache.incomplete_path(etag)
     blob = cache.blob_path(etag)
     partial.parent.mkdir(parents=True, exist_ok=True)
     meter.current = name
     try:
-        return _fetch(settings, url, partial, blob, expected, name, meter, cancel, keep_partial)
+        return _Transfer(settings, url, partial, expected, name, meter, cancel, keep_partial).run(blob)
     except ChecksumError:
         partial.unlink(missing_ok=True)
         raise
@@ -212,80 +206,138 @@ def fetch_blob(
         raise
 
 
-def _fetch(settings: HubSettings, url: str, partial: Path, blob: Path, expected: Expected, name: str,
-           meter: TransferMeter, cancel: CancelToken | None, keep_partial: bool) -> str:
-    def then(done: int) -> str:
-        if keep_partial:
-            return (f"the {human_bytes(done)} already downloaded are kept, so run the same download again to "
+class _Transfer:
+    """The bytes of one file into its partial file, then checked and renamed to the blob."""
+
+    def __init__(self, settings: HubSettings, url: str, partial: Path, expected: Expected, name: str,
+                 meter: TransferMeter, cancel: CancelToken | None, keep_partial: bool) -> None:
+        self.settings, self.url, self.partial, self.expected, self.name = settings, url, partial, expected, name
+        self.meter, self.cancel, self.keep_partial = meter, cancel, keep_partial
+        self.size = expected.size
+        self.offset = 0
+        self.digest = expected.new_digest()
+        self.resumed_from = 0
+        self.unsized_total = 0
+        """While the size is unknown: the bytes this file added to the meter's total (those seen so far)."""
+
+    def then(self) -> str:
+        if self.keep_partial:
+            return (f"the {format_size(self.offset)} already downloaded are kept, so run the same download again to "
                     "resume")
         return "the partial file was deleted, so run the download again"
 
-    offset = _resume_offset(partial, expected)
-    digest = expected.new_digest()
-    if offset:
-        meter.report(f"{name}: checking the {human_bytes(offset)} already downloaded", force=True)
-        _hash_prefix(partial, offset, digest, cancel)
-    meter.add_present(offset)
-    failures = 0
-    while offset < expected.size or not partial.exists():
-        start = offset
-        unsubscribe = None
-        try:
-            def close_on_cancel(response: httpx2.Response) -> None:
-                nonlocal unsubscribe
-                if cancel is not None:
-                    unsubscribe = cancel.subscribe(lambda: interrupt(response))
+    def restart(self) -> None:
+        """Start again from the first byte (the counted bytes are taken off the meter)."""
+        self.meter.discard(self.offset)
+        self.offset, self.resumed_from, self.digest = 0, 0, self.expected.new_digest()
+        with self.partial.open("wb"):
+            pass
 
-            with translated(settings, None), \
-                    open_stream(settings, url, start=offset, on_open=close_on_cancel) as response:
-                if offset and response.status_code == 200:  # the server ignored the Range header: start again
-                    meter.discard(offset)
-                    offset, digest = 0, expected.new_digest()
-                elif offset and _range_start(response) != offset:
-                    raise HubError(f"The Hub sent {name} from the wrong place when resuming; run the download again.")
-                with partial.open("r+b" if offset else "wb") as out:
-                    out.seek(offset)
-                    out.truncate()
-                    for chunk in response.iter_bytes():  # as the bytes arrive: a pause keeps them all
-                        if cancel is not None and cancel.cancelled:
-                            raise DownloadCancelled("cancelled by the user", offset)
-                        out.write(chunk)
-                        out.flush()
-                        digest.update(chunk)
-                        offset += len(chunk)
-                        meter.advance(len(chunk))
-                        if offset > expected.size:
-                            raise ChecksumError(f"{name} arrived damaged: the Hub sent more than its "
-                                                f"{expected.size:,} bytes; the bad copy was deleted, so run the "
-                                                "download again.")
-            if offset < expected.size:
-                raise _EndedEarly
-        except (DownloadCancelled, ChecksumError):
-            raise
-        except OSError as error:
-            if cancel is not None and cancel.cancelled:
-                raise DownloadCancelled("cancelled by the user", offset) from None
-            if error.errno == errno.ENOSPC:
-                raise OutputError(f"The disk filled up while downloading {name} into {partial.parent}: free some "
-                                  f"space; {then(offset)}.") from error
-            raise OutputError(describe_os_error(error, partial)) from error
-        except Exception as error:
-            if cancel is not None and cancel.cancelled:
-                raise DownloadCancelled("cancelled by the user", offset) from None
-            if not (isinstance(error, _EndedEarly) or is_retryable(error)):
+    def learn_size(self, announced: int | None) -> None:
+        if announced is None:
+            return
+        if self.size is None:
+            self.size = announced
+            self.meter.expect(announced - self.unsized_total)
+            if self.offset > announced:
+                self.restart()
+        elif announced != self.size:
+            raise HubError(f"The server announced {self.size:,} bytes for {self.name} but sends {announced:,}; try "
+                           "again later.")
+
+    def run(self, blob: Path) -> FetchedBlob:
+        self.offset = self.resumed_from = _resume_offset(self.partial, self.size)
+        if self.offset:
+            self.meter.report(f"{self.name}: checking the {format_size(self.offset)} already downloaded", force=True)
+            _hash_prefix(self.partial, self.offset, self.digest, self.cancel)
+        self.meter.add_present(self.offset)
+        if self.size is None:  # what is there counts as done; the rest is added once the server says the size
+            self.meter.expect(self.offset)
+            self.unsized_total = self.offset
+        failures = 0
+        complete = self.size is not None and self.offset == self.size and self.partial.exists()
+        while not complete:
+            start = self.offset
+            try:
+                complete = self.receive()
+            except (DownloadCancelled, ChecksumError):
                 raise
-            failures = 1 if offset > start else failures + 1
-            if failures > settings.retry.attempts:
-                raise HubConnectionError(
-                    f"The connection to the Hub was lost while downloading {name} ({human_bytes(offset)} of "
-                    f"{human_bytes(expected.size)}) and {settings.retry.attempts} retries failed; {then(offset)}."
-                ) from error
-            delay = settings.retry.delay(failures)
-            meter.report(f"{name}: connection lost, retrying in {human_seconds(delay)}", force=True)
-            wait(delay, cancel)
+            except OSError as error:
+                if self.cancel is not None and self.cancel.cancelled:
+                    raise DownloadCancelled("cancelled by the user", self.offset) from None
+                if error.errno == errno.ENOSPC:
+                    raise OutputError(f"The disk filled up while downloading {self.name} into {self.partial.parent}: "
+                                      f"free some space; {self.then()}.") from error
+                raise OutputError(describe_os_error(error, self.partial)) from error
+            except Exception as error:
+                if self.cancel is not None and self.cancel.cancelled:
+                    raise DownloadCancelled("cancelled by the user", self.offset) from None
+                whole_size = _unsatisfied_range_size(error) if self.offset else None
+                if whole_size is not None:  # the partial file is no prefix the server can extend
+                    if whole_size == self.offset and self.size in (None, whole_size):
+                        self.learn_size(whole_size)
+                        complete = True
+                    else:
+                        self.restart()
+                    continue
+                if not (isinstance(error, _EndedEarly) or is_retryable(error)):
+                    raise
+                failures = 1 if self.offset > start else failures + 1
+                if failures > self.settings.retry.attempts:
+                    of = f" of {format_size(self.size)}" if self.size is not None else ""
+                    raise HubConnectionError(
+                        f"The connection to the Hub was lost while downloading {self.name} "
+                        f"({format_size(self.offset)}{of}) and {self.settings.retry.attempts} retries failed; "
+                        f"{self.then()}.") from error
+                delay = self.settings.retry.delay(failures)
+                self.meter.report(f"{self.name}: connection lost, retrying in {format_duration(delay)}", force=True)
+                wait(delay, self.cancel)
+        self.expected.check(self.digest, self.name)
+        os.replace(self.partial, blob)  # created by open(), so its mode follows the umask, as huggingface_hub's do
+        return FetchedBlob(self.offset, self.resumed_from)
+
+    def receive(self) -> bool:
+        """One GET of the rest of the file; True when the file is whole."""
+        unsubscribe: Callable[[], None] | None = None
+
+        def close_on_cancel(response: httpx2.Response) -> None:
+            nonlocal unsubscribe
+            if self.cancel is not None:
+                unsubscribe = self.cancel.subscribe(lambda: interrupt(response))
+
+        try:
+            with translated(self.settings, None), \
+                    open_stream(self.settings, self.url, start=self.offset, on_open=close_on_cancel) as response:
+                if self.offset and response.status_code == 200:  # the server ignored the Range header: start again
+                    self.restart()
+                elif self.offset and _range_start(response) != self.offset:
+                    raise HubError(f"The Hub sent {self.name} from the wrong place when resuming; run the download "
+                                   "again.")
+                self.learn_size(_announced_size(response))
+                self.write(response)
         finally:
             if unsubscribe is not None:
                 unsubscribe()
-    sha256 = expected.check(digest, name)
-    os.replace(partial, blob)  # created by open(), so its mode already follows the umask, as huggingface_hub's do
-    return sha256
+        if self.size is not None and self.offset < self.size:
+            raise _EndedEarly
+        return True
+
+    def write(self, response: httpx2.Response) -> None:
+        with self.partial.open("r+b" if self.offset else "wb") as out:
+            out.seek(self.offset)
+            out.truncate()
+            for chunk in response.iter_bytes():  # as the bytes arrive: a pause keeps them all
+                if self.cancel is not None and self.cancel.cancelled:
+                    raise DownloadCancelled("cancelled by the user", self.offset)
+                out.write(chunk)
+                out.flush()
+                self.digest.update(chunk)
+                self.offset += len(chunk)
+                if self.size is None and self.offset > self.unsized_total:
+                    self.meter.expect(self.offset - self.unsized_total)
+                    self.unsized_total = self.offset
+                self.meter.advance(len(chunk))
+                if self.size is not None and self.offset > self.size:
+                    raise ChecksumError(f"{self.name} arrived damaged: the server sent more than its "
+                                        f"{self.size:,} bytes; the bad copy was deleted, so run the download "
+                                        "again.")

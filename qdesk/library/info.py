@@ -47,8 +47,11 @@ from gguf import LlamaFileType
 
 from converters.core.errors import GGUFFileError
 from converters.core.gguf_file import GGUFHeader, check_gguf, open_gguf
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.units import format_count, format_size
 from converters.mix.report import PlanHeatmap, plan_heatmap
 from converters.quantization.plan import PlannedTensor, QuantPlan, type_name
+from qdesk.display.tables import text_table
 from qdesk.memory import (
     DEFAULT_N_CTX,
     FitVerdict,
@@ -135,9 +138,9 @@ def _file_type_name(value: int) -> str:
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Describe the GGUF file at `path` from its header alone; raises GGUFFileError if it is not a complete GGUF
-    file."""
+    file or describes a model llama.cpp cannot run (`check_model_gguf`)."""
     path = Path(path)
-    return model_info_from_header(path, check_gguf(path))
+    return model_info_from_header(path, check_model_gguf(path))
 
 
 def model_info_from_header(path: Path, header: GGUFHeader) -> ModelInfo:
@@ -224,18 +227,9 @@ def memory_report(
 
 # --- the text table -----------------------------------------------------------------------------
 
-def _count(n: int) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit} ({n:,})"
-    return f"{n:,}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
-    return f"{n:,} bytes"
+def _with_exact(rounded: str, exact: int, unit: str = "") -> str:
+    """"135M (134,515,008)"; the exact figure alone when rounding changed nothing."""
+    return f"{exact:,}{unit}" if exact < 1000 else f"{rounded} ({exact:,}{unit})"
 
 
 def _optional(value: int | None) -> str:
@@ -263,8 +257,8 @@ def render_text(info: ModelInfo, memory: MemoryReport | None = None) -> str:
         ("name", info.name),
         ("architecture", info.architecture or "-"),
         ("file type", file_type),
-        ("parameters", _count(info.parameters)),
-        ("size", _size(info.file_bytes)),
+        ("parameters", _with_exact(format_count(info.parameters), info.parameters)),
+        ("size", _with_exact(format_size(info.file_bytes), info.file_bytes, " bytes")),
         ("bits per weight", "-" if bpw is None else f"{bpw:.2f}"),
         ("context length", _optional(info.context_length)),
         ("layers", _optional(info.block_count)),
@@ -278,8 +272,7 @@ def render_text(info: ModelInfo, memory: MemoryReport | None = None) -> str:
     ]
     rows += [(f"general.{key}", _metadata_text(value))
              for key, value in info.general.items() if key not in _SHOWN_GENERAL]
-    width = max(len(label) for label, _ in rows)
-    text = "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    text = "\n".join(text_table(None, rows))
     if memory is not None:
         text += "\n\n" + render_memory_text(memory.estimate, memory.fit)
     return text

@@ -25,31 +25,33 @@ import os
 import re
 import shutil
 import sqlite3
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import GGUFFileError, OutputError, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import place_as_new
+from converters.core.paths import MODELS_DIR_ENV, models_dir
+from converters.core.units import format_count, format_size
+from qdesk.display.tables import text_table
+from qdesk.library.identity import ModelGroup, family_key, group_entries, shape_key
 from qdesk.library.info import ModelInfo, model_info_from_header
 
 __all__ = [
     "INDEX_NAME",
-    "MODELS_DIR_ENV",
     "Library",
     "LibraryEntry",
     "LibraryError",
     "RefreshSummary",
-    "default_models_dir",
     "render_text",
 ]
 
-MODELS_DIR_ENV = "QDESK_MODELS_DIR"
 INDEX_NAME = "library.sqlite3"
 SCHEMA_VERSION = 1
 _DB_TIMEOUT_S = 10.0
@@ -63,8 +65,10 @@ _UNREAD = "unread"  # stored only between discovering a file and reading it
 
 # folder kinds: how a registered folder is searched for models
 _GGUF_TREE = "gguf-tree"  # every *.gguf below it
+_HF_CACHE = "hf-cache"  # a Hugging Face cache: the *.gguf files of its snapshots, as huggingface_hub scans it
 _OLLAMA = "ollama"  # Ollama's models folder: GGUF blobs named through the manifests
 
+_GROUP_NAME = "group-name:"  # settings key prefix: the user's name for a model group
 _PROVENANCE_PREFIXES = ("qdesk.", "quantize.imatrix.")
 _PROVENANCE_GENERAL = ("source.", "base_model.")  # general.* keys saying what a conversion started from
 _OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -73,14 +77,6 @@ _OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 
 class LibraryError(UserError):
     """A library operation cannot be done: an unknown model name, a file that cannot be imported."""
-
-
-def default_models_dir() -> Path:
-    """`$QDESK_MODELS_DIR` when set, else `<platform data dir>/qdesk/models`."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_data_dir("qdesk", appauthor=False)) / "models"
 
 
 # --- one model as the library shows it ----------------------------------------------------------
@@ -106,6 +102,10 @@ class LibraryEntry:
     base_model: str
     variant: str
     provenance: dict[str, str] = field(hash=False)
+    shape_key: str | None = None
+    """Architecture and shape (`qdesk.library.identity.shape_key`); None when the header could not be read."""
+    family_key: str = ""
+    """The normalised family name (`qdesk.library.identity.family_key`)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; the keys are the field names."""
@@ -184,7 +184,7 @@ def _variant(facts: Mapping[str, Any] | None) -> str:
 
 def _read_facts(path: Path) -> dict[str, Any]:
     """Everything the index caches about one file; raises GGUFFileError for a broken one."""
-    header = check_gguf(path)
+    header = check_model_gguf(path)
     info: ModelInfo = model_info_from_header(path, header)
     facts = info.to_json()
     provenance = {key: str(value) for key, value in header.metadata.items()
@@ -261,23 +261,48 @@ def _find_ollama(models: Path) -> list[_Found]:
             if blob.is_file() and _has_gguf_magic(blob)]
 
 
-_FINDERS: dict[str, Callable[[Path], list[_Found]]] = {_GGUF_TREE: _find_gguf_tree, _OLLAMA: _find_ollama}
+def _find_hf_cache(cache: Path) -> list[_Found]:
+    """The GGUF files of a Hugging Face cache's snapshots, one per blob, through huggingface_hub's `scan_cache_dir`.
+    It leaves out a repository it finds damaged (one dangling link is enough): those are walked as a plain tree."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        scanned = scan_cache_dir(cache)
+    except (CacheNotFound, OSError, ValueError):
+        return _find_gguf_tree(cache)
+    found: dict[Path, _Found] = {}
+    for repo in sorted(scanned.repos, key=lambda repo: str(repo.repo_path)):
+        for revision in sorted(repo.revisions, key=lambda revision: revision.commit_hash):
+            for file in sorted(revision.files, key=lambda file: file.file_path):
+                if file.file_name.endswith(".gguf") and not file.file_name.startswith(".") and file.file_path.is_file():
+                    found.setdefault(file.file_path.resolve(), _Found(file.file_path))
+    scanned_folders = {repo.repo_path.resolve() for repo in scanned.repos}
+    for folder in sorted(cache.iterdir()):
+        if folder.is_dir() and "--" in folder.name and folder.resolve() not in scanned_folders:
+            for item in _find_gguf_tree(folder):
+                found.setdefault(item.path.resolve(), item)
+    return list(found.values())
+
+
+_FINDERS: dict[str, Callable[[Path], list[_Found]]] = {
+    _GGUF_TREE: _find_gguf_tree, _HF_CACHE: _find_hf_cache, _OLLAMA: _find_ollama}
 
 
 def _known_folders(home: Path | None) -> list[tuple[str, Path, str]]:
     """(label, folder, kind) for the other applications' model folders, from `home` or the environment."""
     if home is None:
-        from huggingface_hub import constants
+        from qdesk.hub.settings import hub_cache_dir
 
         user_home = Path.home()
-        hf_cache = Path(constants.HF_HUB_CACHE)
+        hf_cache = hub_cache_dir()
         ollama = Path(os.environ.get("OLLAMA_MODELS") or user_home / ".ollama" / "models")
     else:
         user_home = home
         hf_cache = home / ".cache" / "huggingface" / "hub"
         ollama = home / ".ollama" / "models"
     return [
-        ("hf-cache", hf_cache, _GGUF_TREE),
+        ("hf-cache", hf_cache, _HF_CACHE),
         ("lmstudio", user_home / ".lmstudio" / "models", _GGUF_TREE),
         ("lmstudio", user_home / ".cache" / "lm-studio" / "models", _GGUF_TREE),  # LM Studio before 0.3
         ("ollama", ollama, _OLLAMA),
@@ -311,6 +336,14 @@ CREATE TABLE IF NOT EXISTS settings (
     value  TEXT NOT NULL
 );
 """
+_COLUMNS = {
+    "files": ("path", "id", "source", "folder", "alias", "origin", "hidden", "size", "mtime_ns", "status", "problem",
+              "facts"),
+    "folders": ("path", "label", "kind"),
+    "settings": ("key", "value"),
+}
+REBUILD_HINT = ("run `qdesk models scan --rebuild` to set it aside and index the models folder again "
+                "(nothing is deleted)")
 
 
 @dataclass
@@ -345,34 +378,75 @@ class Library:
     """The index of the user's GGUF files; every method opens the SQLite index briefly, so any thread may call."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_models_dir()
+        self.root = Path(root).expanduser() if root is not None else models_dir()
         self.index_path = self.root / INDEX_NAME
+        self._schema_checked = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with self._connect():
-                pass
+            connection = sqlite3.connect(self.index_path, timeout=_DB_TIMEOUT_S)
+            connection.close()
         except (OSError, sqlite3.Error) as error:
             raise LibraryError(f"Cannot open the model library in {self.root} ({error}); choose a models folder "
                                f"you can write to (set {MODELS_DIR_ENV}).") from error
+        with self._connect():
+            pass
 
     # --- the index ---
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        connection = sqlite3.connect(self.index_path, timeout=_DB_TIMEOUT_S)
+        try:
+            connection = sqlite3.connect(self.index_path, timeout=_DB_TIMEOUT_S)
+        except sqlite3.Error as error:
+            raise LibraryError(f"Cannot open the model index {self.index_path} ({error}); check the models folder's "
+                               f"permissions, or choose another one (set {MODELS_DIR_ENV}).") from error
         try:
             connection.row_factory = sqlite3.Row
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LibraryError(f"The model index {self.index_path} was written by a newer qdesk; update qdesk "
-                                   f"or choose another models folder (set {MODELS_DIR_ENV}).")
-            if version < SCHEMA_VERSION:
-                with connection:
-                    connection.executescript(_SCHEMA)
-                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._prepare(connection)
             yield connection
+        except sqlite3.OperationalError as error:
+            message = str(error)
+            if "locked" in message or "busy" in message:
+                raise LibraryError(f"The model index {self.index_path} stayed locked by another qdesk for "
+                                   f"{_DB_TIMEOUT_S:.0f} s; try again when it has finished.") from error
+            if any(cause in message for cause in ("readonly", "unable to open", "disk I/O", "is full")):
+                raise LibraryError(f"Cannot write the model index {self.index_path} ({error}); check the models "
+                                   f"folder's permissions and free space, or choose another one (set "
+                                   f"{MODELS_DIR_ENV}).") from error
+            raise self._unreadable(error) from error
+        except sqlite3.DatabaseError as error:
+            raise self._unreadable(error) from error
         finally:
             connection.close()
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        """Create the schema in a new index; refuse one from a newer qdesk or one that is not qdesk's."""
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LibraryError(f"The model index {self.index_path} was written by a newer qdesk; update qdesk "
+                               f"or choose another models folder (set {MODELS_DIR_ENV}).")
+        if version < SCHEMA_VERSION:
+            with connection:
+                connection.execute("BEGIN IMMEDIATE")
+                if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    self._check_schema(connection)
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
+                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if not self._schema_checked:
+            self._check_schema(connection)
+            self._schema_checked = True
+
+    def _check_schema(self, connection: sqlite3.Connection) -> None:
+        """Raise LibraryError when a table qdesk uses exists without the columns qdesk needs."""
+        for table, columns in _COLUMNS.items():
+            present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+            if present and not set(columns) <= present:
+                raise self._unreadable(f"its table {table} lacks {', '.join(sorted(set(columns) - present))}")
+
+    def _unreadable(self, reason: object) -> LibraryError:
+        return LibraryError(f"The model index {self.index_path} is damaged or not qdesk's ({reason}); {REBUILD_HINT}.")
 
     def _rows(self, connection: sqlite3.Connection, *, hidden: bool = False) -> list[_Row]:
         query = "SELECT * FROM files" + ("" if hidden else " WHERE hidden = 0") + " ORDER BY id"
@@ -388,6 +462,8 @@ class Library:
 
     def _add(self, connection: sqlite3.Connection, found: _Found, source: str, folder: Path | None,
              origin: Path | None = None) -> _Row:
+        if not connection.in_transaction:
+            connection.execute("BEGIN IMMEDIATE")  # choosing a free id and taking it: one step for every process
         stem = found.path.name.removesuffix(".gguf") if found.path.name.endswith(".gguf") else found.path.name
         if found.alias is None and stem.startswith("sha256-"):
             stem = stem[:19]  # an unnamed Ollama blob: a short digest is name enough
@@ -427,13 +503,32 @@ class Library:
         return sorted(entries, key=lambda e: (e.base_model.casefold(), -e.bytes, e.id.casefold()))
 
     def groups(self) -> dict[str, list[LibraryEntry]]:
-        """base model -> its variants, largest file first; groups match base models case-insensitively."""
-        grouped: dict[str, list[LibraryEntry]] = {}
-        names: dict[str, str] = {}
-        for entry in self.entries():
-            key = entry.base_model.casefold()
-            grouped.setdefault(names.setdefault(key, entry.base_model), []).append(entry)
-        return grouped
+        """model name -> its variants, largest file first: files of one model's identity (architecture, shape and
+        family name, `qdesk.library.identity`) together, under the name the user gave the group if any."""
+        return {group.name: list(group.entries) for group in self.model_groups()}
+
+    def model_groups(self) -> list[ModelGroup]:
+        """The models and their variants, with each group's key (for `rename_group`)."""
+        return group_entries(self.entries(), self._group_names())
+
+    def _group_names(self) -> dict[str, str]:
+        with self._connect() as connection:
+            rows = connection.execute("SELECT key, value FROM settings WHERE key LIKE ?", (_GROUP_NAME + "%",))
+            return {key.removeprefix(_GROUP_NAME): value for key, value in rows}
+
+    def rename_group(self, key: str, name: str) -> None:
+        """Show the group `key` (`ModelGroup.key`) as `name`; an empty name goes back to the one the files give."""
+        name = " ".join(name.split())
+        with self._connect() as connection, connection:
+            if name:
+                connection.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (_GROUP_NAME + key, name))
+            else:
+                connection.execute("DELETE FROM settings WHERE key = ?", (_GROUP_NAME + key,))
+
+    def group_of(self, name: str) -> ModelGroup:
+        """The group holding the model `name` (an id or a path, as `find` takes)."""
+        entry = self.find(name)
+        return next(group for group in self.model_groups() if entry in group.entries)
 
     def find(self, name: str) -> LibraryEntry:
         """The entry whose id (case-insensitively) or path is `name`; LibraryError listing close names if none."""
@@ -510,14 +605,16 @@ class Library:
             return existing
         facts = _read_facts(source)  # raises GGUFFileError for anything that is not a complete GGUF
 
-        target = self._free_target_name(source.name if source.suffix == ".gguf" else source.name + ".gguf")
+        name = source.name if source.suffix == ".gguf" else source.name + ".gguf"
         if link:
-            _link(absolute.resolve(), target)
+            target = _link(absolute.resolve(), self.root, name)
         else:
-            check_free_space(target, source.stat().st_size)
-            with atomic_output(target) as temporary:
+            check_free_space(self.root / name, source.stat().st_size)
+            staging = self.root / f".{name}.import-{uuid.uuid4().hex[:12]}"
+            with atomic_output(staging) as temporary:
                 _copy_file(source, temporary, progress or no_progress, cancel)
                 shutil.copystat(source, temporary)  # keep the mtime, so the copy can be recognised
+            target = place_as_new(staging, self.root, name)  # a name no other file has, taken atomically
         after = target.stat()
         with self._connect() as connection, connection:
             row = self._add(connection, _Found(target), IMPORTED, None, origin=absolute)
@@ -541,13 +638,6 @@ class Library:
                     return _entry(row)
         return None
 
-    def _free_target_name(self, name: str) -> Path:
-        target = self.root / name
-        stem, n = name.removesuffix(".gguf"), 2
-        while target.exists() or target.is_symlink():
-            target, n = self.root / f"{stem}-{n}.gguf", n + 1
-        return target
-
     def register_folder(self, folder: str | os.PathLike[str], label: str = "folder",
                         progress: ProgressFn | None = None) -> list[LibraryEntry]:
         """Register a folder read-only (its *.gguf files, searched recursively) and index what it holds now."""
@@ -561,6 +651,15 @@ class Library:
             connection.execute("INSERT OR REPLACE INTO folders VALUES (?,?,?)", (str(folder), label, kind))
         self.refresh(progress)
         return [entry for entry in self.entries() if entry.path.is_relative_to(folder)]
+
+    def register_hf_cache(self, folder: str | os.PathLike[str] | None = None,
+                          progress: ProgressFn | None = None) -> list[LibraryEntry]:
+        """Register a Hugging Face cache read-only (default: the one HF_HUB_CACHE / HF_HOME name now) and index the
+        GGUF files of its snapshots."""
+        from qdesk.hub.settings import hub_cache_dir
+
+        cache = Path(folder).expanduser() if folder is not None else hub_cache_dir()
+        return self._register(cache, "hf-cache", _HF_CACHE, progress)
 
     def register_known_folders(self, home: str | os.PathLike[str] | None = None,
                                progress: ProgressFn | None = None) -> list[str]:
@@ -576,6 +675,31 @@ class Library:
                 if label not in labels:
                     labels.append(label)
         return labels
+
+    @classmethod
+    def rebuilt(cls, root: str | os.PathLike[str] | None = None) -> tuple[Library, Path | None]:
+        """A new index for the models folder `root`: the old one (damaged, foreign, or merely old) is renamed aside,
+        never deleted, and its registered folders are carried over when it can still be read; the models folder's
+        own files are indexed again. Returns the library and where the old index went (None if there was none)."""
+        root = Path(root).expanduser() if root is not None else models_dir()
+        index = root / INDEX_NAME
+        folders = _registered_folders(index)
+        kept: Path | None = None
+        if index.exists():
+            kept = index.with_name(f"{INDEX_NAME}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                index.rename(kept)
+                journal = index.with_name(index.name + "-journal")
+                if journal.exists():
+                    journal.rename(kept.with_name(kept.name + "-journal"))
+            except OSError as error:
+                raise LibraryError(f"Cannot set the model index {index} aside ({error.strerror or error}); check the "
+                                   "models folder's permissions.") from error
+        library = cls(root)
+        with library._connect() as connection, connection:
+            connection.executemany("INSERT OR REPLACE INTO folders VALUES (?,?,?)", folders)
+        library.refresh()
+        return library, kept
 
     def ensure_starter(self) -> LibraryEntry | None:
         """Register the starter model read-only in place the first time; None if its package is missing.
@@ -620,6 +744,23 @@ class Library:
                 connection.execute("UPDATE files SET hidden = 1 WHERE path = ?", (str(entry.path),))
 
 
+def _registered_folders(index: Path) -> list[tuple[str, str, str]]:
+    """(path, label, kind) of the folders an index registered, read-only; none when it cannot be read."""
+    if not index.is_file():
+        return []
+    try:
+        connection = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True, timeout=_DB_TIMEOUT_S)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = connection.execute("SELECT path, label, kind FROM folders").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        connection.close()
+    return [(str(path), str(label), str(kind)) for path, label, kind in rows if kind in _FINDERS]
+
+
 def _find_gguf_tree_top(folder: Path) -> list[_Found]:
     """The models folder's own files (imports, and GGUFs the user dropped in), not its subfolders."""
     return [_Found(path) for path in sorted(folder.glob("*.gguf"))
@@ -642,17 +783,28 @@ def _copy_file(source: Path, target: Path, progress: ProgressFn, cancel: CancelT
             progress(Progress(done, total, "bytes", f"copying {source.name}"))
 
 
-def _link(source: Path, target: Path) -> None:
-    try:
-        target.symlink_to(source)
-        return
-    except OSError:
-        pass
-    try:
-        os.link(source, target)  # Windows without the right to make symbolic links
-    except OSError as error:
-        raise LibraryError(f"Cannot link {source} into {target.parent} ({error.strerror or error}); import it "
-                           "without --link to copy it instead.") from error
+def _link(source: Path, folder: Path, name: str) -> Path:
+    """A link to `source` in `folder` named `name`, or `stem-2.gguf`, … when taken: making the link takes the name,
+    atomically."""
+    stem, number = name.removesuffix(".gguf"), 1
+    while True:
+        target = folder / (name if number == 1 else f"{stem}-{number}.gguf")
+        number += 1
+        try:
+            target.symlink_to(source)
+            return target
+        except FileExistsError:
+            continue
+        except OSError:
+            pass
+        try:
+            os.link(source, target)  # Windows without the right to make symbolic links
+            return target
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise LibraryError(f"Cannot link {source} into {folder} ({error.strerror or error}); import it "
+                               "without --link to copy it instead.") from error
 
 
 def _missing_problem(path: Path) -> str:
@@ -708,36 +860,19 @@ def _entry(row: _Row) -> LibraryEntry:
         base_model=_base_model(facts, row.alias or stem, prefer_file_name=row.source == STARTER),
         variant=_variant(facts),
         provenance=dict((facts or {}).get("provenance") or {}),
+        shape_key=shape_key(facts) if status == OK else None,
+        family_key=family_key(facts, _base_model(facts, row.alias or stem, prefer_file_name=True)),
     )
 
 
 # --- the text table -----------------------------------------------------------------------------
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _parameters(n: int | None) -> str:
-    if not n:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
 
 def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry]]) -> str:
     """An aligned table, one block per base model ("Base: F16, Q8_0, …"), one row per variant."""
     if isinstance(entries, Mapping):
         grouped = {name: list(variants) for name, variants in entries.items()}
     else:
-        grouped = {}
-        names: dict[str, str] = {}
-        for entry in sorted(entries, key=lambda e: (e.base_model.casefold(), -e.bytes, e.id.casefold())):
-            grouped.setdefault(names.setdefault(entry.base_model.casefold(), entry.base_model), []).append(entry)
+        grouped = {group.name: list(group.entries) for group in group_entries(list(entries))}
     if not grouped:
         return "No models in the library yet; add one with `qdesk models import FILE.gguf`."
     header = ("name", "variant", "size", "bpw", "params", "context", "chat", "source", "status")
@@ -746,22 +881,17 @@ def render_text(entries: Iterable[LibraryEntry] | Mapping[str, list[LibraryEntry
         rows = [(
             entry.id,
             entry.variant,
-            _size(entry.bytes),
+            format_size(entry.bytes),
             "-" if entry.bpw is None else f"{entry.bpw:.2f}",
-            _parameters(entry.parameters),
+            format_count(entry.parameters) if entry.parameters else "-",
             "-" if entry.context_length is None else str(entry.context_length),
             "yes" if entry.has_chat_template else "no",
             entry.source + (" (read-only)" if entry.read_only and entry.source != STARTER else ""),
             entry.status if entry.problem is None else f"{entry.status}: {entry.problem}",
         ) for entry in variants]
         blocks.append((f"{base}: " + ", ".join(entry.variant for entry in variants), rows))
-    widths = [max(len(row[i]) for _, rows in blocks for row in [header, *rows]) for i in range(len(header) - 1)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = (cell.ljust(width) for cell, width in zip(cells, widths, strict=False))
-        return "  " + "  ".join(padded) + "  " + cells[-1]
-
-    out = [line(tuple(h.upper() for h in header)).rstrip()]
+    lines = iter(text_table([h.upper() for h in header], [row for _, rows in blocks for row in rows], indent="  "))
+    out = [next(lines)]
     for title, rows in blocks:
-        out += ["", title, *(line(row).rstrip() for row in rows)]
+        out += ["", title, *(next(lines) for _ in rows)]
     return "\n".join(out)

@@ -28,9 +28,7 @@ the quantized KV types are estimated (and measured) with flash attention on.
 GPU splits follow the placement rules above; they are verified on a CPU-only machine only.
 """
 
-from qdesk.display.units import SizeError, format_size, parse_size
 from qdesk.memory.allocation import (
-    PROBE_MODULE,
     AllocationLog,
     AllocationLogError,
     MeasuredAllocation,
@@ -64,7 +62,6 @@ __all__ = [
     "DEFAULT_RAM_HEADROOM",
     "DEFAULT_VRAM_HEADROOM",
     "KV_TYPES",
-    "PROBE_MODULE",
     "AllocationLog",
     "AllocationLogError",
     "FitVerdict",
@@ -74,19 +71,16 @@ __all__ = [
     "MemorySplit",
     "MiB",
     "ModelShape",
-    "SizeError",
     "available_ram",
     "available_vram",
     "check_fit",
     "check_fit_for_shape",
     "estimate_for_shape",
     "estimate_memory",
-    "format_size",
     "max_gpu_layers",
     "max_gpu_layers_for_shape",
     "measure_allocation",
     "parse_allocation_log",
-    "parse_size",
     "read_model_shape",
     "read_model_shape_from_prefix",
     "render_memory_text",

@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from qdesk.display.units import format_size
+import psutil
+
+from converters.core.units import format_size
 from qdesk.memory.estimate import (
     DEFAULT_N_CTX,
     DEFAULT_RAM_HEADROOM,
@@ -19,12 +21,6 @@ from qdesk.memory.shape import ModelShape, read_model_shape
 
 def available_ram() -> int:
     """Bytes of system memory available to a new process now."""
-    try:
-        import psutil
-    except ImportError:  # psutil comes with the test tools, not with qdesk itself
-        from qdesk.chat.compare import available_memory
-
-        return available_memory()
     return int(psutil.virtual_memory().available)
 
 

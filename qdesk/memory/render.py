@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qdesk.display.units import format_size
+from converters.core.units import format_size
+from qdesk.display.tables import text_table
 from qdesk.memory.estimate import MemoryEstimate
 from qdesk.memory.fit import FitVerdict
 
@@ -19,9 +20,7 @@ def render_memory_text(estimate: MemoryEstimate, verdict: FitVerdict | None = No
             ("total", estimate.ram_bytes, estimate.vram_bytes, estimate.total_bytes)]
     cells = [[row[0], *(cell if isinstance(cell, str) else format_size(cell) if cell else "-" for cell in row[1:])]
              for row in rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(4)]
-    lines += ["  " + "  ".join(cell.ljust(widths[0]) if column == 0 else cell.rjust(widths[column])
-                               for column, cell in enumerate(row)).rstrip() for row in cells]
+    lines += text_table(None, cells, right={1, 2, 3}, indent="  ")
     if verdict is not None:
         lines.append(verdict.summary)
     return "\n".join(lines)

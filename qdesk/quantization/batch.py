@@ -6,14 +6,13 @@ the reference GGUF and the importance matrix, computed once for every choice tha
 through `converters.core.atomic.atomic_output`, so a cancelled or failed step leaves no file behind; the converted
 reference lives in a hidden temporary folder of the output folder unless the request keeps it, and `close()`
 removes that folder. Every finished GGUF is added to the library when one is given. Convert, calibrate and
-quantize each run in a child process (`qdesk.app.isolated`), so the caller's event loop keeps the GIL and a native
-crash ends only the step.
+quantize each run in a child process (`converters.core.isolation`), so the caller's event loop keeps the GIL and a
+native crash ends only the step.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +20,17 @@ from typing import Any
 
 from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX, CalibrationResult, CalibrationText, calibrate
 from converters.calibration.imatrix import ImportanceMatrix
+from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.leftovers import temporary_folder
+from converters.core.units import format_size
 from converters.mix.allocate import MixBudget
 from converters.quantization.presets import preset_named
 from converters.quantization.quantize import NONE, QuantizeResult, quantize, reference_outtype, variant_file_name
 from converters.writing.convert import ConversionResult, convert_checkpoint
-from qdesk.app.isolated import run_isolated
 from qdesk.library.store import Library, LibraryEntry
-from qdesk.memory import format_size
 
 __all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files"]
-
-_TEMPORARY_PREFIX = ".qdesk-reference-"
 
 StepWork = Callable[[ProgressFn, CancelToken], "StepOutcome"]
 
@@ -102,8 +100,9 @@ class BatchStep:
     """"convert", "calibrate", or the variant's type label."""
     title: str
     work: StepWork
-    required: bool
-    """The later steps need this one: when it fails or is cancelled, they cannot run."""
+    needs: tuple[str, ...] = ()
+    """The keys of the earlier steps this one uses (the reference, the importance matrix): when one of them fails
+    or is cancelled, this step cannot run; the others still can."""
 
 
 @dataclass
@@ -130,14 +129,18 @@ class VariantBatch:
 
     def steps(self) -> list[BatchStep]:
         steps: list[BatchStep] = []
+        reference: tuple[str, ...] = ()
         if self._is_checkpoint():
-            steps.append(BatchStep("convert", "Convert to GGUF", self._convert, True))
-        if self._needs_matrix():
-            steps.append(BatchStep("calibrate", "Importance matrix", self._calibrate, True))
+            steps.append(BatchStep("convert", "Convert to GGUF", self._convert))
+            reference = ("convert",)
+        matrix = self._needs_matrix()
+        if matrix:
+            steps.append(BatchStep("calibrate", "Importance matrix", self._calibrate, reference))
         for choice in self.request.choices:
+            needs = reference + (("calibrate",) if matrix and choice.uses_imatrix else ())
             steps.append(BatchStep(choice.type_label, f"Quantize {choice.label}",
                                    lambda progress, cancel, choice=choice: self._quantize(choice, progress, cancel),
-                                   False))
+                                   needs))
         return steps
 
     def texts(self) -> tuple[CalibrationText, ...] | None:
@@ -155,7 +158,7 @@ class VariantBatch:
         source = Path(self.request.source)
         folder = self.request.output_folder
         if not self.request.keep_reference:
-            self._scratch = Path(tempfile.mkdtemp(prefix=_TEMPORARY_PREFIX, dir=folder))
+            self._scratch = temporary_folder(folder, "reference")
             folder = self._scratch
         outtype = reference_outtype(source if source.is_dir() else source.parent)
         result: ConversionResult = run_isolated(

@@ -1,11 +1,12 @@
 """What each quantization choice will weigh, and whether it fits this machine, told before anything runs.
 
-For a float GGUF the preset sizes are llama.cpp's own: a dry run of its quantizer per preset (`preset_plan`), exact
-to the tensor. A Hugging Face checkpoint cannot be read by llama.cpp, so its sizes are estimates from the weight
-files' headers (no weight is loaded): every matrix at the preset's main type (or the type llama.cpp falls back to
-when the rows do not fill whole blocks), vectors at F32, plus the tokenizer's share of the header. llama.cpp's
-presets give a few tensors more bits (Q4_K_M stores `output.weight` and half the `attn_v`/`ffn_down` matrices as
-Q6_K), so these estimates run a few percent low and are marked approximate.
+The preset sizes are llama.cpp's own: a dry run of its quantizer per preset (`preset_plan`, the dry run `quantize
+--like` uses), so each preset's own type rules apply (Q4_K_M's Q6_K `output.weight` and half its `attn_v` and
+`ffn_down` matrices, the fallbacks for rows that do not fill whole blocks), exact to the tensor. A Hugging Face
+checkpoint cannot be read by llama.cpp, so it is planned through its skeleton: the GGUF qdesk's converter would
+write, header, tokenizer and tensor table exactly, with the tensor data left a hole
+(`converters.writing.convert.write_skeleton`, in a child process, into a temporary folder); no weight is read or
+written.
 
 The memory verdict is `qdesk.memory.check_fit_for_shape` for the model's shape with the variant's tensor bytes
 (`qdesk.hub.fit.resized_shape`), against the RAM available now and the free VRAM of this machine's GPUs.
@@ -15,16 +16,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGMLQuantizationType
-
 from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
-from converters.quantization.plan import fits, tensor_bytes, type_name
-from converters.quantization.presets import preset_named
+from converters.core.leftovers import temporary_folder
+from converters.core.units import format_size
+from converters.quantization.plan import tensor_bytes, type_name
 from converters.quantization.quantize import preset_plan, reference_outtype
 from converters.reading.architectures.base import ModelConfig
 from converters.reading.checkpoint import open_checkpoint, read_config, resolve_checkpoint_folder
@@ -33,17 +37,11 @@ from qdesk.hub.fit import resized_shape
 from qdesk.memory import DEFAULT_N_CTX, FitVerdict, ModelShape, available_ram, check_fit_for_shape, read_model_shape
 
 __all__ = ["PRESET_CHOICES", "ChoiceSize", "Machine", "ReferenceTensor", "SizePreview", "SourceModel",
-           "estimated_preset_bytes", "fit_for_size", "preset_file_bytes", "preview_sizes", "read_source",
-           "this_machine"]
+           "fit_for_size", "planning_gguf", "preset_file_bytes", "preview_sizes", "read_source", "this_machine"]
 
 PRESET_CHOICES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 """The presets offered side by side (the ones `qdesk quantize --preset` lists first)."""
 
-_FALLBACK_TYPES = {"q2_K": "iq4_nl", "q3_K": "iq4_nl", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0"}
-"""llama.cpp's substitute for a k-quant whose 256-value blocks do not fit a tensor's rows."""
-_OUTPUT_TYPE = "q6_K"
-"""What llama.cpp's presets below Q8_0 give the output matrix."""
-_PRESET_VARIANT = re.compile(r"_[SML]$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _OUTPUT_NAMES = re.compile(r"(^|\.)(lm_head\.weight|norm\.weight)$")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -109,7 +107,7 @@ class SizePreview:
 
     def mix(self, file_bytes: int) -> ChoiceSize:
         """A sensitivity mix of at most `file_bytes` (the budget is its size)."""
-        return ChoiceSize(f"mix {file_bytes / 1e6:.1f} MB", file_bytes, False,
+        return ChoiceSize(f"mix {format_size(file_bytes)}", file_bytes, False,
                           fit_for_size(self.source, file_bytes, self.machine))
 
     def mix_range(self) -> tuple[int, int]:
@@ -139,7 +137,7 @@ def read_source(path: str | Path) -> SourceModel:
 
 
 def _gguf_source(path: Path) -> SourceModel:
-    header = check_gguf(path)
+    header = check_model_gguf(path)
     tensors = tuple(ReferenceTensor(t.name, tuple(int(d) for d in t.shape), type_name(t.type)) for t in header.tensors)
     header_bytes = path.stat().st_size - sum(t.n_bytes for t in header.tensors)
     return SourceModel(path, False, tensors, header_bytes, read_model_shape(path))
@@ -218,31 +216,33 @@ def _checkpoint_shape(config: ModelConfig, tensors: Sequence[ReferenceTensor], t
     )
 
 
-def _main_type(preset: str) -> str:
-    """The type a preset gives most matrices: Q4_K_M → q4_K, Q8_0 → q8_0."""
-    return type_name(GGMLQuantizationType[_PRESET_VARIANT.sub("", preset_named(preset).name)])
+@contextmanager
+def planning_gguf(source: SourceModel, cancel: CancelToken | None = None) -> Iterator[Path]:
+    """A GGUF llama.cpp can plan `source` from: the source itself, or a checkpoint's skeleton in a temporary
+    folder, removed afterwards."""
+    if not source.is_checkpoint:
+        yield source.path
+        return
+    from converters.writing.convert import write_skeleton
+
+    folder = temporary_folder(None, "sizes")
+    try:
+        skeleton = folder / "skeleton.gguf"
+        run_isolated(write_skeleton, {"source": source.path, "output": skeleton,
+                                      "outtype": reference_outtype(source.path)},
+                     cancel=cancel, what="reading the checkpoint's tensor table")
+        yield skeleton
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def estimated_preset_bytes(source: SourceModel, preset: str) -> int:
-    """About the file size `preset` makes of `source`, from tensor shapes alone (see the module's notes)."""
-    main = _main_type(preset)
-    total = source.header_bytes
-    for tensor in source.tensors:
-        chosen = tensor.type
-        if len(tensor.shape) >= 2 and tensor.type != "f32":
-            wanted = _OUTPUT_TYPE if tensor.name == source.output_tensor and main != "q8_0" else main
-            chosen = wanted if fits(wanted, tensor.shape[0]) else _FALLBACK_TYPES.get(wanted, tensor.type)
-            if not fits(chosen, tensor.shape[0]):
-                chosen = tensor.type
-        total += tensor_bytes(chosen, tensor.shape)
-    return total
-
-
-def preset_file_bytes(source: SourceModel, preset: str) -> tuple[int, bool]:
-    """(file size, exact): llama.cpp's dry run for a GGUF, the shape estimate for a checkpoint."""
-    if source.is_checkpoint:
-        return estimated_preset_bytes(source, preset), False
-    return source.header_bytes + preset_plan(source.path, preset).n_bytes, True
+def preset_file_bytes(source: SourceModel, preset: str, planned: Path | None = None) -> int:
+    """The file size `preset` makes of `source`: the header plus llama.cpp's plan (a dry run) of the GGUF `planned`
+    (default: the source; a checkpoint's skeleton from `planning_gguf`)."""
+    gguf = planned or source.path
+    header = check_gguf(gguf)
+    header_bytes = gguf.stat().st_size - sum(tensor.n_bytes for tensor in header.tensors)
+    return header_bytes + preset_plan(gguf, preset).n_bytes
 
 
 def fit_for_size(source: SourceModel, file_bytes: int, machine: Machine, n_ctx: int = DEFAULT_N_CTX) -> FitVerdict:
@@ -259,9 +259,10 @@ def preview_sizes(path: str | Path, presets: Sequence[str] = PRESET_CHOICES, *, 
     source = read_source(path)
     machine = this_machine()
     sizes: dict[str, ChoiceSize] = {}
-    for done, preset in enumerate(presets, start=1):
-        cancel.raise_if_cancelled()
-        file_bytes, exact = preset_file_bytes(source, preset)
-        sizes[preset] = ChoiceSize(preset, file_bytes, exact, fit_for_size(source, file_bytes, machine))
-        progress(Progress(done, len(presets) + 1, "presets", f"sized {preset}"))
+    with planning_gguf(source, cancel) as planned:
+        for done, preset in enumerate(presets, start=1):
+            cancel.raise_if_cancelled()
+            file_bytes = preset_file_bytes(source, preset, planned)
+            sizes[preset] = ChoiceSize(preset, file_bytes, True, fit_for_size(source, file_bytes, machine))
+            progress(Progress(done, len(presets) + 1, "presets", f"sized {preset}"))
     return SizePreview(source, machine, sizes)

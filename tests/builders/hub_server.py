@@ -4,11 +4,18 @@ Two threaded HTTP servers on 127.0.0.1: the Hub itself (`endpoint`) and a "CDN" 
 Hub, where LFS files live:
 
 * `GET /api/models?search=…&filter=…&sort=…&limit=…` — search (`HfApi.list_models`)
+* `GET /api/whoami-v2` — the token's owner, "tester" for `HubServer.token` (`HfApi.whoami`)
 * `GET /api/models/<owner>/<name>[/revision/<rev>]` — repository info with `siblings` (sizes, blob ids, LFS
   SHA-256) (`HfApi.model_info(files_metadata=True)`)
 * `HEAD|GET /<owner>/<name>/resolve/<rev>/<path>` — a small file: 200 with `ETag` (its git blob id) and
   `X-Repo-Commit`; an LFS file: 302 to the CDN with `X-Linked-Etag` (its SHA-256), `X-Linked-Size`, `X-Repo-Commit`
 * `HEAD|GET <cdn>/blobs/<sha256>` — the LFS file's bytes; both servers answer `Range: bytes=a-[b]` with 206
+
+Other servers speak the same API with less: `HubServer(listing_metadata=False)` lists file names only (no size, git
+blob id or LFS metadata, as some mirrors do), `ranges=False` ignores every Range header (200 with the whole file),
+and `hub_headers=False` is a plain mirror that serves every file itself with an opaque ETag (`"<crc32>-<size>"`, like
+a static file server's), no X-Linked-* headers and no size in its HEAD answers. `api_status` answers every `/api/`
+request with that HTTP status (a server in trouble).
 
 Gated repositories want `Authorization: Bearer <token>` on resolve (401, or 403 for a wrong token, with
 `X-Error-Code: GatedRepo`). Every request is logged (`HubServer.log`), Range header and whether a token came
@@ -27,6 +34,7 @@ import json
 import re
 import socket
 import threading
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -52,6 +60,11 @@ class ServedFile:
     @property
     def git_blob_id(self) -> str:
         return hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
+
+    @property
+    def opaque_etag(self) -> str:
+        """An ETag that is no checksum, as a static file server makes them."""
+        return f"{zlib.crc32(self.data):08x}-{len(self.data):x}"
 
 
 @dataclass
@@ -165,8 +178,19 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         url = urlsplit(self.path)
         path = unquote(url.path)
+        if hub.api_status is not None and path.startswith("/api/"):
+            self._error(hub.api_status, "ServerError", "The server is in trouble", method)
+            return
         if path == "/api/models":
             self._json(hub._search(parse_qs(url.query)))
+            return
+        if path == "/api/whoami-v2":  # `HfApi.whoami`: the token's owner, 401 for any other token
+            if self.headers.get("authorization") != f"Bearer {hub.token}":
+                self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+            else:
+                self._json({"type": "user", "name": "tester", "auth": {"type": "access_token",
+                                                                       "accessToken": {"displayName": "qdesk-test",
+                                                                                       "role": "read"}}})
             return
         info = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/(.+))?", path)
         if info:
@@ -203,6 +227,9 @@ class _Handler(BaseHTTPRequestHandler):
         if served is None:
             self._error(404, "EntryNotFound", "Entry not found", method, commit_header)
             return
+        if not hub.hub_headers:
+            self._send_file(method, served, {**commit_header, "ETag": f'"{served.opaque_etag}"'})
+            return
         if served.lfs:
             self._answer(302, b"", {**commit_header, "Location": f"{hub.cdn}/blobs/{served.sha256}",
                                     "X-Linked-Etag": f'"{served.sha256}"', "X-Linked-Size": str(len(served.data)),
@@ -229,7 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytes(damaged)
         size = len(data)
         start, stop, status = 0, size, 200
-        asked = None if served.path in hub.ignore_range else self.headers.get("Range")
+        ignored = served.path in hub.ignore_range or not hub.ranges
+        asked = None if ignored else self.headers.get("Range")
         if asked:
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", asked.strip())
             if match is None or int(match.group(1)) >= max(size, 1):
@@ -241,8 +269,13 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {**headers, "Content-Range": f"bytes {start}-{stop - 1}/{size}"}
         self.entry.status = status
         self.send_response(status)
-        for key, value in {**headers, "Accept-Ranges": "bytes", "Content-Length": str(stop - start),
-                           "Content-Type": "application/octet-stream"}.items():
+        headers = {**headers, "Content-Length": str(stop - start), "Content-Type": "application/octet-stream"}
+        if not ignored:
+            headers["Accept-Ranges"] = "bytes"
+        if method == "HEAD" and not hub.hub_headers:
+            del headers["Content-Length"]
+            self.close_connection = True  # without a length, the client cannot tell where the answer ends
+        for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
         if method == "HEAD":
@@ -274,8 +307,11 @@ class _Handler(BaseHTTPRequestHandler):
 class HubServer:
     """The Hub and its CDN on two local ports; use as a context manager, or `start()` / `stop()`."""
 
-    def __init__(self, token: str = "hf_local_test_token_0123456789") -> None:
+    def __init__(self, token: str = "hf_local_test_token_0123456789", *, listing_metadata: bool = True,
+                 ranges: bool = True, hub_headers: bool = True) -> None:
         self.token = token
+        self.listing_metadata, self.ranges, self.hub_headers = listing_metadata, ranges, hub_headers
+        self.api_status: int | None = None
         self.repos: dict[str, ServedRepo] = {}
         self.log: list[LoggedRequest] = []
         self.corrupt: set[str] = set()
@@ -307,10 +343,11 @@ class HubServer:
     def _info(self, repo: ServedRepo) -> dict[str, Any]:
         siblings = []
         for served in repo.files.values():
-            sibling: dict[str, Any] = {"rfilename": served.path, "size": len(served.data),
-                                       "blobId": served.git_blob_id}
-            if served.lfs:
-                sibling["lfs"] = {"sha256": served.sha256, "size": len(served.data), "pointerSize": 134}
+            sibling: dict[str, Any] = {"rfilename": served.path}
+            if self.listing_metadata:
+                sibling.update({"size": len(served.data), "blobId": served.git_blob_id})
+                if served.lfs:
+                    sibling["lfs"] = {"sha256": served.sha256, "size": len(served.data), "pointerSize": 134}
             siblings.append(sibling)
         siblings += [{"rfilename": name, "size": 10, "blobId": "0" * 40} for name in repo.extra_listing]
         return {"id": repo.repo_id, "sha": repo.commit, "private": False, "gated": "auto" if repo.gated else False,
