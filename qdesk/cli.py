@@ -66,6 +66,8 @@ def _run_info(args: argparse.Namespace) -> int:
         raise UsageError("--ctx must be 0 (the model's trained context) or more")
     ram = None if args.ram is None else parse_size(args.ram, option="--ram")
     vram = None if args.vram is None else parse_size(args.vram, option="--vram")
+    if getattr(args, "rpc", None):
+        return _info_placement(args)
     info = read_model_info(args.file)
     memory = memory_report(args.file, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, kv_type=args.kv_type,
                            ram_bytes=ram, vram_bytes=vram)
@@ -78,6 +80,80 @@ def _run_info(args: argparse.Namespace) -> int:
         if types is not None:
             print()
             print(render_grid(types))
+    return EXIT_OK
+
+
+def _info_placement(args: argparse.Namespace) -> int:
+    from qdesk.chat.engine import LoadOptions
+    from qdesk.rpc.placement import place_layers
+
+    placement = place_layers(args.file, LoadOptions(n_ctx=args.ctx or 0, kv_type=args.kv_type,
+                                                    rpc=_rpc_endpoints(args)))
+    if args.json:
+        print(json.dumps(placement.to_json(), indent=2))
+    else:
+        print(placement.render())
+        for warning in placement.warnings():
+            print(f"qdesk: warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from converters.core.units import parse_size
+    from qdesk.chat.engine import LoadOptions
+    from qdesk.serve.server import API_KEY_ENV, ServeOptions, start_server
+
+    if args.ctx < 16:
+        raise UsageError("--ctx must be at least 16")
+    gpu_layers: int | str = args.gpu_layers
+    if gpu_layers != "auto":
+        try:
+            gpu_layers = int(gpu_layers)
+        except ValueError:
+            raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
+    load = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=gpu_layers, kv_type=args.kv_type,
+                       rpc=_rpc_endpoints(args))
+    options = ServeOptions(models=tuple(args.models), host=args.host, port=args.port,
+                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                           cors_origins=tuple(args.cors or ()), load=load,
+                           memory_limit=None if args.memory is None else parse_size(args.memory, option="--memory"))
+
+    def log(record: object) -> None:
+        from qdesk.serve.app import RequestRecord
+
+        assert isinstance(record, RequestRecord)
+        tokens = f" {record.prompt_tokens}+{record.completion_tokens} tokens" if record.model else ""
+        print(f"{record.method} {record.path} {record.status} {record.model or ''}{tokens} {record.seconds:.2f} s"
+              + (f" ({record.error})" if record.error else ""), file=sys.stderr, flush=True)
+
+    server = start_server(options, on_request=None if args.quiet else log)
+    print(f"qdesk serve: {server.url} serving {', '.join(server.models)}. Ctrl-C stops it.", file=sys.stderr,
+          flush=True)
+    try:
+        while not server.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from converters.core.units import parse_size
+    from qdesk.rpc.endpoints import TRUST_WARNING
+    from qdesk.rpc.worker import WorkerInfo, run_worker
+
+    limit = None if args.mem is None else parse_size(args.mem, option="--mem")
+
+    def ready(info: WorkerInfo) -> None:
+        if info.exposed:
+            print(f"qdesk: warning: this worker listens on {info.endpoint}, beyond this machine; {TRUST_WARNING}.",
+                  file=sys.stderr)
+        print(f"qdesk worker: serving {', '.join(info.devices)} on {info.endpoint}; use it with "
+              f"--rpc {info.endpoint}. Ctrl-C stops it.", file=sys.stderr, flush=True)
+
+    run_worker(args.host, args.port, threads=args.threads, memory_limit=limit, on_ready=ready)
     return EXIT_OK
 
 
@@ -98,7 +174,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         result = evaluate(args.ref, args.candidates, texts=texts, ctx=args.ctx, chunks=args.chunks,
                           tasks=args.tasks or (), threshold_pct=args.threshold, speed=args.speed,
                           memory_ctx=args.memory_ctx or None, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                          cache=not args.no_cache, progress=bar)
+                          cache=not args.no_cache, progress=bar, rpc=_rpc_endpoints(args))
     finally:
         bar.close()
     document = result.to_json()
@@ -236,6 +312,23 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to offload to a GPU (default auto: all when a GPU is present)")
     parser.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16",
                         help="KV cache type (default f16; q8_0/q4_0 halve or quarter its memory, flash attention on)")
+    _rpc_argument(parser)
+
+
+def _rpc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT…]", action="append",
+                        help="llama.cpp RPC workers (`qdesk worker`) that take a share of the layers by free memory; "
+                             "trusted networks only (the protocol has no authentication or encryption)")
+
+
+def _rpc_endpoints(args: argparse.Namespace) -> tuple[str, ...]:
+    """The --rpc workers, with a warning on stderr for each that is not on this machine."""
+    from qdesk.rpc.endpoints import exposure_warnings, parse_endpoints
+
+    endpoints = parse_endpoints(args.rpc) if getattr(args, "rpc", None) else ()
+    for warning in exposure_warnings(endpoints):
+        print(f"qdesk: warning: {warning}", file=sys.stderr)
+    return endpoints
 
 
 def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
@@ -250,14 +343,27 @@ def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
         except ValueError:
             raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
     return (SamplingOptions(temperature=args.temp, max_tokens=args.max_tokens, seed=args.seed),
-            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers, kv_type=args.kv_type))
+            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers, kv_type=args.kv_type, rpc=_rpc_endpoints(args)))
+
+
+def _placed(model: Path, load: LoadOptions) -> LoadOptions:
+    """With RPC workers: where the layers go, on stderr, and the options that put them there."""
+    if not load.rpc:
+        return load
+    from qdesk.rpc.placement import place_layers
+
+    placement = place_layers(model, load)
+    print(placement.render(), file=sys.stderr)
+    for warning in placement.warnings():
+        print(f"qdesk: warning: {warning}", file=sys.stderr)
+    return placement.load_options
 
 
 def _run_chat(args: argparse.Namespace) -> int:
     from qdesk.chat.engine import load_model
 
     sampling, load = _sampling(args)
-    with load_model(args.model, load) as model:
+    with load_model(args.model, _placed(args.model, load)) as model:
         if args.prompt is not None:
             _chat_turn(model, [{"role": "user", "content": args.prompt}], sampling, args.system)
             return EXIT_OK
@@ -511,6 +617,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
     evaluate.add_argument("--gpu-layers", type=int, default=0, metavar="N", help="layers to offload (default 0)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON document")
+    _rpc_argument(evaluate)
 
     chat = command("chat", "chat with a model (interactive, or one answer with --prompt)", _run_chat)
     chat.add_argument("model", type=Path, metavar="MODEL.gguf")
@@ -540,6 +647,7 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ram", metavar="SIZE", help="RAM to check the fit against, e.g. 16GB (default: available now)")
     info.add_argument("--vram", metavar="SIZE",
                       help="VRAM to check the fit against, e.g. 8GiB (default: free on this machine's GPUs)")
+    _rpc_argument(info)
 
     models = command("models", "the local model library", _run_models)
     models.add_argument("action", choices=("list", "import", "rm", "scan", "rename"),
@@ -571,6 +679,36 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="search: most downloaded or most recently updated first (default: downloads)")
     download.add_argument("--limit", type=int, default=20, metavar="N", help="search: at most N results")
     download.add_argument("--json", action="store_true", help="print one JSON document")
+
+    serve = command("serve", "an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions) over "
+                    "library variants", _run_serve)
+    serve.add_argument("models", nargs="*", metavar="MODEL",
+                       help="library names or GGUF files to offer (default: every usable model in the library)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; another needs --api-key)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every request (default: $QDESK_API_KEY)")
+    serve.add_argument("--cors", action="append", metavar="ORIGIN",
+                       help="let web pages from ORIGIN call the API (repeatable; default: none)")
+    serve.add_argument("--ctx", type=int, default=4096, help="context length per model in tokens (default 4096)")
+    serve.add_argument("--memory", metavar="SIZE", help="memory the loaded models may take together by the estimate "
+                       "(default: what is available at start); the least recently used are unloaded to make room")
+    serve.add_argument("--threads", type=int, metavar="N", help="CPU threads per model (default: all cores)")
+    serve.add_argument("--gpu-layers", default="auto", metavar="N|auto",
+                       help="layers to offload to a GPU (default auto: all when a GPU is present)")
+    serve.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16", help="KV cache type")
+    serve.add_argument("--quiet", action="store_true", help="do not print a line per request")
+    _rpc_argument(serve)
+
+    worker = command("worker", "a llama.cpp RPC worker: this machine holds layers of a model run elsewhere "
+                     "(trusted networks only: no authentication, no encryption)", _run_worker)
+    worker.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    worker.add_argument("--port", type=int, default=50052, help="port to listen on (default 50052)")
+    worker.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    worker.add_argument("--mem", metavar="SIZE", help="report at most SIZE free (e.g. 8GiB), so clients place no "
+                        "more than that here (default: the memory free now)")
 
     command("demo", "the whole flow on the bundled starter model", _run_demo)
     about = command("about", "versions, compute backends, and where qdesk keeps its settings, models, caches and log",

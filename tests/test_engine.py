@@ -337,3 +337,13 @@ def test_a_worker_given_a_broken_command_exits_instead_of_hanging(line: bytes) -
                             timeout=60)
     assert result.returncode == 2
     assert b"not a command" in result.stderr
+
+
+def test_plain_completion_and_next_token_logits(starter_model: LoadedModel) -> None:
+    result = starter_model.complete("The capital of France is", GREEDY)
+    assert result.stats.prompt_tokens >= 5 and result.token_ids and result.stats.stop_reason in ("stop", "length")
+    logits = starter_model.next_token_logits(list(result.token_ids[:4]))
+    assert logits.dtype.name == "float32" and logits.ndim == 1 and logits.size > 1000
+    assert float(abs(logits).max()) > 1.0
+    with pytest.raises(EngineError, match="do not fit"):
+        starter_model.next_token_logits([1] * 5000)

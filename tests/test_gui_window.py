@@ -148,7 +148,7 @@ def test_the_menu_bar_quits_lists_shortcuts_and_tells_versions_and_places(qtbot,
     assert menus == ["File", "View", "Help"]
     shortcuts = main_window.show_shortcuts()
     keys = {shortcuts.table.item(row, 1).text() for row in range(shortcuts.table.rowCount())}
-    assert {"Ctrl+Q", "Ctrl+1 … Ctrl+6", "Esc"} <= keys
+    assert {"Ctrl+Q", "Ctrl+1 … Ctrl+7", "Esc"} <= keys
     shortcuts.close()
 
     about = main_window.show_about()

@@ -40,6 +40,8 @@ class Settings:
     """The Hub (or a mirror) to search and download from; empty: HF_ENDPOINT, else huggingface.co."""
     hf_cache_dir: str = ""
     """The Hugging Face cache folder; empty: HF_HUB_CACHE / HF_HOME, else ~/.cache/huggingface/hub."""
+    rpc_workers: str = ""
+    """`host:port` of llama.cpp RPC workers (`qdesk worker`), comma-separated, for the models Serve loads."""
 
     def models_path(self) -> Path:
         return Path(self.models_dir).expanduser() if self.models_dir else models_dir()

@@ -139,7 +139,8 @@ def compare(
     load = load or LoadOptions()
     cancel = cancel or CancelToken()
     messages = [*({"role": m["role"], "content": m["content"]} for m in history), {"role": "user", "content": prompt}]
-    together = fits_together(paths) if concurrent is None else concurrent
+    # a ggml RPC worker serves one client at a time: variants that use workers take turns
+    together = (fits_together(paths) and not load.rpc) if concurrent is None else concurrent
     if together and load.n_threads is None:
         load = replace(load, n_threads=max(1, (os.cpu_count() or 1) // len(paths)))
 

@@ -47,6 +47,10 @@ one step of a long prompt on a large model, or any step on a busy machine, can t
 EXIT_GRACE_S = 2.0
 STDERR_TAIL_BYTES = 4000
 STOP_REASONS = ("stop", "length", "cancelled")
+RPC_ABORT_MARKERS = ("Remote RPC server crashed", "Failed to connect to", "RPC handshake failed")
+"""What ggml's RPC client says when it aborts because a worker went away."""
+RPC_ABORT_SEARCH_BYTES = 1 << 20
+"""How far back in a crashed worker's stderr to look for those words (ggml's backtrace follows them)."""
 
 
 class EngineError(UserError):
@@ -55,6 +59,10 @@ class EngineError(UserError):
 
 class ModelCrashed(EngineError):
     """The worker process died (a signal, an abort inside llama.cpp) while loading or generating."""
+
+
+class ContextOverflow(EngineError):
+    """The conversation or prompt does not fit in the model's context."""
 
 
 class ModelFileError(EngineError, GGUFFileError):
@@ -71,6 +79,11 @@ class LoadOptions:
     kv_type: str = "f16"
     """The KV cache's type: "f16", or "q8_0"/"q4_0" to fit a longer context (these turn flash attention on,
     which llama.cpp needs for a quantized V cache)."""
+    rpc: tuple[str, ...] = ()
+    """`host:port` of ggml RPC workers (`qdesk worker`) that hold some of the layers; `load_model` places the layers
+    across this machine and them by free memory (`qdesk.rpc.placement`) unless `tensor_split` is given."""
+    tensor_split: tuple[float, ...] = ()
+    """Shares of the offloaded layers per device in llama.cpp's order (RPC workers first, then local GPUs)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,8 @@ class SamplingOptions:
     max_tokens: int = 256
     seed: int = 0
     """Same seed and settings give the same answer; temperature 0 is greedy."""
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> SamplingOptions:
@@ -193,11 +208,11 @@ class _Worker:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def stderr_tail(self) -> str:
+    def stderr_tail(self, limit: int = STDERR_TAIL_BYTES) -> str:
         try:
             self._stderr.seek(0, os.SEEK_END)
             size = self._stderr.tell()
-            self._stderr.seek(max(0, size - STDERR_TAIL_BYTES))
+            self._stderr.seek(max(0, size - limit))
             return self._stderr.read().decode("utf-8", errors="replace").strip()
         except (OSError, ValueError):
             return ""
@@ -238,9 +253,11 @@ class _Worker:
 class LoadedModel:
     """A handle on one model loaded in its own worker process; a context manager that closes the worker."""
 
-    def __init__(self, path: Path, worker: _Worker, n_ctx: int) -> None:
+    def __init__(self, path: Path, worker: _Worker, n_ctx: int, rpc: tuple[str, ...] = ()) -> None:
         self.path = path
         self.n_ctx = n_ctx
+        self.rpc = rpc
+        """The RPC workers holding some of its layers (empty: all on this machine)."""
         self._worker = worker
         self._chat_lock = threading.Lock()
         self._generation = 0
@@ -285,10 +302,41 @@ class LoadedModel:
              system: str | None = None, on_token: Callable[[TokenEvent], None] | None = None,
              cancel: CancelToken | None = None) -> ChatResult:
         """Answer the conversation `messages` (role/content mappings), streaming each token to `on_token`."""
-        _check_sampling(sampling)
         conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
         if system is not None:
             conversation.insert(0, {"role": "system", "content": system})
+        return self._answer({"messages": conversation}, sampling, on_token, cancel)
+
+    def complete(self, prompt: str, sampling: SamplingOptions = SamplingOptions(), *,
+                 on_token: Callable[[TokenEvent], None] | None = None,
+                 cancel: CancelToken | None = None) -> ChatResult:
+        """Continue the plain text `prompt` (no chat template), streaming each token to `on_token`."""
+        return self._answer({"prompt": prompt}, sampling, on_token, cancel)
+
+    def next_token_logits(self, tokens: Sequence[int]) -> Any:
+        """The logits (a float32 numpy array over the vocabulary) after evaluating `tokens` from an empty state."""
+        import base64
+
+        import numpy as np
+
+        with self._chat_lock:
+            self._require_usable()
+            if not self._worker.send({"op": "logits", "tokens": [int(token) for token in tokens]}):
+                raise self._crashed("while evaluating tokens")
+            while True:
+                try:
+                    message = self._worker.receive(POLL_S)
+                except EOFError:
+                    raise self._crashed("while evaluating tokens") from None
+                if message is None:
+                    continue
+                if "error" in message:
+                    raise EngineError(f"{self.path.name} could not evaluate the tokens: {message['error']['message']}")
+                return np.frombuffer(base64.b64decode(message["logits"]), dtype=np.float32)
+
+    def _answer(self, request: dict[str, Any], sampling: SamplingOptions,
+                on_token: Callable[[TokenEvent], None] | None, cancel: CancelToken | None) -> ChatResult:
+        _check_sampling(sampling)
         with self._chat_lock:
             self._require_usable()
             self._generation += 1
@@ -298,8 +346,7 @@ class LoadedModel:
             self._wake.clear()
             self._active = generation
             try:
-                if not self._worker.send({"op": "chat", "id": generation, "messages": conversation,
-                                          "sampling": asdict(sampling)}):
+                if not self._worker.send({"op": "chat", "id": generation, **request, "sampling": asdict(sampling)}):
                     raise self._crashed("while starting an answer")
                 unsubscribe = cancel.subscribe(self.stop) if cancel is not None else None
                 try:
@@ -321,7 +368,11 @@ class LoadedModel:
         self._broken = f"its worker stopped {when}"
         detail = self._worker.stderr_tail().splitlines()
         hint = f" (last words: {detail[-1][:300]})" if detail else ""
+        rpc_failed = bool(self.rpc) and _mentions_rpc(self._worker.stderr_tail(RPC_ABORT_SEARCH_BYTES))
         self._worker.shut()
+        if rpc_failed:
+            return ModelCrashed(f"an RPC worker holding layers of {self.path.name} ({', '.join(self.rpc)}) stopped "
+                                f"answering {when}; start `qdesk worker` there again and load the model again.")
         return ModelCrashed(f"the worker running {self.path.name} stopped unexpectedly {when}: {how}{hint}; "
                             "load the model again, and if it keeps happening the file may be damaged.")
 
@@ -368,7 +419,8 @@ class LoadedModel:
                 return self._result(pieces, token_ids, started, first_at, last_at, int(done["prompt_tokens"]),
                                     str(done["stop_reason"]), int(done["memory_bytes"]))
             elif "error" in message:
-                raise EngineError(f"{self.path.name} could not answer: {message['error']['message']}")
+                error = ContextOverflow if message["error"].get("kind") == "context" else EngineError
+                raise error(f"{self.path.name} could not answer: {message['error']['message']}")
 
     @staticmethod
     def _result(pieces: list[str], token_ids: list[int], started: float, first_at: float | None, last_at: float,
@@ -393,34 +445,48 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         check_model_gguf(path)
     except GGUFFileError as error:
         raise ModelFileError(str(error)) from error
+    if options.rpc and not options.tensor_split:
+        from qdesk.rpc.placement import place_layers
+
+        options = place_layers(path, options).load_options
     worker = _Worker(path)
     n_threads = options.n_threads or os.cpu_count() or 1
     if not worker.send({"op": "load", "path": str(path), "n_ctx": options.n_ctx, "n_threads": n_threads,
-                        "n_gpu_layers": options.n_gpu_layers, "kv_type": options.kv_type}):
-        raise _load_crash(worker, path)
+                        "n_gpu_layers": options.n_gpu_layers, "kv_type": options.kv_type,
+                        "rpc": list(options.rpc), "tensor_split": list(options.tensor_split)}):
+        raise _load_crash(worker, path, options.rpc)
     try:
         message = None
         while message is None:
             message = worker.receive(1.0)
     except EOFError:
-        raise _load_crash(worker, path) from None
+        raise _load_crash(worker, path, options.rpc) from None
     except BaseException:
         worker.kill()
         worker.shut()
         raise
     if "ready" in message:
-        return LoadedModel(path, worker, int(message["ready"]["n_ctx"]))
+        return LoadedModel(path, worker, int(message["ready"]["n_ctx"]), options.rpc)
     worker.shut()
     raise _load_failure(path, options, message["error"])
 
 
-def _load_crash(worker: _Worker, path: Path) -> ModelCrashed:
+def _load_crash(worker: _Worker, path: Path, rpc: tuple[str, ...] = ()) -> ModelCrashed:
     how = worker.death()
     detail = worker.stderr_tail().splitlines()
+    rpc_failed = bool(rpc) and _mentions_rpc(worker.stderr_tail(RPC_ABORT_SEARCH_BYTES))
     worker.shut()
+    if rpc_failed:
+        return ModelCrashed(f"the RPC workers ({', '.join(rpc)}) stopped answering while {path.name} was loading "
+                            "onto them; check that `qdesk worker` still runs there and load the model again.")
     hint = f" (last words: {detail[-1][:300]})" if detail else ""
     return ModelCrashed(f"llama.cpp crashed while loading {path.name}: {how}{hint}; the file is probably damaged "
                         "or made for a newer llama.cpp, so convert or download it again.")
+
+
+def _mentions_rpc(stderr: str) -> bool:
+    """Whether ggml's RPC client gave up (its abort message comes before the backtrace ggml prints)."""
+    return any(marker in stderr for marker in RPC_ABORT_MARKERS)
 
 
 def _load_failure(path: Path, options: LoadOptions, error: Mapping[str, str]) -> EngineError:
@@ -459,6 +525,7 @@ def _quoted_after(text: str, marker: str) -> str | None:
 
 __all__ = [
     "ChatResult",
+    "ContextOverflow",
     "EngineError",
     "GenerationStats",
     "LoadOptions",

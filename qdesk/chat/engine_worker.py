@@ -8,6 +8,7 @@ A reader thread takes stop requests while the main thread generates, so a stop l
 
 import llama_cpp  # first: on CUDA builds importing numpy before llama_cpp has segfaulted  # isort: skip
 
+import base64
 import codecs
 import ctypes
 import json
@@ -102,6 +103,10 @@ _KV_GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8
 
 def _load(options: dict[str, Any]) -> llama_cpp.Llama:
     kv_type = options.get("kv_type", "f16")
+    if options.get("rpc"):
+        from native.rpc import add_servers
+
+        add_servers(options["rpc"])  # the workers become devices, ahead of any local GPU in llama.cpp's order
     return llama_cpp.Llama(
         type_k=_KV_GGML_TYPES[kv_type],
         type_v=_KV_GGML_TYPES[kv_type],
@@ -111,6 +116,7 @@ def _load(options: dict[str, Any]) -> llama_cpp.Llama:
         n_threads=options["n_threads"],
         n_threads_batch=options["n_threads"],
         n_gpu_layers=_resolve_gpu_layers(options["n_gpu_layers"]),
+        tensor_split=options.get("tensor_split") or None,
         seed=0,
         verbose=False,
     )
@@ -157,7 +163,10 @@ def _generate(llm: llama_cpp.Llama, format_chat: Callable[[list[dict[str, str]]]
               commands: _Commands, channel: _Channel) -> None:
     generation = int(command["id"])
     sampling = command["sampling"]
-    prompt = llm.tokenize(format_chat(command["messages"]).encode("utf-8"), add_bos=False, special=True)
+    if "prompt" in command:  # plain text completion: the model's own BOS, no chat template
+        prompt = llm.tokenize(command["prompt"].encode("utf-8"), add_bos=True, special=True)
+    else:
+        prompt = llm.tokenize(format_chat(command["messages"]).encode("utf-8"), add_bos=False, special=True)
     context = _usable_context(llm)
     room = context - len(prompt)
     if room <= 0:
@@ -177,7 +186,9 @@ def _generate(llm: llama_cpp.Llama, format_chat: Callable[[list[dict[str, str]]]
     else:
         for token in llm.generate(prompt, top_k=int(sampling["top_k"]), top_p=float(sampling["top_p"]), min_p=MIN_P,
                                   temp=float(sampling["temperature"]),
-                                  repeat_penalty=float(sampling["repeat_penalty"])):
+                                  repeat_penalty=float(sampling["repeat_penalty"]),
+                                  frequency_penalty=float(sampling.get("frequency_penalty", 0.0)),
+                                  presence_penalty=float(sampling.get("presence_penalty", 0.0))):
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 stop_reason = "stop"
                 break
@@ -192,6 +203,20 @@ def _generate(llm: llama_cpp.Llama, format_chat: Callable[[list[dict[str, str]]]
     tail = decoder.decode(b"", final=True)
     channel.send({"done": {"prompt_tokens": len(prompt), "stop_reason": stop_reason, "tail": tail,
                            "memory_bytes": _resident_bytes()}})
+
+
+def _send_logits(llm: llama_cpp.Llama, command: dict[str, Any], channel: _Channel) -> None:
+    """The logits after `command["tokens"]`, from an empty state, as base64 of float32 values."""
+    tokens = [int(token) for token in command["tokens"]]
+    if not 0 < len(tokens) <= _usable_context(llm):
+        channel.send({"error": {"kind": "context", "message": (
+            f"{len(tokens)} tokens do not fit a context of {_usable_context(llm)}; give 1 to that many.")}})
+        return
+    llm.reset()
+    llm.eval(tokens)
+    row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # llama-cpp-python keeps no logits unless asked for all
+    logits = ctypes.string_at(row, llm.n_vocab() * ctypes.sizeof(ctypes.c_float))
+    channel.send({"logits": base64.b64encode(logits).decode("ascii")})
 
 
 def _load_error(error: Exception) -> dict[str, str]:
@@ -227,11 +252,13 @@ def main() -> None:
                             "memory_bytes": _resident_bytes()}})
     while True:
         command = commands.pending.get()
-        if command["op"] == "chat":
-            try:
+        try:
+            if command["op"] == "chat":
                 _generate(llm, format_chat, command, commands, channel)
-            except Exception as error:  # a template or decode failure ends this answer, not the worker
-                channel.send({"error": {"kind": "generation", "message": str(error)}})
+            elif command["op"] == "logits":
+                _send_logits(llm, command, channel)
+        except Exception as error:  # a template or decode failure ends this answer, not the worker
+            channel.send({"error": {"kind": "generation", "message": str(error)}})
 
 
 if __name__ == "__main__":

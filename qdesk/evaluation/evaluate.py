@@ -214,13 +214,34 @@ class _Settings:
     n_threads: int | None
     n_gpu_layers: int
     cancel: CancelToken | None
+    rpc_free: tuple[int, ...] = ()
+    """Free bytes of each RPC worker's device (added to this process); empty: no workers."""
+
+    def gpu_layers_for(self, path: Path) -> int:
+        """The layers to offload: to the RPC workers in proportion to free memory when there are any."""
+        if not self.rpc_free:
+            return self.n_gpu_layers
+        from qdesk.memory import available_ram, read_model_shape
+        from qdesk.rpc.placement import split_by_memory
+
+        return split_by_memory(read_model_shape(path), available_ram(), self.rpc_free)[0]
+
+
+def _add_rpc_workers(rpc: Sequence[str]) -> tuple[int, ...]:
+    """Make the workers devices of this process (after asking them from a child: ggml aborts on a missing one)."""
+    from native.rpc import add_servers
+    from qdesk.rpc.probe import describe_workers
+
+    describe_workers(rpc)
+    return tuple(device.memory_free for device in add_servers(rpc))
 
 
 def _open(path: Path, settings: _Settings, *, vocab_only: bool = False) -> ModelEvaluator:
     from native.activations import ModelEvaluator
 
     cancel = settings.cancel
-    return ModelEvaluator(path, n_ctx=settings.ctx, n_gpu_layers=settings.n_gpu_layers, n_threads=settings.n_threads,
+    return ModelEvaluator(path, n_ctx=settings.ctx, n_gpu_layers=settings.gpu_layers_for(path),
+                          n_threads=settings.n_threads,
                           collect=False, should_stop=None if cancel is None else (lambda: cancel.cancelled),
                           vocab_only=vocab_only)
 
@@ -377,6 +398,7 @@ def evaluate(
     cache: bool = True,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    rpc: Sequence[str] = (),
 ) -> Evaluation:
     """Evaluate each candidate GGUF against the reference GGUF on `texts` (built-in held-out text when None).
 
@@ -384,6 +406,7 @@ def evaluate(
     task suites (built-in names or JSONL files) run on every model, `speed` measures prompt and generation
     speed, `memory_ctx` sets the context for the memory estimate (None: no estimate). With `cache` the
     reference's distributions are kept in the user's cache for the next evaluation on the same text.
+    `rpc` names RPC workers (`host:port`) that take a share of every model's layers by free memory.
     Raises `EvalError` for unusable input and `Cancelled` when `cancel` fires. It runs in a child process
     (`converters.core.isolation`): llama.cpp aborts on some models it cannot run, and the GUI must survive that.
     """
@@ -398,7 +421,7 @@ def evaluate(
     sources = list(texts) if texts else builtin_eval_texts()
     suites = _load_suites(tasks)
 
-    settings = _Settings(ctx, n_threads, n_gpu_layers, cancel)
+    settings = _Settings(ctx, n_threads, n_gpu_layers, cancel, _add_rpc_workers(rpc) if rpc else ())
     with _open(reference_path, settings, vocab_only=True) as tokenizer:
         chunk_set = _chunks_of(tokenizer, sources, ctx, chunks)
         reference_vocab = tokenizer.vocabulary()
@@ -407,7 +430,7 @@ def evaluate(
                  + _extra_steps(suites, speed, 1 + len(candidate_paths)))
     work.step(0, "reading the text")
     key = reference_cache.entry_key(reference_path, chunk_set.ids, chunk_set.first_scored,
-                                    "gpu" if n_gpu_layers else "cpu")
+                                    "rpc" if rpc else "gpu" if n_gpu_layers else "cpu")
     entry = reference_cache.open_entry(key, persistent=cache)
     try:
         reference_ppl, all_cached = _reference_pass(reference_path, chunk_set, entry, work, settings)
@@ -424,9 +447,9 @@ def evaluate(
     reference_result = ReferenceResult(ModelFacts.of(reference_path), reference_ppl, cached=all_cached)
     candidates_result = tuple(results)
     reference_result, candidates_result = _add_tasks(reference_result, candidates_result, suites, threshold_pct,
-                                                     n_threads, n_gpu_layers, work, cancel)
+                                                     n_threads, n_gpu_layers, work, cancel, tuple(rpc))
     reference_result, candidates_result = _add_speed(reference_result, candidates_result, speed, n_threads,
-                                                     n_gpu_layers, work, cancel)
+                                                     settings, work, cancel)
     reference_result, candidates_result = _add_memory(reference_result, candidates_result, memory_ctx)
     return Evaluation(
         reference=reference_result,
@@ -476,7 +499,8 @@ def _extra_steps(suites: list[TaskSuite], speed: bool, models: int) -> int:
 
 def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ...], suites: list[TaskSuite],
                threshold_pct: float, n_threads: int | None, n_gpu_layers: int, work: _Work,
-               cancel: CancelToken | None) -> tuple[ReferenceResult, tuple[CandidateResult, ...]]:
+               cancel: CancelToken | None, rpc: tuple[str, ...] = ()
+               ) -> tuple[ReferenceResult, tuple[CandidateResult, ...]]:
     if not suites:
         return reference, candidates
     from dataclasses import replace
@@ -491,7 +515,7 @@ def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ..
             work.progress(Progress(work.done, work.total, "steps", f"tasks on {path.name}: {progress.message}"))
 
         return run_tasks(path, suites, n_threads=n_threads, n_gpu_layers=n_gpu_layers, progress=advance,
-                         cancel=cancel)
+                         cancel=cancel, rpc=rpc)
 
     reference_run = run(reference.model.path)
     updated = []
@@ -503,7 +527,7 @@ def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ..
 
 
 def _add_speed(reference: ReferenceResult, candidates: tuple[CandidateResult, ...], speed: bool,
-               n_threads: int | None, n_gpu_layers: int, work: _Work, cancel: CancelToken | None
+               n_threads: int | None, settings: _Settings, work: _Work, cancel: CancelToken | None
                ) -> tuple[ReferenceResult, tuple[CandidateResult, ...]]:
     if not speed:
         return reference, candidates
@@ -514,7 +538,7 @@ def _add_speed(reference: ReferenceResult, candidates: tuple[CandidateResult, ..
 
     def measure(path: Path) -> SpeedResult:
         try:
-            result = measure_speed(path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+            result = measure_speed(path, n_threads=n_threads, n_gpu_layers=settings.gpu_layers_for(path),
                                    should_stop=None if cancel is None else (lambda: cancel.cancelled))
         except Stopped as stopped:
             raise Cancelled("the evaluation was cancelled") from stopped

@@ -326,7 +326,7 @@ def _answer(model: LoadedModel, item: TaskItem, cancel: CancelToken | None) -> s
 
 def run_tasks(model_path: str | Path, suites: str | Path | Sequence[str | Path | TaskSuite], *, n_ctx: int = 2048,
               n_threads: int | None = None, n_gpu_layers: int | str = 0, progress: ProgressFn | None = None,
-              cancel: CancelToken | None = None) -> TaskRun:
+              cancel: CancelToken | None = None, rpc: Sequence[str] = ()) -> TaskRun:
     """Answer every item of `suites` with the model at `model_path` (greedy, seed 0: reproducible) and check each
     answer. Suites are loaded before the model, so a bad file fails fast. An item the engine refuses (a prompt
     longer than the context) is recorded with the error; a crashed model ends the run (ModelCrashed)."""
@@ -336,7 +336,8 @@ def run_tasks(model_path: str | Path, suites: str | Path | Sequence[str | Path |
     if cancel is not None:
         cancel.raise_if_cancelled()
     report(Progress(0, total, "items", f"loading {Path(model_path).name}"))
-    model = load_model(model_path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers))
+    model = load_model(model_path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                               rpc=tuple(rpc)))
     results: list[ItemResult] = []
     seconds_by_suite: dict[str, float] = {}
     try:

@@ -38,6 +38,7 @@ from qdesk.gui.feedback import show_failure
 from qdesk.gui.help_dialogs import AboutDialog, ShortcutsDialog
 from qdesk.gui.library_view import LibraryView
 from qdesk.gui.quantize_view import QuantizeView
+from qdesk.gui.serve_view import ServeView
 from qdesk.gui.settings_view import SettingsView
 from qdesk.gui.theme import apply_font_size, apply_theme
 
@@ -55,11 +56,12 @@ SECTIONS = (
     Section("quantize", "Quantize", QuantizeView),
     Section("compare", "Compare", CompareView),
     Section("evaluate", "Evaluate", EvaluateView),
+    Section("serve", "Serve", ServeView),
     Section("settings", "Settings", SettingsView),
 )
 GUIDE_TEXT = ("<b>Welcome to qdesk.</b> The starter model SmolLM2-135M is ready to chat in <i>Compare</i> "
               "(Ctrl+4). Drop a Hugging Face checkpoint folder or a .gguf file anywhere on this window to quantize "
-              "or import it; Ctrl+1…6 switch sections.")
+              "or import it; Ctrl+1…7 switch sections.")
 
 
 class MainWindow(QMainWindow):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 SHORTCUTS: tuple[tuple[str, str, str], ...] = (
-    ("Anywhere", "Ctrl+1 … Ctrl+6", "Library, Discover, Quantize, Compare, Evaluate, Settings"),
+    ("Anywhere", "Ctrl+1 … Ctrl+7", "Library, Discover, Quantize, Compare, Evaluate, Serve, Settings"),
     ("Anywhere", "Ctrl+,", "Settings"),
     ("Anywhere", "Ctrl+Q", "Quit (running jobs are cancelled, nothing is left half-written)"),
     ("Anywhere", "F1", "This list"),
