@@ -47,7 +47,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         result = convert_checkpoint(args.source, args.output, outtype=args.outtype, progress=bar)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors)")
+    dequantized = f", dequantized from {result.source_quantization}" if result.source_quantization else ""
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors{dequantized})")
     return EXIT_OK
 
 
