@@ -26,6 +26,7 @@ from typing import IO, Any
 from converters.core.errors import GGUFFileError, UserError
 from converters.core.gguf_file import check_gguf
 from converters.core.jobs import CancelToken
+from qdesk.chat.lora import LoraChoice, check_adapters
 
 WORKER_MODULE = "qdesk.chat.engine_worker"
 POLL_S = 0.02
@@ -64,6 +65,8 @@ class LoadOptions:
     kv_type: str = "f16"
     """The KV cache's type: "f16", or "q8_0"/"q4_0" to fit a longer context (these turn flash attention on,
     which llama.cpp needs for a quantized V cache)."""
+    loras: tuple[LoraChoice, ...] = ()
+    """LoRA adapters (GGUF) applied on top of the model, each at its scale."""
 
 
 @dataclass(frozen=True)
@@ -390,10 +393,12 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         check_gguf(path)
     except GGUFFileError as error:
         raise ModelFileError(str(error)) from error
+    check_adapters(path, options.loras)
     worker = _Worker(path)
     n_threads = options.n_threads or os.cpu_count() or 1
     if not worker.send({"op": "load", "path": str(path), "n_ctx": options.n_ctx, "n_threads": n_threads,
-                        "n_gpu_layers": options.n_gpu_layers, "kv_type": options.kv_type}):
+                        "n_gpu_layers": options.n_gpu_layers, "kv_type": options.kv_type,
+                        "loras": [[str(lora.path), lora.scale] for lora in options.loras]}):
         raise _load_crash(worker, path)
     try:
         message = None
@@ -431,6 +436,10 @@ def _load_failure(path: Path, options: LoadOptions, error: Mapping[str, str]) ->
                            "lower the context length and load it again.")
     if kind == "missing":
         return ModelFileError(f"{path} does not exist any more; check the path.")
+    if kind == "adapter":
+        reason = _first_error_line(log) or error.get("message", "")
+        return EngineError(f"llama.cpp could not apply the LoRA adapter to {path.name} ({reason}); use an adapter "
+                           "converted for this base model.")
     reason = _first_error_line(log) or error.get("message", "")
     return EngineError(f"llama.cpp could not load {path.name} ({reason or 'no reason given'}); the file may be "
                        "damaged or need a newer llama.cpp, so convert or download it again.")
