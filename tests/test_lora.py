@@ -223,3 +223,19 @@ def test_an_adapter_for_another_base_is_refused(adapter: Path, tmp_path_factory:
                                          r"\d+×128"):
         merge_adapters(wider_gguf, [(converted.path, 1.0)], output)
     assert list(output.parent.iterdir()) == []
+
+
+def test_the_library_shows_an_adapter_under_its_base_model(base_gguf: Path, adapter_gguf: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from qdesk.library.store import Library, render_text
+
+    monkeypatch.setenv("QDESK_CONFIG_DIR", str(tmp_path / "config"))
+    library = Library(tmp_path / "models")
+    model = library.import_model(base_gguf, link=True)
+    adapter = library.import_model(adapter_gguf, link=True)
+    assert adapter.is_adapter and adapter.variant == "LoRA" and not model.is_adapter
+    groups = library.model_groups()
+    assert len(groups) == 1
+    assert [entry.id for entry in groups[0].entries] == [model.id, adapter.id]
+    assert groups[0].name == model.base_model
+    assert f"{model.base_model}: F32, LoRA" in render_text(library.groups())
