@@ -215,3 +215,12 @@ def test_cli_refusal_is_one_line_and_exit_1(gptq_source: Path, tmp_path: Path) -
     assert run.returncode == 1
     assert len(run.stderr.strip().splitlines()) == 1 and "7-bit" in run.stderr
     assert not output.exists()
+
+
+def test_the_quantize_view_sizes_a_quantized_checkpoint_by_its_float_tensors(gptq_source: Path) -> None:
+    from qdesk.quantization.sizes import read_source
+
+    source = read_source(gptq_source)
+    names = {tensor.name: tensor for tensor in source.tensors}
+    assert "model.layers.0.mlp.down_proj.weight" in names and not any("qweight" in name for name in names)
+    assert names["model.layers.0.mlp.down_proj.weight"].shape == (256, 128)
