@@ -224,3 +224,19 @@ def test_the_quantize_view_sizes_a_quantized_checkpoint_by_its_float_tensors(gpt
     names = {tensor.name: tensor for tensor in source.tensors}
     assert "model.layers.0.mlp.down_proj.weight" in names and not any("qweight" in name for name in names)
     assert names["model.layers.0.mlp.down_proj.weight"].shape == (256, 128)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_the_bit_stream_reader_unpacks_what_compressed_tensors_packs(bits: int) -> None:
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from converters.reading.quantized.bits import unpack_bits
+
+    values = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, 70), dtype=torch.int8,
+                           generator=torch.Generator().manual_seed(bits))
+    offset = 1 << (bits - 1)
+    along_rows = unpack_bits(pack_to_int32(values, bits).numpy(), bits, 70, axis=1).astype(int) - offset
+    along_columns = unpack_bits(pack_to_int32(values.T.contiguous(), bits, packed_dim=0).numpy(), bits, 70,
+                                axis=0).astype(int) - offset
+    assert (along_rows == values.numpy()).all() and (along_columns == values.T.numpy()).all()
