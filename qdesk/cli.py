@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -220,12 +221,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from qdesk.display.terminal import ProgressBar
 
     recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset or _mix_budget(args)
+    if args.lora and args.output is None:
+        raise UsageError("--lora needs -o OUT.gguf: the adapted model is no longer the source's")
     bar = ProgressBar("quantize")
     try:
-        result = quantize(args.source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
-                          chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
-                          plan_out=args.plan_out, mix_effort=args.mix_effort, encoder=args.encoder,
-                          progress=bar)
+        with _merged_source(args, bar) as source:
+            result = quantize(source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
+                              chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
+                              plan_out=args.plan_out, mix_effort=args.mix_effort, encoder=args.encoder,
+                              progress=bar)
     finally:
         bar.close()
     for warning in result.warnings:
@@ -244,6 +248,25 @@ def _run_quantize(args: argparse.Namespace) -> int:
         for line in summary_lines(plan_heatmap(result.plan)):
             print(f"  {line}")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _merged_source(args: argparse.Namespace, bar: object) -> Iterator[Path]:
+    """SRC itself, or with `--lora` a float GGUF of SRC with the adapters merged in, removed afterwards."""
+    if not args.lora:
+        yield args.source
+        return
+    import tempfile
+
+    from converters.quantization.quantize import reference_outtype
+    from converters.writing.lora_merge import convert_with_adapters
+
+    outtype = "f16" if args.source.suffix.lower() == ".gguf" else reference_outtype(args.source)
+    with tempfile.TemporaryDirectory(prefix=".qdesk-merge-", dir=args.output.parent) as folder:
+        merged = convert_with_adapters(args.source, [(lora.path, lora.scale) for lora in args.lora],
+                                       Path(folder) / f"{args.output.stem}-merged.gguf", outtype=outtype,
+                                       progress=bar)  # type: ignore[arg-type]
+        yield merged.path
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
@@ -511,6 +534,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("source", type=Path, metavar="SRC", help="an HF checkpoint folder or a GGUF file")
     quantize.add_argument("-o", "--output", type=Path, metavar="OUT.gguf",
                           help="output file (default: GGUF naming convention, beside the source)")
+    quantize.add_argument("--lora", type=_lora_argument, action="append", metavar="FILE.gguf[:SCALE]",
+                          help="merge this GGUF LoRA adapter into the float model before quantizing (repeatable; "
+                               "needs -o)")
     budget = quantize.add_mutually_exclusive_group(required=True)
     budget.add_argument("--preset", metavar="NAME", help="a llama.cpp preset: " + ", ".join(PRESET_NAMES))
     budget.add_argument("--like", metavar="NAME", help="a sensitivity-based mix no larger than preset NAME")

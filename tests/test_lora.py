@@ -239,3 +239,16 @@ def test_the_library_shows_an_adapter_under_its_base_model(base_gguf: Path, adap
     assert [entry.id for entry in groups[0].entries] == [model.id, adapter.id]
     assert groups[0].name == model.base_model
     assert f"{model.base_model}: F32, LoRA" in render_text(library.groups())
+
+
+def test_quantize_with_lora_merges_before_quantizing(base: Path, adapter_gguf: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "adapted-Q8_0.gguf"
+    output.parent.mkdir()
+    run = subprocess.run([sys.executable, "-m", "qdesk", "quantize", str(base), "--lora", f"{adapter_gguf}:0.5",
+                          "-o", str(output), "--preset", "Q8_0", "--imatrix", "none"], capture_output=True,
+                         text=True, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert [path.name for path in output.parent.iterdir()] == [output.name]  # the merged float model is gone
+    reader = gguf.GGUFReader(output)
+    assert reader.fields["general.source.lora"].contents() == "style-F32-LoRA.gguf×0.5"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
