@@ -11,6 +11,7 @@ as an error of order 1e-1.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_cli_names_the_source_format_and_info_shows_it(gptq_source: Path, tmp_pa
     assert json.loads(info.stdout)["general"]["source.quantization"] == "GPTQ 4-bit, group size 32, act-order"
     text = subprocess.run([sys.executable, "-m", "qdesk", "info", str(output)], capture_output=True, text=True,
                           env=env, cwd=ROOT)
-    assert "GPTQ 4-bit" in text.stdout
+    assert re.search(r"dequantized from +GPTQ 4-bit, group size 32, act-order\n", text.stdout)
 
 
 def test_cli_refusal_is_one_line_and_exit_1(gptq_source: Path, tmp_path: Path) -> None:

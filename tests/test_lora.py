@@ -8,6 +8,7 @@ so an adapter converted wrongly (A/B swapped, q/k rows not reordered, scale off)
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,10 @@ def test_the_adapter_file_is_llama_cpps_format(adapter_gguf: Path, base: Path) -
     assert shapes["blk.0.attn_q.weight.lora_b"] == (8, 64)
     assert shapes["blk.1.ffn_down.weight.lora_b"] == (8, 64)
     assert len(shapes) == 2 * 7 * 2
+    from qdesk.library.info import read_model_info, render_text
+
+    described = render_text(read_model_info(adapter_gguf))
+    assert re.search(rf"LoRA adapter for +{base.name}\n", described) and re.search(r"file type +F32\n", described)
 
 
 def test_merged_into_a_float_gguf_matches_peft(base: Path, base_gguf: Path, adapter: Path, adapter_gguf: Path,

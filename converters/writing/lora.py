@@ -75,6 +75,7 @@ def convert_adapter(source: Path, output: Path | None = None, *, base: Path | No
         writer = StreamingGGUFWriter(temporary, arch.name)
         try:
             _write_metadata(writer.metadata, adapter, base_folder, target)
+            writer.metadata.add_file_type(out.file_type)
             declared = []
             for pair in pairs:
                 for suffix, values in (("lora_a", pair.a), ("lora_b", pair.b)):
