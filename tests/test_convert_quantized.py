@@ -28,6 +28,7 @@ from tests.builders.quantized import (
     COMPRESSED_SCHEMES,
     build_awq,
     build_bitsandbytes,
+    build_block_fp8,
     build_compressed_tensors,
     build_gptq,
     float_twin,
@@ -113,6 +114,21 @@ def test_compressed_tensors_logits_match_transformers(scheme: str, base: Path, t
         reference = model(torch.tensor([ids])).logits[0].numpy()
     path, recorded = _converted(packed, tmp_path)
     assert recorded.startswith("compressed-tensors")
+    assert_logits_match(llama_cpp_logits(path, ids), reference)
+
+
+def test_block_fp8_logits_match_transformers(base: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    packed = build_block_fp8(base, tmp_path / "fp8")
+    ids = prompt()
+    model = AutoModelForCausalLM.from_pretrained(packed, attn_implementation="eager")  # no GPU: dequantized on load
+    model = model.float()
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    path, recorded = _converted(packed, tmp_path)
+    assert recorded == "FP8 E4M3, blocks of 32×32"
     assert_logits_match(llama_cpp_logits(path, ids), reference)
 
 

@@ -179,6 +179,34 @@ def build_bitsandbytes(base: Path, folder: Path, kind: str) -> Path:
     return folder
 
 
+def build_block_fp8(base: Path, folder: Path, *, block: tuple[int, int] = (32, 32)) -> Path:
+    """A block-scaled FP8 checkpoint (`quant_method: fp8`, as DeepSeek V3 and Qwen3 FP8 releases are stored) of
+    every decoder linear layer of `base`, packed here from the format's description (transformers quantizes to it
+    only on a GPU): E4M3 weights, one float32 scale per block (the block's largest magnitude over 448), a bfloat16
+    model."""
+    import torch
+
+    state = _float_state(base)
+    height, width = block
+    for module in _linear_modules(state):
+        weight = state.pop(f"{module}.weight").float()
+        rows, columns = weight.shape
+        blocks = weight.reshape(rows // height, height, columns // width, width)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+        scaled = blocks / scale[:, None, :, None]
+        state[f"{module}.weight"] = scaled.reshape(rows, columns).to(torch.float8_e4m3fn)
+        state[f"{module}.weight_scale_inv"] = scale.to(torch.float32)
+    for name in list(state):
+        if state[name].dtype == torch.float32:
+            state[name] = state[name].to(torch.bfloat16)
+    folder = _write(folder, base, state, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                          "weight_block_size": list(block)})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 COMPRESSED_SCHEMES: dict[str, tuple[dict[str, Any], str]] = {
     "int4-group": ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
                    "pack-quantized"),
@@ -236,5 +264,5 @@ def build_compressed_tensors(base: Path, folder: Path, scheme: str) -> Path:
 
 
 
-__all__ = ["COMPRESSED_SCHEMES", "build_awq", "build_bitsandbytes", "build_compressed_tensors", "build_gptq",
-           "float_twin"]
+__all__ = ["COMPRESSED_SCHEMES", "build_awq", "build_bitsandbytes", "build_block_fp8", "build_compressed_tensors",
+           "build_gptq", "float_twin"]

@@ -20,18 +20,23 @@ from converters.reading.quantized.awq import read_awq
 from converters.reading.quantized.bitsandbytes import read_bitsandbytes
 from converters.reading.quantized.common import Dequantized
 from converters.reading.quantized.compressed_tensors import read_compressed_tensors
+from converters.reading.quantized.fp8 import read_fp8
 from converters.reading.quantized.gptq import read_gptq
 from converters.reading.quantized.raw import RawTensor, raw_tensors
 
-FormatReader = Callable[[Mapping[str, RawTensor], Mapping[str, Any]], Dequantized]
+FormatReader = Callable[[Mapping[str, RawTensor], Mapping[str, Any], str], Dequantized]
+"""(stored tensors, quantization_config, the model's dtype as a safetensors type name) → what they stand for."""
 
 READERS: dict[str, FormatReader] = {
     "gptq": read_gptq,
     "awq": read_awq,
     "compressed-tensors": read_compressed_tensors,
     "bitsandbytes": read_bitsandbytes,
+    "fp8": read_fp8,
 }
-READABLE = "GPTQ, AWQ (GEMM), compressed-tensors (FP8, packed int4/int8) and bitsandbytes (NF4, FP4, LLM.int8)"
+READABLE = ("GPTQ, AWQ (GEMM), compressed-tensors (FP8, packed int4/int8), block-scaled FP8 and bitsandbytes (NF4, "
+            "FP4, LLM.int8)")
+_MODEL_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def quantization_settings(checkpoint: Checkpoint) -> Mapping[str, Any] | None:
@@ -65,7 +70,8 @@ def dequantizing(checkpoint: Checkpoint) -> tuple[Checkpoint, str | None]:
             f"This checkpoint is quantized with {method or 'an unnamed method'}, which qdesk cannot read; it reads "
             f"{READABLE} checkpoints, so use one of those or the unquantized release."
         )
-    found = reader(raw_tensors(checkpoint.weight_files), settings)
+    model_dtype = _MODEL_DTYPES.get(str(checkpoint.config.get("dtype", "torch_dtype", default="")), "F32")
+    found = reader(raw_tensors(checkpoint.weight_files), settings, model_dtype)
     return replace(checkpoint, tensors=_merged(checkpoint.tensors, found)), found.description
 
 

@@ -34,7 +34,8 @@ PACK = 8
 SCALE_TYPES = ("F16", "BF16", "F32")
 
 
-def read_awq(raw: Mapping[str, RawTensor], settings: Mapping[str, Any]) -> Dequantized:
+def read_awq(raw: Mapping[str, RawTensor], settings: Mapping[str, Any], model_dtype: str) -> Dequantized:
+    del model_dtype  # the weights are computed in the type of their scales, not the model's
     bits = check_bits(settings.get("bits", settings.get("w_bit")), (4,), "AWQ")
     version = str(settings.get("version", "gemm")).lower()
     if version != "gemm":

@@ -31,7 +31,8 @@ INT8_INVERSE_MAX = np.float32(7.874015718698502e-3)
 _OUTPUT_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def read_bitsandbytes(raw: Mapping[str, RawTensor], settings: Mapping[str, Any]) -> Dequantized:
+def read_bitsandbytes(raw: Mapping[str, RawTensor], settings: Mapping[str, Any], model_dtype: str) -> Dequantized:
+    del model_dtype  # the weights are computed in the type of their scales, not the model's
     result = Dequantized(_describe(settings))
     for name in list(raw):
         if QUANT_STATE in name:

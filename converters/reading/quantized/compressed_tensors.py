@@ -61,7 +61,8 @@ class WeightArgs:
         return f"{kind} {grain}{'' if self.symmetric else ' asymmetric'}"
 
 
-def read_compressed_tensors(raw: Mapping[str, RawTensor], settings: Mapping[str, Any]) -> Dequantized:
+def read_compressed_tensors(raw: Mapping[str, RawTensor], settings: Mapping[str, Any], model_dtype: str) -> Dequantized:
+    del model_dtype  # the weights are computed in the type of their scales, not the model's
     if settings.get("transform_config"):
         raise unsupported("This compressed-tensors checkpoint rotates its weights (transform_config), which qdesk "
                           "cannot undo")

@@ -33,7 +33,8 @@ BITS = (2, 3, 4, 8)
 SCALE_TYPES = ("F16", "BF16", "F32")
 
 
-def read_gptq(raw: Mapping[str, RawTensor], settings: Mapping[str, Any]) -> Dequantized:
+def read_gptq(raw: Mapping[str, RawTensor], settings: Mapping[str, Any], model_dtype: str) -> Dequantized:
+    del model_dtype  # the weights are computed in the type of their scales, not the model's
     bits = check_bits(settings.get("bits"), BITS, "GPTQ")
     checkpoint_format = str(settings.get("checkpoint_format") or settings.get("format") or "gptq").lower()
     if checkpoint_format not in ("gptq", "gptq_v2"):
