@@ -33,7 +33,8 @@ COMPARED = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight
 
 def gptq_checkpoint(source: Path, cache: Path) -> Path:
     """The GPTQ 4-bit twin of `source` (shard by shard, so the builder's memory stays at one shard)."""
-    import safetensors.numpy
+    import safetensors.torch
+    import torch
 
     folder = cache / f"{source.name}-gptq{BITS}-g{GROUP_SIZE}"
     if (folder / "config.json").is_file():
@@ -45,15 +46,16 @@ def gptq_checkpoint(source: Path, cache: Path) -> Path:
     weight_map: dict[str, str] = {}
     for shard in sorted(set(index["weight_map"].values())):
         print(f"  packing {shard}", flush=True)
-        tensors = safetensors.numpy.load_file(source / shard)
-        packed: dict[str, np.ndarray] = {}
-        for name, raw in tensors.items():
+        tensors = safetensors.torch.load_file(source / shard)
+        packed: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module.endswith(LINEAR):
-                packed.update({f"{module}.{key}": value for key, value in _pack(_bf16(raw)).items()})
+                packed.update({f"{module}.{key}": torch.from_numpy(np.ascontiguousarray(value))
+                               for key, value in _pack(tensor.float().numpy()).items()})
             else:
-                packed[name] = raw
-        safetensors.numpy.save_file(packed, staging / shard, metadata={"format": "pt"})
+                packed[name] = tensor
+        safetensors.torch.save_file(packed, staging / shard, metadata={"format": "pt"})
         weight_map.update({name: shard for name in packed})
         del tensors, packed
     (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -68,10 +70,6 @@ def gptq_checkpoint(source: Path, cache: Path) -> Path:
             shutil.copy(extra, staging / extra.name)
     staging.rename(folder)
     return folder
-
-
-def _bf16(raw: np.ndarray) -> np.ndarray:
-    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def _pack(weight: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from converters.core.errors import CheckpointError, UnsupportedModelError
-from converters.reading.checkpoint import SourceTensor, _safetensors_tensors, _torch_tensors
+from converters.reading.quantized.raw import RawTensor, raw_tensors, to_float32
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -34,8 +34,8 @@ class LoraPair:
     """One adapted layer: its module name in the base checkpoint, its A and B, and its scale."""
 
     module: str
-    a: SourceTensor
-    b: SourceTensor
+    a: RawTensor
+    b: RawTensor
     scale: float
 
     @property
@@ -64,7 +64,7 @@ def read_adapter(folder: Path) -> PeftAdapter:
     rank = int(settings.get("r", 8))
     lora_alpha = float(settings.get("lora_alpha", rank))
     rslora = bool(settings.get("use_rslora"))
-    sides: dict[str, dict[str, SourceTensor]] = {}
+    sides: dict[str, dict[str, RawTensor]] = {}
     for name, tensor in tensors.items():
         if "lora_embedding_" in name:
             raise UnsupportedModelError(f"The adapter adapts an embedding ({name}), which llama.cpp's LoRA support "
@@ -120,10 +120,10 @@ def _settings(folder: Path) -> Mapping[str, Any]:
     return settings
 
 
-def _weights(folder: Path) -> dict[str, SourceTensor]:
-    for name, read in (("adapter_model.safetensors", _safetensors_tensors), ("adapter_model.bin", _torch_tensors)):
+def _weights(folder: Path) -> dict[str, RawTensor]:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (folder / name).is_file():
-            return read(folder / name)
+            return raw_tensors((folder / name,))
     raise CheckpointError(f"{folder} has adapter_config.json but no adapter_model.safetensors; download the "
                           "complete adapter.")
 
@@ -152,5 +152,5 @@ def resolve_base_folder(adapter: PeftAdapter, base: Path | None) -> Path:
     )
 
 
-def as_float32(tensor: SourceTensor) -> np.ndarray:
-    return tensor.load().astype(np.float32, copy=False)
+def as_float32(tensor: RawTensor) -> np.ndarray:
+    return to_float32(np.asarray(tensor.read()), tensor.dtype)

@@ -437,9 +437,8 @@ def _load_failure(path: Path, options: LoadOptions, error: Mapping[str, str]) ->
     if kind == "missing":
         return ModelFileError(f"{path} does not exist any more; check the path.")
     if kind == "adapter":
-        reason = _first_error_line(log) or error.get("message", "")
-        return EngineError(f"llama.cpp could not apply the LoRA adapter to {path.name} ({reason}); use an adapter "
-                           "converted for this base model.")
+        return EngineError(f"llama.cpp could not apply a LoRA adapter to {path.name} ({error.get('message', '')}); "
+                           "use an adapter converted for this base model.")
     reason = _first_error_line(log) or error.get("message", "")
     return EngineError(f"llama.cpp could not load {path.name} ({reason or 'no reason given'}); the file may be "
                        "damaged or need a newer llama.cpp, so convert or download it again.")

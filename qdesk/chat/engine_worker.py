@@ -130,7 +130,9 @@ def _apply_adapters(llm: llama_cpp.Llama, loras: list[tuple[str, float]]) -> Non
     for path, _ in loras:
         adapter = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
         if adapter is None:
-            raise AdapterLoadError(f"the adapter {os.path.basename(path)} does not fit this model")
+            said = next((line for line in reversed(_recent_log) if "lora" in line.lower()), "")
+            reason = said.split(": ", 1)[-1].strip() if said else "llama.cpp gave no reason"
+            raise AdapterLoadError(f"the adapter {os.path.basename(path)} does not fit this model: {reason}")
         adapters.append(adapter)
     handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
     scales = (ctypes.c_float * len(loras))(*(float(scale) for _, scale in loras))
