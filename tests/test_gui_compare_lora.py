@@ -63,3 +63,14 @@ def test_base_and_base_with_adapter_answer_side_by_side(qtbot, gui_context: AppC
     assert first.error is None and second.error is None
     assert first.text != second.text, "the adapter changes what the same base model answers"
     view.shutdown()
+
+
+def test_a_dropped_adapter_folder_is_explained(tmp_path: Path) -> None:
+    from qdesk.gui.drops import route_drop
+
+    folder = tmp_path / "style"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    route = route_drop([folder])
+    assert route.quantize_source is None and len(route.rejected) == 1
+    assert route.rejected[0].startswith("style is a LoRA adapter, not a model; convert it with `qdesk convert style`")

@@ -215,6 +215,9 @@ COMPRESSED_SCHEMES: dict[str, tuple[dict[str, Any], str]] = {
     "int8-channel": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, "pack-quantized"),
     "fp8-tensor": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}, "float-quantized"),
     "fp8-channel": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}, "float-quantized"),
+    "fp8-block": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "block_structure": [32, 64]},
+                  "float-quantized"),
+    "int8-naive": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, "int-quantized"),
 }
 
 
@@ -248,6 +251,10 @@ def build_compressed_tensors(base: Path, folder: Path, scheme: str) -> Path:
             low, high = weight.min().reshape(1), weight.max().reshape(1)
         elif args.strategy == "channel":
             low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+        elif args.strategy == "block":
+            height, width = args.block_structure
+            blocks = weight.reshape(weight.shape[0] // height, height, weight.shape[1] // width, width)
+            low, high = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
         else:
             grouped = weight.reshape(weight.shape[0], -1, args.group_size)
             low, high = grouped.amin(2), grouped.amax(2)
