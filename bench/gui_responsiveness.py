@@ -11,10 +11,11 @@ records how much later than the interval it fired. Two phases, same process:
    suite, BF16 safetensors, to an F16 GGUF in a temporary folder) and, at the same time, real generations with the
    starter model (`qdesk.chat.engine.load_model` + `chat`, tokens streamed to a GUI-thread signal that appends them to a
    QPlainTextEdit, as the Compare view does), repeated until the conversion has finished (at least one answer).
-   The conversion runs as the app's Quantize queue runs it: `qdesk.app.isolated.run_isolated` in a child process, with
-   progress and cancel forwarded. With --convert-in-thread it runs in the job's own thread of this process, for
-   comparison (pure-Python stretches of a conversion then hold the GIL the event loop needs). With --compare-view
-   the tokens go to a real Compare pane, redrawn every 40 ms as the app does (its Markdown rendering included).
+   The conversion runs as the app's Quantize queue runs it: `converters.core.isolation.run_isolated` in a child
+   process, with progress and cancel forwarded. With --convert-in-thread it runs in the job's own thread of this
+   process, for comparison (pure-Python stretches of a conversion then hold the GIL the event loop needs). With
+   --compare-view the tokens go to a real Compare pane, redrawn every 40 ms as the app does (its Markdown rendering
+   included).
 
 Prints the worst, p99 and median lateness of each phase and the ratio jobs/peer. The target (issue 7) is a worst
 delay under 100 ms while the jobs run.
@@ -200,8 +201,8 @@ def main() -> int:
         conversion_ended: list[float] = []
 
         def convert(progress: ProgressFn, cancel: CancelToken) -> float:
+            from converters.core.isolation import run_isolated
             from converters.writing.convert import convert_checkpoint
-            from qdesk.app.isolated import run_isolated
 
             started = time.monotonic()
             try:

@@ -35,3 +35,11 @@ class EvaluationFailed(NativeError):
 
 class Stopped(NativeError, Cancelled):
     """The caller asked a running native operation to stop, and it did."""
+
+
+class ChildFailed(NativeError):
+    """A child process (`native.child`) ended without an answer: llama.cpp aborted or crashed it, or it was killed."""
+
+
+class ChildStalled(ChildFailed):
+    """A child process made no progress for longer than its watchdog allows, and was stopped."""

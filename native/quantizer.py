@@ -1,29 +1,23 @@
-"""llama.cpp's quantizer (`llama_model_quantize`), run in a child process so that it can be cancelled and
-so that an abort inside llama.cpp cannot take the caller down.
+"""llama.cpp's quantizer (`llama_model_quantize`), run in a child process (`native.child`) so that it can be
+cancelled and so that an abort inside llama.cpp cannot take the caller down.
 
-`run_quantizer(request, progress, should_stop)` starts `python -m native.quantizer`, hands it the
-request on stdin and reads one JSON event per line back: a record for every tensor as llama.cpp
-reports it (name, shape, source type, target type), error lines, and the return code. A dry run
-(`QuantizeRequest.dry_run`) reports the type llama.cpp would give every tensor without writing
-anything, which is how a preset becomes a per-tensor plan.
+`run_quantizer(request, progress, should_stop)` calls `_quantize` in a child and returns what llama.cpp reported:
+a record for every tensor (name, shape, source type, target type) and its warnings, or raises `QuantizerFailed`
+with its error lines. A dry run (`QuantizeRequest.dry_run`) reports the type llama.cpp would give every tensor
+without writing anything, which is how a preset becomes a per-tensor plan. llama.cpp cannot be interrupted
+inside a tensor, so a stop kills the child at once; the caller's temporary output goes with its own cleanup.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
-import os
-import pickle
-import queue
 import re
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
-from native.errors import QuantizerFailed, Stopped
+from native.child import run_in_child
+from native.errors import QuantizerFailed
 
 MetadataValue = str | int | float | bool
 
@@ -34,7 +28,6 @@ _TENSOR_LINE = re.compile(
 _CONVERTING = re.compile(r"converting to (?P<target>\S+) ")
 _DRY_RUN_TARGET = re.compile(r"\((?P<target>[^()\s]+)\)\s*$")
 _MAX_METADATA_CHARS = 127
-_STOP_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -77,102 +70,19 @@ def run_quantizer(
     should_stop: Callable[[], bool] | None = None,
 ) -> QuantizerReport:
     """Run llama.cpp's quantizer on `request` in a child process; raises `QuantizerFailed` or `Stopped`."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "native.quantizer"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", "")},
-    )
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    stderr_tail: list[str] = []
-    readers = [
-        threading.Thread(target=_read_events, args=(child.stdout, events), daemon=True),
-        threading.Thread(target=_read_tail, args=(child.stderr, stderr_tail), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
-    try:
-        assert child.stdin is not None
-        child.stdin.write(pickle.dumps(_child_request(request)))
-        child.stdin.close()
-    except BrokenPipeError:
-        pass
-    try:
-        return _follow(child, events, stderr_tail, progress, should_stop)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        for reader in readers:
-            reader.join(timeout=5)
+    forward = None if progress is None else (lambda step: progress(*step))
+    outcome: _Outcome = run_in_child(_quantize, {"request": _child_request(request), "progress": forward,
+                                                 "should_stop": should_stop},
+                                     what="the quantization", stop_grace_s=0)
+    if outcome.return_code == 0:
+        return QuantizerReport(outcome.tensors, outcome.warnings)
+    raise QuantizerFailed(_failure_sentence(list(outcome.errors), outcome.return_code))
 
 
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _follow(
-    child: subprocess.Popen[bytes],
-    events: queue.Queue[dict[str, Any] | None],
-    stderr_tail: list[str],
-    progress: ProgressCallback | None,
-    should_stop: Callable[[], bool] | None,
-) -> QuantizerReport:
-    tensors: list[TensorRecord] = []
-    errors: list[str] = []
-    warnings: list[str] = []
-    return_code: int | None = None
-    while True:
-        if should_stop is not None and should_stop():
-            child.kill()
-            raise Stopped("quantization was stopped")
-        try:
-            event = events.get(timeout=_STOP_POLL_SECONDS)
-        except queue.Empty:
-            continue
-        if event is None:
-            break
-        if "tensor" in event:
-            record = TensorRecord(**{**event["tensor"], "shape": tuple(event["tensor"]["shape"])})
-            tensors.append(record)
-            if progress is not None:
-                progress(event["index"], event["count"], record.name)
-        elif "error" in event:
-            errors.append(event["error"])
-        elif "warning" in event:
-            warnings.append(event["warning"])
-        elif "return_code" in event:
-            return_code = int(event["return_code"])
-    child.wait()
-    if return_code == 0 and child.returncode == 0:
-        return QuantizerReport(tuple(tensors), tuple(warnings))
-    raise QuantizerFailed(_failure_sentence(errors, stderr_tail, child.returncode))
-
-
-def _failure_sentence(errors: list[str], stderr_tail: list[str], exit_code: int) -> str:
+def _failure_sentence(errors: list[str], return_code: int) -> str:
     details = [line for line in errors if line and not set(line) <= set("=")]
-    if not details:
-        details = [line for line in stderr_tail if line.strip()][-3:]
-    reason = "; ".join(details[-3:]) or f"the quantizer process ended with status {exit_code}"
+    reason = "; ".join(details[-3:]) or f"llama_model_quantize returned {return_code}"
     return f"llama.cpp's quantizer failed: {reason.rstrip('.')}. Check that the input is a complete GGUF model."
-
-
-def _read_events(stream: IO[bytes] | None, events: queue.Queue[dict[str, Any] | None]) -> None:
-    assert stream is not None
-    for raw in stream:
-        try:
-            events.put(json.loads(raw))
-        except ValueError:
-            continue
-    events.put(None)
-
-
-def _read_tail(stream: IO[bytes] | None, tail: list[str]) -> None:
-    assert stream is not None
-    for raw in stream:
-        tail.append(raw.decode(errors="replace").rstrip())
-        del tail[:-20]
 
 
 def parse_tensor_line(line: str) -> tuple[int, int, TensorRecord] | None:
@@ -188,9 +98,9 @@ def parse_tensor_line(line: str) -> tuple[int, int, TensorRecord] | None:
     return int(match["index"]), int(match["count"]), record
 
 
-# --- the child process ------------------------------------------------------------------------------------------
-# The child loads libllama with ctypes alone (no llama_cpp or numpy import), so it starts in a few
-# milliseconds; the declarations below are llama.h's for the pinned llama-cpp-python.
+# --- the child's side ------------------------------------------------------------------------------------------
+# The child loads libllama with ctypes alone (no llama_cpp or numpy import), so it starts quickly; the
+# declarations below are llama.h's for the pinned llama-cpp-python.
 
 
 class _ImatrixData(ctypes.Structure):
@@ -235,49 +145,65 @@ _KV_INT, _KV_FLOAT, _KV_BOOL, _KV_STR = 0, 1, 2, 3
 _LOG_WARN, _LOG_ERROR = 3, 4
 
 
-def _child_main() -> int:
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    request: _ChildRequest = pickle.loads(sys.stdin.buffer.read())
+@dataclass(frozen=True)
+class _Outcome:
+    return_code: int
+    tensors: tuple[TensorRecord, ...]
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+class _QuantizerLog:
+    """llama.cpp's log lines as they come: a record per tensor (forwarded as progress), errors and warnings."""
+
+    def __init__(self, progress: Callable[[tuple[int, int, str]], None] | None) -> None:
+        self.progress = progress
+        self.tensors: list[TensorRecord] = []
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self._pending = ""
+
+    def __call__(self, level: int, text: bytes, _: Any) -> None:
+        self._pending += text.decode(errors="replace")
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self.line(level, line)
+
+    def finish(self) -> None:
+        if self._pending:
+            self.line(0, self._pending)
+            self._pending = ""
+
+    def line(self, level: int, line: str) -> None:
+        parsed = parse_tensor_line(line)
+        if parsed is not None:
+            index, count, record = parsed
+            self.tensors.append(record)
+            if self.progress is not None:
+                self.progress((index, count, record.name))
+        elif level == _LOG_ERROR or "failed" in line or "error" in line.lower():
+            self.errors.append(line.strip())
+        elif level == _LOG_WARN and "manual override" not in line:
+            self.warnings.append(line.strip())
+
+
+def _quantize(request: _ChildRequest, progress: Callable[[tuple[int, int, str]], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> _Outcome:
+    """In the child: one `llama_model_quantize` call (`should_stop` is not polled: a stop kills the child)."""
     library = ctypes.CDLL(request.library)
     library.llama_model_quantize_default_params.restype = _QuantizeParams
     library.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_QuantizeParams)]
     library.llama_model_quantize.restype = ctypes.c_uint32
     library.llama_log_set.argtypes = [_LogCallback, ctypes.c_void_p]
     library.llama_backend_init()
-
-    def emit(event: dict[str, Any]) -> None:
-        protocol.write(json.dumps(event) + "\n")
-
-    pending = [""]
-
-    def on_log(level: int, text: bytes, _: Any) -> None:
-        pending[0] += text.decode(errors="replace")
-        *lines, pending[0] = pending[0].split("\n")
-        for line in lines:
-            _emit_log_line(emit, level, line)
-
-    log_callback = _LogCallback(on_log)
+    log = _QuantizerLog(progress)
+    log_callback = _LogCallback(log)
     library.llama_log_set(log_callback, None)
     params, keep_alive = _quantize_params(library, request)
     return_code = library.llama_model_quantize(request.source.encode(), request.output.encode(), ctypes.byref(params))
-    if pending[0]:
-        _emit_log_line(emit, 0, pending[0])
-    emit({"return_code": int(return_code)})
-    protocol.close()
+    log.finish()
     del keep_alive
-    return 0
-
-
-def _emit_log_line(emit: Callable[[dict[str, Any]], None], level: int, line: str) -> None:
-    parsed = parse_tensor_line(line)
-    if parsed is not None:
-        index, count, record = parsed
-        emit({"index": index, "count": count, "tensor": record.__dict__})
-    elif level == _LOG_ERROR or "failed" in line or "error" in line.lower():
-        emit({"error": line.strip()})
-    elif level == _LOG_WARN and "manual override" not in line:
-        emit({"warning": line.strip()})
+    return _Outcome(int(return_code), tuple(log.tensors), tuple(log.errors), tuple(log.warnings))
 
 
 @dataclass
@@ -366,6 +292,3 @@ def _set_override_value(slot: _KVOverride, value: MetadataValue) -> None:
     else:
         slot.tag, slot.value.val_str = _KV_STR, str(value).encode()[:_MAX_METADATA_CHARS]
 
-
-if __name__ == "__main__":
-    sys.exit(_child_main())

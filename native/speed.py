@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from native.activations import DEFAULT_UBATCH, ModelEvaluator
+from native.child import isolated
 
 __all__ = ["SpeedResult", "measure_speed"]
 
@@ -61,6 +62,7 @@ def _generation_seconds(evaluator: ModelEvaluator, tokens: np.ndarray) -> float:
     return time.perf_counter() - started
 
 
+@isolated("the speed measurement")
 def measure_speed(
     model_path: str | Path,
     *,

@@ -1,13 +1,12 @@
 """The bundle's entry point: `qdesk ARGS` runs the command line, `qdesk -m MODULE ARGS` runs one of qdesk's modules.
 
-qdesk starts its helper processes (the engine worker, the quantizer, the memory probe) as
-`[sys.executable, "-m", MODULE]`. In the bundle `sys.executable` is this program, so it answers `-m` the way
-the Python interpreter would, for qdesk's own packages only.
+qdesk starts every helper process (the engine worker, the quantizer, each step run in a child) through
+`native.child.spawn_python`, as `[sys.executable, "-m", "native.child", ...]`. In the bundle `sys.executable` is
+this program, so it answers `-m` the way the Python interpreter would, for qdesk's own packages only.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import runpy
 import sys
 
@@ -19,7 +18,6 @@ def _is_runnable(module: str) -> bool:
 
 
 def main() -> int:
-    multiprocessing.freeze_support()  # qdesk.app.isolated starts long steps as spawned children of this program
     if len(sys.argv) >= 3 and sys.argv[1] == "-m":
         module = sys.argv[2]
         if not _is_runnable(module):

@@ -326,7 +326,7 @@ def test_inconsistent_hyperparameters_are_a_clear_error(tmp_path: Path, starter_
     struct.pack_into("<I", data, value_at, 7)  # 576 / 7 heads: the rotary size no longer matches
     damaged = tmp_path / "seven-heads.gguf"
     damaged.write_bytes(data)
-    with pytest.raises(EngineError, match=r"could not load seven-heads\.gguf .*n_rot") as caught:
+    with pytest.raises(ModelFileError, match=r"seven-heads\.gguf has impossible settings: .*\(7\)") as caught:
         load_model(damaged)
     assert not isinstance(caught.value, ModelCrashed)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,47 @@ def test_cancelling_returns_to_idle_and_writes_nothing(qtbot, view: EvaluateView
     assert view.progress_bar.isHidden()
     assert len(view.chart.points) == 0
     assert list(tmp_path.rglob("*.partial")) == [] and list(tmp_path.rglob("*.html")) == []
+
+
+
+@pytest.fixture
+def no_llama_cpp_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the GUI process loaded a model in llama.cpp")
+
+    monkeypatch.setattr("native.activations.ModelEvaluator.__init__", refuse)
+
+
+@pytest.mark.usefixtures("no_llama_cpp_in_this_process")
+def test_the_window_never_loads_a_model_in_llama_cpp_itself(qtbot, view: EvaluateView, gui_context: AppContext,
+                                                             kquant_f16: Path, tmp_path: Path) -> None:
+    candidate = tmp_path / "copy.gguf"
+    shutil.copyfile(kquant_f16, candidate)
+    gui_context.open_in_evaluate.emit([kquant_f16, candidate])
+    view.chunks_spin.setValue(1)
+    view.tasks_check.setChecked(False)
+    view.speed_check.setChecked(False)
+    view.run_button.click()
+    qtbot.waitUntil(lambda: not view.running, timeout=EVALUATION_TIMEOUT_MS)
+    assert view.report is not None, view.status_label.text()
+
+
+@pytest.mark.usefixtures("no_llama_cpp_in_this_process")
+def test_a_model_llama_cpp_would_stop_on_is_a_sentence_and_the_window_stays(
+        qtbot, view: EvaluateView, gui_context: AppContext, kquant_f16: Path, tmp_path: Path) -> None:
+    from tests.builders.bad_gguf import rewrite_metadata
+
+    bad = rewrite_metadata(kquant_f16, tmp_path / "eps-nan.gguf", {"llama.attention.layer_norm_rms_epsilon": math.nan})
+    gui_context.open_in_evaluate.emit([kquant_f16, bad])
+    assert view.reference_path() == kquant_f16 and view.checked_variants() == [bad]
+    view.chunks_spin.setValue(1)
+    view.tasks_check.setChecked(False)
+    view.speed_check.setChecked(False)
+    view.run_button.click()
+    qtbot.waitUntil(lambda: not view.running, timeout=EVALUATION_TIMEOUT_MS)
+
+    assert "eps-nan.gguf has impossible settings" in view.status_label.text()
+    assert view.report is None and view.run_button.isEnabled() and view.isVisible()
 
 
 def test_a_float_gguf_made_later_becomes_the_reference(view: EvaluateView, gui_context: AppContext,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from converters.core.errors import Cancelled, CheckpointError
+from converters.core.isolation import WorkerDied, run_isolated
 from converters.core.jobs import CancelToken, Progress
 from converters.writing.convert import convert_checkpoint
-from qdesk.app.isolated import WorkerDied, run_isolated
 
 
 def counting(*, steps: int, progress, cancel) -> int:

@@ -21,7 +21,8 @@ import numpy as np
 
 from converters.calibration.imatrix import ImatrixEntry, ImportanceMatrix, write_imatrix
 from converters.core.errors import Cancelled, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.paths import resources_dir
 
@@ -98,6 +99,7 @@ def _documents(text: str) -> tuple[str, ...]:
     return tuple(part for part in text.split("\n\n") if part.strip())
 
 
+@isolated("the calibration")
 def calibrate(
     model: str | Path,
     output: str | Path | None = None,
@@ -111,12 +113,14 @@ def calibrate(
     covariance_chunks: int = 0,
 ) -> CalibrationResult:
     """Compute the importance matrix of the GGUF `model` on `texts` (built-in text when None); with
-    `covariance_chunks`, also the input covariances of the first that many chunks (for error feedback)."""
+    `covariance_chunks`, also the input covariances of the first that many chunks (for error feedback).
+
+    It runs in a child process (`converters.core.isolation`): llama.cpp aborts on some models it cannot run."""
     from native.activations import ModelEvaluator
     from native.errors import NativeError, Stopped
 
     model = Path(model)
-    check_gguf(model)
+    check_model_gguf(model)
     if chunks < 1:
         raise CalibrationError(f"--chunks must be at least 1 (got {chunks}).")
     if ctx < MIN_CTX:

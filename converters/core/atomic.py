@@ -1,4 +1,8 @@
-"""Outputs appear complete or not at all: written to a temporary file beside the target, then renamed."""
+"""Outputs appear complete or not at all: written to a temporary file beside the target, then renamed.
+
+The temporary file's name records its owner (`converters.core.leftovers`), so that one left by a killed process is
+removed by the next process that writes into the same folder.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ import contextlib
 import errno
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from converters.core.errors import OutputError
+from converters.core.leftovers import temporary_file
 from converters.core.units import format_size
 
 
@@ -65,12 +69,10 @@ def atomic_output(path: Path) -> Iterator[Path]:
     if path.is_dir():
         raise OutputError(f"Cannot write {path}: it is a folder; give a file name ending in .gguf.")
     try:
-        fd, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        temporary = temporary_file(path.parent, path.name)
     except OSError as error:
         raise OutputError(describe_os_error(error, path)) from error
-    temporary = Path(temporary_name)
     try:
-        os.close(fd)
         yield temporary
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)

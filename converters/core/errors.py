@@ -9,7 +9,7 @@ from __future__ import annotations
 from native.errors import Cancelled, UserError
 
 __all__ = ["Cancelled", "CheckpointError", "GGUFFileError", "ImatrixError", "OutputError", "TokenizerError",
-           "UnsupportedModelError", "UserError"]
+           "UnsupportedModelError", "UserError", "WorkerDied"]
 
 
 class CheckpointError(UserError):
@@ -34,3 +34,8 @@ class ImatrixError(UserError):
 
 class OutputError(UserError):
     """The output cannot be written (permissions, missing folder, full disk)."""
+
+
+class WorkerDied(UserError):
+    """A child process running a step ended without an answer (llama.cpp aborted or crashed, the system ran out of
+    memory) or made no progress for too long; the message says which."""

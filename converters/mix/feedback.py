@@ -25,6 +25,7 @@ from converters.calibration.calibrate import CalibrationText, builtin_texts, cal
 from converters.calibration.imatrix import ImportanceMatrix
 from converters.core.errors import Cancelled, UserError
 from converters.core.gguf_file import GGUFHeader, TensorHeader, check_gguf
+from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.mix.sensitivity import Sensitivity, TensorSensitivity
 from converters.quantization.plan import type_name
@@ -73,12 +74,24 @@ def collect_input_covariances(
 ) -> dict[str, np.ndarray]:
     """Per dense weight of `reference`, the sum of x xᵀ over its input rows on the calibration text (built-in when
     None); matrices that share an input share the array. The output product's weight is included."""
-    from native.activations import ModelEvaluator
-    from native.errors import NativeError, Stopped
-
     key = (str(reference.resolve()), reference.stat().st_mtime_ns, tuple(t.name for t in texts or ()), chunks, ctx)
     if key in _LAST_COVARIANCES:
         return _LAST_COVARIANCES[key]
+    covariances = _measure_input_covariances(reference, texts, chunks=chunks, ctx=ctx, gpu_layers=gpu_layers,
+                                             progress=progress, cancel=cancel)
+    _LAST_COVARIANCES.clear()
+    _LAST_COVARIANCES[key] = covariances
+    return covariances
+
+
+@isolated("the input-correlation measurement")
+def _measure_input_covariances(reference: Path, texts: Sequence[CalibrationText] | None, *, chunks: int, ctx: int,
+                               gpu_layers: int, progress: ProgressFn, cancel: CancelToken | None
+                               ) -> dict[str, np.ndarray]:
+    """`collect_input_covariances` without the memory of the last one, in a child process (llama.cpp can abort)."""
+    from native.activations import ModelEvaluator
+    from native.errors import NativeError, Stopped
+
     should_stop = (lambda: cancel.cancelled) if cancel is not None else None
     progress(Progress(0, chunks, "chunks", "measuring input correlations"))
     try:
@@ -93,8 +106,6 @@ def collect_input_covariances(
         raise Cancelled("quantization was cancelled") from None
     except NativeError as error:
         raise FeedbackError(str(error)) from error
-    _LAST_COVARIANCES.clear()
-    _LAST_COVARIANCES[key] = covariances
     return covariances
 
 

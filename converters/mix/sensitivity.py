@@ -42,7 +42,10 @@ from converters.calibration.calibrate import CalibrationText, builtin_texts, cal
 from converters.calibration.imatrix import ImportanceMatrix
 from converters.core.errors import Cancelled, UserError
 from converters.core.gguf_file import check_gguf, file_fingerprint
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.leftovers import temporary_file
 from converters.quantization.plan import ggml_type, type_name
 
 if TYPE_CHECKING:
@@ -272,12 +275,16 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
     sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel, **settings)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".partial")
-        temporary.write_text(json.dumps(_to_json(sensitivity)), encoding="utf-8")
-        os.replace(temporary, path)
+        temporary = temporary_file(path.parent, path.name)
+        try:
+            temporary.write_text(json.dumps(_to_json(sensitivity)), encoding="utf-8")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
     return sensitivity
 
 
+@isolated("the sensitivity measurement")
 def measure_sensitivity(
     reference: str | Path,
     matrix: ImportanceMatrix | None,
@@ -301,7 +308,7 @@ def measure_sensitivity(
 
     started = time.monotonic()
     reference = Path(reference)
-    header = check_gguf(reference)
+    header = check_model_gguf(reference)
     weights = {t.name: t for t in header.tensors if quantizable_weight(t.name, len(t.shape))}
     blocks = {int(m.group(1)) for name in weights if (m := _LAYER_NAME.match(name))}
     n_layers = max(blocks) + 1 if blocks else 0

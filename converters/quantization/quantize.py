@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,7 +28,9 @@ from converters.calibration.imatrix import ImportanceMatrix, check_matches_model
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import Cancelled, UserError
 from converters.core.gguf_file import GGUFHeader, check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.leftovers import temporary_folder
 from converters.mix.allocate import MIX_BASE_PRESET, MixBudget, MixPlan, check_budget, plan_mix
 from converters.mix.feedback import (
     COVARIANCE_MEMORY_LIMIT,
@@ -134,7 +136,7 @@ def quantize(
     scratch = Path(output).parent if output is not None else None
     with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output), \
             _factors_released():
-        header = check_gguf(reference)
+        header = check_model_gguf(reference)
         requantize = already_quantized(header)
         if requantize and base.name not in _UNQUANTIZED_PRESETS:
             warnings.append(f"{reference.name} is already quantized ({requantize}); quantizing it again loses "
@@ -208,7 +210,7 @@ def preset_plan(source: str | Path, preset: str, imatrix: ImportanceMatrix | Non
     from native.quantizer import QuantizeRequest, run_quantizer
 
     source = Path(source)
-    header = check_gguf(source)
+    header = check_model_gguf(source)
     base = preset_named(preset)
     request = QuantizeRequest(str(source), str(source.with_suffix(".dry-run")), base.ftype, dry_run=True,
                               imatrix=matrix_data(imatrix), allow_requantize=already_quantized(header) is not None)
@@ -251,10 +253,17 @@ def _reference_gguf(
     def converting(step: Progress) -> None:
         progress(Progress(step.done, step.total, step.unit, "converting"))
 
-    with tempfile.TemporaryDirectory(dir=scratch or source, prefix=".qdesk-reference-") as folder:
-        converted = convert_checkpoint(source, None, outtype=outtype, output_folder=Path(folder),
-                                       progress=converting, cancel=cancel)
+    try:
+        folder = temporary_folder(scratch or source, "reference")
+    except OSError as error:
+        raise QuantizeError(f"Cannot make a temporary folder in {scratch or source} for the converted reference "
+                            f"({error.strerror or error}); choose an output folder you can write to.") from error
+    try:
+        converted = convert_checkpoint(source, None, outtype=outtype, output_folder=folder, progress=converting,
+                                       cancel=cancel)
         yield converted.path, source / converted.path.name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def variant_file_name(reference: Path, type_label: str) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import CheckpointError, UnsupportedModelError, UserError
+from converters.core.hyperparameters import hyperparameter_problems
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
 from converters.reading.checkpoint import (
@@ -94,6 +95,7 @@ def convert_checkpoint(
     check_dtypes(checkpoint)
     block_count = int(checkpoint.config.require("num_hidden_layers"))
     plan = _plan_tensors(checkpoint, arch, out, block_count)
+    _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
     parameter_count = sum(p.element_count for p in plan)
     metadata = _model_metadata(checkpoint.folder, parameter_count)
     target = Path(output) if output is not None else (output_folder or checkpoint.folder) / _default_file_name(
@@ -128,7 +130,8 @@ def _write_header(writer: StreamingGGUFWriter, checkpoint: Checkpoint, arch: Arc
     metadata.set_gguf_meta_model(writer.metadata)
     if source_quantization is not None:
         writer.metadata.add_string(SOURCE_QUANTIZATION_KEY, source_quantization)
-    _write_hparams(writer.metadata, arch, checkpoint.config)
+    for key, value in _hparam_values(arch, checkpoint.config).items():
+        _add_value(writer.metadata, key, value)
     writer.metadata.add_file_type(out.file_type)
     writer.metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer = export_tokenizer(checkpoint.folder, writer.metadata, _vocab_rows(plan))
@@ -154,6 +157,7 @@ def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress
     checkpoint, source_quantization = dequantizing(open_checkpoint(folder, config))
     block_count = int(checkpoint.config.require("num_hidden_layers"))
     plan = _plan_tensors(checkpoint, arch, out, block_count)
+    _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
     metadata = _model_metadata(checkpoint.folder, sum(p.element_count for p in plan))
     with atomic_output(Path(output)) as temporary:
         writer = StreamingGGUFWriter(temporary, arch.name)
@@ -219,7 +223,9 @@ def _vocab_rows(plan: list[_PlannedTensor]) -> int | None:
     return None
 
 
-def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelConfig) -> None:
+def _hparam_values(arch: Architecture, config: ModelConfig) -> dict[str, Any]:
+    """The architecture's GGUF hyperparameters (full key → value) from config.json."""
+    values: dict[str, Any] = {}
     for hparam in arch.hparams:
         value = config.get(*hparam.config_keys)
         if value is None:
@@ -227,10 +233,19 @@ def _write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: ModelCon
                 config.require(*hparam.config_keys)
             value = hparam.default
         if value is not None:
-            _add_value(writer, f"{arch.name}.{hparam.key}", hparam.value_type(value))
+            values[f"{arch.name}.{hparam.key}"] = hparam.value_type(value)
     if arch.derived_metadata is not None:
-        for key, value in arch.derived_metadata(config).items():
-            _add_value(writer, key, value)
+        values.update(arch.derived_metadata(config))
+    return values
+
+
+def _check_hparams(folder: Path, arch: Architecture, hparams: dict[str, Any], plan: list[_PlannedTensor]) -> None:
+    """Refuse a config.json that would make a GGUF llama.cpp cannot run (`converters.core.hyperparameters`)."""
+    shapes = {planned.declared.name: tuple(reversed(planned.declared.shape)) for planned in plan}
+    problems = hyperparameter_problems({"general.architecture": arch.name, **hparams}, shapes)
+    if problems:
+        raise CheckpointError(f"{folder / 'config.json'} gives impossible settings: {problems[0]}; correct "
+                              "config.json or download the checkpoint again.")
 
 
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

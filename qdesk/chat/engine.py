@@ -3,6 +3,13 @@
 A `LoadedModel` is a handle on one worker: two handles generate at the same time, a worker that llama.cpp
 crashes takes nothing else down (the caller gets `ModelCrashed`), and `stop()` lands between two tokens.
 Timings are taken here, in the caller, so they include everything the app adds on top of llama.cpp.
+
+Why the worker is not a `native.child.run_in_child` call like qdesk's other steps: those run one function and
+end, while a worker lives as long as its model is loaded and holds a conversation with the caller (a chat at a
+time, a stop that must land between two tokens, tokens streamed as they come, every few milliseconds), so it
+speaks its own line protocol and has no progress watchdog (a model may sit idle for hours). It is started by the
+same primitive, `native.child.spawn_python`, so it too dies with the app and never starts gdb when llama.cpp
+aborts.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import os
 import selectors
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,8 +30,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from converters.core.errors import GGUFFileError, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken
+from native.child import spawn_python
 from qdesk.chat.lora import LoraChoice, check_adapters
 
 WORKER_MODULE = "qdesk.chat.engine_worker"
@@ -153,11 +160,7 @@ class _Worker:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stderr: IO[bytes] = tempfile.TemporaryFile(prefix="qdesk-worker-")  # noqa: SIM115 (lives with the worker)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", WORKER_MODULE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, close_fds=True,
-        )
+        self.process = spawn_python(WORKER_MODULE, stderr=self._stderr, environment={"PYTHONUNBUFFERED": "1"})
         assert self.process.stdin is not None and self.process.stdout is not None
         self._stdin = self.process.stdin
         self._fd = self.process.stdout.fileno()
@@ -390,7 +393,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     path = Path(path)
     _check_options(options)
     try:
-        check_gguf(path)
+        check_model_gguf(path)
     except GGUFFileError as error:
         raise ModelFileError(str(error)) from error
     check_adapters(path, options.loras)

@@ -32,6 +32,8 @@ from converters.calibration.divergence import (
 )
 from converters.core.errors import Cancelled
 from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.mix.report import recorded_prediction
 from qdesk.evaluation.text import (
@@ -330,11 +332,12 @@ def _chunks_of(tokenizer: ModelEvaluator, sources: Sequence[EvalText], ctx: int,
     return chunk_tokens([tokenizer.tokenize(source.text) for source in sources], ctx, chunks, bos)
 
 
+@isolated("reading the evaluation text")
 def prepare_chunks(model: str | Path, texts: Sequence[EvalText] | None = None, *, ctx: int = DEFAULT_CTX,
                    chunks: int | None = None) -> TokenChunks:
     """The chunks of token ids `evaluate` scores, as `model`'s tokenizer makes them from `texts`."""
     path = Path(model)
-    check_gguf(path)
+    check_model_gguf(path)
     with _open(path, _Settings(ctx, None, 0, None), vocab_only=True) as tokenizer:
         return _chunks_of(tokenizer, list(texts) if texts else builtin_eval_texts(), ctx, chunks)
 
@@ -354,9 +357,10 @@ def _vocabulary_note(candidate: Path, reference: Path, candidate_vocab: list[byt
 
 def _check_models(reference: Path, candidates: Sequence[Path]) -> None:
     for path in (reference, *candidates):
-        check_gguf(path)
+        check_model_gguf(path)
 
 
+@isolated("the evaluation")
 def evaluate(
     reference: str | Path,
     candidates: Sequence[str | Path] = (),
@@ -380,7 +384,8 @@ def evaluate(
     task suites (built-in names or JSONL files) run on every model, `speed` measures prompt and generation
     speed, `memory_ctx` sets the context for the memory estimate (None: no estimate). With `cache` the
     reference's distributions are kept in the user's cache for the next evaluation on the same text.
-    Raises `EvalError` for unusable input and `Cancelled` when `cancel` fires.
+    Raises `EvalError` for unusable input and `Cancelled` when `cancel` fires. It runs in a child process
+    (`converters.core.isolation`): llama.cpp aborts on some models it cannot run, and the GUI must survive that.
     """
     from native.errors import Stopped
     from qdesk.evaluation import reference_cache

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 import zlib
@@ -29,6 +28,7 @@ import numpy as np
 
 from converters.calibration.divergence import ReferenceRows
 from converters.core.gguf_file import file_fingerprint
+from converters.core.leftovers import temporary_file, temporary_folder
 from converters.core.paths import cache_dir
 
 FORMAT = "qdesk.reference-logits/1"
@@ -113,10 +113,9 @@ class CacheEntry:
             logp_correct=rows.logp_correct,
         )
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".chunk.", suffix=".partial", dir=self.folder)
+        temporary = temporary_file(self.folder, "chunk")
         try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(buffer.getbuffer())
+            temporary.write_bytes(buffer.getbuffer())
             os.replace(temporary, self._chunk_path(index))
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -125,9 +124,12 @@ class CacheEntry:
     def touch(self, description: dict[str, object]) -> None:
         """Record the entry's description and mark it as just used (for the least-recently-used trim)."""
         manifest = self.folder / "manifest.json"
-        temporary = self.folder / ".manifest.json.partial"
-        temporary.write_text(json.dumps({"format": FORMAT, "used": time.time(), **description}, indent=1))
-        os.replace(temporary, manifest)
+        temporary = temporary_file(self.folder, manifest.name)
+        try:
+            temporary.write_text(json.dumps({"format": FORMAT, "used": time.time(), **description}, indent=1))
+            os.replace(temporary, manifest)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def size_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.folder.glob("*") if path.is_file())
@@ -147,7 +149,7 @@ def open_entry(key: str, *, persistent: bool = True) -> CacheEntry:
             return CacheEntry(root / key, persistent=True)
         except OSError:
             pass
-    return CacheEntry(Path(tempfile.mkdtemp(prefix="qdesk-reference-")), persistent=False)
+    return CacheEntry(temporary_folder(None, "reference"), persistent=False)
 
 
 def trim(keep: str | None = None, limit_bytes: int | None = None) -> int:

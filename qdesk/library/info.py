@@ -47,6 +47,7 @@ from gguf import LlamaFileType
 
 from converters.core.errors import GGUFFileError
 from converters.core.gguf_file import GGUFHeader, check_gguf, open_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.units import format_count, format_size
 from converters.mix.report import PlanHeatmap, plan_heatmap
 from converters.quantization.plan import PlannedTensor, QuantPlan, type_name
@@ -137,9 +138,9 @@ def _file_type_name(value: int) -> str:
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Describe the GGUF file at `path` from its header alone; raises GGUFFileError if it is not a complete GGUF
-    file."""
+    file or describes a model llama.cpp cannot run (`check_model_gguf`)."""
     path = Path(path)
-    return model_info_from_header(path, check_gguf(path))
+    return model_info_from_header(path, check_model_gguf(path))
 
 
 def model_info_from_header(path: Path, header: GGUFHeader) -> ModelInfo:

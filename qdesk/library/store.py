@@ -32,7 +32,7 @@ from typing import Any
 
 from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import GGUFFileError, OutputError, UserError
-from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.paths import MODELS_DIR_ENV, models_dir
 from converters.core.units import format_count, format_size
@@ -201,7 +201,7 @@ def _variant(facts: Mapping[str, Any] | None) -> str:
 
 def _read_facts(path: Path) -> dict[str, Any]:
     """Everything the index caches about one file; raises GGUFFileError for a broken one."""
-    header = check_gguf(path)
+    header = check_model_gguf(path)
     info: ModelInfo = model_info_from_header(path, header)
     facts = info.to_json()
     provenance = {key: str(value) for key, value in header.metadata.items()

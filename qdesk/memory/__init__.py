@@ -29,7 +29,6 @@ GPU splits follow the placement rules above; they are verified on a CPU-only mac
 """
 
 from qdesk.memory.allocation import (
-    PROBE_MODULE,
     AllocationLog,
     AllocationLogError,
     MeasuredAllocation,
@@ -63,7 +62,6 @@ __all__ = [
     "DEFAULT_RAM_HEADROOM",
     "DEFAULT_VRAM_HEADROOM",
     "KV_TYPES",
-    "PROBE_MODULE",
     "AllocationLog",
     "AllocationLogError",
     "FitVerdict",

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from native.child import run_in_child
+from native.errors import ChildFailed
 from qdesk.memory.estimate import (
     DEFAULT_N_BATCH,
     DEFAULT_N_UBATCH,
@@ -29,9 +28,8 @@ class AllocationLogError(RuntimeError):
     """llama.cpp's log did not say what it allocated (or it failed to load the model)."""
 
 
-
-
-PROBE_MODULE = "qdesk.memory.probe"
+PROBE = "qdesk.memory.probe:load_logged"
+"""The function the child runs, by name: importing its module would load llama_cpp into this process."""
 PROBE_TIMEOUT_S = 300
 
 _BUFFER_LINE = re.compile(
@@ -159,15 +157,9 @@ def measure_allocation(
                "n_gpu_layers": n_gpu_layers, "type_k": int(cache_type), "type_v": int(cache_type),
                "flash_attn": flash_attention_for(kv_type, flash_attention)}
     try:
-        child = subprocess.run([sys.executable, "-m", PROBE_MODULE, json.dumps(options)], capture_output=True,
-                               timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as error:
-        raise AllocationLogError(f"loading {path.name} took longer than {timeout_s:.0f} s") from error
-    result = _probe_result(child.stdout)
-    if result is None:
-        tail = child.stderr.decode("utf-8", errors="replace")[-2000:]
-        raise AllocationLogError(f"the probe loading {path.name} ended with status {child.returncode} and no "
-                                 f"result:\n{tail}")
+        result = run_in_child(PROBE, {"options": options}, what=f"loading {path.name}", stall_s=timeout_s)
+    except ChildFailed as error:
+        raise AllocationLogError(str(error)) from error
     if "error" in result:
         raise AllocationLogError(f"llama.cpp could not load {path.name}: {result['error']}\n{result['log'][-2000:]}")
     log = parse_allocation_log(result["log"])
@@ -190,14 +182,3 @@ def measure_allocation(
         n_gpu_layers=gpu_layers if has_gpu_weights else 0, kv_type=kv_type, buffers=log.buffers,
         repack_duplicate_bytes=duplicate,
     )
-
-
-def _probe_result(stdout: bytes) -> dict[str, Any] | None:
-    for line in reversed(stdout.decode("utf-8", errors="replace").splitlines()):
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(result, dict) and "log" in result:
-            return result
-    return None

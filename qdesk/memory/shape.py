@@ -13,6 +13,7 @@ from typing import Any
 
 from converters.core.errors import GGUFFileError
 from converters.core.gguf_file import GGUFHeader, check_gguf
+from converters.core.hyperparameters import check_model_gguf
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def read_model_shape(path: str | os.PathLike[str]) -> ModelShape:
 @functools.lru_cache(maxsize=32)
 def _cached_shape(path: Path, _mtime_ns: int, _size: int) -> ModelShape:
     """The shape of one version of a file (the cache key holds its modification time and size)."""
-    header = check_gguf(path)  # first: a clear sentence for a damaged or foreign file
+    header = check_model_gguf(path)  # first: a clear sentence for a damaged, foreign or impossible file
     try:
         return _shape_from_header(path, header)
     except GGUFFileError:

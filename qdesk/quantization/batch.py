@@ -6,14 +6,13 @@ the reference GGUF and the importance matrix, computed once for every choice tha
 through `converters.core.atomic.atomic_output`, so a cancelled or failed step leaves no file behind; the converted
 reference lives in a hidden temporary folder of the output folder unless the request keeps it, and `close()`
 removes that folder. Every finished GGUF is added to the library when one is given. Convert, calibrate and
-quantize each run in a child process (`qdesk.app.isolated`), so the caller's event loop keeps the GIL and a native
-crash ends only the step.
+quantize each run in a child process (`converters.core.isolation`), so the caller's event loop keeps the GIL and a
+native crash ends only the step.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +20,17 @@ from typing import Any
 
 from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX, CalibrationResult, CalibrationText, calibrate
 from converters.calibration.imatrix import ImportanceMatrix
+from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn
+from converters.core.leftovers import temporary_folder
 from converters.core.units import format_size
 from converters.mix.allocate import MixBudget
 from converters.quantization.presets import preset_named
 from converters.quantization.quantize import NONE, QuantizeResult, quantize, reference_outtype, variant_file_name
 from converters.writing.convert import ConversionResult, convert_checkpoint
-from qdesk.app.isolated import run_isolated
 from qdesk.library.store import Library, LibraryEntry
 
 __all__ = ["BatchRequest", "BatchStep", "StepOutcome", "VariantBatch", "VariantChoice", "run_batch", "texts_from_files"]
-
-_TEMPORARY_PREFIX = ".qdesk-reference-"
 
 StepWork = Callable[[ProgressFn, CancelToken], "StepOutcome"]
 
@@ -160,7 +158,7 @@ class VariantBatch:
         source = Path(self.request.source)
         folder = self.request.output_folder
         if not self.request.keep_reference:
-            self._scratch = Path(tempfile.mkdtemp(prefix=_TEMPORARY_PREFIX, dir=folder))
+            self._scratch = temporary_folder(folder, "reference")
             folder = self._scratch
         outtype = reference_outtype(source if source.is_dir() else source.parent)
         result: ConversionResult = run_isolated(

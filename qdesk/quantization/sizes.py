@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from converters.core.gguf_file import check_gguf
+from converters.core.hyperparameters import check_model_gguf
+from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.leftovers import temporary_folder
 from converters.core.units import format_size
 from converters.quantization.plan import tensor_bytes, type_name
 from converters.quantization.quantize import preset_plan, reference_outtype
@@ -31,7 +34,6 @@ from converters.reading.architectures.base import ModelConfig
 from converters.reading.checkpoint import open_checkpoint, read_config, resolve_checkpoint_folder
 from converters.reading.quantized import dequantizing
 from converters.writing.tensor_types import OUTTYPES, tensor_type
-from qdesk.app.isolated import run_isolated
 from qdesk.hub.fit import resized_shape
 from qdesk.memory import DEFAULT_N_CTX, FitVerdict, ModelShape, available_ram, check_fit_for_shape, read_model_shape
 
@@ -136,7 +138,7 @@ def read_source(path: str | Path) -> SourceModel:
 
 
 def _gguf_source(path: Path) -> SourceModel:
-    header = check_gguf(path)
+    header = check_model_gguf(path)
     tensors = tuple(ReferenceTensor(t.name, tuple(int(d) for d in t.shape), type_name(t.type)) for t in header.tensors)
     header_bytes = path.stat().st_size - sum(t.n_bytes for t in header.tensors)
     return SourceModel(path, False, tensors, header_bytes, read_model_shape(path))
@@ -224,12 +226,15 @@ def planning_gguf(source: SourceModel, cancel: CancelToken | None = None) -> Ite
         return
     from converters.writing.convert import write_skeleton
 
-    with tempfile.TemporaryDirectory(prefix="qdesk-sizes-") as folder:
-        skeleton = Path(folder) / "skeleton.gguf"
+    folder = temporary_folder(None, "sizes")
+    try:
+        skeleton = folder / "skeleton.gguf"
         run_isolated(write_skeleton, {"source": source.path, "output": skeleton,
                                       "outtype": reference_outtype(source.path)},
                      cancel=cancel, what="reading the checkpoint's tensor table")
         yield skeleton
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def preset_file_bytes(source: SourceModel, preset: str, planned: Path | None = None) -> int:

@@ -36,7 +36,7 @@ DEFAULT_RATES = {
     "mix": 4e6,  # reference bytes per second: sensitivity probes, error feedback and the quantization
 }
 PROCESS_START_S = 3.0
-"""Each step runs in a fresh child process (`qdesk.app.isolated`): the interpreter and libraries load first."""
+"""Each step runs in a fresh child process (`converters.core.isolation`): the interpreter and libraries load first."""
 RATES_NAME = "step-rates.json"
 KEPT_RUNS = 5
 
