@@ -48,6 +48,7 @@ import numpy as np
 
 from native.errors import EvaluationFailed, Stopped
 from native.ggml import GGML, MAX_SRC, GGMLTensor, ggml
+from native.input_spill import InputSpillWriter
 
 __all__ = [
     "CollectedStats",
@@ -202,7 +203,7 @@ class _Collector:
     """The eval callback's state: which weights to watch, the running sums, and the first error seen."""
 
     def __init__(self, lib: GGML, *, collect_output: bool, skip_output_product: bool,
-                 covariance_chunks: int = 0) -> None:
+                 covariance_chunks: int = 0, spill: InputSpillWriter | None = None) -> None:
         self._lib = lib
         self._collect_output = collect_output
         self.output_skip = _OutputProductSkip(skip_output_product)
@@ -210,7 +211,10 @@ class _Collector:
         self._staging: dict[str, np.ndarray] = {}
         self.matrices: dict[str, _Accumulator] = {}
         self.error: BaseException | None = None
-        self.covariances: _Covariances | None = _Covariances(covariance_chunks) if covariance_chunks > 0 else None
+        self.covariances: _InputRows | None = (
+            _InputRows(covariance_chunks, spill if spill is not None else _CovarianceSums())
+            if covariance_chunks > 0 else None
+        )
         self._norm_node = 0
 
     def on_eval(self, node: int, ask: bool, _user_data: int | None) -> bool:
@@ -373,24 +377,22 @@ class _Collector:
         self.matrices = {name: found for name, found in self.matrices.items() if found.counts.any()}
 
 
-class _Covariances:
-    """Sums of x xᵀ over the input rows of every dense weight, one array per distinct input node.
+class _InputRows:
+    """Which weights read the same input, and where each distinct input's rows go: summed into x xᵀ in memory
+    (`_CovarianceSums`) or written to disk (`native.input_spill.InputSpillWriter`).
 
     Products that read the same input node in one decode (q, k and v read the same normalised hidden state)
-    share the first one's array, so it is computed and stored once. During a chunk the input rows are only
-    copied; the products are computed when the chunk is committed, after llama.cpp's threads have finished the
-    graph, so that the matrix products get the cores to themselves (computed inside the callback they took three
-    times as long), and a chunk that fails is simply dropped. The price is one chunk's input rows held in float32
-    until the commit: tokens × Σ n_in over the distinct inputs (about 0.2 GB at 512 tokens on the starter model).
+    share the first one's input, so its rows are taken once. Only the first `chunk_limit` chunks count.
     """
 
-    def __init__(self, chunk_limit: int) -> None:
-        self.totals: dict[str, np.ndarray] = {}
+    def __init__(self, chunk_limit: int, sink: _CovarianceSums | InputSpillWriter) -> None:
+        self.sink = sink
         self.owner: dict[str, str] = {}
         self._node_owner: dict[int, str] = {}
-        self._pending: dict[str, list[np.ndarray]] = {}
         self.chunk_limit = chunk_limit
         self.chunks_done = 0
+        self.tokens = 0
+        self._chunk_rows: dict[str, int] = {}
         self.output_weight: str | None = None
         """The output product's weight, seen in the first decode (it reads the final norm's output)."""
 
@@ -406,11 +408,49 @@ class _Covariances:
         self._node_owner.setdefault(input_node, owner)
         if owner != name:
             return
-        rows = np.array(activations.reshape(-1, activations.shape[-1]), dtype=np.float32, order="C", copy=True)
-        self._pending.setdefault(name, []).append(rows)
+        rows = activations.reshape(-1, activations.shape[-1])
+        self._chunk_rows[name] = self._chunk_rows.get(name, 0) + rows.shape[0]
+        self.sink.add(name, rows)
 
     def commit(self) -> None:
-        """Add the chunk's input rows to the totals."""
+        if self.chunks_done >= self.chunk_limit:
+            return
+        self.sink.commit()
+        self.chunks_done += 1
+        self.tokens += max(self._chunk_rows.values(), default=0)
+        self._chunk_rows = {}
+
+    def discard(self) -> None:
+        self.sink.discard()
+        self._chunk_rows = {}
+
+    def by_weight(self) -> dict[str, str]:
+        """Each weight → the input (a weight's name, or the final norm's key) whose rows its product reads."""
+        found = dict(self.owner)
+        norm = found.pop(_FINAL_NORM_KEY, None)
+        if norm is not None and self.output_weight is not None:
+            found.setdefault(self.output_weight, norm)
+        return found
+
+
+class _CovarianceSums:
+    """Sums of x xᵀ per distinct input, in memory (n_in² float64 each: for small models and tests).
+
+    During a chunk the input rows are only copied; the products are computed when the chunk is committed, after
+    llama.cpp's threads have finished the graph, so that the matrix products get the cores to themselves
+    (computed inside the callback they took three times as long), and a chunk that fails is simply dropped. The
+    price is one chunk's input rows held in float32 until the commit: tokens × Σ n_in over the distinct inputs
+    (about 0.2 GB at 512 tokens on the starter model).
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, np.ndarray] = {}
+        self._pending: dict[str, list[np.ndarray]] = {}
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        self._pending.setdefault(name, []).append(np.array(rows, dtype=np.float32, order="C", copy=True))
+
+    def commit(self) -> None:
         pending, self._pending = self._pending, {}
         for name, pieces in pending.items():
             rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -420,18 +460,9 @@ class _Covariances:
                 self.totals[name] = product
             else:
                 total += product
-        if pending:
-            self.chunks_done += 1
 
     def discard(self) -> None:
         self._pending = {}
-
-    def by_weight(self) -> dict[str, np.ndarray]:
-        found = {name: self.totals[owner] for name, owner in self.owner.items() if owner in self.totals}
-        norm = found.pop(_FINAL_NORM_KEY, None)
-        if norm is not None and self.output_weight is not None:
-            found.setdefault(self.output_weight, norm)
-        return found
 
 
 class _RawMemory:
@@ -547,6 +578,8 @@ class ModelEvaluator:
     where each weight lives.
     With `covariance_chunks` > 0 the sums of x xᵀ over every dense weight's input rows in that many first chunks
     are collected as well (`CollectedStats.covariances`): n_in² floats per distinct input, for error feedback.
+    Given a `spill` writer, those rows are written to its files instead (`native.input_spill`), and
+    `finish_spill()` writes its manifest once the last chunk is done: nothing of them is held in memory.
     """
 
     def __init__(
@@ -562,6 +595,7 @@ class ModelEvaluator:
         vocab_only: bool = False,
         editable_weights: bool = False,
         covariance_chunks: int = 0,
+        spill: InputSpillWriter | None = None,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
@@ -572,7 +606,7 @@ class ModelEvaluator:
         self._tokens = 0
         self._collector = (
             _Collector(ggml(), collect_output=collect_output, skip_output_product=not collect_output,
-                       covariance_chunks=covariance_chunks)
+                       covariance_chunks=covariance_chunks, spill=spill)
             if self._collect else None
         )
         self._abort_poll = _AbortPoll(should_stop, self._collector)
@@ -876,9 +910,20 @@ class ModelEvaluator:
         matrices = {} if self._collector is None else {
             name: accumulator.snapshot() for name, accumulator in self._collector.matrices.items()
         }
-        covariances = self._collector.covariances if self._collector is not None else None
+        inputs = self._collector.covariances if self._collector is not None else None
+        covariances = {}
+        if inputs is not None and isinstance(inputs.sink, _CovarianceSums):
+            covariances = {weight: inputs.sink.totals[owner] for weight, owner in inputs.by_weight().items()
+                           if owner in inputs.sink.totals}
         return CollectedStats(matrices, chunks=self._chunks, tokens=self._tokens, chunk_size=self._n_ctx,
-                              covariances=covariances.by_weight() if covariances is not None else {})
+                              covariances=covariances)
+
+    def finish_spill(self) -> None:
+        """Write the manifest of the spilled input rows (which weights read each input); after the last chunk."""
+        inputs = self._collector.covariances if self._collector is not None else None
+        if inputs is None or not isinstance(inputs.sink, InputSpillWriter):
+            raise EvaluationFailed("this evaluator spills no input rows; open it with covariance_chunks and spill.")
+        inputs.sink.close(inputs.by_weight(), chunks=inputs.chunks_done, tokens=inputs.tokens)
 
 
 def _known_length(items: Iterable[object]) -> int:

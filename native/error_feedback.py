@@ -138,6 +138,19 @@ def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_
     return PreparedInputs(feed.to(target, working), inverses.to(target, working), dead.flip(0).to(target))
 
 
+def prepared_from_feed(feed: np.ndarray | torch.Tensor, dead: np.ndarray | torch.Tensor, *,
+                       device: DeviceLike = None, dtype: torch.dtype | None = None) -> PreparedInputs:
+    """`PreparedInputs` again from a kept copy of its `feed` (any float precision) and `dead`: what a job keeps on
+    disk between two uses of one input instead of factoring H twice."""
+    target = _device(device)
+    factor_device = torch.device("cpu") if target.type == "mps" else target
+    exact = torch.as_tensor(feed).to(factor_device, torch.float64)
+    inverses = _diagonal_block_inverses(exact)
+    working = dtype or WORKING_DTYPE
+    return PreparedInputs(exact.to(target, working), inverses.to(target, working),
+                          torch.as_tensor(dead, dtype=torch.bool).to(target))
+
+
 def _feed_matrix(reversed_h: torch.Tensor) -> torch.Tensor:
     """`PreparedInputs.feed` from J H J (J reverses the order; it is overwritten), contiguous, in float64.
 

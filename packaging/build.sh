@@ -30,6 +30,7 @@ if [[ $build == 1 ]]; then
         --workpath "$OUT/build" --distpath "$OUT/dist" "$ROOT/packaging/qdesk.spec"
     cp "$ROOT/packaging/qdesk.desktop" "$ROOT/resources/icons/qdesk.png" "$ROOT/resources/icons/qdesk.svg" \
         "$ROOT/packaging/install-desktop-entry.sh" "$BUNDLE/"
+    "$BIN/python" -m qdesk.gui.platform_check >"$BUNDLE/SYSTEM-LIBRARIES.txt"  # the X11 libraries it does not carry
     echo "built $BUNDLE in $((SECONDS - started)) s"
 fi
 

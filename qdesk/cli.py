@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import signal
 import sys
 import traceback
@@ -146,6 +148,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.report is not None and args.report.suffix.lower() == ".json":
         raise UsageError("--report takes the HTML file's name (OUT.html); the JSON is written beside it")
+    if args.report is not None:
+        _check_outputs([args.ref, *args.candidates, *(args.text or ()), *_task_files(args.tasks)],
+                       [args.report, args.report.with_suffix(".json")])
     texts = read_eval_texts(args.text) if args.text else None
     bar = ProgressBar("eval")
     try:
@@ -166,6 +171,20 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"wrote {html_path} and {json_path}", file=sys.stderr)
     print(json.dumps(document, indent=2) if args.json else render_evaluation(result))
     return EXIT_OK
+
+
+def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
+    """Before any work: every output goes into a folder that takes files, and none is an input or another output."""
+    from converters.core.outputs import check_output_folder, check_outputs
+
+    for output in outputs:
+        if output is not None:
+            check_output_folder(output)
+    check_outputs(inputs, outputs)
+
+
+def _task_files(tasks: Sequence[str] | None) -> list[Path]:
+    return [Path(task) for task in tasks or () if Path(task).is_file()]
 
 
 def _run_backends(args: argparse.Namespace) -> int:
@@ -202,6 +221,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     suffix = ".imatrix.dat" if args.legacy_dat else ".imatrix.gguf"
     output = args.output or args.model.with_name(args.model.stem + suffix)
+    if args.model.is_file():
+        _check_outputs([args.model, *(args.text or ())], [output])
     bar = ProgressBar("calibrate")
     try:
         result = calibrate(args.model, None if args.legacy_dat else output, _calibration_texts(args),
@@ -220,6 +241,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from converters.quantization.quantize import quantize
     from qdesk.display.terminal import ProgressBar
 
+    if args.source.exists():
+        imatrix_file = None if args.imatrix.lower() in ("auto", "none") else Path(args.imatrix)
+        _check_outputs([args.source, imatrix_file, args.plan, *(args.text or ())], [args.output, args.plan_out])
     recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset or _mix_budget(args)
     if args.lora and args.output is None:
         raise UsageError("--lora needs -o OUT.gguf: the adapted model is no longer the source's")
@@ -279,7 +303,7 @@ def _mix_budget(args: argparse.Namespace) -> object:
         return MixBudget(like=args.like.upper())
     if args.target_size is not None:
         return MixBudget(size_bytes=parse_size(args.target_size, option="--target-size"))
-    if args.target_bpw is None or args.target_bpw <= 0:
+    if args.target_bpw is None or not math.isfinite(args.target_bpw) or args.target_bpw <= 0:
         raise UsageError("--target-bpw takes a positive number of bits per weight, e.g. 4.6")
     return MixBudget(bpw=args.target_bpw)
 
@@ -390,7 +414,14 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_models(args: argparse.Namespace) -> int:
     from qdesk.library.store import Library, render_text
 
-    library = Library()
+    if args.rebuild and args.action != "scan":
+        raise UsageError("--rebuild goes with `qdesk models scan`")
+    if args.rebuild:
+        library, kept = Library.rebuilt()
+        if kept is not None:
+            print(f"set the old index aside as {kept}")
+    else:
+        library = Library()
     if args.action == "list":
         library.ensure_starter()
         library.refresh()
@@ -553,8 +584,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="how finely a sensitivity mix probes the model (fast for large models)")
     quantize.add_argument("--encoder", choices=("ggml", "feedback"), default=None,
                           help="ggml: llama.cpp's rounding; feedback: rounding errors compensated within each row "
-                               "against the calibration text's input correlations (default: feedback for a mix of "
-                               "a model whose correlations fit 4 GiB, the plan's own for --plan, ggml for a preset)")
+                               "against the calibration text's input correlations (default: feedback for a mix, "
+                               "the plan's own for --plan, ggml for a preset)")
     quantize.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)
@@ -624,6 +655,8 @@ def _build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?", help="rename: the group's new name (none: back to the files' own name)")
     models.add_argument("--link", action="store_true", help="import: link the file instead of copying it")
     models.add_argument("--json", action="store_true", help="list: print one JSON document")
+    models.add_argument("--rebuild", action="store_true",
+                        help="scan: set the index aside (it is kept, renamed) and index the models folder again")
 
     download = command("download", "download from the Hugging Face Hub into its cache (resumable), list a "
                        "repository's files, or search the Hub", _run_download)
@@ -665,17 +698,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except UsageError as error:
         parser.error(str(error))
+    except BrokenPipeError as error:
+        if not _stdout_gone():
+            return _internal_error(error, args.debug)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # whoever read stdout stopped (`| head`)
+        return EXIT_USER_ERROR
     except UserError as error:  # NativeError included
         if args.debug:
             traceback.print_exc()
         print(f"qdesk: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as error:  # an unexpected failure still gets one sentence; --debug shows why
-        if args.debug:
-            traceback.print_exc()
-        print(
-            f"qdesk: internal error ({type(error).__name__}: {error}); run again with --debug "
-            "and report the traceback.",
-            file=sys.stderr,
-        )
-        return EXIT_USER_ERROR
+        return _internal_error(error, args.debug)
+
+
+def _internal_error(error: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(error)
+    print(f"qdesk: internal error ({type(error).__name__}: {error}); run again with --debug and report the "
+          "traceback.", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone away."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or no real stdout
+        return False

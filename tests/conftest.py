@@ -57,6 +57,20 @@ def smollm2_f16(test_cache: Path, smollm2_hf: Path) -> Path:
                         lambda out: convert_checkpoint(smollm2_hf, out, outtype="f16"))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_hf(test_cache: Path) -> Path:
+    """A tiny random Llama checkpoint folder (2 layers of 64, float32 safetensors, a SentencePiece tokenizer):
+    converts in a fraction of a second. Built once under the test cache; read-only for tests."""
+    from tests.builders.checkpoints import build_tiny_checkpoint
+
+    target = test_cache / "tiny-llama-hf-v1"
+    if not (target / "config.json").is_file():
+        with tempfile.TemporaryDirectory(dir=test_cache, prefix=".building-") as staging:
+            build_tiny_checkpoint(Path(staging) / "hf", "llama")
+            (Path(staging) / "hf").replace(target)
+    return target
+
+
 KQUANT_SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4}
 
 
@@ -71,3 +85,12 @@ def kquant_f16(test_cache: Path) -> Path:
         convert_checkpoint(checkpoint, out, outtype="f16")
 
     return _cached_gguf(test_cache, "kquant-tiny-llama-f16-v1.gguf", build)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many cases the fault and fuzz suite tried (tests/test_fuzz.py), when it ran."""
+    import sys
+
+    support = sys.modules.get("tests.fuzz_support")
+    for line in support.summary() if support is not None else []:
+        terminalreporter.write_line(line)

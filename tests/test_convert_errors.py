@@ -257,3 +257,132 @@ def test_ctrl_c_in_cli_exits_130_and_leaves_nothing(tmp_path: Path, smollm2_hf: 
     assert (process.returncode, left) == (130, []), stderr
     assert "cancelled" in stderr
     assert "Traceback" not in stderr
+
+
+def _two_tensors(first: tuple[int, int], second: tuple[int, int], data_bytes: int) -> bytes:
+    """A safetensors file of two F32 [2, 2] tensors at the given data offsets over `data_bytes` of data."""
+    header = {"model.embed_tokens.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": list(first)},
+              "model.norm.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": list(second)}}
+    return _safetensors_bytes(header, b"\0" * data_bytes)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (_two_tensors((0, 16), (8, 24), 24), "overlap"),
+        (_two_tensors((0, 16), (0, 16), 16), "overlap"),
+        (_two_tensors((0, 16), (24, 40), 40), "unused"),
+        (_two_tensors((8, 24), (24, 40), 40), "unused before the first tensor"),
+        (_two_tensors((0, 16), (16, 32), 48), "follow the last tensor"),
+        (_safetensors_bytes({"model.norm.weight": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}},
+                            b"\0" * 16), "counts"),
+        (_safetensors_bytes({"model.norm.weight": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 10]}},
+                            b"\0" * 10), "counts"),
+    ],
+    ids=["overlap", "same-bytes", "gap", "gap-at-start", "trailing-bytes", "negative-dimensions", "fractional"],
+)
+def test_safetensors_layout_the_library_refuses_is_refused(tmp_path: Path, smollm2_hf: Path, content: bytes,
+                                                           expected: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    model = tiny_checkpoint_like(smollm2_hf, tmp_path / "model")
+    (model / "model.safetensors").write_bytes(content)
+    with pytest.raises(SafetensorError):  # the reference library refuses it too
+        safe_open(str(model / "model.safetensors"), "np")
+    before = (model / "model.safetensors").read_bytes()
+    result = run_cli("convert", model, "-o", tmp_path / "out.gguf")
+    assert_user_error(result, "model.safetensors", expected)
+    assert "internal error" not in result.stderr
+    assert_nothing_left(tmp_path, {"model"})
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def _index_naming(model: Path, shard: str) -> None:
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "nested-parent"])
+def test_index_shard_names_outside_the_folder_are_refused(tmp_path: Path, smollm2_hf: Path, where: str) -> None:
+    """A downloaded index must not make qdesk read (and embed) any file on the machine."""
+    secret = tmp_path / "secret.safetensors"
+    safetensors.numpy.save_file({"model.embed_tokens.weight": np.ones((2, 2), dtype=np.float32)}, str(secret))
+    model = tiny_checkpoint_like(smollm2_hf, tmp_path / "model")
+    shard = {"parent": "../secret.safetensors", "absolute": str(secret),
+             "nested-parent": "sub/../../secret.safetensors"}[where]
+    (model / "sub").mkdir()
+    _index_naming(model, shard)
+    result = run_cli("convert", model, "-o", tmp_path / "out.gguf")
+    assert_user_error(result, "model.safetensors.index.json", "not a file name inside the checkpoint folder")
+    assert_nothing_left(tmp_path, {"model", "secret.safetensors"})
+
+
+def test_weight_files_that_link_outside_the_folder_are_refused(tmp_path: Path, smollm2_hf: Path) -> None:
+    secret = tmp_path / "elsewhere" / "weights.safetensors"
+    secret.parent.mkdir()
+    shutil.copyfile(smollm2_hf / "model.safetensors", secret)
+    model = tiny_checkpoint_like(smollm2_hf, tmp_path / "model")
+    (model / "model-00001-of-00001.safetensors").symlink_to(secret)
+    _index_naming(model, "model-00001-of-00001.safetensors")
+    result = run_cli("convert", model, "-o", tmp_path / "out.gguf")
+    assert_user_error(result, "model-00001-of-00001.safetensors", "outside the checkpoint folder")
+    (model / "model.safetensors.index.json").unlink()
+    (model / "model-00001-of-00001.safetensors").unlink()
+    (model / "model.safetensors").symlink_to(secret)  # a single weights file, found without an index
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        convert_checkpoint(model, tmp_path / "out.gguf")
+    (model / "model.safetensors").unlink()
+    shutil.copyfile(smollm2_hf / "model.safetensors", model / "model.safetensors")
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to(smollm2_hf / "tokenizer.json")  # the tokenizer, too
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json .* outside the checkpoint folder"):
+        convert_checkpoint(model, tmp_path / "out.gguf")
+    assert_nothing_left(tmp_path, {"model", "elsewhere"})
+
+
+def test_a_hugging_face_cache_snapshot_links_into_its_blobs(tmp_path: Path) -> None:
+    """The cache's own layout (snapshot files linking to ../../blobs/HASH) is inside the checkpoint."""
+    from tests.builders.checkpoints import build_tiny_checkpoint
+
+    built = build_tiny_checkpoint(tmp_path / "built", "llama")
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in built.iterdir():
+        blob = repo / "blobs" / f"blob-{file.name}"
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    result = convert_checkpoint(snapshot, tmp_path / "out.gguf")
+    assert result.tensor_count > 0
+    nested = snapshot / "language-model"  # a repository that keeps its checkpoint in a subfolder
+    nested.mkdir()
+    for file in built.iterdir():
+        (nested / file.name).symlink_to(Path("..", "..", "..", "blobs", f"blob-{file.name}"))
+    assert convert_checkpoint(nested, tmp_path / "nested.gguf").tensor_count == result.tensor_count
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"hidden_size": 65}, "config.json implies"),
+        ({"intermediate_size": 100}, "config.json implies"),
+        ({"num_key_value_heads": 1}, "config.json implies"),
+        ({"vocab_size": 7}, "config.json implies"),
+        ({"num_hidden_layers": 3}, "lack layer 2"),
+        ({"num_hidden_layers": 1}, "hold a layer 1"),
+        ({"num_hidden_layers": "two"}, "not a positive whole number"),
+        ({"hidden_size": -1}, "not a positive whole number"),
+    ],
+    ids=["hidden", "intermediate", "kv-heads", "vocab", "more-layers", "fewer-layers", "layers-text", "negative"],
+)
+def test_a_config_that_contradicts_its_weights_is_refused(tmp_path: Path, change: dict, expected: str) -> None:
+    from tests.builders.checkpoints import build_tiny_checkpoint
+
+    model = build_tiny_checkpoint(tmp_path / "model", "llama")
+    config = json.loads((model / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=expected):
+        convert_checkpoint(model, tmp_path / "out.gguf")
+    assert_nothing_left(tmp_path, {"model"})

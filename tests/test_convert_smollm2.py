@@ -26,13 +26,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog. In 1969, humans first wal
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory, smollm2_hf: Path) -> tuple[Path, list[Progress]]:
-    """SmolLM2 converted at f16 under its default GGUF name, with the progress reports it made."""
-    folder = tmp_path_factory.mktemp("work") / smollm2_hf.name
-    folder.mkdir()
-    for item in smollm2_hf.iterdir():
-        (folder / item.name).symlink_to(item)
+    """SmolLM2 converted at f16 under its default GGUF name, with the progress reports it made (into a folder of
+    its own: a checkpoint folder of links to files elsewhere is refused, since qdesk reads only the folder given)."""
     reports: list[Progress] = []
-    result = convert_checkpoint(folder, None, outtype="f16", progress=reports.append)
+    result = convert_checkpoint(smollm2_hf, None, outtype="f16", output_folder=tmp_path_factory.mktemp("work"),
+                                progress=reports.append)
     return result.path, reports
 
 

@@ -369,3 +369,36 @@ def test_types_show_each_matrix_by_class_and_layer(model_path: Path) -> None:
     document = json.loads(_run_cli("info", model_path, "--types", "--json").stdout)
     assert document["types"]["layers"] == 30
     assert document["types"]["grid"]["attn_q"][0]["type"] == "q4_1"
+
+
+def _with_overlapping_tensors(tmp: Path) -> Path:
+    """The tiny GGUF with output_norm.weight's data moved onto token_embd.weight's (offset 0): each alone is
+    complete and inside the file, but together llama.cpp would read one tensor's values as the other's."""
+    path = _write_tiny_gguf(tmp / "overlap.gguf")
+    data = bytearray(path.read_bytes())
+    name = b"output_norm.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    offset_at = at + 4 + 8 * n_dims + 4
+    assert struct.unpack_from("<Q", data, offset_at)[0] > 0
+    struct.pack_into("<Q", data, offset_at, 0)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_overlapping_tensor_data_is_refused(tmp_path: Path) -> None:
+    from qdesk.library.store import Library
+
+    path = _with_overlapping_tensors(tmp_path)
+    gguf.GGUFReader(path)  # gguf-py alone reads it without complaint
+    with pytest.raises(GGUFFileError) as caught:
+        read_model_info(path)
+    _assert_one_sentence(str(caught.value), "the data of the tensors 'token_embd.weight' and 'output_norm.weight' "
+                                            "overlap")
+    result = _run_cli("info", path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "overlap" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    library = Library(tmp_path / "models")
+    with pytest.raises(GGUFFileError, match="overlap"):
+        library.import_model(path)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["library.sqlite3"]

@@ -382,3 +382,106 @@ def test_an_index_from_a_newer_qdesk_is_refused(tmp_path: Path) -> None:
         Library(root)
     assert "newer qdesk" in one_sentence(raised.value)
     assert os.path.exists(root / INDEX_NAME)
+
+
+# --- two processes at once, and an index that is not qdesk's -------------------------------------
+
+_IMPORT_WHEN_TOLD = """
+import os, sys, time
+from pathlib import Path
+from qdesk.cli import main
+import qdesk.library.store
+go = Path(sys.argv[1])
+(go.parent / f"ready-{os.getpid()}").touch()
+while not go.exists():
+    time.sleep(0.001)
+sys.exit(main(["models", "import", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_imports_of_one_name_at_once_keep_every_model(variants: dict[str, Path], tmp_path: Path,
+                                                          link: bool) -> None:
+    """Three real processes import different files called model.gguf at the same moment: all succeed, and the
+    library holds the three files, each under its own name and each the file that was imported."""
+    import subprocess
+    import sys
+    import time
+
+    sources = []
+    for preset in ("F16", "Q8_0", "Q4_K_M"):
+        source = tmp_path / preset / "model.gguf"
+        source.parent.mkdir()
+        shutil.copyfile(variants[preset], source)
+        sources.append(source)
+    go = tmp_path / "go"
+    env = {**os.environ, MODELS_DIR_ENV: str(tmp_path / "models")}
+    Library(tmp_path / "models")  # the index exists before the race, as it does for a user
+    processes = [subprocess.Popen([sys.executable, "-c", _IMPORT_WHEN_TOLD, str(go), str(source),
+                                   *(["--link"] if link else [])],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for source in sources]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(processes):  # every process has started and waits for the word
+        assert time.monotonic() < deadline and all(process.poll() is None for process in processes)
+        time.sleep(0.01)
+    go.touch()
+    results = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], results
+    names = ["model-2.gguf", "model-3.gguf", "model.gguf"]
+    assert gguf_files(tmp_path / "models") == names
+    placed = {(tmp_path / "models" / name).read_bytes() for name in names}
+    assert placed == {source.read_bytes() for source in sources}
+    entries = Library(tmp_path / "models").entries()
+    assert sorted(entry.id for entry in entries) == ["model", "model-2", "model-3"]
+    assert {entry.status for entry in entries} == {"ok"}
+
+
+@pytest.mark.parametrize("kind", ["garbage", "foreign-schema", "foreign-schema-at-our-version"])
+def test_an_index_that_is_not_qdesks_gets_a_way_out_and_nothing_is_deleted(kquant_f16: Path, tmp_path: Path,
+                                                                           kind: str) -> None:
+    import sqlite3
+    import subprocess
+    import sys
+
+    root = tmp_path / "models"
+    Library(root).import_model(kquant_f16)
+    index = root / INDEX_NAME
+    index.unlink()
+    if kind == "garbage":
+        index.write_bytes(bytes(range(256)) * 64)
+    else:
+        with sqlite3.connect(index) as connection:
+            connection.execute("CREATE TABLE files (name TEXT, blob BLOB)")
+            connection.execute("INSERT INTO files VALUES ('theirs', x'00')")
+            if kind == "foreign-schema-at-our-version":
+                connection.execute("PRAGMA user_version = 1")
+        connection.close()
+    before = index.read_bytes()
+    with pytest.raises(LibraryError) as raised:
+        Library(root).entries()
+    assert "qdesk models scan --rebuild" in one_sentence(raised.value)
+    env = {**os.environ, MODELS_DIR_ENV: str(root)}
+    listed = subprocess.run([sys.executable, "-m", "qdesk", "models", "list"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr and "internal error" not in listed.stderr
+    assert len(listed.stderr.strip().splitlines()) == 1 and "--rebuild" in listed.stderr
+    assert index.read_bytes() == before  # refusing changed nothing
+
+    rebuilt = subprocess.run([sys.executable, "-m", "qdesk", "models", "scan", "--rebuild"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    kept = [path for path in root.iterdir() if path.name.startswith(INDEX_NAME + ".set-aside-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == before  # set aside, never deleted
+    assert [entry.path.name for entry in Library(root).entries() if entry.source == "imported"] == [kquant_f16.name]
+
+
+def test_a_rebuild_keeps_the_registered_folders_of_a_readable_index(kquant_f16: Path, tmp_path: Path) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    shutil.copyfile(kquant_f16, shelf / "kept.gguf")
+    Library(tmp_path / "models").register_folder(shelf)
+    library, kept = Library.rebuilt(tmp_path / "models")
+    assert kept is not None and kept.is_file()
+    assert [entry.path for entry in library.entries() if entry.source.startswith("registered")] == [
+        shelf.absolute() / "kept.gguf"]

@@ -21,9 +21,11 @@ import numpy as np
 
 from converters.calibration.imatrix import ImatrixEntry, ImportanceMatrix, write_imatrix
 from converters.core.errors import Cancelled, UserError
+from converters.core.gguf_file import file_fingerprint
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 from converters.core.paths import resources_dir
 
 DEFAULT_CHUNKS = 48
@@ -53,7 +55,11 @@ class CalibrationResult:
     tokens: int
     seconds: float
     covariances: dict[str, np.ndarray] = field(default_factory=dict)
-    """With `covariance_chunks`: the inputs' second moments per weight (`native.activations.CollectedStats`)."""
+    """With `covariance_chunks` and no spill folder: the inputs' second moments per weight, in memory
+    (`native.activations.CollectedStats`)."""
+    spill_folder: Path | None = None
+    """With `covariance_chunks` and a spill folder: that folder, now holding the input rows and their manifest
+    (`native.input_spill`)."""
 
 
 def builtin_texts() -> list[CalibrationText]:
@@ -111,16 +117,26 @@ def calibrate(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
     covariance_chunks: int = 0,
+    spill_folder: Path | None = None,
 ) -> CalibrationResult:
     """Compute the importance matrix of the GGUF `model` on `texts` (built-in text when None); with
-    `covariance_chunks`, also the input covariances of the first that many chunks (for error feedback).
+    `covariance_chunks`, also the inputs of every weight matrix in the first that many chunks (for error
+    feedback): their covariances in memory, or, given `spill_folder` (an empty folder), their rows written there
+    (`native.input_spill`, read back with `SpilledInputs(spill_folder, spill_tag(file_fingerprint(model)))`).
 
     It runs in a child process (`converters.core.isolation`): llama.cpp aborts on some models it cannot run."""
     from native.activations import ModelEvaluator
     from native.errors import NativeError, Stopped
+    from native.input_spill import InputSpillWriter, spill_tag
 
     model = Path(model)
     check_model_gguf(model)
+    if output is not None:
+        check_output_folder(Path(output))
+        check_outputs([model], [output])
+    spill = None
+    if spill_folder is not None and covariance_chunks > 0:
+        spill = InputSpillWriter(Path(spill_folder), spill_tag(file_fingerprint(model)))
     if chunks < 1:
         raise CalibrationError(f"--chunks must be at least 1 (got {chunks}).")
     if ctx < MIN_CTX:
@@ -131,7 +147,7 @@ def calibrate(
     try:
         should_stop = (lambda: cancel.cancelled) if cancel is not None else None
         with ModelEvaluator(model, n_ctx=ctx, n_gpu_layers=gpu_layers, should_stop=should_stop,
-                            covariance_chunks=covariance_chunks) as evaluator:
+                            covariance_chunks=covariance_chunks, spill=spill) as evaluator:
             token_chunks = calibration_chunks(evaluator, sources, ctx, chunks)
             for index, chunk in enumerate(token_chunks):
                 if cancel is not None:
@@ -139,10 +155,16 @@ def calibrate(
                 evaluator.evaluate_chunk(chunk)
                 progress(Progress(index + 1, len(token_chunks), "chunks", "calibrating"))
             stats = evaluator.stats()
-    except Stopped:
-        raise Cancelled("calibration was cancelled") from None
-    except NativeError as error:
-        raise CalibrationError(str(error)) from error
+            if spill is not None:
+                evaluator.finish_spill()
+    except BaseException as error:
+        if spill is not None:
+            spill.abandon()
+        if isinstance(error, Stopped):
+            raise Cancelled("calibration was cancelled") from None
+        if isinstance(error, NativeError):
+            raise CalibrationError(str(error)) from error
+        raise
 
     matrix = ImportanceMatrix(
         entries={name: ImatrixEntry(s.sums, s.counts) for name, s in sorted(stats.matrices.items())},
@@ -157,7 +179,8 @@ def calibrate(
     if path is not None:
         write_imatrix(matrix, path)
     tokens = sum(len(chunk) for chunk in token_chunks)
-    return CalibrationResult(matrix, path, len(token_chunks), tokens, time.monotonic() - started, stats.covariances)
+    return CalibrationResult(matrix, path, len(token_chunks), tokens, time.monotonic() - started, stats.covariances,
+                             Path(spill_folder) if spill is not None else None)
 
 
 def calibration_chunks(evaluator: Any, sources: Sequence[CalibrationText], ctx: int, chunks: int) -> list[list[int]]:

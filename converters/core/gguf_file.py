@@ -284,9 +284,20 @@ def _walk_header(buf: mmap.mmap, order: str, version: int) -> GGUFHeader:
                               offset)
         tensors.append((header, offset))
 
+    _check_no_overlap([header for header, _ in tensors])
     data_offset = walk.pos + (-walk.pos % alignment)
     data_end = max((data_offset + offset + header.n_bytes for header, offset in tensors), default=walk.pos)
     return GGUFHeader(version, data_offset, data_end, tuple(header for header, _ in tensors), metadata, array_lengths)
+
+
+def _check_no_overlap(tensors: list[TensorHeader]) -> None:
+    """Two tensors whose data share bytes: llama.cpp would read one tensor's values as another's."""
+    end, last = 0, ""
+    for tensor in sorted((t for t in tensors if t.n_bytes), key=lambda t: t.offset):
+        if tensor.offset < end:
+            raise _Damaged(f"the data of the tensors {last!r} and {tensor.name!r} overlap")
+        if tensor.offset + tensor.n_bytes > end:
+            end, last = tensor.offset + tensor.n_bytes, tensor.name
 
 
 def header_from_prefix(prefix: bytes, label: str) -> GGUFHeader | None:

@@ -3,35 +3,58 @@
 llama.cpp's quantizer writes the file first, with every tensor at the type the plan asks; then, for every weight
 matrix whose type `native.error_feedback` can write, the tensor's bytes are replaced in place by an encoding of
 the reference's weights with the same type, the same size and ggml's own block scales, whose integers were
-chosen with error feedback against the second moments of the matrix's inputs on calibration text
-(`collect_input_covariances`). Only bytes inside the tensor data change; the header is llama.cpp's.
+chosen with error feedback against the second moments H = Σ x xᵀ of the matrix's inputs on calibration text.
+Only bytes inside the tensor data change; the header is llama.cpp's.
 
-Covariances take n_in² numbers per distinct input of a matrix (a layer's q, k and v share one): about 0.8 GB of
-float64 for a 135M model, and growing with the square of the hidden size, which is why error feedback is the
-default only for models whose covariances fit `COVARIANCE_MEMORY_LIMIT`.
+Memory stays bounded whatever the model's size: the inputs' rows are spilled to disk during the calibration pass
+(`converters.mix.feedback_inputs`), and both the ratio measurement (`feedback_sensitivity`) and the re-encoding
+(`apply_feedback`) go through the distinct inputs one at a time in the model's order (a layer's q, k and v share
+one; so do gate and up): form that input's H, factor it, measure or re-encode the matrices that read it, free
+it, go on. The peak is one input's covariance and its factor (n_in² float64 each), and one slice of rows of the
+tensor being encoded. Results are cached (`converters.mix.feedback_cache`): a ratio or a re-encoded tensor is
+computed once per reference, importance matrix, text and encoder.
+
+Small callers (tests, benchmarks) may instead hand covariances already in memory: a mapping of each weight to its
+H, matrices that share an input sharing the array. Nothing is cached then.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from converters.calibration.calibrate import CalibrationText, builtin_texts, calibration_chunks
+from converters.calibration.calibrate import CalibrationText
 from converters.calibration.imatrix import ImportanceMatrix
-from converters.core.errors import Cancelled, UserError
-from converters.core.gguf_file import GGUFHeader, TensorHeader, check_gguf
-from converters.core.isolation import isolated
+from converters.core.errors import Cancelled
+from converters.core.gguf_file import TensorHeader, check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.mix.factor_store import FactorStore, compact
+from converters.mix.feedback_cache import FeedbackCache
+from converters.mix.feedback_inputs import CalibrationInputs, FeedbackError
 from converters.mix.sensitivity import Sensitivity, TensorSensitivity
 from converters.quantization.plan import type_name
 
 if TYPE_CHECKING:
     from native.error_feedback import PreparedInputs
+    from native.input_spill import SpilledInputs
+
+__all__ = [
+    "ENCODERS",
+    "FEEDBACK_CHUNKS",
+    "RATIO_SAMPLE_ROWS",
+    "CalibrationInputs",
+    "FeedbackError",
+    "FeedbackInputs",
+    "apply_feedback",
+    "collect_input_covariances",
+    "feedback_sensitivity",
+]
 
 ENCODERS = ("ggml", "feedback")
 """ggml: llama.cpp's own rounding; feedback: ggml's block scales, integers chosen with error feedback."""
@@ -39,27 +62,12 @@ FEEDBACK_CHUNKS = 32
 """Chunks of calibration text whose inputs make the covariances (8192 tokens at the default context)."""
 RATIO_SAMPLE_ROWS = 64
 """Rows per tensor on which what error feedback saves at each type is measured."""
-COVARIANCE_MEMORY_LIMIT = 4 << 30
-"""Bytes of float64 covariances above which error feedback is not the default (a 1B model needs about 1.5 GB)."""
+SLICE_ELEMENTS = 1 << 25
+"""Weights re-encoded at once: rows are independent given H, so a large matrix (the output, 150k rows) is encoded
+in slices of rows and its float64 work array stays near 256 MB."""
 
-
-_LAST_COVARIANCES: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
-"""The latest covariances collected in this process, so that several budgets of one model share the pass."""
-_LAST_RATIOS: dict[tuple[object, ...], dict[str, dict[str, float]]] = {}
-"""The latest feedback ratios (tensor → type → ratio), for the same reason."""
-
-
-class FeedbackError(UserError):
-    """Error feedback that cannot be applied as asked."""
-
-
-def covariance_bytes(header: GGUFHeader) -> int:
-    """Bytes of float64 covariances error feedback would hold for this model (an upper bound: one input per
-    matrix, though a layer's q, k and v share theirs)."""
-    from native.kernels import quantizable_weight
-
-    return 8 * sum(tensor.shape[0] ** 2 for tensor in header.tensors
-                   if len(tensor.shape) == 2 and quantizable_weight(tensor.name, 2))
+FeedbackInputs = Mapping[str, np.ndarray] | CalibrationInputs
+"""Per weight its input covariance (in memory), or the spilled inputs of calibration text (any size)."""
 
 
 def collect_input_covariances(
@@ -69,100 +77,130 @@ def collect_input_covariances(
     chunks: int = FEEDBACK_CHUNKS,
     ctx: int = 512,
     gpu_layers: int = 0,
-    progress: ProgressFn = no_progress,
-    cancel: CancelToken | None = None,
-) -> dict[str, np.ndarray]:
-    """Per dense weight of `reference`, the sum of x xᵀ over its input rows on the calibration text (built-in when
-    None); matrices that share an input share the array. The output product's weight is included."""
-    key = (str(reference.resolve()), reference.stat().st_mtime_ns, tuple(t.name for t in texts or ()), chunks, ctx)
-    if key in _LAST_COVARIANCES:
-        return _LAST_COVARIANCES[key]
-    covariances = _measure_input_covariances(reference, texts, chunks=chunks, ctx=ctx, gpu_layers=gpu_layers,
-                                             progress=progress, cancel=cancel)
-    _LAST_COVARIANCES.clear()
-    _LAST_COVARIANCES[key] = covariances
-    return covariances
+    scratch: Path | None = None,
+) -> CalibrationInputs:
+    """The inputs of `reference`'s weight matrices on the calibration text (built-in when None), for
+    `feedback_sensitivity` and `apply_feedback`: spilled to a folder under `scratch` (the reference's folder by
+    default) when first needed, and removed when the result is closed or collected."""
+    return CalibrationInputs(reference, texts, chunks=chunks, ctx=ctx, gpu_layers=gpu_layers, scratch=scratch)
 
 
-@isolated("the input-correlation measurement")
-def _measure_input_covariances(reference: Path, texts: Sequence[CalibrationText] | None, *, chunks: int, ctx: int,
-                               gpu_layers: int, progress: ProgressFn, cancel: CancelToken | None
-                               ) -> dict[str, np.ndarray]:
-    """`collect_input_covariances` without the memory of the last one, in a child process (llama.cpp can abort)."""
-    from native.activations import ModelEvaluator
-    from native.errors import NativeError, Stopped
+@dataclass(frozen=True)
+class _Input:
+    """One distinct input: the weights whose products read it."""
 
-    should_stop = (lambda: cancel.cancelled) if cancel is not None else None
-    progress(Progress(0, chunks, "chunks", "measuring input correlations"))
-    try:
-        with ModelEvaluator(reference, n_ctx=ctx, n_gpu_layers=gpu_layers, covariance_chunks=chunks,
-                            should_stop=should_stop) as evaluator:
-            token_chunks = calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), ctx, chunks)
-            for index, chunk in enumerate(token_chunks):
-                evaluator.evaluate_chunk(chunk)
-                progress(Progress(index + 1, len(token_chunks), "chunks", "measuring input correlations"))
-            covariances = evaluator.stats().covariances
-    except Stopped:
-        raise Cancelled("quantization was cancelled") from None
-    except NativeError as error:
-        raise FeedbackError(str(error)) from error
-    return covariances
+    key: object
+    weights: tuple[str, ...]
+
+
+class _InputSource:
+    """The distinct inputs in the model's order and each one's covariance, from memory or from the spill."""
+
+    def __init__(self, inputs: FeedbackInputs, progress: ProgressFn, cancel: CancelToken | None) -> None:
+        self._memory = inputs if not isinstance(inputs, CalibrationInputs) else None
+        self._calibration = inputs if isinstance(inputs, CalibrationInputs) else None
+        self._progress = progress
+        self._cancel = cancel
+
+    def readers(self, cache: FeedbackCache | None) -> frozenset[str]:
+        """The weights that have an input; known from the cache without collecting anything when it can be."""
+        if self._memory is not None:
+            return frozenset(self._memory)
+        known = cache.readers() if cache is not None else None
+        if known is not None and not (self._calibration is not None and self._calibration.collected):
+            return known
+        found = frozenset(self._spilled().weights())
+        if cache is not None:
+            cache.save_readers(found)
+        return found
+
+    def _spilled(self) -> SpilledInputs:
+        assert self._calibration is not None
+        return self._calibration.spilled(self._progress, self._cancel)
+
+    def inputs(self, weights: frozenset[str]) -> list[_Input]:
+        """The distinct inputs read by any of `weights`, in the model's order, each with those of its readers."""
+        if not weights:
+            return []
+        if self._memory is not None:
+            shared: dict[int, list[str]] = {}
+            for name, matrix in self._memory.items():
+                if name in weights:
+                    shared.setdefault(id(matrix), []).append(name)
+            found = [_Input(names[0], tuple(names)) for names in shared.values()]
+        else:
+            found = [_Input(spilled, tuple(name for name in spilled.weights if name in weights))
+                     for spilled in self._spilled().inputs]
+            found = [entry for entry in found if entry.weights]
+        return sorted(found, key=lambda entry: _model_order(entry.weights[0]))
+
+    def width(self, entry: _Input) -> int:
+        if self._memory is not None:
+            return int(self._memory[str(entry.key)].shape[0])
+        return int(entry.key.n_in)  # type: ignore[attr-defined]
+
+    def factor_store(self) -> FactorStore | None:
+        return self._calibration.factor_store() if self._calibration is not None else None
+
+    def covariance(self, entry: _Input) -> np.ndarray:
+        from native.input_spill import SpillMismatch
+
+        if self._memory is not None:
+            return self._memory[str(entry.key)]
+        try:
+            return self._spilled().covariance(entry.key)
+        except SpillMismatch as error:
+            raise FeedbackError(f"{error}; it was changed while qdesk worked, quantize again.") from error
+
+
+def _model_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]), name
+    return 1 << 30, name
+
+
+def _cache_for(reference: Path, inputs: FeedbackInputs, matrix: ImportanceMatrix | None) -> FeedbackCache | None:
+    if not isinstance(inputs, CalibrationInputs):
+        return None
+    if Path(inputs.reference).resolve() != Path(reference).resolve():
+        raise FeedbackError(f"the calibration inputs were collected for {inputs.reference.name}, not for "
+                            f"{reference.name}; collect them for this model.")
+    return FeedbackCache(inputs.fingerprint, matrix, inputs.provenance)
 
 
 class _ReferenceWeights:
-    """The reference's 2-D weights as float32 rows, read through a memory map at the offsets its header gives."""
+    """The reference's 2-D weights as float32 rows, read from the file at the offsets its header gives (read, not
+    mapped, so that what was read is freed with the rows)."""
 
     def __init__(self, reference: Path) -> None:
         header = check_gguf(reference)
         self._tensors = {tensor.name: tensor for tensor in header.tensors}
         self._data_offset = header.data_offset
-        self._file = np.memmap(reference, dtype=np.uint8, mode="r")
+        self._path = reference
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def rows(self, name: str, picked: np.ndarray | None = None) -> np.ndarray:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name].shape
+
+    def rows(self, name: str, picked: np.ndarray | slice) -> np.ndarray:
+        """Rows `picked` (indices, or a slice of consecutive rows) of weight `name` as float32."""
         from native.kernels import source_rows
 
         tensor = self._tensors[name]
+        n_rows = tensor.shape[1]
+        row_bytes = tensor.n_bytes // n_rows
         start = self._data_offset + tensor.offset
-        stored = self._file[start : start + tensor.n_bytes].reshape(tensor.shape[1], -1)
-        return source_rows(stored if picked is None else stored[picked], type_name(tensor.type), tensor.shape[0])
-
-
-class _PreparedInputs:
-    """Factored covariances, each computed once however many matrices share it (a layer's q, k and v), and once
-    for both the ratio measurement and the re-encoding (see `_prepared_inputs`)."""
-
-    def __init__(self, covariances: Mapping[str, np.ndarray]) -> None:
-        self.covariances = covariances
-        self._prepared: dict[int, PreparedInputs] = {}
-
-    def __getitem__(self, name: str) -> PreparedInputs:
-        from native.error_feedback import prepare_inputs
-
-        inputs = self.covariances[name]
-        found = self._prepared.get(id(inputs))
-        if found is None:
-            found = self._prepared[id(inputs)] = prepare_inputs(inputs)
-        return found
-
-
-_LAST_PREPARED: list[_PreparedInputs] = []
-"""The factors of the latest covariances, from the ratio measurement until the re-encoding has used them (they
-take as much memory as the covariances); holding them also keeps those covariances' identity unique."""
-
-
-def _prepared_inputs(covariances: Mapping[str, np.ndarray]) -> _PreparedInputs:
-    if not _LAST_PREPARED or _LAST_PREPARED[0].covariances is not covariances:
-        _LAST_PREPARED[:] = [_PreparedInputs(covariances)]
-    return _LAST_PREPARED[0]
-
-
-def release_factors() -> None:
-    """Free the factored covariances kept between `feedback_sensitivity` and `apply_feedback` (for a quantization
-    that stopped between the two)."""
-    _LAST_PREPARED.clear()
+        with self._path.open("rb") as file:
+            if isinstance(picked, slice):
+                first, stop, _ = picked.indices(n_rows)
+                raw = os.pread(file.fileno(), (stop - first) * row_bytes, start + first * row_bytes)
+            else:
+                raw = b"".join(os.pread(file.fileno(), row_bytes, start + int(row) * row_bytes) for row in picked)
+        stored = np.frombuffer(raw, dtype=np.uint8).reshape(-1, row_bytes)
+        return np.array(source_rows(stored, type_name(tensor.type), tensor.shape[0]), dtype=np.float32)
 
 
 def _importance_vector(matrix: ImportanceMatrix | None, name: str) -> np.ndarray | None:
@@ -172,58 +210,152 @@ def _importance_vector(matrix: ImportanceMatrix | None, name: str) -> np.ndarray
     return (entry.sums[0] / max(int(entry.counts[0]), 1)).astype(np.float32)
 
 
+def _prepared(covariance: np.ndarray) -> PreparedInputs:
+    from native.error_feedback import prepare_inputs
+
+    return prepare_inputs(covariance)
+
+
+def _stopper(cancel: CancelToken | None) -> Callable[[], bool] | None:
+    return (lambda: cancel.cancelled) if cancel is not None else None
+
+
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None and cancel.cancelled:
+        raise Cancelled("quantization was cancelled")
+
+
+def _factored(source: _InputSource, entry: _Input, progress: ProgressFn, step: Progress,
+              cancel: CancelToken | None, *, with_covariance: bool) -> tuple[np.ndarray | None, PreparedInputs]:
+    """The input's factor (read back when an earlier pass of the job kept it, unless the covariance itself is
+    wanted too), always in the compact form `converters.mix.factor_store` keeps."""
+    store = source.factor_store()
+    key = str(getattr(entry.key, "key", entry.key))
+    if store is not None and not with_covariance:
+        kept = store.load(key, source.width(entry))
+        if kept is not None:
+            return None, kept.expanded()
+    progress(Progress(step.done, step.total, step.unit, "forming input covariances"))
+    covariance = source.covariance(entry)
+    _check(cancel)
+    progress(Progress(step.done, step.total, step.unit, "factoring input covariances"))
+    factor = compact(_prepared(covariance))
+    _check(cancel)
+    if store is not None:
+        store.save(key, factor)
+    return covariance, factor.expanded()
+
+
 def apply_feedback(
     reference: Path,
     quantized: Path,
-    covariances: Mapping[str, np.ndarray],
+    inputs: FeedbackInputs,
     matrix: ImportanceMatrix | None,
     *,
     threads: int | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> int:
-    """Re-encode, in place in `quantized` (llama.cpp's output for `reference`), every tensor with a covariance and
-    a type error feedback writes; returns how many were re-encoded."""
+    """Re-encode, in place in `quantized` (llama.cpp's output for `reference`), every tensor with an input and a
+    type error feedback writes; returns how many were re-encoded. Cached encodings are copied; the rest are
+    encoded input by input (and cached)."""
     from native.error_feedback import supports_feedback
 
+    reference = Path(reference)
     written = check_gguf(quantized)
     sources = _ReferenceWeights(reference)
-    prepared = _prepared_inputs(covariances)
-    chosen = [tensor for tensor in written.tensors
-              if tensor.name in covariances and tensor.name in sources and len(tensor.shape) == 2
-              and supports_feedback(type_name(tensor.type), tensor.shape[0])]
+    cache = _cache_for(reference, inputs, matrix)
+    source = _InputSource(inputs, progress, cancel)
+    candidates = [tensor for tensor in written.tensors
+                  if len(tensor.shape) == 2 and tensor.name in sources
+                  and supports_feedback(type_name(tensor.type), tensor.shape[0])]
     started = time.monotonic()
-    try:
-        _re_encode(quantized, written, chosen, sources, prepared, matrix, threads, progress, cancel)
-    finally:
-        release_factors()
-    progress(Progress(len(chosen), len(chosen), "tensors", f"error feedback ({time.monotonic() - started:.0f} s)"))
-    return len(chosen)
+    counter = _Counter(progress, len(candidates), "error feedback")
+    with quantized.open("r+b") as file:
+        missing = []
+        if cache is not None:
+            for tensor in candidates:
+                _check(cancel)
+                if cache.copy_into(tensor.name, type_name(tensor.type), tensor.shape, tensor.n_bytes, file,
+                                   written.data_offset + tensor.offset):
+                    counter.step_before()
+                    counter.step()
+                else:
+                    missing.append(tensor)
+        else:
+            missing = candidates
+        readers = source.readers(cache) if missing else frozenset()
+        missing = [tensor for tensor in missing if tensor.name in readers]
+        by_name = {tensor.name: tensor for tensor in missing}
+        counter.total = counter.done + len(missing)
+        for entry in source.inputs(frozenset(by_name)):
+            _check(cancel)
+            _, prepared = _factored(source, entry, progress, counter.report(), cancel, with_covariance=False)
+            for name in entry.weights:
+                counter.step_before()
+                _re_encode(file, written.data_offset, by_name[name], sources, prepared, matrix, threads, cache,
+                           cancel)
+                counter.step()
+            del prepared
+    progress(Progress(counter.total, counter.total, "tensors",
+                      f"error feedback ({time.monotonic() - started:.0f} s)"))
+    return counter.total
 
 
-def _re_encode(quantized: Path, written: GGUFHeader, chosen: Sequence[TensorHeader], sources: _ReferenceWeights,
-               prepared: _PreparedInputs, matrix: ImportanceMatrix | None, threads: int | None,
-               progress: ProgressFn, cancel: CancelToken | None) -> None:
+class _Counter:
+    """Progress over tensors: `step_before` reports the tensor about to be worked on, `step` counts it done."""
+
+    def __init__(self, progress: ProgressFn, total: int, message: str) -> None:
+        self._progress = progress
+        self.total = total
+        self.done = 0
+        self._message = message
+
+    def report(self) -> Progress:
+        return Progress(self.done, self.total, "tensors", self._message)
+
+    def step_before(self) -> None:
+        self._progress(self.report())
+
+    def step(self) -> None:
+        self.done += 1
+
+
+def _row_slices(n_rows: int, n_in: int) -> Iterator[slice]:
+    step = max(1, SLICE_ELEMENTS // max(n_in, 1))
+    for first in range(0, n_rows, step):
+        yield slice(first, min(n_rows, first + step))
+
+
+def _re_encode(file: BinaryIO, data_offset: int, tensor: TensorHeader, sources: _ReferenceWeights,
+               prepared: PreparedInputs, matrix: ImportanceMatrix | None, threads: int | None,
+               cache: FeedbackCache | None, cancel: CancelToken | None) -> None:
+    from contextlib import nullcontext
+
     from native.error_feedback import quantize_with_feedback
 
-    with quantized.open("r+b") as file:
-        for index, tensor in enumerate(chosen):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            progress(Progress(index, len(chosen), "tensors", "error feedback"))
-            rows = sources.rows(tensor.name)
+    stored_type = type_name(tensor.type)
+    n_in, n_rows = tensor.shape[0], tensor.shape[1]
+    row_bytes = tensor.n_bytes // n_rows
+    importance = _importance_vector(matrix, tensor.name)
+    entry = (cache.entry_writer(tensor.name, stored_type, tensor.shape, tensor.n_bytes) if cache is not None
+             else nullcontext(None))
+    with entry as keep:
+        for part in _row_slices(n_rows, n_in):
+            _check(cancel)
             try:
-                encoded = quantize_with_feedback(
-                    rows, type_name(tensor.type), prepared[tensor.name], _importance_vector(matrix, tensor.name),
-                    threads=threads, should_stop=(lambda: cancel.cancelled) if cancel is not None else None)
+                encoded = quantize_with_feedback(sources.rows(tensor.name, part), stored_type, prepared, importance,
+                                                 threads=threads, should_stop=_stopper(cancel))
             except InterruptedError:
                 raise Cancelled("quantization was cancelled") from None
-            if encoded.nbytes != tensor.n_bytes:
-                raise FeedbackError(f"error feedback encoded {tensor.name} in {encoded.nbytes} bytes where llama.cpp "
-                                    f"wrote {tensor.n_bytes}; quantize with --encoder ggml.")
-            file.seek(written.data_offset + tensor.offset)
-            file.write(encoded.tobytes())
-
+            if encoded.nbytes != (part.stop - part.start) * row_bytes:
+                raise FeedbackError(f"error feedback encoded {tensor.name} in rows of {encoded.shape[1]} bytes where "
+                                    f"llama.cpp wrote {row_bytes}; quantize with --encoder ggml.")
+            payload = encoded.tobytes()
+            file.seek(data_offset + tensor.offset + part.start * row_bytes)
+            file.write(payload)
+            if keep is not None:
+                keep(payload)
 
 
 def _output_error(weights: np.ndarray, decoded: np.ndarray, inputs: np.ndarray) -> float:
@@ -234,7 +366,7 @@ def _output_error(weights: np.ndarray, decoded: np.ndarray, inputs: np.ndarray) 
 def feedback_sensitivity(
     sensitivity: Sensitivity,
     reference: Path,
-    covariances: Mapping[str, np.ndarray],
+    inputs: FeedbackInputs,
     matrix: ImportanceMatrix | None,
     *,
     sample_rows: int = RATIO_SAMPLE_ROWS,
@@ -247,45 +379,67 @@ def feedback_sensitivity(
     The gains were probed with ggml's rounding; a damage is an importance-weighted squared error, the diagonal
     part of tr(E H Eᵀ), which is what ggml's nearly independent rounding errors amount to. Feedback errors are
     correlated so as to cancel in the product; scaling by the measured ratio values them by what they do there.
+    Measured input by input (one covariance in memory at a time); cached ratios are not measured again.
     """
-    from native.error_feedback import quantize_with_feedback, supports_feedback
+    from native.error_feedback import supports_feedback
+
+    reference = Path(reference)
+    cache = _cache_for(reference, inputs, matrix)
+    known = cache.ratios(sample_rows) if cache is not None else {}
+    wanted: dict[str, list[str]] = {}
+    for tensor in sensitivity.tensors:
+        fed = [option.type for option in tensor.options
+               if option.damage > 0 and supports_feedback(option.type, tensor.shape[0])]
+        missing = [type_ for type_ in fed if type_ not in known.get(tensor.name, {})]
+        if len(tensor.shape) == 2 and missing:
+            wanted[tensor.name] = missing
+    if wanted:
+        source = _InputSource(inputs, progress, cancel)
+        readers = source.readers(cache)
+        for name in set(wanted) - readers:  # no product reads an input of it (an untied embedding): nothing saved
+            known.setdefault(name, {}).update(dict.fromkeys(wanted.pop(name), 1.0))
+        _measure_ratios(source, wanted, known, reference, matrix, sample_rows, progress, cancel)
+        if cache is not None:
+            cache.save_ratios(sample_rows, known)
+    progress(Progress(len(sensitivity.tensors), len(sensitivity.tensors), "tensors",
+                      "measured what error feedback saves"))
+    return replace(sensitivity, tensors=tuple(_scaled(tensor, known.get(tensor.name, {}))
+                                              for tensor in sensitivity.tensors))
+
+
+def _measure_ratios(source: _InputSource, wanted: Mapping[str, Sequence[str]], known: dict[str, dict[str, float]],
+                    reference: Path, matrix: ImportanceMatrix | None, sample_rows: int, progress: ProgressFn,
+                    cancel: CancelToken | None) -> None:
+    from native.error_feedback import quantize_with_feedback
     from native.kernels import dequantize_rows, quantize_rows
 
-    key = (str(reference.resolve()), reference.stat().st_mtime_ns, id(covariances), id(matrix), sample_rows)
-    known = _LAST_RATIOS.get(key, {})
     sources = _ReferenceWeights(reference)
-    prepared_inputs = _prepared_inputs(covariances)
-    scaled = []
-    for index, tensor in enumerate(sensitivity.tensors):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        progress(Progress(index, len(sensitivity.tensors), "tensors", "measuring what error feedback saves"))
-        inputs = covariances.get(tensor.name)
-        fed = [option for option in tensor.options
-               if option.damage > 0 and supports_feedback(option.type, tensor.shape[0])]
-        if inputs is None or len(tensor.shape) != 2 or not fed:
-            scaled.append(tensor)
-            continue
-        ratios = known.setdefault(tensor.name, {})
-        if all(option.type in ratios for option in fed):
-            scaled.append(_scaled(tensor, ratios))
-            continue
-        picked = np.unique(np.linspace(0, tensor.shape[1] - 1, min(sample_rows, tensor.shape[1])).astype(np.int64))
-        rows = sources.rows(tensor.name, picked)
-        prepared = prepared_inputs[tensor.name]
-        importance = _importance_vector(matrix, tensor.name)
-        for option in fed:
-            plain = dequantize_rows(quantize_rows(rows, option.type, importance, threads=1), option.type,
-                                    rows.shape[0], rows.shape[1])
-            fed_rows = quantize_with_feedback(rows, option.type, prepared, importance, threads=1)
-            decoded = dequantize_rows(fed_rows, option.type, rows.shape[0], rows.shape[1])
-            baseline = _output_error(rows, plain, inputs)
-            ratios[option.type] = _output_error(rows, decoded, inputs) / baseline if baseline > 0 else 1.0
-        scaled.append(_scaled(tensor, ratios))
-    _LAST_RATIOS.clear()
-    _LAST_RATIOS[key] = known
-    progress(Progress(len(scaled), len(scaled), "tensors", "measured what error feedback saves"))
-    return replace(sensitivity, tensors=tuple(scaled))
+    counter = _Counter(progress, len(wanted), "measuring what error feedback saves")
+    for entry in source.inputs(frozenset(wanted)):
+        _check(cancel)
+        covariance, prepared = _factored(source, entry, progress, counter.report(), cancel, with_covariance=True)
+        assert covariance is not None
+        for name in entry.weights:
+            _check(cancel)
+            counter.step_before()
+            n_rows = sources.shape(name)[1]
+            picked = np.unique(np.linspace(0, n_rows - 1, min(sample_rows, n_rows)).astype(np.int64))
+            rows = sources.rows(name, picked)
+            importance = _importance_vector(matrix, name)
+            ratios = known.setdefault(name, {})
+            for type_ in wanted[name]:
+                plain = dequantize_rows(quantize_rows(rows, type_, importance, threads=1), type_, rows.shape[0],
+                                        rows.shape[1])
+                try:
+                    fed_rows = quantize_with_feedback(rows, type_, prepared, importance, threads=1,
+                                                      should_stop=_stopper(cancel))
+                except InterruptedError:
+                    raise Cancelled("quantization was cancelled") from None
+                decoded = dequantize_rows(fed_rows, type_, rows.shape[0], rows.shape[1])
+                baseline = _output_error(rows, plain, covariance)
+                ratios[type_] = _output_error(rows, decoded, covariance) / baseline if baseline > 0 else 1.0
+            counter.step()
+        del covariance, prepared
 
 
 def _scaled(tensor: TensorSensitivity, ratios: Mapping[str, float]) -> TensorSensitivity:

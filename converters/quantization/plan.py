@@ -163,6 +163,9 @@ class QuantPlan:
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> QuantPlan:
+        if not isinstance(document, Mapping):
+            raise PlanError(f"this is not a qdesk plan (it holds a JSON {type(document).__name__}, not an object); "
+                            "write one with `qdesk quantize --plan-out`.")
         if document.get("format") != PLAN_FORMAT:
             raise PlanError(f"this is not a qdesk plan (format {document.get('format')!r}, expected {PLAN_FORMAT}); "
                             "write one with `qdesk quantize --plan-out`.")
@@ -176,7 +179,7 @@ class QuantPlan:
             if encoder not in ("ggml", "feedback"):
                 raise PlanError(f"the plan asks for the encoder {encoder!r}; qdesk knows \"ggml\" and \"feedback\".")
             return cls(tensors, str(document["base"]), str(document.get("label", "")), encoder)
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
             raise PlanError(f"the plan is incomplete ({error}); write it again with `qdesk quantize --plan-out`.") \
                 from error
 

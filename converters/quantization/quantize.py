@@ -15,12 +15,11 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 from gguf import GGMLQuantizationType
 
 from converters.calibration.calibrate import DEFAULT_CHUNKS, DEFAULT_CTX, CalibrationText, calibrate
@@ -31,17 +30,9 @@ from converters.core.gguf_file import GGUFHeader, check_gguf
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.leftovers import temporary_folder
+from converters.core.outputs import check_output_folder, check_outputs, disk_full
 from converters.mix.allocate import MIX_BASE_PRESET, MixBudget, MixPlan, check_budget, plan_mix
-from converters.mix.feedback import (
-    COVARIANCE_MEMORY_LIMIT,
-    ENCODERS,
-    FEEDBACK_CHUNKS,
-    apply_feedback,
-    collect_input_covariances,
-    covariance_bytes,
-    feedback_sensitivity,
-    release_factors,
-)
+from converters.mix.feedback import ENCODERS, FEEDBACK_CHUNKS, CalibrationInputs, apply_feedback, feedback_sensitivity
 from converters.mix.report import save_plan
 from converters.mix.sensitivity import ProbeEffort, cached_sensitivity, effort_named
 from converters.quantization.plan import PlannedTensor, QuantPlan, type_name
@@ -109,9 +100,9 @@ def quantize(
     (a sensitivity-based mix within that budget; see converters/mix/allocate.py).
 
     `encoder` "ggml" rounds as llama.cpp does; "feedback" re-encodes the weights with error feedback
-    (converters/mix/feedback.py). The default is "feedback" for a mix of a model small enough
-    (`COVARIANCE_MEMORY_LIMIT`),
-    the plan's own encoder for a plan, and "ggml" for a preset.
+    (converters/mix/feedback.py), whatever the model's size: the calibration inputs are spilled to a scratch folder
+    beside the output and removed however the job ends. The default is "feedback" for a mix, the plan's own
+    encoder for a plan, and "ggml" for a preset.
     """
     started = time.monotonic()
     cancel = cancel or CancelToken()
@@ -132,10 +123,11 @@ def quantize(
         plan, preset = None, preset_named(plan_or_preset)
         base = preset
     warnings: list[str] = []
+    input_files = _input_files(Path(source), imatrix)
+    _check_outputs_first(Path(source), output, plan_out, input_files, base.name if budget is None else "mix")
 
     scratch = Path(output).parent if output is not None else None
-    with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output), \
-            _factors_released():
+    with _reference_gguf(Path(source), scratch, progress, cancel) as (reference, default_output), ExitStack() as stack:
         header = check_model_gguf(reference)
         requantize = already_quantized(header)
         if requantize and base.name not in _UNQUANTIZED_PRESETS:
@@ -145,32 +137,35 @@ def quantize(
             plan.check_model(((t.name, t.shape) for t in header.tensors), reference.name)
         if budget is not None and budget.like is None:
             check_budget(budget, reference, header)  # before the importance matrix: a budget out of reach is quick
-        chosen_encoder = _chosen_encoder(encoder, budget, plan, header)
-        feedback_chunks = min(chunks, FEEDBACK_CHUNKS) if chosen_encoder == "feedback" else 0
-        matrix, use, covariances = _importance_matrix(
-            imatrix, base, reference, header, _Calibration(texts, chunks, ctx, gpu_layers, feedback_chunks), progress,
-            cancel)
+        chosen_encoder = _chosen_encoder(encoder, budget, plan)
+        target = Path(output) if output is not None else default_output.with_name(
+            variant_file_name(default_output, base.name if budget is None else "mix"))
+        inputs = None
+        if chosen_encoder == "feedback":
+            inputs = stack.enter_context(CalibrationInputs(reference, texts, chunks=min(chunks, FEEDBACK_CHUNKS),
+                                                           ctx=ctx, gpu_layers=gpu_layers, scratch=target.parent))
+        matrix, use = _importance_matrix(imatrix, base, reference, header, _Calibration(texts, chunks, ctx, gpu_layers),
+                                         inputs, progress, cancel)
         if base.requires_imatrix and matrix is None:
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
         like_bytes = _like_bytes(budget, reference, header, matrix)
-        if feedback_chunks and covariances is None:
-            covariances = collect_input_covariances(reference, texts, chunks=feedback_chunks, ctx=ctx,
-                                                    gpu_layers=gpu_layers, progress=progress, cancel=cancel)
         if budget is not None:
-            mix = _mix_plan(reference, header, budget, like_bytes, matrix, texts, gpu_layers, effort, covariances,
+            mix = _mix_plan(reference, header, budget, like_bytes, matrix, texts, gpu_layers, effort, inputs,
                             progress, cancel)
             plan = mix.plan
 
-        target = Path(output) if output is not None else default_output.with_name(
-            variant_file_name(default_output, base.name if budget is None else "mix"))
+        check_outputs([*input_files, reference], [target, plan_out])
         check_free_space(target, plan.n_bytes if plan is not None else reference.stat().st_size)
         cancel.raise_if_cancelled()
         with atomic_output(target) as temporary:
-            records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
-                           progress, cancel, {**(mix.metadata() if mix is not None else {}),
-                                              "qdesk.encoder": ENCODER_METADATA[chosen_encoder]})
-            if covariances is not None:
-                apply_feedback(reference, temporary, covariances, matrix, threads=threads or None, progress=progress,
+            try:
+                records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
+                               progress, cancel, {**(mix.metadata() if mix is not None else {}),
+                                                  "qdesk.encoder": ENCODER_METADATA[chosen_encoder]})
+            except QuantizeError as error:
+                raise disk_full(target) or error from error
+            if inputs is not None:
+                apply_feedback(reference, temporary, inputs, matrix, threads=threads or None, progress=progress,
                                cancel=cancel)
             written = check_gguf(temporary)
             result_plan = _plan_from_header(written, reference_header=header, base=base.name,
@@ -187,21 +182,37 @@ def quantize(
                           tuple(warnings), time.monotonic() - started)
 
 
-@contextmanager
-def _factors_released() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        release_factors()
+def _input_files(source: Path, imatrix: ImatrixChoice) -> list[Path]:
+    """What the quantization reads from the user's disk: the GGUF or the checkpoint's files, and an imatrix file."""
+    from converters.reading.checkpoint import checkpoint_files
+
+    files = [source, *checkpoint_files(source)] if source.is_dir() else [source]
+    if isinstance(imatrix, str | Path) and str(imatrix).lower() not in (AUTO, NONE):
+        files.append(Path(imatrix))
+    return files
 
 
-def _chosen_encoder(asked: str | None, budget: MixBudget | None, plan: QuantPlan | None, header: GGUFHeader) -> str:
+def _check_outputs_first(source: Path, output: str | Path | None, plan_out: str | Path | None, inputs: list[Path],
+                         type_label: str) -> None:
+    """Before any work: the output (as given, or its default name) and the plan file go into folders that take
+    files, and neither is an input nor the other (a missing source is reported by the reading that follows)."""
+    if not source.exists():
+        return
+    target = Path(output) if output is not None else (
+        source / "model.gguf" if source.is_dir() else source.with_name(variant_file_name(source, type_label)))
+    check_output_folder(target)
+    if plan_out is not None:
+        check_output_folder(Path(plan_out))
+    check_outputs(inputs, [target if output is not None or not source.is_dir() else None, plan_out])
+
+
+def _chosen_encoder(asked: str | None, budget: MixBudget | None, plan: QuantPlan | None) -> str:
     if asked is not None:
         if asked not in ENCODERS:
             raise QuantizeError(f"there is no encoder {asked!r}; choose one of {', '.join(ENCODERS)}.")
         return asked
     if budget is not None:
-        return "feedback" if covariance_bytes(header) <= COVARIANCE_MEMORY_LIMIT else "ggml"
+        return "feedback"
     return plan.encoder if plan is not None else "ggml"
 
 
@@ -233,8 +244,6 @@ class _Calibration:
     chunks: int
     ctx: int
     gpu_layers: int
-    covariance_chunks: int
-    """Chunks whose input covariances the same pass collects for error feedback (0: none)."""
 
 
 @contextmanager
@@ -293,18 +302,18 @@ def _importance_matrix(
     reference: Path,
     header: GGUFHeader,
     calibration: _Calibration,
+    inputs: CalibrationInputs | None,
     progress: ProgressFn,
     cancel: CancelToken,
-) -> tuple[ImportanceMatrix | None, ImatrixUse | None, dict[str, np.ndarray] | None]:
-    """The matrix and where it came from, and the input covariances when calibrating collected them."""
-    covariances = None
+) -> tuple[ImportanceMatrix | None, ImatrixUse | None]:
+    """The matrix and where it came from; when calibrating for error feedback, the same pass spills the inputs."""
     if choice is None or (isinstance(choice, str) and choice.lower() == NONE):
-        return None, None, None
+        return None, None
     if isinstance(choice, ImportanceMatrix):
         matrix, origin = choice, "given"
     elif isinstance(choice, str) and choice.lower() == AUTO:
         if not preset.uses_imatrix:
-            return None, None, None
+            return None, None
 
         def calibrating(step: Progress) -> None:
             progress(Progress(step.done, step.total, step.unit, "calibrating"))
@@ -312,13 +321,16 @@ def _importance_matrix(
         texts = calibration.texts
         calibrated = calibrate(reference, None, texts, chunks=calibration.chunks, ctx=calibration.ctx,
                                gpu_layers=calibration.gpu_layers, progress=calibrating, cancel=cancel,
-                               covariance_chunks=calibration.covariance_chunks)
-        matrix, covariances = calibrated.matrix, calibrated.covariances or None
+                               covariance_chunks=inputs.chunks if inputs is not None else 0,
+                               spill_folder=inputs.folder_for_spill() if inputs is not None else None)
+        if inputs is not None:
+            inputs.adopt(calibrated)
+        matrix = calibrated.matrix
         origin = AUTO if not texts else "calibrated on " + ", ".join(Path(t.name).name for t in texts)
     else:
         matrix, origin = read_imatrix(Path(choice)), str(choice)
     check_matches_model(matrix, {t.name: t.shape for t in header.tensors}, model=reference.name)
-    return matrix, ImatrixUse(origin, tuple(matrix.datasets), len(matrix.entries), matrix.chunk_count), covariances
+    return matrix, ImatrixUse(origin, tuple(matrix.datasets), len(matrix.entries), matrix.chunk_count)
 
 
 def _run(
@@ -374,17 +386,16 @@ def _like_bytes(budget: MixBudget | None, reference: Path, header: GGUFHeader,
 
 def _mix_plan(reference: Path, header: GGUFHeader, budget: MixBudget, like_bytes: int | None,
               matrix: ImportanceMatrix | None, texts: Sequence[CalibrationText] | None, gpu_layers: int,
-              effort: ProbeEffort,
-              covariances: Mapping[str, np.ndarray] | None, progress: ProgressFn, cancel: CancelToken) -> MixPlan:
+              effort: ProbeEffort, inputs: CalibrationInputs | None, progress: ProgressFn,
+              cancel: CancelToken) -> MixPlan:
     def measuring(step: Progress) -> None:
         progress(Progress(step.done, step.total, step.unit, step.message))
 
     sensitivity = cached_sensitivity(reference, matrix, texts, gpu_layers=gpu_layers, progress=measuring,
                                      layer_bands=effort.layer_bands, probe_chunks=effort.probe_chunks,
                                      probe_ctx=effort.probe_ctx, cancel=cancel)
-    if covariances is not None:
-        sensitivity = feedback_sensitivity(sensitivity, reference, covariances, matrix, progress=progress,
-                                           cancel=cancel)
+    if inputs is not None:
+        sensitivity = feedback_sensitivity(sensitivity, reference, inputs, matrix, progress=progress, cancel=cancel)
     return plan_mix(reference, header, budget, sensitivity, like_bytes)
 
 

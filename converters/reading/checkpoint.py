@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,12 @@ from converters.reading.architectures.base import ModelConfig
 from converters.reading.safetensors_file import FLOAT_DTYPES, SafetensorsFile, unsupported_dtype
 
 RowReader = Callable[[int, int], np.ndarray]
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+READ_FILES = ("config.json", "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja",
+              "chat_template.json", "generation_config.json", *WEIGHT_INDEXES)
+"""The files besides the weights that reading a checkpoint may open (gguf-py's vocabulary and model-card readers
+included)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,43 @@ def resolve_checkpoint_folder(source: Path) -> Path:
     return source
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files of a checkpoint folder that a conversion may read (every file but GGUF and hidden ones): the
+    files no output may replace."""
+    try:
+        return sorted(path for path in folder.iterdir()
+                      if path.is_file() and path.suffix != ".gguf" and not path.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _allowed_roots(folder: Path) -> tuple[Path, ...]:
+    """Where the files of `folder` may really be: the folder itself, and for a snapshot of the Hugging Face cache
+    (`models--org--name/snapshots/REV`, or a folder inside one, whose files link to `…/blobs/HASH`) its
+    repository's blobs."""
+    roots = [folder.resolve()]
+    for snapshot in (folder, *folder.parents):
+        if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--"):
+            roots.append((snapshot.parent.parent / "blobs").resolve())
+            break
+    return tuple(roots)
+
+
+def check_inside(folder: Path, paths: Iterable[Path]) -> None:
+    """Refuse (CheckpointError) a file of the checkpoint that is, or links to, something outside its folder: qdesk
+    reads only the folder the user chose, whatever a downloaded repository's links or index say."""
+    roots = _allowed_roots(folder)
+    for path in paths:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise CheckpointError(f"{path.name} in {folder} leads to {real}, outside the checkpoint folder; qdesk "
+                                  "reads only the folder you chose, so copy the file itself into it.")
+
+
 def read_config(folder: Path) -> ModelConfig:
+    check_inside(folder, [folder / name for name in READ_FILES])
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(
@@ -89,6 +131,7 @@ def open_checkpoint(source: Path, config: ModelConfig | None = None) -> Checkpoi
     folder = resolve_checkpoint_folder(source)
     config = config or read_config(folder)
     weight_files = _weight_files(folder)
+    check_inside(folder, [*(folder / name for name in READ_FILES), *weight_files])
     tensors: dict[str, SourceTensor] = {}
     for path in weight_files:
         found = _safetensors_tensors(path) if path.suffix == ".safetensors" else _torch_tensors(path)
@@ -99,7 +142,7 @@ def open_checkpoint(source: Path, config: ModelConfig | None = None) -> Checkpoi
 
 
 def _weight_files(folder: Path) -> tuple[Path, ...]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in WEIGHT_INDEXES:
         index = folder / index_name
         if index.is_file():
             return _files_from_index(index)
@@ -123,6 +166,11 @@ def _files_from_index(index: Path) -> tuple[Path, ...]:
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{index.name} is malformed ({error}); download the checkpoint again.") from error
     folder = index.parent
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{index.name} lists the shard {name!r}, which is not a file name inside the "
+                                  "checkpoint folder; qdesk reads only the folder you chose, so download the "
+                                  "checkpoint again from a source you trust.")
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,16 +113,41 @@ def _read_header(path: Path) -> tuple[dict[str, SafetensorsEntry], int]:
             continue
         try:
             dtype = str(spec["dtype"])
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(o) for o in spec["data_offsets"])
+            shape = tuple(_count(d) for d in spec["shape"])
+            begin, end = (_count(o) for o in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as error:
-            raise damaged(f"the entry for {name} is malformed") from error
+            raise damaged(f"the entry for {name} is malformed (its shape and offsets must be counts, 0 or more)") \
+                from error
         item = _ITEM_SIZES.get(dtype)
         if item is None:
             raise damaged(f"tensor {name} has unknown dtype {dtype}")
-        if not 0 <= begin <= end <= data_size:
+        if not begin <= end <= data_size:
             raise damaged(f"tensor {name} lies past the end of the file (truncated download?)")
         if end - begin != math.prod(shape) * item:
             raise damaged(f"tensor {name} has {end - begin} bytes but its shape needs {math.prod(shape) * item}")
         entries[name] = SafetensorsEntry(name, dtype, shape, begin, end)
+    _check_layout(entries, data_size, damaged)
     return entries, data_start
+
+
+def _count(value: object) -> int:
+    """A shape dimension or an offset: a JSON integer, 0 or more (true, 2.5, -1 and "3" are not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _check_layout(entries: dict[str, SafetensorsEntry], data_size: int,
+                  damaged: Callable[[str], CheckpointError]) -> None:
+    """The tensors' data must tile the data section exactly, as the safetensors library requires: each starting
+    where the previous one ends, the first at 0 and the last at the end of the file; no overlap, no gap."""
+    position, previous = 0, None
+    for entry in sorted(entries.values(), key=lambda entry: (entry.begin, entry.end)):
+        if entry.begin < position:
+            raise damaged(f"the data of tensors {previous} and {entry.name} overlap")
+        if entry.begin > position:
+            after = f"after tensor {previous}" if previous is not None else "before the first tensor"
+            raise damaged(f"it leaves {entry.begin - position} bytes unused {after}")
+        position, previous = entry.end, entry.name
+    if position != data_size:
+        raise damaged(f"{data_size - position} bytes follow the last tensor's data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import re
 import time
@@ -18,15 +19,19 @@ from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import CheckpointError, UnsupportedModelError, UserError
 from converters.core.hyperparameters import hyperparameter_problems
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import check_output_folder, check_outputs
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
+from converters.reading.architectures.base import HParam
 from converters.reading.checkpoint import (
     Checkpoint,
     SourceTensor,
     check_dtypes,
+    checkpoint_files,
     open_checkpoint,
     read_config,
     resolve_checkpoint_folder,
 )
+from converters.reading.config_shapes import check_layers, check_shapes, layer_count, whole_number
 from converters.reading.prefetch import prefetched
 from converters.reading.quantized import dequantizing
 from converters.reading.tokenizer import TokenizerSummary, export_tokenizer
@@ -37,6 +42,8 @@ CHUNK_BYTES = 16 * 1024 * 1024
 """Largest float32 slice of one tensor held in memory at once while converting."""
 SOURCE_QUANTIZATION_KEY = "general.source.quantization"
 """Where a GGUF converted from a quantized checkpoint (GPTQ, AWQ, ...) names the format it was dequantized from."""
+_SOURCE_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+"""The layer index in a Hugging Face tensor name (model.layers.3.mlp…)."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +100,15 @@ def convert_checkpoint(
     arch = architecture_for(config)
     checkpoint, source_quantization = dequantizing(open_checkpoint(folder, config))
     check_dtypes(checkpoint)
-    block_count = int(checkpoint.config.require("num_hidden_layers"))
+    block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
     _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
     parameter_count = sum(p.element_count for p in plan)
     metadata = _model_metadata(checkpoint.folder, parameter_count)
     target = Path(output) if output is not None else (output_folder or checkpoint.folder) / _default_file_name(
         metadata, out)
+    check_output_folder(target)
+    check_outputs([*checkpoint_files(checkpoint.folder), *checkpoint.weight_files], [target])
     check_free_space(target, sum(p.declared.nbytes for p in plan) + 64 * 1024 * 1024)
 
     cancel.raise_if_cancelled()
@@ -155,7 +164,7 @@ def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress
     config = read_config(folder)
     arch = architecture_for(config)
     checkpoint, source_quantization = dequantizing(open_checkpoint(folder, config))
-    block_count = int(checkpoint.config.require("num_hidden_layers"))
+    block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
     _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
     metadata = _model_metadata(checkpoint.folder, sum(p.element_count for p in plan))
@@ -172,8 +181,13 @@ def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress
 def _plan_tensors(
     checkpoint: Checkpoint, arch: Architecture, out: OutType, block_count: int
 ) -> list[_PlannedTensor]:
-    name_map = gguf.get_tensor_name_map(arch.gguf_arch, block_count)
     ignored = [re.compile(pattern) for pattern in arch.ignored_tensors]
+    kept = [name for name in checkpoint.tensors if not any(pattern.fullmatch(name) for pattern in ignored)]
+    layers = {int(found.group(1)) for name in kept if (found := _SOURCE_LAYER.search(name))}
+    if max(layers, default=-1) >= block_count:
+        check_layers(layers, block_count)  # a layer beyond the config's count: refused before the map is made
+    # The map's size follows the layers the weights hold, not the config's count (which may be anything).
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, min(block_count, max(layers, default=-1) + 1))
     tied = bool(checkpoint.config.get("tie_word_embeddings", default=False))
     planned: list[tuple[tuple[int, int], _PlannedTensor]] = []
     for order, (name, source) in enumerate(checkpoint.tensors.items()):
@@ -194,6 +208,9 @@ def _plan_tensors(
     for offset, (gguf_name, values) in enumerate(extras):
         declared = DeclaredTensor(gguf_name, tuple(values.shape), tensor_type(tuple(values.shape), out))
         planned.append(((-1, -len(checkpoint.tensors) + offset), _PlannedTensor(declared, None, generated=values)))
+    check_layers(layers, block_count)
+    check_shapes(((p.source.name, p.kind, p.source.shape) for _, p in planned if p.source is not None),
+                 checkpoint.config)
     planned.sort(key=lambda item: item[0])
     names = [p.declared.name for _, p in planned]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -233,9 +250,13 @@ def _hparam_values(arch: Architecture, config: ModelConfig) -> dict[str, Any]:
                 config.require(*hparam.config_keys)
             value = hparam.default
         if value is not None:
-            values[f"{arch.name}.{hparam.key}"] = hparam.value_type(value)
+            values[f"{arch.name}.{hparam.key}"] = _config_value(hparam, value)
     if arch.derived_metadata is not None:
-        values.update(arch.derived_metadata(config))
+        try:
+            values.update(arch.derived_metadata(config))
+        except (TypeError, ValueError, ArithmeticError, KeyError) as error:
+            raise CheckpointError(f"config.json holds a value qdesk cannot use ({type(error).__name__}: {error}); "
+                                  "download the checkpoint again.") from error
     return values
 
 
@@ -246,6 +267,26 @@ def _check_hparams(folder: Path, arch: Architecture, hparams: dict[str, Any], pl
     if problems:
         raise CheckpointError(f"{folder / 'config.json'} gives impossible settings: {problems[0]}; correct "
                               "config.json or download the checkpoint again.")
+
+
+_UINT32_LIMIT = 1 << 32
+
+
+def _config_value(hparam: HParam, value: Any) -> Any:
+    """A config.json value as its GGUF key stores it: a whole number a uint32 holds, a finite float, or a string;
+    anything else is refused naming the field."""
+    wanted, whole = hparam.value_type, whole_number(value)
+    if wanted is int and whole is not None and 0 <= whole < _UINT32_LIMIT:
+        return whole
+    if wanted is float and whole is not None and abs(whole) < 1 << 64:
+        return float(whole)
+    if wanted is float and isinstance(value, float) and math.isfinite(value):
+        return value
+    if wanted not in (int, float) and isinstance(value, wanted):
+        return value
+    kind = {int: "a whole number from 0 to 4294967295", float: "a finite number"}.get(wanted, wanted.__name__)
+    raise CheckpointError(f"config.json gives `{hparam.config_keys[0]}` as {value!r}, not {kind}; download the "
+                          "checkpoint again.")
 
 
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

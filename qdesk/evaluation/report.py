@@ -32,6 +32,7 @@ from markupsafe import Markup
 import qdesk
 from converters.core.atomic import atomic_output
 from converters.core.errors import OutputError
+from converters.core.outputs import check_outputs
 from converters.core.paths import resources_dir
 from qdesk.evaluation import report_model as model
 from qdesk.evaluation.report_model import (
@@ -83,6 +84,7 @@ def write_report(report: Report, html_path: str | Path) -> tuple[Path, Path]:
     json_path = html_path.with_suffix(".json")
     if json_path == html_path:
         raise OutputError(f"Cannot write the report to {html_path}: give a file name ending in .html.")
+    check_outputs(_model_paths(report), [html_path, json_path])
     page = render_html(report)
     document = json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     with ExitStack() as stack:
@@ -91,6 +93,12 @@ def write_report(report: Report, html_path: str | Path) -> tuple[Path, Path]:
         html_temporary.write_text(page, encoding="utf-8")
         json_temporary.write_text(document, encoding="utf-8")
     return html_path, json_path
+
+
+def _model_paths(report: Report) -> list[str]:
+    """The model files the report describes: writing the report over one of them would destroy it."""
+    models = [report.get("reference") or {}, *(report.get("candidates") or [])]
+    return [entry["path"] for entry in models if isinstance(entry, Mapping) and isinstance(entry.get("path"), str)]
 
 
 # --- the template ----------------------------------------------------------------------------------------------

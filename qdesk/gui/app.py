@@ -14,6 +14,7 @@ from converters.core.paths import resources_dir
 from qdesk.app.errors import UserError
 from qdesk.gui.context import AppContext
 from qdesk.gui.main_window import MainWindow
+from qdesk.gui.platform_check import platform_problem
 from qdesk.gui.theme import apply_theme
 
 APP_NAME = "qdesk"
@@ -44,10 +45,13 @@ def open_main_window(context: AppContext | None = None) -> MainWindow:
 
 
 def check_display() -> None:
-    """Refuse, in one sentence, to start where Qt would abort for want of a display."""
+    """Refuse, in one sentence, to start where Qt would abort for want of a display or of its X11 libraries."""
     if sys.platform.startswith("linux") and not any(os.environ.get(name) for name in _DISPLAY_VARIABLES):
         raise UserError("There is no display to open the window on (DISPLAY and WAYLAND_DISPLAY are unset); run "
                         "qdesk on a desktop session, or use the command-line tools (`qdesk --help`).")
+    problem = platform_problem()
+    if problem is not None:
+        raise UserError(problem)
 
 
 def run_app(argv: Sequence[str] = (), *, quit_after_s: float | None = None) -> int:

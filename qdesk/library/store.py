@@ -25,6 +25,8 @@ import os
 import re
 import shutil
 import sqlite3
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from converters.core.atomic import atomic_output, check_free_space
 from converters.core.errors import GGUFFileError, OutputError, UserError
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
+from converters.core.outputs import place_as_new
 from converters.core.paths import MODELS_DIR_ENV, models_dir
 from converters.core.units import format_count, format_size
 from qdesk.display.tables import text_table
@@ -353,6 +356,14 @@ CREATE TABLE IF NOT EXISTS settings (
     value  TEXT NOT NULL
 );
 """
+_COLUMNS = {
+    "files": ("path", "id", "source", "folder", "alias", "origin", "hidden", "size", "mtime_ns", "status", "problem",
+              "facts"),
+    "folders": ("path", "label", "kind"),
+    "settings": ("key", "value"),
+}
+REBUILD_HINT = ("run `qdesk models scan --rebuild` to set it aside and index the models folder again "
+                "(nothing is deleted)")
 
 
 @dataclass
@@ -389,32 +400,73 @@ class Library:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else models_dir()
         self.index_path = self.root / INDEX_NAME
+        self._schema_checked = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with self._connect():
-                pass
+            connection = sqlite3.connect(self.index_path, timeout=_DB_TIMEOUT_S)
+            connection.close()
         except (OSError, sqlite3.Error) as error:
             raise LibraryError(f"Cannot open the model library in {self.root} ({error}); choose a models folder "
                                f"you can write to (set {MODELS_DIR_ENV}).") from error
+        with self._connect():
+            pass
 
     # --- the index ---
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        connection = sqlite3.connect(self.index_path, timeout=_DB_TIMEOUT_S)
+        try:
+            connection = sqlite3.connect(self.index_path, timeout=_DB_TIMEOUT_S)
+        except sqlite3.Error as error:
+            raise LibraryError(f"Cannot open the model index {self.index_path} ({error}); check the models folder's "
+                               f"permissions, or choose another one (set {MODELS_DIR_ENV}).") from error
         try:
             connection.row_factory = sqlite3.Row
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LibraryError(f"The model index {self.index_path} was written by a newer qdesk; update qdesk "
-                                   f"or choose another models folder (set {MODELS_DIR_ENV}).")
-            if version < SCHEMA_VERSION:
-                with connection:
-                    connection.executescript(_SCHEMA)
-                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._prepare(connection)
             yield connection
+        except sqlite3.OperationalError as error:
+            message = str(error)
+            if "locked" in message or "busy" in message:
+                raise LibraryError(f"The model index {self.index_path} stayed locked by another qdesk for "
+                                   f"{_DB_TIMEOUT_S:.0f} s; try again when it has finished.") from error
+            if any(cause in message for cause in ("readonly", "unable to open", "disk I/O", "is full")):
+                raise LibraryError(f"Cannot write the model index {self.index_path} ({error}); check the models "
+                                   f"folder's permissions and free space, or choose another one (set "
+                                   f"{MODELS_DIR_ENV}).") from error
+            raise self._unreadable(error) from error
+        except sqlite3.DatabaseError as error:
+            raise self._unreadable(error) from error
         finally:
             connection.close()
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        """Create the schema in a new index; refuse one from a newer qdesk or one that is not qdesk's."""
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LibraryError(f"The model index {self.index_path} was written by a newer qdesk; update qdesk "
+                               f"or choose another models folder (set {MODELS_DIR_ENV}).")
+        if version < SCHEMA_VERSION:
+            with connection:
+                connection.execute("BEGIN IMMEDIATE")
+                if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    self._check_schema(connection)
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
+                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if not self._schema_checked:
+            self._check_schema(connection)
+            self._schema_checked = True
+
+    def _check_schema(self, connection: sqlite3.Connection) -> None:
+        """Raise LibraryError when a table qdesk uses exists without the columns qdesk needs."""
+        for table, columns in _COLUMNS.items():
+            present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+            if present and not set(columns) <= present:
+                raise self._unreadable(f"its table {table} lacks {', '.join(sorted(set(columns) - present))}")
+
+    def _unreadable(self, reason: object) -> LibraryError:
+        return LibraryError(f"The model index {self.index_path} is damaged or not qdesk's ({reason}); {REBUILD_HINT}.")
 
     def _rows(self, connection: sqlite3.Connection, *, hidden: bool = False) -> list[_Row]:
         query = "SELECT * FROM files" + ("" if hidden else " WHERE hidden = 0") + " ORDER BY id"
@@ -430,6 +482,8 @@ class Library:
 
     def _add(self, connection: sqlite3.Connection, found: _Found, source: str, folder: Path | None,
              origin: Path | None = None) -> _Row:
+        if not connection.in_transaction:
+            connection.execute("BEGIN IMMEDIATE")  # choosing a free id and taking it: one step for every process
         stem = found.path.name.removesuffix(".gguf") if found.path.name.endswith(".gguf") else found.path.name
         if found.alias is None and stem.startswith("sha256-"):
             stem = stem[:19]  # an unnamed Ollama blob: a short digest is name enough
@@ -571,14 +625,16 @@ class Library:
             return existing
         facts = _read_facts(source)  # raises GGUFFileError for anything that is not a complete GGUF
 
-        target = self._free_target_name(source.name if source.suffix == ".gguf" else source.name + ".gguf")
+        name = source.name if source.suffix == ".gguf" else source.name + ".gguf"
         if link:
-            _link(absolute.resolve(), target)
+            target = _link(absolute.resolve(), self.root, name)
         else:
-            check_free_space(target, source.stat().st_size)
-            with atomic_output(target) as temporary:
+            check_free_space(self.root / name, source.stat().st_size)
+            staging = self.root / f".{name}.import-{uuid.uuid4().hex[:12]}"
+            with atomic_output(staging) as temporary:
                 _copy_file(source, temporary, progress or no_progress, cancel)
                 shutil.copystat(source, temporary)  # keep the mtime, so the copy can be recognised
+            target = place_as_new(staging, self.root, name)  # a name no other file has, taken atomically
         after = target.stat()
         with self._connect() as connection, connection:
             row = self._add(connection, _Found(target), IMPORTED, None, origin=absolute)
@@ -601,13 +657,6 @@ class Library:
                         == (source_stat.st_size, source_stat.st_mtime_ns)):
                     return _entry(row)
         return None
-
-    def _free_target_name(self, name: str) -> Path:
-        target = self.root / name
-        stem, n = name.removesuffix(".gguf"), 2
-        while target.exists() or target.is_symlink():
-            target, n = self.root / f"{stem}-{n}.gguf", n + 1
-        return target
 
     def register_folder(self, folder: str | os.PathLike[str], label: str = "folder",
                         progress: ProgressFn | None = None) -> list[LibraryEntry]:
@@ -646,6 +695,31 @@ class Library:
                 if label not in labels:
                     labels.append(label)
         return labels
+
+    @classmethod
+    def rebuilt(cls, root: str | os.PathLike[str] | None = None) -> tuple[Library, Path | None]:
+        """A new index for the models folder `root`: the old one (damaged, foreign, or merely old) is renamed aside,
+        never deleted, and its registered folders are carried over when it can still be read; the models folder's
+        own files are indexed again. Returns the library and where the old index went (None if there was none)."""
+        root = Path(root).expanduser() if root is not None else models_dir()
+        index = root / INDEX_NAME
+        folders = _registered_folders(index)
+        kept: Path | None = None
+        if index.exists():
+            kept = index.with_name(f"{INDEX_NAME}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                index.rename(kept)
+                journal = index.with_name(index.name + "-journal")
+                if journal.exists():
+                    journal.rename(kept.with_name(kept.name + "-journal"))
+            except OSError as error:
+                raise LibraryError(f"Cannot set the model index {index} aside ({error.strerror or error}); check the "
+                                   "models folder's permissions.") from error
+        library = cls(root)
+        with library._connect() as connection, connection:
+            connection.executemany("INSERT OR REPLACE INTO folders VALUES (?,?,?)", folders)
+        library.refresh()
+        return library, kept
 
     def ensure_starter(self) -> LibraryEntry | None:
         """Register the starter model read-only in place the first time; None if its package is missing.
@@ -690,6 +764,23 @@ class Library:
                 connection.execute("UPDATE files SET hidden = 1 WHERE path = ?", (str(entry.path),))
 
 
+def _registered_folders(index: Path) -> list[tuple[str, str, str]]:
+    """(path, label, kind) of the folders an index registered, read-only; none when it cannot be read."""
+    if not index.is_file():
+        return []
+    try:
+        connection = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True, timeout=_DB_TIMEOUT_S)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = connection.execute("SELECT path, label, kind FROM folders").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        connection.close()
+    return [(str(path), str(label), str(kind)) for path, label, kind in rows if kind in _FINDERS]
+
+
 def _find_gguf_tree_top(folder: Path) -> list[_Found]:
     """The models folder's own files (imports, and GGUFs the user dropped in), not its subfolders."""
     return [_Found(path) for path in sorted(folder.glob("*.gguf"))
@@ -712,17 +803,28 @@ def _copy_file(source: Path, target: Path, progress: ProgressFn, cancel: CancelT
             progress(Progress(done, total, "bytes", f"copying {source.name}"))
 
 
-def _link(source: Path, target: Path) -> None:
-    try:
-        target.symlink_to(source)
-        return
-    except OSError:
-        pass
-    try:
-        os.link(source, target)  # Windows without the right to make symbolic links
-    except OSError as error:
-        raise LibraryError(f"Cannot link {source} into {target.parent} ({error.strerror or error}); import it "
-                           "without --link to copy it instead.") from error
+def _link(source: Path, folder: Path, name: str) -> Path:
+    """A link to `source` in `folder` named `name`, or `stem-2.gguf`, … when taken: making the link takes the name,
+    atomically."""
+    stem, number = name.removesuffix(".gguf"), 1
+    while True:
+        target = folder / (name if number == 1 else f"{stem}-{number}.gguf")
+        number += 1
+        try:
+            target.symlink_to(source)
+            return target
+        except FileExistsError:
+            continue
+        except OSError:
+            pass
+        try:
+            os.link(source, target)  # Windows without the right to make symbolic links
+            return target
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise LibraryError(f"Cannot link {source} into {folder} ({error.strerror or error}); import it "
+                               "without --link to copy it instead.") from error
 
 
 def _missing_problem(path: Path) -> str:

@@ -22,6 +22,11 @@ def supported_names() -> list[str]:
 def architecture_for(config: ModelConfig) -> Architecture:
     """The table for this config's `architectures[0]`, or a clear error listing what is supported."""
     names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise UnsupportedModelError(
+            f"config.json's `architectures` is {names!r}, not a list of model class names; download the checkpoint "
+            "again."
+        )
     if not names:
         raise UnsupportedModelError(
             "config.json does not name the model's architecture (`architectures`); "
