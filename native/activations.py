@@ -51,7 +51,9 @@ from native.ggml import GGML, MAX_SRC, GGMLTensor, ggml
 from native.input_spill import InputSpillWriter
 
 __all__ = [
+    "FINAL_NORM_INPUT",
     "CollectedStats",
+    "InputObserver",
     "LogitsConsumer",
     "MatrixStats",
     "ModelEvaluator",
@@ -59,6 +61,8 @@ __all__ = [
     "weight_name",
 ]
 
+InputObserver = Callable[[str, np.ndarray], None]
+"""Shown (weight name, its input rows as a view valid only during the call) for every dense product."""
 LogitsConsumer = Callable[[int, np.ndarray], None]
 """Receives (position of the first row, logits of rows × n_vocab float32); the array is valid only during the call."""
 
@@ -74,6 +78,9 @@ embedding's lookup is a `GET_ROWS`, never a watched product)."""
 _FINAL_NORM = b"result_norm"
 """llama.cpp's name for the final norm, the node just before the output product, in most architectures."""
 _FINAL_NORM_KEY = "<final norm>"
+FINAL_NORM_INPUT = _FINAL_NORM_KEY
+"""The name an input observer gets for the final norm's output rows: the input of the output product, which is
+skipped (`ModelEvaluator.output_weight` names its weight once a chunk has been evaluated)."""
 """Where the final norm's output is summed when the output product itself is skipped."""
 _LAYER_PREFIX = "blk."
 _LOAD_INTO_MEMORY = 0
@@ -203,8 +210,12 @@ class _Collector:
     """The eval callback's state: which weights to watch, the running sums, and the first error seen."""
 
     def __init__(self, lib: GGML, *, collect_output: bool, skip_output_product: bool,
-                 covariance_chunks: int = 0, spill: InputSpillWriter | None = None) -> None:
+                 covariance_chunks: int = 0, spill: InputSpillWriter | None = None,
+                 input_observer: InputObserver | None = None) -> None:
         self._lib = lib
+        self._input_observer = input_observer
+        self.output_weight: str | None = None
+        """The output product's weight, seen in the first decode (it reads the final norm's output)."""
         self._collect_output = collect_output
         self.output_skip = _OutputProductSkip(skip_output_product)
         self._watched: dict[bytes, str | None] = {}
@@ -225,9 +236,13 @@ class _Collector:
             if ask:
                 return self._wants(node)
             if self._is_final_norm(node):
-                if self.covariances is not None:
+                if self.covariances is not None or self._input_observer is not None:
                     norm = GGMLTensor.from_address(node)
-                    self.covariances.add(_FINAL_NORM_KEY, node, self._host_view(norm, node, np.float32))
+                    rows = self._host_view(norm, node, np.float32)
+                    if self.covariances is not None:
+                        self.covariances.add(_FINAL_NORM_KEY, node, rows)
+                    if self._input_observer is not None:
+                        self._input_observer(FINAL_NORM_INPUT, rows)
                 return self.output_skip.continue_after_norm()  # False cancels the rest of this graph split
             self._record(node)
         except BaseException as error:  # nothing may escape into C; raised again after the decode
@@ -257,8 +272,10 @@ class _Collector:
             return False
         weight = _read_pointer(node + _SRC_OFFSET)
         activations = _read_pointer(node + _SRC1_OFFSET)
-        if self.covariances is not None and activations and activations == self._norm_node:
-            self.covariances.output_weight = weight_name(ctypes.string_at(weight + _NAME_OFFSET))
+        if activations and activations == self._norm_node:
+            self.output_weight = weight_name(ctypes.string_at(weight + _NAME_OFFSET))
+            if self.covariances is not None:
+                self.covariances.output_weight = self.output_weight
         if not weight or not activations or _read_int(activations) != _TYPE_F32:
             return False
         if self._name_if_watched(weight) is None:
@@ -278,8 +295,11 @@ class _Collector:
             self._add_experts(name, weight, activations, ids)
         else:
             self._add_dense(name, weight, activations)
-            if self.covariances is not None and int(weight.ne[2]) == int(weight.ne[3]) == 1:
-                self.covariances.add(name, product.src[1], activations)
+            if int(weight.ne[2]) == int(weight.ne[3]) == 1:
+                if self.covariances is not None:
+                    self.covariances.add(name, product.src[1], activations)
+                if self._input_observer is not None:
+                    self._input_observer(name, activations)
 
     def _accumulator(self, name: str, n_mat: int, n_in: int) -> _Accumulator:
         found = self.matrices.get(name)
@@ -580,6 +600,8 @@ class ModelEvaluator:
     are collected as well (`CollectedStats.covariances`): n_in² floats per distinct input, for error feedback.
     Given a `spill` writer, those rows are written to its files instead (`native.input_spill`), and
     `finish_spill()` writes its manifest once the last chunk is done: nothing of them is held in memory.
+    `input_observer(name, rows)` is shown every dense weight's input rows (a view, valid during the call only), and
+    the final norm's as `FINAL_NORM_INPUT`.
     """
 
     def __init__(
@@ -596,17 +618,18 @@ class ModelEvaluator:
         editable_weights: bool = False,
         covariance_chunks: int = 0,
         spill: InputSpillWriter | None = None,
+        input_observer: InputObserver | None = None,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
         self._path = Path(model_path)
         self._n_ctx = n_ctx
-        self._collect = collect or collect_output or covariance_chunks > 0
+        self._collect = collect or collect_output or covariance_chunks > 0 or input_observer is not None
         self._chunks = 0
         self._tokens = 0
         self._collector = (
             _Collector(ggml(), collect_output=collect_output, skip_output_product=not collect_output,
-                       covariance_chunks=covariance_chunks, spill=spill)
+                       covariance_chunks=covariance_chunks, spill=spill, input_observer=input_observer)
             if self._collect else None
         )
         self._abort_poll = _AbortPoll(should_stop, self._collector)
@@ -787,6 +810,45 @@ class ModelEvaluator:
             logits = np.ctypeslib.as_array(pointer, shape=(rows, n_vocab))
             consume(start + first_row, logits)
 
+    def evaluate_embedding_logits(self, embeddings: np.ndarray, first_output: int, consume: LogitsConsumer) -> None:
+        """`evaluate_logits` with the input embeddings given (rows × n_embd float32) instead of token ids: the
+        token embedding's lookup is skipped, so what a change of its weights does to the output alone can be told
+        from what it does to the input (a tied embedding serves both)."""
+        if self._collector is not None:
+            raise EvaluationFailed("open the evaluator with collect=False to evaluate embeddings.")
+        context = self._live_context()
+        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n_embd = int(llama.llama_model_n_embd(self._model))
+        if rows.ndim != 2 or rows.shape[1] != n_embd or not 0 < rows.shape[0] <= self._n_ctx:
+            raise ValueError(f"embeddings must be 1..{self._n_ctx} rows of {n_embd} values (got {rows.shape})")
+        if not 0 <= first_output < rows.shape[0]:
+            raise ValueError(f"first_output must lie in 0..{rows.shape[0] - 1} (got {first_output})")
+        n_vocab = self.n_vocab()
+        llama.llama_memory_clear(llama.llama_get_memory(context), True)
+        batch = llama.llama_batch_init(self._n_batch, n_embd, 1)
+        try:
+            inputs = np.ctypeslib.as_array(batch.embd, shape=(self._n_batch, n_embd))
+            positions = np.ctypeslib.as_array(batch.pos, shape=(self._n_batch,))
+            outputs = np.ctypeslib.as_array(batch.logits, shape=(self._n_batch,))
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(self._n_batch,))[:] = 1
+            for index in range(self._n_batch):
+                batch.seq_id[index][0] = 0
+            for start in range(0, rows.shape[0], self._n_batch):
+                count = min(self._n_batch, rows.shape[0] - start)
+                first_row = max(first_output - start, 0)
+                inputs[:count] = rows[start : start + count]
+                positions[:count] = np.arange(start, start + count)
+                outputs[:count] = 0
+                outputs[min(first_row, count - 1) : count] = 1
+                batch.n_tokens = count
+                self._abort_poll.stop_requested = False
+                self._finish_decode(llama.llama_decode(context, batch), count)
+                if first_row < count:
+                    pointer = llama.llama_get_logits(context)
+                    consume(start + first_row, np.ctypeslib.as_array(pointer, shape=(count - first_row, n_vocab)))
+        finally:
+            llama.llama_batch_free(batch)
+
     def weight_names(self) -> tuple[str, ...]:
         """The weights the graph has read so far (all of them after one decode), when opened with editable_weights."""
         return tuple(self._locator.weights) if self._locator is not None else ()
@@ -890,7 +952,9 @@ class ModelEvaluator:
         self._abort_poll.stop_requested = False
         if self._collector is not None:
             self._collector.begin_decode()
-        status = llama.llama_decode(context, self._batch)
+        self._finish_decode(llama.llama_decode(context, self._batch), count)
+
+    def _finish_decode(self, status: int, count: int) -> None:
         error = self._abort_poll.take_error()
         if error is not None:
             raise error
@@ -904,6 +968,12 @@ class ModelEvaluator:
                                    f"{status}); check the model with `qdesk info`, or try fewer GPU layers.")
         if self._collector is not None:
             self._collector.output_skip.end_decode()
+
+    @property
+    def output_weight(self) -> str | None:
+        """The weight of the output product (the token embedding when tied), once a chunk has been evaluated while
+        collecting."""
+        return self._collector.output_weight if self._collector is not None else None
 
     def stats(self) -> CollectedStats:
         """A copy of the statistics so far (no matrices when the evaluator does not collect)."""

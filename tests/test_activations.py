@@ -348,3 +348,22 @@ def test_weight_names_lose_scheduler_marks() -> None:
     assert weight_name(b"CUDA0#blk.0.attn_k.weight#0") == "blk.0.attn_k.weight"
     assert weight_name(b"CPU#output.weight") == "output.weight"
     assert weight_name(b"blk.3.ffn_down.weight") == "blk.3.ffn_down.weight"
+
+
+def test_embeddings_given_as_input_reproduce_the_token_lookup(smollm2_f16: Path) -> None:
+    from converters.mix.feedback import _ReferenceWeights
+
+    tokens = list(range(200, 460, 2))
+    table = _ReferenceWeights(smollm2_f16)
+    with ModelEvaluator(smollm2_f16, n_ctx=256, collect=False, editable_weights=True) as evaluator:
+        looked_up: list[np.ndarray] = []
+        evaluator.evaluate_logits(tokens, 70, lambda _p, logits: looked_up.append(logits.copy()))
+        given: list[np.ndarray] = []
+        rows = table.rows("token_embd.weight", np.asarray(tokens))
+        evaluator.evaluate_embedding_logits(rows, 70, lambda _p, logits: given.append(logits.copy()))
+        assert np.array_equal(np.concatenate(given), np.concatenate(looked_up))
+        shifted: list[np.ndarray] = []
+        evaluator.evaluate_embedding_logits(rows * 1.5, 70, lambda _p, logits: shifted.append(logits.copy()))
+        assert not np.allclose(np.concatenate(shifted), np.concatenate(looked_up))
+        with pytest.raises(ValueError, match="embeddings must be"):
+            evaluator.evaluate_embedding_logits(rows[:, :10], 0, lambda _p, _logits: None)

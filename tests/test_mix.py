@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -63,6 +64,17 @@ def test_allocation_respects_every_budget_and_improves_with_it() -> None:
         assert predicted <= previous + 1e-12
         previous = predicted
     assert all(t == "f16" for t in allocate(tensors, 4000).values())
+
+
+def test_a_tied_embedding_is_charged_for_its_lookup_as_well_as_its_output() -> None:
+    output_only = TensorSensitivity("token_embd.weight", (256, 4), "f16", "token_embd", 1.0,
+                                    (TypeCost("q4_0", 100, 1.0, 8.0), TypeCost("q8_0", 200, 0.5, 0.5)))
+    both_roles = replace(output_only, lookup_gain=1.0)
+    assert both_roles.predicted_kld("q4_0") == pytest.approx(9.0)
+    assert output_only.predicted_kld("q4_0") == pytest.approx(1.0)
+    other = _tensor("blk.0.ffn_down.weight", 1.0, {"q4_0": (100, 4.0), "q8_0": (200, 1.0)})
+    assert allocate([output_only, other], 300)["token_embd.weight"] == "q4_0"
+    assert allocate([both_roles, other], 300)["token_embd.weight"] == "q8_0"
 
 
 def test_allocation_below_the_smallest_types_says_so() -> None:
@@ -237,3 +249,28 @@ def test_a_starter_mix_reports_its_plan_and_eval_shows_predicted_against_measure
     assert "pred. KLD" in header
     row = next(line for line in table.stdout.splitlines() if line.startswith(output.name))
     assert f"{predicted:.5f}" in row.split()
+
+
+@pytest.mark.slow
+def test_the_tied_embedding_is_probed_in_each_role_and_inputs_rounding_is_charged(
+        smollm2_f16: Path, starter_imatrix: Path) -> None:
+    from converters.calibration.imatrix import read_imatrix
+    from converters.mix.sensitivity import LOOKUP_ROLE, measure_sensitivity
+
+    sensitivity = measure_sensitivity(smollm2_f16, read_imatrix(starter_imatrix),
+                                      candidate_types=("q4_0", "q6_K", "q8_0", "f16"), layer_bands=1, probe_chunks=1,
+                                      probe_ctx=128)
+    for tensor in sensitivity.tensors:  # the CPU kernels round inputs for quantized types, not for f16
+        assert tensor.option("q8_0").input_damage > 0 and tensor.option("f16").input_damage == 0, tensor.name
+    down = sensitivity.tensor("blk.3.ffn_down.weight")  # rows of 1536: q6_K's kernel rounds blocks of 256
+    assert down.option("q6_K").input_damage > down.option("q8_0").input_damage
+    assert sensitivity.tensor("token_embd.weight").option("q8_0").input_damage > 0  # its output product
+    embedding = sensitivity.tensor("token_embd.weight")
+    assert sensitivity.group_kld["token_embd"] > 0 and sensitivity.group_kld["token_embd" + LOOKUP_ROLE] > 0
+    assert embedding.gain > 0 and embedding.lookup_gain > 0
+    q4 = embedding.option("q4_0")
+    assert q4.lookup_damage > 0
+    assert embedding.predicted_kld("q4_0") == pytest.approx(embedding.gain * (q4.damage + q4.input_damage)
+                                                            + embedding.lookup_gain * q4.lookup_damage)
+    others = [tensor for tensor in sensitivity.tensors if tensor.name != "token_embd.weight"]
+    assert all(tensor.lookup_gain == 0 and tensor.option("q8_0").lookup_damage == 0 for tensor in others)

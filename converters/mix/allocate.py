@@ -82,7 +82,7 @@ class _Choice:
 
 
 def _hull(tensor: TensorSensitivity) -> list[tuple[int, float, str]]:
-    points = sorted((option.bytes, tensor.gain * option.damage, option.type) for option in tensor.options)
+    points = sorted((option.bytes, tensor.predicted(option), option.type) for option in tensor.options)
     frontier: list[tuple[int, float, str]] = []
     for point in points:
         if frontier and point[1] >= frontier[-1][1]:
@@ -138,7 +138,7 @@ def _spend_leftover(tensors: Sequence[TensorSensitivity], types: dict[str, str],
             current = tensor.option(types[tensor.name])
             for option in tensor.options:
                 extra = option.bytes - current.bytes
-                gain = tensor.gain * (current.damage - option.damage)
+                gain = tensor.predicted(current) - tensor.predicted(option)
                 if 0 < extra <= left and gain > 0 and (best is None or gain > best[0]):
                     best = (gain, tensor.name, option.type, extra)
         if best is None:

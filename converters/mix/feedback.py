@@ -62,6 +62,8 @@ FEEDBACK_CHUNKS = 32
 """Chunks of calibration text whose inputs make the covariances (8192 tokens at the default context)."""
 RATIO_SAMPLE_ROWS = 64
 """Rows per tensor on which what error feedback saves at each type is measured."""
+LOOKUP_RATIO = ":lookup"
+"""Key suffix of a tied embedding's plain squared-error ratio among a tensor's feedback ratios."""
 SLICE_ELEMENTS = 1 << 25
 """Weights re-encoded at once: rows are independent given H, so a large matrix (the output, 150k rows) is encoded
 in slices of rows and its float64 work array stays near 256 MB."""
@@ -390,7 +392,9 @@ def feedback_sensitivity(
     for tensor in sensitivity.tensors:
         fed = [option.type for option in tensor.options
                if option.damage > 0 and supports_feedback(option.type, tensor.shape[0])]
-        missing = [type_ for type_ in fed if type_ not in known.get(tensor.name, {})]
+        have = known.get(tensor.name, {})
+        missing = [type_ for type_ in fed
+                   if type_ not in have or (tensor.lookup_gain > 0 and type_ + LOOKUP_RATIO not in have)]
         if len(tensor.shape) == 2 and missing:
             wanted[tensor.name] = missing
     if wanted:
@@ -398,7 +402,8 @@ def feedback_sensitivity(
         readers = source.readers(cache)
         for name in set(wanted) - readers:  # no product reads an input of it (an untied embedding): nothing saved
             known.setdefault(name, {}).update(dict.fromkeys(wanted.pop(name), 1.0))
-        _measure_ratios(source, wanted, known, reference, matrix, sample_rows, progress, cancel)
+        lookups = frozenset(tensor.name for tensor in sensitivity.tensors if tensor.lookup_gain > 0)
+        _measure_ratios(source, wanted, known, reference, matrix, sample_rows, progress, cancel, lookups)
         if cache is not None:
             cache.save_ratios(sample_rows, known)
     progress(Progress(len(sensitivity.tensors), len(sensitivity.tensors), "tensors",
@@ -409,7 +414,9 @@ def feedback_sensitivity(
 
 def _measure_ratios(source: _InputSource, wanted: Mapping[str, Sequence[str]], known: dict[str, dict[str, float]],
                     reference: Path, matrix: ImportanceMatrix | None, sample_rows: int, progress: ProgressFn,
-                    cancel: CancelToken | None) -> None:
+                    cancel: CancelToken | None, lookups: frozenset[str]) -> None:
+    """The ratios of `wanted` (weight → types) into `known`; for the tied embeddings in `lookups` also the plain
+    squared error's ratio (`LOOKUP_RATIO`), which is what feedback does to their lookup."""
     from native.error_feedback import quantize_with_feedback
     from native.kernels import dequantize_rows, quantize_rows
 
@@ -438,10 +445,18 @@ def _measure_ratios(source: _InputSource, wanted: Mapping[str, Sequence[str]], k
                 decoded = dequantize_rows(fed_rows, type_, rows.shape[0], rows.shape[1])
                 baseline = _output_error(rows, plain, covariance)
                 ratios[type_] = _output_error(rows, decoded, covariance) / baseline if baseline > 0 else 1.0
+                if name in lookups:
+                    plain_error = float(np.square(rows - plain).sum())
+                    ratios[type_ + LOOKUP_RATIO] = (float(np.square(rows - decoded).sum()) / plain_error
+                                                    if plain_error > 0 else 1.0)
             counter.step()
         del covariance, prepared
 
 
 def _scaled(tensor: TensorSensitivity, ratios: Mapping[str, float]) -> TensorSensitivity:
-    return replace(tensor, options=tuple(replace(option, damage=option.damage * ratios.get(option.type, 1.0))
-                                         for option in tensor.options))
+    """The damages scaled by what feedback leaves of them: the product's by tr(E H Eᵀ)'s ratio, a tied embedding's
+    lookup by the plain squared error's (feedback trades the latter for the former)."""
+    return replace(tensor, options=tuple(
+        replace(option, damage=option.damage * ratios.get(option.type, 1.0),
+                lookup_damage=option.lookup_damage * ratios.get(option.type + LOOKUP_RATIO, 1.0))
+        for option in tensor.options))

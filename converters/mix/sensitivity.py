@@ -31,8 +31,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ from converters.core.leftovers import temporary_file
 from converters.quantization.plan import ggml_type, type_name
 
 if TYPE_CHECKING:
+    from native.activations import ModelEvaluator
+    from native.input_rounding import RoundingStats
     from native.kernels import ErrorTable
 
 CANDIDATE_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
@@ -58,7 +60,13 @@ DEFAULT_PROBE_CHUNKS = 2
 DEFAULT_PROBE_CTX = 256
 DEFAULT_LAYER_BANDS = 4
 DEFAULT_SAMPLE_ROWS = 256
+INPUT_ROUNDING_CHUNKS = 8
+"""Chunks (of the probe context) on which the rounding of every product's inputs is measured."""
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+TOKEN_EMBEDDING = "token_embd.weight"
+OUTPUT = "output.weight"
+LOOKUP_ROLE = "@lookup"
+"""Suffix of the group of a tied token embedding's lookup role (its output role keeps the group's name)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,11 @@ class TypeCost:
     bytes: int
     damage: float
     """Importance-weighted squared error of the whole tensor at this type (0 for a lossless type)."""
+    lookup_damage: float = 0.0
+    """For a tied token embedding: the squared error of the rows its lookup reads (its second role); else 0."""
+    input_damage: float = 0.0
+    """The expected squared output error of llama.cpp's CPU kernels rounding the product's inputs to 8 bits for
+    this type (`native.input_rounding`); the weights' encoding does not change it."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +120,15 @@ class TensorSensitivity:
     gain: float
     """KLD (nats per token) per unit of damage, measured for the tensor's group."""
     options: tuple[TypeCost, ...]
+    lookup_gain: float = 0.0
+    """For a tied token embedding: KLD per unit of lookup damage, probed apart from its output role; else 0."""
 
     def predicted_kld(self, type_name: str) -> float:
-        return self.gain * self.option(type_name).damage
+        return self.predicted(self.option(type_name))
+
+    def predicted(self, option: TypeCost) -> float:
+        """The predicted contribution to the mean KLD of this tensor stored as `option`."""
+        return self.gain * (option.damage + option.input_damage) + self.lookup_gain * option.lookup_damage
 
     def option(self, type_name: str) -> TypeCost:
         for option in self.options:
@@ -170,6 +189,13 @@ def _cost(table: ErrorTable, tensor: str, measured_type: str) -> TypeCost:
     return TypeCost(type_name(ggml_type(measured_type)), error.tensor_bytes, error.weighted_squared_error)
 
 
+def _plain_error(table: ErrorTable, tensor: str, measured_type: str) -> float:
+    """The unweighted squared error: what a lookup of the rows sees (the importance weights products' inputs)."""
+    error = table.error(tensor, measured_type)
+    assert error is not None
+    return error.squared_error
+
+
 def _importance(matrix: ImportanceMatrix | None) -> dict[str, np.ndarray] | None:
     if matrix is None:
         return None
@@ -208,7 +234,7 @@ def _round_trip(values: np.ndarray, type_name: str, importance: np.ndarray | Non
     return dequantize_rows(encoded, type_name, values.shape[0], values.shape[1])
 
 
-SENSITIVITY_FORMAT = "qdesk.sensitivity/2"
+SENSITIVITY_FORMAT = "qdesk.sensitivity/3"
 
 
 def sensitivity_cache_folder() -> Path:
@@ -243,14 +269,16 @@ def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
         "probe_tokens": sensitivity.probe_tokens,
         "seconds": sensitivity.seconds,
         "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
-                     "gain": t.gain, "options": [[o.type, o.bytes, o.damage] for o in t.options]}
+                     "gain": t.gain, "lookup_gain": t.lookup_gain,
+                     "options": [[o.type, o.bytes, o.damage, o.lookup_damage, o.input_damage] for o in t.options]}
                     for t in sensitivity.tensors],
     }
 
 
 def _from_json(document: dict[str, Any]) -> Sensitivity:
     tensors = tuple(TensorSensitivity(t["name"], tuple(t["shape"]), t["source_type"], t["group"], float(t["gain"]),
-                                      tuple(TypeCost(str(o[0]), int(o[1]), float(o[2])) for o in t["options"]))
+                                      tuple(TypeCost(str(o[0]), int(o[1]), float(o[2]), float(o[3]), float(o[4]))
+                                            for o in t["options"]), float(t["lookup_gain"]))
                     for t in document["tensors"])
     return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
                        int(document["probe_tokens"]), float(document["seconds"]))
@@ -332,26 +360,36 @@ def measure_sensitivity(
         groups.setdefault(tensor_group(name, n_layers, layer_bands), []).append(name)
     probes = {group: probe_type(options[names[0]]) for group, names in groups.items()}
 
+    tied = TOKEN_EMBEDDING in weights and OUTPUT not in {t.name for t in header.tensors}
     group_kld: dict[str, float] = {}
+    column_squares: dict[str, np.ndarray] = {}
     try:
+        rounding = _input_rounding(reference, texts, probe_ctx, max(probe_chunks, INPUT_ROUNDING_CHUNKS),
+                                   threads, gpu_layers, should_stop)
         with ModelEvaluator(reference, n_ctx=probe_ctx, n_gpu_layers=gpu_layers, n_threads=threads, collect=False,
                             should_stop=should_stop, editable_weights=True) as evaluator:
             chunks = calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), probe_ctx, probe_chunks)
             first = probe_ctx // 2
-            references = []
-            for chunk in chunks:
-                rows: list[np.ndarray] = []
-                evaluator.evaluate_logits(chunk, first, lambda _p, logits, rows=rows: rows.append(logits.copy()))
-                logits = np.concatenate(rows)[: len(chunk) - 1 - first]
-                references.append(encode_reference(logits, np.asarray(chunk[first + 1 :])))
 
-            def mean_kld() -> float:
+            def chunk_logits(chunk: list[int], table: np.ndarray | None) -> np.ndarray:
+                rows: list[np.ndarray] = []
+                keep = lambda _p, logits: rows.append(logits.copy())  # noqa: E731
+                if table is None:
+                    evaluator.evaluate_logits(chunk, first, keep)
+                else:
+                    evaluator.evaluate_embedding_logits(table[np.asarray(chunk)], first, keep)
+                return np.concatenate(rows)[: len(chunk) - 1 - first]
+
+            references = [encode_reference(chunk_logits(chunk, None), np.asarray(chunk[first + 1 :]))
+                          for chunk in chunks]
+
+            def mean_kld(table: np.ndarray | None = None) -> float:
+                """Mean KLD from the reference; with `table`, the input rows are looked up there, not in the
+                model's own token embedding."""
                 total, count = 0.0, 0
                 for chunk, reference_rows in zip(chunks, references, strict=True):
-                    rows: list[np.ndarray] = []
-                    evaluator.evaluate_logits(chunk, first, lambda _p, logits, rows=rows: rows.append(logits.copy()))
-                    logits = np.concatenate(rows)[: len(chunk) - 1 - first]
-                    scored = compare_candidate(logits, reference_rows, np.asarray(chunk[first + 1 :]))
+                    scored = compare_candidate(chunk_logits(chunk, table), reference_rows,
+                                               np.asarray(chunk[first + 1 :]))
                     total += float(scored.kld.sum())
                     count += scored.kld.size
                 return total / count
@@ -367,13 +405,20 @@ def measure_sensitivity(
                 progress(Progress(index, len(groups), "groups", f"probing {group}"))
                 originals = {name: evaluator.read_weight(name) for name in names}
                 try:
+                    degraded: dict[str, np.ndarray] = {}
                     for name in names:
                         source_type = evaluator.weight_type(name)
                         values = _as_float(originals[name], source_type, weights[name].shape)
+                        column_squares[name] = np.square(values, dtype=np.float64).sum(axis=0)
                         vector = importance.get(name) if importance is not None else None
-                        degraded = _round_trip(values, probes[group], vector)
-                        evaluator.write_weight(name, _stored(degraded, source_type))
-                    group_kld[group] = max(mean_kld() - baseline, 0.0)
+                        degraded[name] = _round_trip(values, probes[group], vector)
+                        evaluator.write_weight(name, _stored(degraded[name], source_type))
+                    if tied and names == [TOKEN_EMBEDDING]:
+                        group_kld.update(_tied_roles(group, evaluator, originals[TOKEN_EMBEDDING],
+                                                     degraded[TOKEN_EMBEDDING], weights[TOKEN_EMBEDDING].shape,
+                                                     mean_kld, baseline))
+                    else:
+                        group_kld[group] = max(mean_kld() - baseline, 0.0)
                 finally:
                     for name, raw in originals.items():
                         evaluator.write_weight(name, raw)
@@ -383,15 +428,69 @@ def measure_sensitivity(
     except NativeError as error:
         raise SensitivityError(str(error)) from error
 
+    for name in weights:
+        if name in rounding and name in column_squares:
+            options[name] = tuple(replace(option, input_damage=_input_damage(option.type, column_squares[name],
+                                                                            rounding[name]))
+                                  for option in options[name])
+    if tied:
+        options[TOKEN_EMBEDDING] = tuple(
+            replace(option, lookup_damage=_plain_error(table, TOKEN_EMBEDDING, option.type))
+            for option in options[TOKEN_EMBEDDING])
     tensors = []
     for group, names in sorted(groups.items()):
-        damage = sum(next(o.damage for o in options[name] if o.type == probes[group]) for name in names)
+        probed = [next(o for o in options[name] if o.type == probes[group]) for name in names]
+        damage = sum(option.damage for option in probed)
         gain = group_kld[group] / damage if damage > 0 else 0.0
+        lookup_damage = sum(option.lookup_damage for option in probed)
+        lookup_gain = group_kld.get(group + LOOKUP_ROLE, 0.0) / lookup_damage if lookup_damage > 0 else 0.0
         for name in names:
             tensor = weights[name]
             tensors.append(TensorSensitivity(name, tuple(tensor.shape), tensor.type.name.lower(), group, gain,
-                                             options[name]))
+                                             options[name], lookup_gain))
     order = {name: index for index, name in enumerate(weights)}
     tensors.sort(key=lambda t: order[t.name])
     return Sensitivity(tuple(tensors), group_kld, probes, baseline, sum(len(c) - 1 - probe_ctx // 2 for c in chunks),
                        time.monotonic() - started)
+
+
+def _input_rounding(reference: Path, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int,
+                    threads: int | None, gpu_layers: int, should_stop: Callable[[], bool] | None
+                    ) -> dict[str, RoundingStats]:
+    """How much rounding each weight's inputs to 8 bits perturbs them, per input column, on calibration text."""
+    from native.activations import FINAL_NORM_INPUT, ModelEvaluator
+    from native.input_rounding import InputRounding
+
+    observer = InputRounding()
+    with ModelEvaluator(reference, n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, should_stop=should_stop,
+                        input_observer=observer) as evaluator:
+        for chunk in calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), ctx, chunks):
+            evaluator.evaluate_chunk(chunk)
+        output = evaluator.output_weight
+    return observer.stats({FINAL_NORM_INPUT: output} if output is not None else {})
+
+
+def _input_damage(type_name: str, column_squares: np.ndarray, rounding: RoundingStats) -> float:
+    """Σ_j ‖W_:,j‖² E[δ_j²]: the output error of the rounding of the inputs that `type_name`'s CPU kernel makes."""
+    from native.input_rounding import INPUT_BLOCK_OF_TYPE
+
+    block = INPUT_BLOCK_OF_TYPE.get(type_name)
+    if block is None or column_squares.size % block:
+        return 0.0
+    return float(column_squares @ rounding.of_block(block))
+
+
+def _tied_roles(group: str, evaluator: ModelEvaluator, original: np.ndarray, degraded: np.ndarray,
+                shape: tuple[int, ...], mean_kld: Callable[[np.ndarray | None], float], baseline: float
+                ) -> dict[str, float]:
+    """The two roles of a tied token embedding probed apart: its output product with the probe type in the
+    weights and the original rows as inputs, then its lookup with the original weights and probed rows as inputs.
+    (The lookup is bypassed by giving llama.cpp the input embeddings; with the original rows it reproduces the
+    reference exactly.)"""
+    source_type = evaluator.weight_type(TOKEN_EMBEDDING)
+    table = _as_float(original, source_type, shape)
+    output_role = max(mean_kld(table) - baseline, 0.0)
+    evaluator.write_weight(TOKEN_EMBEDDING, original)
+    stored = np.ascontiguousarray(_stored(degraded, source_type)).reshape(-1).view(np.uint8)
+    lookup_role = max(mean_kld(_as_float(stored, source_type, shape)) - baseline, 0.0)
+    return {group: output_role, group + LOOKUP_ROLE: lookup_role}
