@@ -22,7 +22,7 @@ from converters.writing.convert import convert_checkpoint
 from converters.writing.lora import convert_adapter
 from converters.writing.lora_merge import MergeError, merge_adapters
 from qdesk.chat.compare import compare
-from qdesk.chat.engine import EngineError, LoadOptions, SamplingOptions, load_model
+from qdesk.chat.engine import LoadOptions, SamplingOptions, load_model
 from qdesk.chat.lora import AdapterError, LoraChoice, parse_lora, parse_model_spec
 from tests.builders.adapters import build_lora_adapter, peft_logits
 from tests.builders.checkpoints import build_tiny_checkpoint
@@ -228,8 +228,9 @@ def test_an_adapter_for_another_base_is_refused(adapter: Path, tmp_path_factory:
                                          r"\d+×128"):
         merge_adapters(wider_gguf, [(converted.path, 1.0)], output)
     assert list(output.parent.iterdir()) == []
-    with pytest.raises(EngineError, match=r"could not apply a LoRA adapter to wide\.gguf \(the adapter a\.gguf does "
-                                          r"not fit this model: .*shape") as raised:
+    refusal = (r"a\.gguf does not fit wide\.gguf: it adapts blk\.0\.attn_\w\.weight with the shape 64×\d+ but "
+               r"wide\.gguf holds it with the shape 128×\d+")
+    with pytest.raises(AdapterError, match=refusal) as raised:
         load_model(wider_gguf, LoadOptions(n_ctx=64, loras=(LoraChoice(converted.path),)))
     assert "\n" not in str(raised.value)
 
