@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,16 +42,74 @@ def _run_gui(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from converters.reading.adapter import is_adapter_folder
     from converters.writing.convert import convert_checkpoint
     from qdesk.display.terminal import ProgressBar
 
+    if args.source.is_dir() and is_adapter_folder(args.source):
+        return _run_convert_adapter(args)
+    if args.base is not None:
+        raise UsageError("--base goes with a LoRA adapter folder (one holding adapter_config.json)")
+    if args.lora:
+        return _run_convert_merged(args)
     bar = ProgressBar("convert")
     try:
         result = convert_checkpoint(args.source, args.output, outtype=args.outtype, progress=bar)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors)")
+    dequantized = f", dequantized from {result.source_quantization}" if result.source_quantization else ""
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, {result.tensor_count} tensors{dequantized})")
     return EXIT_OK
+
+
+def _run_convert_merged(args: argparse.Namespace) -> int:
+    from converters.writing.lora_merge import convert_with_adapters
+    from qdesk.display.terminal import ProgressBar
+
+    if args.output is None:
+        raise UsageError("--lora needs -o OUT.gguf for the merged model")
+    if args.outtype == "q8_0":
+        raise UsageError("--lora merges into a float model: choose --outtype f32, f16 or bf16, then quantize it")
+    bar = ProgressBar("convert")
+    try:
+        merged = convert_with_adapters(args.source, [(lora.path, lora.scale) for lora in args.lora], args.output,
+                                       outtype=args.outtype, progress=bar)
+    finally:
+        bar.close()
+    print(f"wrote {merged.path} ({format_size(merged.bytes_written)}, {merged.merged_tensors} tensors merged with "
+          f"{', '.join(merged.adapters)})")
+    return EXIT_OK
+
+
+def _run_convert_adapter(args: argparse.Namespace) -> int:
+    from converters.reading.adapter import read_adapter
+    from converters.writing.lora import ADAPTER_OUTTYPES, convert_adapter
+    from qdesk.display.terminal import ProgressBar
+
+    if args.outtype not in ADAPTER_OUTTYPES:
+        raise UsageError(f"a LoRA adapter converts to {', '.join(ADAPTER_OUTTYPES)}, not {args.outtype}")
+    if args.lora:
+        raise UsageError("--lora merges adapters into a model; SRC here is itself an adapter")
+    base = args.base or _cached_base(read_adapter(args.source).base_name)
+    bar = ProgressBar("convert")
+    try:
+        result = convert_adapter(args.source, args.output, base=base, outtype=args.outtype, progress=bar)
+    finally:
+        bar.close()
+    print(f"wrote {result.path} ({format_size(result.bytes_written)}, LoRA adapter for {result.architecture}: "
+          f"{result.pair_count} matrices, rank {result.rank}, alpha {result.alpha:g}; base {result.base})")
+    return EXIT_OK
+
+
+def _cached_base(name: str | None) -> Path | None:
+    """The snapshot folder of the adapter's base model in the Hugging Face cache, when its name is a repository
+    there; None otherwise (the converter then looks for a folder of that name, and says what to do)."""
+    if not name or Path(name).exists() or name.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -262,12 +321,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
         imatrix_file = None if args.imatrix.lower() in ("auto", "none") else Path(args.imatrix)
         _check_outputs([args.source, imatrix_file, args.plan, *(args.text or ())], [args.output, args.plan_out])
     recipe = QuantPlan.load(args.plan) if args.plan is not None else args.preset or _mix_budget(args)
+    if args.lora and args.output is None:
+        raise UsageError("--lora needs -o OUT.gguf: the adapted model is no longer the source's")
     bar = ProgressBar("quantize")
     try:
-        result = quantize(args.source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
-                          chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
-                          plan_out=args.plan_out, mix_effort=args.mix_effort, encoder=args.encoder,
-                          progress=bar)
+        with _merged_source(args, bar) as source:
+            result = quantize(source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
+                              chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
+                              plan_out=args.plan_out, mix_effort=args.mix_effort, encoder=args.encoder,
+                              progress=bar)
     finally:
         bar.close()
     for warning in result.warnings:
@@ -286,6 +348,25 @@ def _run_quantize(args: argparse.Namespace) -> int:
         for line in summary_lines(plan_heatmap(result.plan)):
             print(f"  {line}")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _merged_source(args: argparse.Namespace, bar: object) -> Iterator[Path]:
+    """SRC itself, or with `--lora` a float GGUF of SRC with the adapters merged in, removed afterwards."""
+    if not args.lora:
+        yield args.source
+        return
+    import tempfile
+
+    from converters.quantization.quantize import reference_outtype
+    from converters.writing.lora_merge import convert_with_adapters
+
+    outtype = "f16" if args.source.suffix.lower() == ".gguf" else reference_outtype(args.source)
+    with tempfile.TemporaryDirectory(prefix=".qdesk-merge-", dir=args.output.parent) as folder:
+        merged = convert_with_adapters(args.source, [(lora.path, lora.scale) for lora in args.lora],
+                                       Path(folder) / f"{args.output.stem}-merged.gguf", outtype=outtype,
+                                       progress=bar)  # type: ignore[arg-type]
+        yield merged.path
 
 
 def _mix_budget(args: argparse.Namespace) -> object:
@@ -312,6 +393,8 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to offload to a GPU (default auto: all when a GPU is present)")
     parser.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16",
                         help="KV cache type (default f16; q8_0/q4_0 halve or quarter its memory, flash attention on)")
+    parser.add_argument("--lora", type=_lora_argument, action="append", metavar="FILE.gguf[:SCALE]",
+                        help="apply this GGUF LoRA adapter at SCALE (default 1; repeatable)")
     _rpc_argument(parser)
 
 
@@ -331,6 +414,12 @@ def _rpc_endpoints(args: argparse.Namespace) -> tuple[str, ...]:
     return endpoints
 
 
+def _lora_argument(text: str) -> object:
+    from qdesk.chat.lora import parse_lora
+
+    return parse_lora(text)
+
+
 def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
     from qdesk.chat.engine import LoadOptions, SamplingOptions
 
@@ -343,7 +432,8 @@ def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
         except ValueError:
             raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
     return (SamplingOptions(temperature=args.temp, max_tokens=args.max_tokens, seed=args.seed),
-            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers, kv_type=args.kv_type, rpc=_rpc_endpoints(args)))
+            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers, kv_type=args.kv_type, rpc=_rpc_endpoints(args),
+                        loras=tuple(args.lora or ())))
 
 
 def _placed(model: Path, load: LoadOptions) -> LoadOptions:
@@ -414,13 +504,17 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     if not 2 <= len(args.models) <= MAX_VARIANTS:
         raise UsageError(f"compare takes 2 to {MAX_VARIANTS} models, not {len(args.models)}")
+    from qdesk.chat.lora import parse_model_spec
+
     sampling, load = _sampling(args)
-    comparison = compare(args.models, args.prompt, system=args.system, sampling=sampling, load=load)
+    specs = [parse_model_spec(text) for text in args.models]
+    comparison = compare([path for path, _ in specs], args.prompt, system=args.system, sampling=sampling, load=load,
+                         adapters=[loras for _, loras in specs])
     print(json.dumps(comparison.to_json(), indent=2) if args.json else render_comparison(comparison))
     failed = [answer for answer in comparison.answers if answer.error]
     if failed and not args.json:
         for answer in failed:
-            print(f"qdesk: {answer.path.name}: {answer.error}", file=sys.stderr)
+            print(f"qdesk: {answer.name}: {answer.error}", file=sys.stderr)
     return EXIT_USER_ERROR if len(failed) == len(comparison.answers) else EXIT_OK
 
 
@@ -551,12 +645,20 @@ def _build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--quit-after", type=float, metavar="SECONDS",
                      help="close the window after SECONDS (a smoke test of an installed bundle)")
 
-    convert = command("convert", "convert a Hugging Face checkpoint folder to GGUF", _run_convert)
-    convert.add_argument("source", type=Path, metavar="SRC", help="checkpoint folder (config.json + weights)")
+    convert = command("convert", "convert a Hugging Face checkpoint (float or GPTQ/AWQ/compressed-tensors/"
+                                 "bitsandbytes) or a PEFT LoRA adapter folder to GGUF", _run_convert)
+    convert.add_argument("source", type=Path, metavar="SRC",
+                         help="checkpoint folder (config.json + weights), or LoRA adapter folder (adapter_config.json)")
     convert.add_argument("-o", "--output", type=Path, metavar="OUT.gguf",
                          help="output file (default: GGUF naming convention, beside the checkpoint)")
     convert.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
                          help="tensor type of the weight matrices (default: f16)")
+    convert.add_argument("--base", type=Path, metavar="FOLDER",
+                         help="for a LoRA adapter folder: the base model's checkpoint folder (default: the "
+                              "adapter's base_model_name_or_path, here or in the Hugging Face cache)")
+    convert.add_argument("--lora", type=_lora_argument, action="append", metavar="FILE.gguf[:SCALE]",
+                         help="merge this GGUF LoRA adapter into the float output (repeatable; SRC may then also "
+                              "be a float GGUF)")
 
     calibrate = command("calibrate", "compute an importance matrix (llama.cpp's imatrix GGUF format)", _run_calibrate)
     calibrate.add_argument("model", type=Path, metavar="MODEL.gguf")
@@ -570,6 +672,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("source", type=Path, metavar="SRC", help="an HF checkpoint folder or a GGUF file")
     quantize.add_argument("-o", "--output", type=Path, metavar="OUT.gguf",
                           help="output file (default: GGUF naming convention, beside the source)")
+    quantize.add_argument("--lora", type=_lora_argument, action="append", metavar="FILE.gguf[:SCALE]",
+                          help="merge this GGUF LoRA adapter into the float model before quantizing (repeatable; "
+                               "needs -o)")
     budget = quantize.add_mutually_exclusive_group(required=True)
     budget.add_argument("--preset", metavar="NAME", help="a llama.cpp preset: " + ", ".join(PRESET_NAMES))
     budget.add_argument("--like", metavar="NAME", help="a sensitivity-based mix no larger than preset NAME")
@@ -626,7 +731,9 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temp", type=float, default=0.7, help="temperature (default 0.7; 0 is deterministic)")
 
     compare = command("compare", "one prompt through several models, answers side by side", _run_compare)
-    compare.add_argument("models", type=Path, nargs="+", metavar="MODEL.gguf", help="2 to 4 variants")
+    compare.add_argument("models", nargs="+", metavar="MODEL.gguf",
+                         help="2 to 4 variants; MODEL.gguf+ADAPTER.gguf[:SCALE] is the model with that LoRA adapter, "
+                              "so the same base can answer with and without it")
     compare.add_argument("--prompt", required=True)
     _generation_arguments(compare)
     compare.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: deterministic)")

@@ -33,12 +33,15 @@ from converters.reading.checkpoint import (
 )
 from converters.reading.config_shapes import check_layers, check_shapes, layer_count, whole_number
 from converters.reading.prefetch import prefetched
+from converters.reading.quantized import dequantizing
 from converters.reading.tokenizer import TokenizerSummary, export_tokenizer
 from converters.writing.gguf_stream import DeclaredTensor, StreamingGGUFWriter
 from converters.writing.tensor_types import OUTTYPES, OutType, encode, tensor_type
 
 CHUNK_BYTES = 16 * 1024 * 1024
 """Largest float32 slice of one tensor held in memory at once while converting."""
+SOURCE_QUANTIZATION_KEY = "general.source.quantization"
+"""Where a GGUF converted from a quantized checkpoint (GPTQ, AWQ, ...) names the format it was dequantized from."""
 _SOURCE_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 """The layer index in a Hugging Face tensor name (model.layers.3.mlp…)."""
 
@@ -53,6 +56,8 @@ class ConversionResult:
     bytes_written: int
     tokenizer: TokenizerSummary
     seconds: float
+    source_quantization: str | None = None
+    """The quantized format the checkpoint was dequantized from (GPTQ, AWQ, ...), None for a float one."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def convert_checkpoint(
     folder = resolve_checkpoint_folder(source)
     config = read_config(folder)
     arch = architecture_for(config)
-    checkpoint = open_checkpoint(folder, config)
+    checkpoint, source_quantization = dequantizing(open_checkpoint(folder, config))
     check_dtypes(checkpoint)
     block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
@@ -110,7 +115,7 @@ def convert_checkpoint(
     with atomic_output(target) as temporary:
         writer = StreamingGGUFWriter(temporary, arch.name)
         try:
-            tokenizer = _write_header(writer, checkpoint, arch, out, plan, metadata)
+            tokenizer = _write_header(writer, checkpoint, arch, out, plan, metadata, source_quantization)
             _write_tensors(writer, plan, arch, checkpoint.config, report, cancel)
         finally:
             writer.close()
@@ -123,13 +128,17 @@ def convert_checkpoint(
         bytes_written=target.stat().st_size,
         tokenizer=tokenizer,
         seconds=time.monotonic() - started,
+        source_quantization=source_quantization,
     )
 
 
 def _write_header(writer: StreamingGGUFWriter, checkpoint: Checkpoint, arch: Architecture, out: OutType,
-                  plan: list[_PlannedTensor], metadata: gguf.Metadata) -> TokenizerSummary:
+                  plan: list[_PlannedTensor], metadata: gguf.Metadata,
+                  source_quantization: str | None = None) -> TokenizerSummary:
     """Metadata, tokenizer and tensor table, up to where the tensor data begins."""
     metadata.set_gguf_meta_model(writer.metadata)
+    if source_quantization is not None:
+        writer.metadata.add_string(SOURCE_QUANTIZATION_KEY, source_quantization)
     for key, value in _hparam_values(arch, checkpoint.config).items():
         _add_value(writer.metadata, key, value)
     writer.metadata.add_file_type(out.file_type)
@@ -154,7 +163,7 @@ def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress
     folder = resolve_checkpoint_folder(source)
     config = read_config(folder)
     arch = architecture_for(config)
-    checkpoint = open_checkpoint(folder, config)
+    checkpoint, source_quantization = dequantizing(open_checkpoint(folder, config))
     block_count = layer_count(checkpoint.config)
     plan = _plan_tensors(checkpoint, arch, out, block_count)
     _check_hparams(folder, arch, _hparam_values(arch, checkpoint.config), plan)
@@ -162,7 +171,7 @@ def write_skeleton(source: Path, output: Path, *, outtype: str = "f16", progress
     with atomic_output(Path(output)) as temporary:
         writer = StreamingGGUFWriter(temporary, arch.name)
         try:
-            _write_header(writer, checkpoint, arch, out, plan, metadata)
+            _write_header(writer, checkpoint, arch, out, plan, metadata, source_quantization)
             writer.skip_data()
         finally:
             writer.close()

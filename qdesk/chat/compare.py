@@ -20,6 +20,7 @@ from converters.core.errors import Cancelled, UserError
 from converters.core.jobs import CancelToken
 from converters.core.units import format_size
 from qdesk.chat.engine import ChatResult, EngineError, LoadOptions, SamplingOptions, TokenEvent, load_model
+from qdesk.chat.lora import LoraChoice, described
 from qdesk.display.tables import text_table
 from qdesk.memory.fit import available_ram
 
@@ -65,14 +66,23 @@ class VariantAnswer:
     error: str | None = None
     divergence: Divergence | None = None
     """Against the first variant; None for the first variant, for identical answers and for failures."""
+    loras: tuple[LoraChoice, ...] = ()
+    """The LoRA adapters this variant ran with (besides any that `LoadOptions.loras` gave every variant)."""
+
+    @property
+    def name(self) -> str:
+        """The file's name, with its adapters: `base.gguf + style.gguf×0.5`."""
+        return described(self.path, self.loras)
 
     @property
     def text(self) -> str:
         return self.result.text if self.result is not None else ""
 
     def to_json(self) -> dict[str, Any]:
-        document: dict[str, Any] = {"path": str(self.path), "name": self.path.name, "answer": self.text,
+        document: dict[str, Any] = {"path": str(self.path), "name": self.name, "answer": self.text,
                                     "error": self.error}
+        if self.loras:
+            document["loras"] = [{"path": str(lora.path), "scale": lora.scale} for lora in self.loras]
         if self.result is not None:
             stats = self.result.stats
             document.update(
@@ -124,13 +134,20 @@ def compare(
     on_token: TokenCallback | None = None,
     cancel: CancelToken | None = None,
     concurrent: bool | None = None,
+    adapters: Sequence[tuple[LoraChoice, ...]] | None = None,
 ) -> Comparison:
     """The same conversation through every model in `models` (1 to 4 GGUF files); answers in the given order.
 
     Variants run at the same time when their weights fit in free memory (`concurrent` forces either way);
-    unless `load` names a thread count, concurrent variants share the CPU cores between them.
+    unless `load` names a thread count, concurrent variants share the CPU cores between them. `adapters`, one
+    tuple per model, applies LoRA adapters to that variant alone: the same base with and without an adapter then
+    answers side by side.
     """
     paths = [Path(model) for model in models]
+    per_variant = list(adapters) if adapters is not None else [()] * len(paths)
+    if len(per_variant) != len(paths):
+        raise UserError(f"compare got adapters for {len(per_variant)} variants and {len(paths)} models; give one "
+                        "entry per model.")
     if not MIN_VARIANTS <= len(paths) <= MAX_VARIANTS:
         raise UserError(f"compare takes {MIN_VARIANTS} to {MAX_VARIANTS} models, not {len(paths)}; pass fewer files.")
     if not prompt.strip():
@@ -147,7 +164,9 @@ def compare(
     results: list[VariantAnswer | None] = [None] * len(paths)
 
     def run(index: int) -> None:
-        results[index] = _answer(index, paths[index], messages, system, sampling, load, on_token, cancel)
+        variant_load = replace(load, loras=load.loras + per_variant[index])
+        answer = _answer(index, paths[index], messages, system, sampling, variant_load, on_token, cancel)
+        results[index] = replace(answer, loras=per_variant[index])
 
     if together:
         threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(paths))]
@@ -193,7 +212,7 @@ def _with_divergences(answers: list[VariantAnswer]) -> list[VariantAnswer]:
     marked = [answers[0]]
     for answer in answers[1:]:
         divergence = first_divergence(first, answer.result) if answer.result is not None else None
-        marked.append(VariantAnswer(answer.path, answer.result, answer.error, divergence))
+        marked.append(replace(answer, divergence=divergence))
     return marked
 
 
@@ -232,18 +251,18 @@ def render_comparison(comparison: Comparison, width: int = 100) -> str:
     for answer in comparison.answers:
         size = format_size(answer.path.stat().st_size) if answer.path.is_file() else "-"
         if answer.result is None:
-            rows.append((answer.path.name, size, "-", "-", "-", "failed"))
+            rows.append((answer.name, size, "-", "-", "-", "failed"))
             continue
         stats = answer.result.stats
         diverges = ("identical" if answer.divergence is None else f"token {answer.divergence.token_index}") \
             if answer is not comparison.answers[0] else "(first)"
-        rows.append((answer.path.name, size, str(stats.generated_tokens), f"{stats.tokens_per_second:.1f}",
+        rows.append((answer.name, size, str(stats.generated_tokens), f"{stats.tokens_per_second:.1f}",
                      f"{stats.time_to_first_token_s:.2f} s", diverges))
     lines = text_table(rows[0], rows[1:], right=range(1, len(rows[0])), rule=True)
     lines.append("")
     lines.append(f"prompt: {comparison.prompt}")
     for answer in comparison.answers:
         lines.append("")
-        lines.append(f"── {answer.path.name} " + "─" * max(0, width - len(answer.path.name) - 4))
+        lines.append(f"── {answer.name} " + "─" * max(0, width - len(answer.name) - 4))
         lines.append(answer.text.strip() if answer.result is not None else f"(failed: {answer.error})")
     return "\n".join(lines)

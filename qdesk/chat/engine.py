@@ -33,6 +33,7 @@ from converters.core.errors import GGUFFileError, UserError
 from converters.core.hyperparameters import check_model_gguf
 from converters.core.jobs import CancelToken
 from native.child import spawn_python
+from qdesk.chat.lora import LoraChoice, check_adapters
 
 WORKER_MODULE = "qdesk.chat.engine_worker"
 POLL_S = 0.02
@@ -84,6 +85,8 @@ class LoadOptions:
     across this machine and them by free memory (`qdesk.rpc.placement`) unless `tensor_split` is given."""
     tensor_split: tuple[float, ...] = ()
     """Shares of the offloaded layers per device in llama.cpp's order (RPC workers first, then local GPUs)."""
+    loras: tuple[LoraChoice, ...] = ()
+    """LoRA adapters (GGUF) applied on top of the model, each at its scale."""
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,7 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
         check_model_gguf(path)
     except GGUFFileError as error:
         raise ModelFileError(str(error)) from error
+    check_adapters(path, options.loras)
     if options.rpc and not options.tensor_split:
         from qdesk.rpc.placement import place_layers
 
@@ -453,7 +457,8 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     n_threads = options.n_threads or os.cpu_count() or 1
     if not worker.send({"op": "load", "path": str(path), "n_ctx": options.n_ctx, "n_threads": n_threads,
                         "n_gpu_layers": options.n_gpu_layers, "kv_type": options.kv_type,
-                        "rpc": list(options.rpc), "tensor_split": list(options.tensor_split)}):
+                        "rpc": list(options.rpc), "tensor_split": list(options.tensor_split),
+                        "loras": [[str(lora.path), lora.scale] for lora in options.loras]}):
         raise _load_crash(worker, path, options.rpc)
     try:
         message = None
@@ -500,6 +505,9 @@ def _load_failure(path: Path, options: LoadOptions, error: Mapping[str, str]) ->
                            "lower the context length and load it again.")
     if kind == "missing":
         return ModelFileError(f"{path} does not exist any more; check the path.")
+    if kind == "adapter":
+        return EngineError(f"llama.cpp could not apply a LoRA adapter to {path.name} ({error.get('message', '')}); "
+                           "use an adapter converted for this base model.")
     reason = _first_error_line(log) or error.get("message", "")
     return EngineError(f"llama.cpp could not load {path.name} ({reason or 'no reason given'}); the file may be "
                        "damaged or need a newer llama.cpp, so convert or download it again.")

@@ -101,13 +101,17 @@ def _resolve_gpu_layers(requested: int | str) -> int:
 _KV_GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
+class AdapterLoadError(Exception):
+    """llama.cpp refused a LoRA adapter (wrong base, damaged file)."""
+
+
 def _load(options: dict[str, Any]) -> llama_cpp.Llama:
     kv_type = options.get("kv_type", "f16")
     if options.get("rpc"):
         from native.rpc import add_servers
 
         add_servers(options["rpc"])  # the workers become devices, ahead of any local GPU in llama.cpp's order
-    return llama_cpp.Llama(
+    llm = llama_cpp.Llama(
         type_k=_KV_GGML_TYPES[kv_type],
         type_v=_KV_GGML_TYPES[kv_type],
         flash_attn=kv_type != "f16",
@@ -120,6 +124,26 @@ def _load(options: dict[str, Any]) -> llama_cpp.Llama:
         seed=0,
         verbose=False,
     )
+    _apply_adapters(llm, options.get("loras") or [])
+    return llm
+
+
+def _apply_adapters(llm: llama_cpp.Llama, loras: list[tuple[str, float]]) -> None:
+    """Load each LoRA adapter GGUF for this model and set them all on its context; llama.cpp frees them with it."""
+    if not loras:
+        return
+    adapters = []
+    for path, _ in loras:
+        adapter = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
+        if adapter is None:
+            said = next((line for line in reversed(_recent_log) if "lora" in line.lower()), "")
+            reason = said.split(": ", 1)[-1].strip() if said else "llama.cpp gave no reason"
+            raise AdapterLoadError(f"the adapter {os.path.basename(path)} does not fit this model: {reason}")
+        adapters.append(adapter)
+    handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+    scales = (ctypes.c_float * len(loras))(*(float(scale) for _, scale in loras))
+    if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, handles, len(adapters), scales):
+        raise AdapterLoadError("llama.cpp could not set the adapters on the context")
 
 
 def _chat_formatter(llm: llama_cpp.Llama) -> Callable[[list[dict[str, str]]], str]:
@@ -222,7 +246,9 @@ def _send_logits(llm: llama_cpp.Llama, command: dict[str, Any], channel: _Channe
 def _load_error(error: Exception) -> dict[str, str]:
     log = "\n".join(line for line in _recent_log if line)
     lowered = log.lower()
-    if "unknown model architecture" in lowered:
+    if isinstance(error, AdapterLoadError):
+        kind = "adapter"
+    elif "unknown model architecture" in lowered:
         kind = "architecture"
     elif "failed to create" in str(error).lower() and "context" in str(error).lower():
         kind = "context"

@@ -1,5 +1,6 @@
 """A Compare pane's load settings: context length, GPU layers, KV cache and threads for its model file, with what
-loading costs in memory (qdesk's own estimate, redone as the fields change), Apply (reloads) and Unload."""
+loading costs in memory (qdesk's own estimate, redone as the fields change), Apply (reloads) and Unload; and the
+LoRA adapter this pane applies (from the library's adapters), so one base can answer with and without it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ from pathlib import Path
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QShowEvent
-from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
 from converters.core.units import format_size
 from qdesk.chat.load_settings import KV_CHOICES, ModelLoadSettings, memory_cost
+from qdesk.chat.lora import LoraChoice
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.context import AppContext
+from qdesk.library.store import LibraryEntry
 from qdesk.memory import MemoryEstimate
 
 MAX_CONTEXT = 1 << 20
@@ -63,6 +75,17 @@ class LoadPanel(QWidget):
         self.threads_box.setObjectName("loadThreads")
         self.threads_box.setRange(0, 512)
         self.threads_box.setSpecialValueText("automatic")
+        self.adapter_box = QComboBox()
+        self.adapter_box.setObjectName("loadAdapter")
+        self.adapter_box.setToolTip("A LoRA adapter from the library to apply on top of this pane's model (this pane "
+                                    "only); convert a PEFT adapter folder with `qdesk convert` and import it.")
+        self.adapter_box.addItem("None", "")
+        self.adapter_scale = QDoubleSpinBox()
+        self.adapter_scale.setObjectName("loadAdapterScale")
+        self.adapter_scale.setRange(0.0, 4.0)
+        self.adapter_scale.setSingleStep(0.1)
+        self.adapter_scale.setValue(1.0)
+        self.adapter_scale.setToolTip("How strongly the adapter applies: 1 as trained, 0 not at all.")
         self.cost = QLabel()
         self.cost.setObjectName("loadCost")
         self.cost.setWordWrap(True)
@@ -81,12 +104,17 @@ class LoadPanel(QWidget):
             label.setBuddy(field)
             grid.addWidget(label, row // 2, (row % 2) * 2)
             grid.addWidget(field, row // 2, (row % 2) * 2 + 1)
-        grid.addWidget(self.cost, 2, 0, 1, 4)
+        for column, (text, field) in enumerate((("LoRA adapter", self.adapter_box), ("Scale", self.adapter_scale))):
+            label = QLabel(text)
+            label.setBuddy(field)
+            grid.addWidget(label, 2, column * 2)
+            grid.addWidget(field, 2, column * 2 + 1)
+        grid.addWidget(self.cost, 3, 0, 1, 4)
         buttons = QHBoxLayout()
         buttons.addStretch(1)
         buttons.addWidget(self.unload_button)
         buttons.addWidget(self.apply_button)
-        grid.addLayout(buttons, 3, 0, 1, 4)
+        grid.addLayout(buttons, 4, 0, 1, 4)
 
         for box in (self.context_box, self.gpu_box, self.threads_box):
             box.valueChanged.connect(self._estimate)
@@ -110,6 +138,24 @@ class LoadPanel(QWidget):
         self._asked += 1
         if self.isVisible():
             self._estimate()
+
+    def set_adapters(self, adapters: list[LibraryEntry], current: LoraChoice | None) -> None:
+        """Offer the library's LoRA adapters, selecting `current` (added when the library does not list it)."""
+        self.adapter_box.blockSignals(True)
+        self.adapter_box.clear()
+        self.adapter_box.addItem("None", "")
+        for entry in adapters:
+            self.adapter_box.addItem(f"{entry.base_model} ({entry.path.name})", str(entry.path))
+        if current is not None and self.adapter_box.findData(str(current.path)) < 0:
+            self.adapter_box.addItem(current.path.name, str(current.path))
+        self.adapter_box.setCurrentIndex(max(0, self.adapter_box.findData(str(current.path) if current else "")))
+        self.adapter_scale.setValue(current.scale if current is not None else 1.0)
+        self.adapter_box.blockSignals(False)
+
+    def lora(self) -> LoraChoice | None:
+        """The adapter chosen for this pane, None for none."""
+        data = self.adapter_box.currentData()
+        return LoraChoice(Path(data), self.adapter_scale.value()) if data else None
 
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)

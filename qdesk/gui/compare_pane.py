@@ -28,6 +28,7 @@ from qdesk.app.logs import log_failure
 from qdesk.chat.compare import Divergence
 from qdesk.chat.engine import GenerationStats
 from qdesk.chat.load_settings import ModelLoadSettings
+from qdesk.chat.lora import LoraChoice
 from qdesk.chat.markdown import CODE_LINK, render_answer
 from qdesk.gui.background import Job, JobFailure
 from qdesk.gui.compare_load import LoadPanel
@@ -183,6 +184,13 @@ class ComparePane(QFrame):
         status_row.addWidget(self.retry_button)
 
         self._load_panel: LoadPanel | None = None  # made when first shown (Load…): most panes never need it
+        self.lora: LoraChoice | None = None
+        """The LoRA adapter this pane applies on top of its model (chosen in the load panel)."""
+        self._adapters: list[LibraryEntry] = []
+        self.adapter_label = QLabel()
+        self.adapter_label.setObjectName("paneAdapter")
+        self.adapter_label.setProperty("role", "hint")
+        self.adapter_label.setVisible(False)
         self._load_shown: tuple[Path | None, ModelLoadSettings, int] = (None, ModelLoadSettings(), 0)
         self._editable = True
         self.override = SamplingEditor("pane", mnemonics=False, stacked=True)
@@ -199,6 +207,7 @@ class ComparePane(QFrame):
         column.setContentsMargins(6, 6, 6, 6)
         column.addLayout(header)
         column.addWidget(self.facts)
+        column.addWidget(self.adapter_label)
         column.addLayout(status_row)
         self._column = column
         column.addWidget(self.override)
@@ -217,12 +226,16 @@ class ComparePane(QFrame):
     # --- the model ---
 
     def set_entries(self, entries: Sequence[LibraryEntry]) -> None:
-        """Offer the library's models, keeping the current choice (also when it is not in the library)."""
+        """Offer the library's models, keeping the current choice (also when it is not in the library), and its
+        LoRA adapters to the load panel."""
         current = self.runner.path
+        self._adapters = [entry for entry in entries if entry.is_adapter and entry.status == "ok"]
+        if self._load_panel is not None:
+            self._load_panel.set_adapters(self._adapters, self.lora)
         self.model_box.blockSignals(True)
         self.model_box.clear()
         self.model_box.addItem(NO_MODEL, "")
-        for entry in entries:
+        for entry in (entry for entry in entries if not entry.is_adapter):
             label = f"{entry.base_model} · {entry.variant}"
             if entry.status != "ok":
                 label += f" ({entry.status})"
@@ -261,7 +274,16 @@ class ComparePane(QFrame):
             self._column.insertWidget(self._column.indexOf(self.override), panel)
             self._load_panel = panel
             panel.show_model(*self._load_shown)
+            panel.set_adapters(self._adapters, self.lora)
         return self._load_panel
+
+    def set_lora(self, lora: LoraChoice | None) -> None:
+        """Apply `lora` in this pane from its next load on, and say so under the model's facts."""
+        self.lora = lora
+        self.adapter_label.setText(f"with LoRA adapter {lora.label}" if lora is not None else "")
+        self.adapter_label.setVisible(lora is not None)
+        if self._load_panel is not None:
+            self._load_panel.set_adapters(self._adapters, lora)
 
     def show_load_settings(self, path: Path | None, settings: ModelLoadSettings, default_gpu_layers: int) -> None:
         self._load_shown = (path, settings, default_gpu_layers)

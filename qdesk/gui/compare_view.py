@@ -408,14 +408,17 @@ class CompareView(QWidget):
         settings = self.context.settings
         bound = max(1, sum(other.runner.path is not None for other in self.panes))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // bound)
-        return self._load_settings(pane.runner.path).options(default_threads=threads,
-                                                              default_gpu_layers=settings.gpu_layers)
+        options = self._load_settings(pane.runner.path).options(default_threads=threads,
+                                                                 default_gpu_layers=settings.gpu_layers)
+        return replace(options, loras=(pane.lora,)) if pane.lora is not None else options
 
     def apply_load_settings(self, pane: ComparePane, settings: ModelLoadSettings) -> None:
-        """Remember `settings` for the pane's model file and reload it with them (every pane on that file)."""
+        """Remember `settings` for the pane's model file and reload it with them (every pane on that file); the
+        adapter chosen in the panel applies to this pane alone."""
         path = pane.runner.path
         if path is None or self.busy:
             return
+        pane.set_lora(pane.load_panel.lora())
         try:
             self.load_store.set(path, settings)
         except UserError as error:

@@ -8,6 +8,7 @@ from pathlib import Path
 from converters.core.errors import GGUFFileError
 from converters.core.gguf_file import check_gguf
 from converters.quantization.quantize import already_quantized
+from converters.reading.adapter import is_adapter_folder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -34,6 +35,10 @@ def route_drop(paths: list[Path]) -> DropRoute:
     GGUF goes into the Library (a float GGUF goes to both: it can be run, and quantized)."""
     route = DropRoute()
     for path in paths:
+        if path.is_dir() and is_adapter_folder(path):
+            route.rejected.append(f"{path.name} is a LoRA adapter, not a model; convert it with `qdesk convert "
+                                  f"{path.name}`, import the .gguf and apply it from a Compare pane's Load… panel.")
+            continue
         if path.is_dir() or (path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES):
             if route.quantize_source is None:
                 route.quantize_source = path.parent if path.is_file() else path

@@ -248,7 +248,8 @@ class EvaluateView(QWidget):
         reference = self.reference_path()
         checked = set(self.checked_variants())
         try:
-            entries = [entry for entry in self.context.library().entries() if entry.status == "ok"]
+            entries = [entry for entry in self.context.library().entries() if entry.status == "ok"
+                       and not entry.is_adapter]
         except (UserError, OSError, sqlite3.Error) as error:  # the section opens all the same
             entries = []
             self.status_label.setText(f"Cannot read the model library: {error}")

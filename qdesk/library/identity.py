@@ -5,8 +5,9 @@ parameters) and names that agree once normalised: the family name (`general.base
 file or folder name, with the type suffix dropped), lower-cased with everything but letters and digits removed, one
 being the start of the other ("smollm2" and "smollm2135minstruct"). So the starter model and a checkpoint folder
 "smollm2-135M" quantized by the user land in one group, while two different models of one shape stay apart. A file
-whose header could not be read is grouped by its name alone. The user may rename a group (`Library.rename_group`);
-the name is kept under the group's key.
+whose header could not be read is grouped by its name alone. A LoRA adapter joins the group of the model it adapts
+(same architecture, its `general.base_model.0.name` related to the group's family), or stands alone when the library
+holds no such model. The user may rename a group (`Library.rename_group`); the name is kept under the group's key.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def group_entries(entries: Sequence[LibraryEntry], names: Mapping[str, str] | No
     names the user gave them."""
     names = names or {}
     clusters: list[list[LibraryEntry]] = []
-    for entry in entries:
+    adapters = [entry for entry in entries if entry.adapter_of is not None]
+    for entry in [entry for entry in entries if entry.adapter_of is None]:
         home = None
         if entry.shape_key is not None:
             home = next((cluster for cluster in clusters if cluster[0].shape_key == entry.shape_key
@@ -82,11 +84,20 @@ def group_entries(entries: Sequence[LibraryEntry], names: Mapping[str, str] | No
             clusters.append([entry])
         else:
             home.append(entry)
+    for adapter in adapters:
+        home = next((cluster for cluster in clusters if adapter.adapter_of
+                     and cluster[0].architecture == adapter.architecture and cluster[0].adapter_of is None
+                     and any(_related(adapter.adapter_of, member.family_key) for member in cluster)), None)
+        if home is None:
+            clusters.append([adapter])
+        else:
+            home.append(adapter)
     groups = []
     for cluster in clusters:
-        members = tuple(sorted(cluster, key=lambda e: (-e.bytes, e.id.casefold())))
+        members = tuple(sorted(cluster, key=lambda e: (e.adapter_of is not None, -e.bytes, e.id.casefold())))
         key = _group_key(members)
-        default = max((member.base_model for member in members), key=lambda name: (len(name), name))
+        models = [member for member in members if member.adapter_of is None] or list(members)
+        default = max((member.base_model for member in models), key=lambda name: (len(name), name))
         given = names.get(key, "").strip()
         groups.append(ModelGroup(key, given or default, members, bool(given)))
     return sorted(groups, key=lambda group: (group.name.casefold(), group.key))

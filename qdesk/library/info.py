@@ -243,7 +243,9 @@ def _metadata_text(value: Any, limit: int = 80) -> str:
 
 
 # general.* keys shown in the main rows, so not repeated among the metadata rows
-_SHOWN_GENERAL = {"name", "architecture", "file_type", "alignment"}
+_SHOWN_GENERAL = {"name", "architecture", "file_type", "alignment", "source.quantization", "source.lora"}
+_ORIGIN_ROWS = (("source.quantization", "dequantized from"), ("source.lora", "LoRA adapters merged"))
+"""general.* keys qdesk writes about where the weights came from (converters/reading/quantized, lora_merge)."""
 
 
 def render_text(info: ModelInfo, memory: MemoryReport | None = None) -> str:
@@ -270,6 +272,9 @@ def render_text(info: ModelInfo, memory: MemoryReport | None = None) -> str:
                     + (": " + ", ".join(f"{n} {t}" for t, n in info.tensor_types.items())
                        if info.tensor_types else "")),
     ]
+    rows += [(label, str(info.general[key])) for key, label in _ORIGIN_ROWS if info.general.get(key)]
+    if info.general.get("type") == "adapter":
+        rows.append(("LoRA adapter for", str(info.general.get("base_model.0.name") or "-")))
     rows += [(f"general.{key}", _metadata_text(value))
              for key, value in info.general.items() if key not in _SHOWN_GENERAL]
     text = "\n".join(text_table(None, rows))

@@ -106,6 +106,13 @@ class LibraryEntry:
     """Architecture and shape (`qdesk.library.identity.shape_key`); None when the header could not be read."""
     family_key: str = ""
     """The normalised family name (`qdesk.library.identity.family_key`)."""
+    adapter_of: str | None = None
+    """For a LoRA adapter: the normalised family name of the base model it adapts (`general.base_model.0.name`);
+    the library shows it among that model's variants. None for a model."""
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter_of is not None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; the keys are the field names."""
@@ -127,6 +134,7 @@ class LibraryEntry:
             "base_model": self.base_model,
             "variant": self.variant,
             "provenance": dict(self.provenance),
+            "adapter_of": self.adapter_of,
         }
 
 
@@ -167,10 +175,22 @@ def _base_model(facts: Mapping[str, Any] | None, stem: str, prefer_file_name: bo
     return _strip_type_suffix(name if isinstance(name, str) and name.strip() else stem)
 
 
+def _adapted_family(facts: Mapping[str, Any] | None) -> str | None:
+    """For a LoRA adapter GGUF, the family key of the model it adapts (its own name when it names no base)."""
+    general = (facts or {}).get("general") or {}
+    if general.get("type") != "adapter":
+        return None
+    base = general.get("base_model.0.name")
+    return family_key({}, str(base)) if isinstance(base, str) and base.strip() else ""
+
+
 def _variant(facts: Mapping[str, Any] | None) -> str:
-    """"Q4_K_M" for a preset or a plain file type, "mix-4.2bpw" for a qdesk plan of its own."""
+    """"Q4_K_M" for a preset or a plain file type, "mix-4.2bpw" for a qdesk plan of its own, "LoRA" for an
+    adapter."""
     if facts is None:
         return "?"
+    if _adapted_family(facts) is not None:
+        return "LoRA"
     plan = (facts.get("provenance") or {}).get("qdesk.plan")
     if plan:
         if plan.startswith("preset "):
@@ -862,6 +882,7 @@ def _entry(row: _Row) -> LibraryEntry:
         provenance=dict((facts or {}).get("provenance") or {}),
         shape_key=shape_key(facts) if status == OK else None,
         family_key=family_key(facts, _base_model(facts, row.alias or stem, prefer_file_name=True)),
+        adapter_of=_adapted_family(facts) if status == OK else None,
     )
 
 

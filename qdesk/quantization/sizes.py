@@ -32,6 +32,7 @@ from converters.quantization.plan import tensor_bytes, type_name
 from converters.quantization.quantize import preset_plan, reference_outtype
 from converters.reading.architectures.base import ModelConfig
 from converters.reading.checkpoint import open_checkpoint, read_config, resolve_checkpoint_folder
+from converters.reading.quantized import dequantizing
 from converters.writing.tensor_types import OUTTYPES, tensor_type
 from qdesk.hub.fit import resized_shape
 from qdesk.memory import DEFAULT_N_CTX, FitVerdict, ModelShape, available_ram, check_fit_for_shape, read_model_shape
@@ -145,7 +146,7 @@ def _gguf_source(path: Path) -> SourceModel:
 
 def _checkpoint_source(folder: Path) -> SourceModel:
     config = read_config(folder)
-    checkpoint = open_checkpoint(folder, config)
+    checkpoint, _ = dequantizing(open_checkpoint(folder, config))  # GPTQ, AWQ ...: the float tensors they stand for
     outtype = OUTTYPES[reference_outtype(folder)]
     tied = bool(config.get("tie_word_embeddings", default=False))
     tensors = []
