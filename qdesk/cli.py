@@ -166,14 +166,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if args.ctx < 16:
         raise UsageError("--ctx must be at least 16")
-    gpu_layers: int | str = args.gpu_layers
-    if gpu_layers != "auto":
-        try:
-            gpu_layers = int(gpu_layers)
-        except ValueError:
-            raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
-    load = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=gpu_layers, kv_type=args.kv_type,
-                       rpc=_rpc_endpoints(args))
+    load = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=_gpu_layers(args), kv_type=args.kv_type,
+                       rpc=_rpc_endpoints(args), loras=tuple(args.lora or ()))
     options = ServeOptions(models=tuple(args.models), host=args.host, port=args.port,
                            api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                            cors_origins=tuple(args.cors or ()), load=load,
@@ -393,9 +387,12 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to offload to a GPU (default auto: all when a GPU is present)")
     parser.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16",
                         help="KV cache type (default f16; q8_0/q4_0 halve or quarter its memory, flash attention on)")
-    parser.add_argument("--lora", type=_lora_argument, action="append", metavar="FILE.gguf[:SCALE]",
-                        help="apply this GGUF LoRA adapter at SCALE (default 1; repeatable)")
+    _lora_option(parser, "apply this GGUF LoRA adapter at SCALE (default 1; repeatable)")
     _rpc_argument(parser)
+
+
+def _lora_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--lora", type=_lora_argument, action="append", metavar="FILE.gguf[:SCALE]", help=help_text)
 
 
 def _rpc_argument(parser: argparse.ArgumentParser) -> None:
@@ -425,15 +422,19 @@ def _sampling(args: argparse.Namespace) -> tuple[SamplingOptions, LoadOptions]:
 
     if args.max_tokens < 1 or args.ctx < 16:
         raise UsageError("--max-tokens must be at least 1 and --ctx at least 16")
-    gpu_layers: int | str = args.gpu_layers
-    if gpu_layers != "auto":
-        try:
-            gpu_layers = int(gpu_layers)
-        except ValueError:
-            raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
     return (SamplingOptions(temperature=args.temp, max_tokens=args.max_tokens, seed=args.seed),
-            LoadOptions(n_ctx=args.ctx, n_gpu_layers=gpu_layers, kv_type=args.kv_type, rpc=_rpc_endpoints(args),
-                        loras=tuple(args.lora or ())))
+            LoadOptions(n_ctx=args.ctx, n_gpu_layers=_gpu_layers(args), kv_type=args.kv_type,
+                        rpc=_rpc_endpoints(args), loras=tuple(args.lora or ())))
+
+
+def _gpu_layers(args: argparse.Namespace) -> int | str:
+    """--gpu-layers as a number, or "auto"."""
+    if args.gpu_layers == "auto":
+        return "auto"
+    try:
+        return int(args.gpu_layers)
+    except ValueError:
+        raise UsageError(f"--gpu-layers takes a number or auto, not {args.gpu_layers!r}") from None
 
 
 def _placed(model: Path, load: LoadOptions) -> LoadOptions:
@@ -806,6 +807,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="layers to offload to a GPU (default auto: all when a GPU is present)")
     serve.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16", help="KV cache type")
     serve.add_argument("--quiet", action="store_true", help="do not print a line per request")
+    _lora_option(serve, "apply this GGUF LoRA adapter at SCALE (default 1; repeatable) to every model served; a "
+                 "model it does not fit fails to load with a sentence saying so")
     _rpc_argument(serve)
 
     worker = command("worker", "a llama.cpp RPC worker: this machine holds layers of a model run elsewhere "

@@ -170,6 +170,24 @@ def test_chat_cli_takes_lora(base_gguf: Path, adapter_gguf: Path) -> None:
     assert answer("--lora", str(adapter_gguf)) != answer()
 
 
+def test_serve_applies_an_adapter_to_the_models_it_serves(base_gguf: Path, adapter_gguf: Path, tmp_path: Path) -> None:
+    import openai
+
+    from qdesk.serve.server import ServeOptions, start_server
+
+    def completion(*loras: LoraChoice) -> list[str]:
+        options = ServeOptions(models=(str(base_gguf),), port=0, load=LoadOptions(n_ctx=128, n_threads=1, loras=loras))
+        with start_server(options, library_root=tmp_path / "library") as running:
+            client = openai.OpenAI(base_url=running.url, api_key="unused", max_retries=0, timeout=120)
+            answer = client.completions.create(model=running.models[0], prompt="once upon a time", max_tokens=8,
+                                               temperature=0)
+        return [answer.choices[0].text]
+
+    plain = completion()
+    assert completion(LoraChoice(adapter_gguf, 0.0)) == plain  # scale 0: the adapter changes nothing
+    assert completion(LoraChoice(adapter_gguf)) != plain
+
+
 def test_an_adapter_for_another_architecture_is_refused_before_loading(base_gguf: Path,
                                                                        tmp_path_factory: pytest.TempPathFactory
                                                                        ) -> None:
