@@ -117,7 +117,7 @@ def mix_variants(context: ModelContext, presets: Sequence[str], effort: str, wit
 
     reference, matrix = context.model.reference, context.matrix
     header = check_gguf(reference)
-    default_encoder = _chosen_encoder(None, MixBudget(like="Q4_K_M"), None, header)
+    default_encoder = _chosen_encoder(None, MixBudget(like="Q4_K_M"), None)
     encoders = [default_encoder] + [e for e in ("ggml", "feedback") if e != default_encoder
                                     and (e == "ggml" or with_feedback)]
     settings = effort_named(effort)
