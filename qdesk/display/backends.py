@@ -34,15 +34,18 @@ def render_text(info: SystemInfo) -> str:
 
 
 def describe_backends(info: SystemInfo) -> list[str]:
-    """"CPU: AVX2 FMA F16C…", "CUDA: NVIDIA H100 (79.1 of 79.6 GiB free)", and a closing line on GPU offload."""
+    """"CPU: AVX2 FMA F16C…" first, then "CUDA: NVIDIA H100 (79.1 of 79.6 GiB free)" and the other backends, and a
+    closing line on GPU offload."""
     lines: list[str] = []
-    for backend in info.backends:
+    for backend in sorted(info.backends, key=lambda backend: backend.name.upper() != "CPU"):
         if backend.name.upper() == "CPU":
             flags = " ".join(info.cpu_simd) or "no SIMD extensions reported"
             lines.append(f"CPU: {flags}")
             continue
         devices = ", ".join(f"{device.description or device.name} ({format_gib(device.memory_free)} of "
                             f"{format_gib(device.memory_total)} GiB free)" for device in backend.devices)
+        if not devices and backend.name.upper() == "RPC":
+            devices = "built in, no workers added (`qdesk worker` on another machine, then RPC workers in Serve)"
         lines.append(f"{backend.name}: {devices or 'no devices'}")
     if info.gpu_devices:
         lines.append("GPU layers are offloaded to " + ", ".join(device.name for device in info.gpu_devices) + ".")
