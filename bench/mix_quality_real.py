@@ -48,6 +48,7 @@ from bench.mix_quality import (  # noqa: E402
     MB,
     SERIES_MIX,
     SERIES_PRESET,
+    SERIES_STYLE,
     Measured,
     ModelContext,
     ModelReport,
@@ -72,6 +73,10 @@ SERIES_MIX_GGML = "mix, ggml rounding"
 SERIES_ABLATION = "mix, "
 """Prefix of a mix planned with one method change undone (`ABLATIONS`)."""
 RESULTS_FORMAT = "qdesk.bench.mix_quality_real/1"
+SERIES_STYLE.update({  # each series of this benchmark its own marker in the plot
+    SERIES_PRESET_FEEDBACK: ("#2ca02c", "circle", True),
+    SERIES_MIX_GGML: ("#d62728", "diamond", False),
+})
 MIX_METHOD_KEY = "sensitivity/2"
 STARTER = "starter"
 ENCODER_FILE_TAG = {"ggml": None, "feedback": "error-feedback/1"}
