@@ -132,10 +132,7 @@ def prepare_inputs(hessian: np.ndarray | torch.Tensor, damping: float = DEFAULT_
     diagonal[dead] = 1
     live = ~dead
     diagonal += damping * (float(diagonal[live].mean()) if bool(live.any()) else 1.0)
-    feed = _feed_matrix(reversed_h)
-    inverses = _diagonal_block_inverses(feed)
-    working = dtype or WORKING_DTYPE
-    return PreparedInputs(feed.to(target, working), inverses.to(target, working), dead.flip(0).to(target))
+    return prepared_from_feed(_feed_matrix(reversed_h), dead.flip(0), device=target, dtype=dtype)
 
 
 def prepared_from_feed(feed: np.ndarray | torch.Tensor, dead: np.ndarray | torch.Tensor, *,
