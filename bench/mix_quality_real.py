@@ -223,10 +223,11 @@ def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[st
                 f"top-1 {100 * result.top1:.2f} %  ({how})")
 
     run(preset_variants(context, presets, ["ggml"]))
-    if with_mix:
-        run(mix_variants(context, presets, effort, with_feedback, ablations, log))
+    mixes = mix_variants(context, presets, effort, with_feedback, ablations, log) if with_mix else []
+    run([variant for variant in mixes if variant.series == SERIES_MIX])  # the bar's three series first
     if with_feedback:
         run(preset_variants(context, presets, ["feedback"]))
+    run([variant for variant in mixes if variant.series != SERIES_MIX])
     return ModelReport(model.name, model.reference, model.reference.stat().st_size, context.base_plan.n_elements,
                        reference_ppl.get("ppl", math.nan), results, seconds)
 
