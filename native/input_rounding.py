@@ -19,6 +19,8 @@ INPUT_BLOCKS = (32, 256)
 INPUT_BLOCK_OF_TYPE = {
     "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32,
     "q2_K": 256, "q3_K": 256, "q4_K": 256, "q5_K": 256, "q6_K": 256,
+    "iq1_s": 256, "iq1_m": 256, "iq2_xxs": 256, "iq2_xs": 256, "iq2_s": 256, "iq3_xxs": 256, "iq3_s": 256,
+    "iq4_xs": 256, "iq4_nl": 32,
 }
 """The input block of each type's CPU kernel; other types (f16, f32, bf16) multiply unrounded 16- or 32-bit inputs."""
 _LEVELS = 127.0

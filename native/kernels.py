@@ -565,7 +565,8 @@ class ErrorTable:
         return tuple(type_name for type_name in self.candidate_types if (tensor, type_name) in self.errors)
 
     def skipped(self) -> tuple[tuple[str, str], ...]:
-        """(tensor, type) pairs left out because the type's block size does not divide the tensor's rows."""
+        """(tensor, type) pairs left out: the type's block size does not divide the tensor's rows, or the type
+        needs an importance vector the tensor did not have."""
         return tuple((tensor.name, type_name) for tensor in self.tensors for type_name in self.candidate_types
                      if (tensor.name, type_name) not in self.errors)
 
@@ -664,12 +665,15 @@ def measure_gguf(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    skip_needing_importance: bool = False,
 ) -> ErrorTable:
     """Measure every quantizable weight of a GGUF (a path, or a reader already open on it) at every candidate
     type whose block size fits its rows.
 
     `importance` maps tensor names to importance vectors (n_per_row values, or n_experts × n_per_row for expert
-    stacks); weights without one are measured unweighted. `tensors` limits the measurement to those names
+    stacks); weights without one are measured unweighted. Types that ggml encodes only with an importance matrix
+    (most i-quants) are refused for a weight without one, or with `skip_needing_importance` left out for that
+    weight (`ErrorTable.skipped` lists them). `tensors` limits the measurement to those names
     (default: every weight llama.cpp's quantizer would change). `progress(done, total)` counts (tensor, type)
     measurements; when `should_stop()` returns true the work stops and `Stopped` is raised.
     """
@@ -684,6 +688,8 @@ def measure_gguf(
     for tensor, data in chosen:
         fitting = [target for target in targets if target.fits(tensor.n_per_row)]
         given = importance.get(tensor.name) if importance is not None else None
+        if given is None and skip_needing_importance:
+            fitting = [target for target in fitting if not target.requires_importance]
         if given is None and (needy := [target.name for target in fitting if target.requires_importance]):
             raise ValueError(f"ggml quantizes {', '.join(needy)} only with an importance matrix, and {tensor.name} "
                              "has none; pass its importance or leave those types out.")

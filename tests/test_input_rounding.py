@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
 from native.activations import FINAL_NORM_INPUT, ModelEvaluator
-from native.input_rounding import INPUT_BLOCKS, InputRounding, rounding_square_sums
+from native.ggml import ggml
+from native.input_rounding import INPUT_BLOCK_OF_TYPE, INPUT_BLOCKS, InputRounding, rounding_square_sums
 from native.kernels import dequantize_rows, quantize_rows
+
+
+class _CpuTraits(ctypes.Structure):
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+def test_each_types_input_block_is_the_one_ggmls_cpu_kernel_rounds_to() -> None:
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    lib = ggml()
+    for name, block in INPUT_BLOCK_OF_TYPE.items():
+        input_type = cpu.ggml_get_type_traits_cpu(lib.type_id(name)).contents.vec_dot_type
+        assert lib.type_name(input_type).startswith("q8_"), name
+        assert lib.traits(input_type).blck_size == block, name
 
 
 def test_blocks_of_32_round_as_ggmls_q8_0_encoder() -> None:

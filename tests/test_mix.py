@@ -274,3 +274,40 @@ def test_the_tied_embedding_is_probed_in_each_role_and_inputs_rounding_is_charge
                                                             + embedding.lookup_gain * q4.lookup_damage)
     others = [tensor for tensor in sensitivity.tensors if tensor.name != "token_embd.weight"]
     assert all(tensor.lookup_gain == 0 and tensor.option("q8_0").lookup_damage == 0 for tensor in others)
+
+
+@pytest.mark.slow
+def test_i_quants_join_a_remembered_measurement_and_take_the_mix_below_q2_k(
+        kquant_f16: Path, calibrated: Path, tmp_path: Path, private_cache: Path) -> None:
+    from converters.calibration.imatrix import read_imatrix
+    from converters.mix.sensitivity import I_QUANT_TYPES, K_AND_LEGACY_TYPES, WRITTEN_ONLY_WITH_IMPORTANCE
+    from native.activations import ModelEvaluator
+
+    matrix = read_imatrix(calibrated)
+    settings = {"layer_bands": 4, "probe_chunks": 2, "probe_ctx": 256, "gpu_layers": 0}
+    k_only = cached_sensitivity(kquant_f16, matrix, candidate_types=K_AND_LEGACY_TYPES, **settings)
+    assert not any(option.type in I_QUANT_TYPES for tensor in k_only.tensors for option in tensor.options)
+    extended = cached_sensitivity(kquant_f16, matrix, **settings)
+    assert extended.group_kld == k_only.group_kld and extended.probe_tokens == k_only.probe_tokens
+    assert [tensor.gain for tensor in extended.tensors] == [tensor.gain for tensor in k_only.tensors]
+    (stored,) = (private_cache / "sensitivity").glob("*.json")
+    assert set(I_QUANT_TYPES) <= set(json.loads(stored.read_text())["candidate_types"])
+    assert cached_sensitivity(kquant_f16, matrix, **settings) == extended  # remembered with the new types
+    for tensor in extended.tensors:
+        types = {option.type for option in tensor.options}
+        assert {"iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs"} <= types, tensor.name
+        assert (WRITTEN_ONLY_WITH_IMPORTANCE <= types) == (tensor.name in matrix.entries), tensor.name
+        iq4, q4 = tensor.option("iq4_xs"), tensor.option("q4_K")
+        assert iq4.bytes < q4.bytes and iq4.damage > 0
+        assert iq4.input_damage == q4.input_damage  # both kernels round inputs in blocks of 256
+        assert tensor.option("iq4_nl").input_damage == tensor.option("q4_0").input_damage
+
+    q2_k = preset_plan(kquant_f16, "Q2_K", matrix)
+    below = 0.85 * 8 * q2_k.n_bytes / q2_k.n_elements
+    result = quantize(kquant_f16, tmp_path / "low.gguf", MixBudget(bpw=below), matrix, encoder="ggml")
+    assert result.plan.n_bytes < q2_k.n_bytes
+    assert set(result.plan.type_counts()) & set(I_QUANT_TYPES)
+    with ModelEvaluator(result.path, n_ctx=64, collect=False) as evaluator:
+        logits: list[float] = []
+        evaluator.evaluate_logits(list(range(1, 65)), 62, lambda _p, row: logits.append(float(row.max())))
+    assert logits and all(value == value for value in logits)

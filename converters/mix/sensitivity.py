@@ -53,9 +53,15 @@ if TYPE_CHECKING:
     from native.input_rounding import RoundingStats
     from native.kernels import ErrorTable
 
-CANDIDATE_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
-"""Types a tensor may get: k-quants where rows are multiples of 256, the legacy types where rows are multiples of
-32, and F16. Types that ggml only encodes with an importance matrix (IQ*) are left out."""
+K_AND_LEGACY_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
+I_QUANT_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs", "iq4_nl")
+"""llama.cpp's lattice-codebook types: blocks of 256 (IQ4_NL: 32). Most are encoded only with an importance
+vector, so a weight the importance matrix has no entry for does not get them."""
+WRITTEN_ONLY_WITH_IMPORTANCE = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s"})
+"""Types llama.cpp's quantizer refuses to write for a weight its importance matrix has no entry for."""
+CANDIDATE_TYPES = K_AND_LEGACY_TYPES + I_QUANT_TYPES
+"""Types a tensor may get: k-quants and i-quants where rows are multiples of 256, the legacy types and IQ4_NL
+where rows are multiples of 32, and F16."""
 DEFAULT_PROBE_CHUNKS = 2
 DEFAULT_PROBE_CTX = 256
 DEFAULT_LAYER_BANDS = 4
@@ -146,6 +152,8 @@ class Sensitivity:
     baseline_kld: float
     probe_tokens: int
     seconds: float
+    candidate_types: tuple[str, ...] = CANDIDATE_TYPES
+    """The types whose damages were measured (a tensor's options are those of them that fit it)."""
 
     def tensor(self, name: str) -> TensorSensitivity:
         for tensor in self.tensors:
@@ -187,6 +195,13 @@ def _cost(table: ErrorTable, tensor: str, measured_type: str) -> TypeCost:
     error = table.error(tensor, measured_type)
     assert error is not None
     return TypeCost(type_name(ggml_type(measured_type)), error.tensor_bytes, error.weighted_squared_error)
+
+
+def _writable(table: ErrorTable, tensor: str, importance: Mapping[str, np.ndarray] | None) -> tuple[str, ...]:
+    """The measured types of `tensor` that llama.cpp will write for it."""
+    weighted = importance is not None and tensor in importance
+    return tuple(measured for measured in table.fitting_types(tensor)
+                 if weighted or type_name(ggml_type(measured)) not in WRITTEN_ONLY_WITH_IMPORTANCE)
 
 
 def _plain_error(table: ErrorTable, tensor: str, measured_type: str) -> float:
@@ -268,6 +283,7 @@ def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
         "baseline_kld": sensitivity.baseline_kld,
         "probe_tokens": sensitivity.probe_tokens,
         "seconds": sensitivity.seconds,
+        "candidate_types": list(sensitivity.candidate_types),
         "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
                      "gain": t.gain, "lookup_gain": t.lookup_gain,
                      "options": [[o.type, o.bytes, o.damage, o.lookup_damage, o.input_damage] for o in t.options]}
@@ -280,27 +296,34 @@ def _from_json(document: dict[str, Any]) -> Sensitivity:
                                       tuple(TypeCost(str(o[0]), int(o[1]), float(o[2]), float(o[3]), float(o[4]))
                                             for o in t["options"]), float(t["lookup_gain"]))
                     for t in document["tensors"])
+    measured = document.get("candidate_types") or K_AND_LEGACY_TYPES  # measurements saved before i-quants
     return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
-                       int(document["probe_tokens"]), float(document["seconds"]))
+                       int(document["probe_tokens"]), float(document["seconds"]), tuple(str(t) for t in measured))
 
 
 def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
                        texts: Sequence[CalibrationText] | None = None, **settings: Any) -> Sensitivity:
     """`measure_sensitivity`, remembered: a second mix of the same reference, matrix, text and settings (another
-    budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key."""
+    budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key. The
+    candidate types are not part of it either: a remembered measurement that lacks some of them has only their
+    damages measured (`with_types`), not the probing again."""
     reference = Path(reference)
     check_gguf(reference)
     progress = settings.pop("progress", no_progress)
     cancel = settings.pop("cancel", None)
+    candidate_types = tuple(settings.pop("candidate_types", CANDIDATE_TYPES))
     key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
     path = sensitivity_cache_folder() / f"{key}.json"
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        if document.get("format") == SENSITIVITY_FORMAT:
-            return _from_json(document)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        pass
-    sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel, **settings)
+    cached = _read_cached(path)
+    if cached is not None and set(candidate_types) <= set(cached.candidate_types):
+        return cached
+    if cached is not None:
+        sensitivity = with_types(cached, reference, matrix, candidate_types,
+                                 sample_rows=settings.get("sample_rows", DEFAULT_SAMPLE_ROWS),
+                                 threads=settings.get("threads"), progress=progress, cancel=cancel)
+    else:
+        sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel,
+                                          candidate_types=candidate_types, **settings)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = temporary_file(path.parent, path.name)
@@ -310,6 +333,70 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
         finally:
             temporary.unlink(missing_ok=True)
     return sensitivity
+
+
+def _read_cached(path: Path) -> Sensitivity | None:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") == SENSITIVITY_FORMAT:
+            return _from_json(document)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    return None
+
+
+@isolated("measuring the error of more types")
+def with_types(
+    sensitivity: Sensitivity,
+    reference: str | Path,
+    matrix: ImportanceMatrix | None,
+    candidate_types: Sequence[str],
+    *,
+    sample_rows: int | None = DEFAULT_SAMPLE_ROWS,
+    threads: int | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Sensitivity:
+    """`sensitivity` with the damages of the `candidate_types` it lacks measured and added to every tensor they
+    fit. The gains stay: they were probed at each group's probe type, which a new candidate does not change. A
+    new type's input rounding is that of a measured type whose kernel rounds inputs in the same blocks."""
+    from native.errors import Stopped
+    from native.input_rounding import INPUT_BLOCK_OF_TYPE
+    from native.kernels import measure_gguf
+
+    known = {type_name(ggml_type(name)) for name in sensitivity.candidate_types}
+    missing = [name for name in candidate_types if type_name(ggml_type(name)) not in known]
+    if not missing:
+        return sensitivity
+    started = time.monotonic()
+    reference = Path(reference)
+    importance = _importance(matrix)
+
+    def measuring(done: int, total: int) -> None:
+        progress(Progress(done, total, "measurements", "measuring quantization error"))
+
+    try:
+        table = measure_gguf(reference, missing, importance, sample_rows=sample_rows,
+                             tensors=[tensor.name for tensor in sensitivity.tensors], threads=threads,
+                             progress=measuring, should_stop=(lambda: cancel.cancelled) if cancel else None,
+                             skip_needing_importance=True)
+    except Stopped:
+        raise Cancelled("the sensitivity measurement was cancelled") from None
+    except ValueError as error:
+        raise SensitivityError(str(error)) from error
+    tensors = []
+    for tensor in sensitivity.tensors:
+        input_damage = {INPUT_BLOCK_OF_TYPE.get(option.type): option.input_damage for option in tensor.options}
+        tied = any(option.lookup_damage > 0 for option in tensor.options)
+        added = tuple(replace(_cost(table, tensor.name, measured),
+                              input_damage=input_damage.get(INPUT_BLOCK_OF_TYPE.get(type_name(ggml_type(measured))),
+                                                            0.0),
+                              lookup_damage=_plain_error(table, tensor.name, measured) if tied else 0.0)
+                      for measured in _writable(table, tensor.name, importance))
+        tensors.append(replace(tensor, options=tensor.options + added))
+    return replace(sensitivity, tensors=tuple(tensors),
+                   candidate_types=sensitivity.candidate_types + tuple(type_name(ggml_type(name)) for name in missing),
+                   seconds=sensitivity.seconds + time.monotonic() - started)
 
 
 @isolated("the sensitivity measurement")
@@ -348,13 +435,15 @@ def measure_sensitivity(
 
     try:
         table = measure_gguf(reference, list(candidate_types), importance, sample_rows=sample_rows,
-                             tensors=list(weights), threads=threads, progress=measuring, should_stop=should_stop)
+                             tensors=list(weights), threads=threads, progress=measuring, should_stop=should_stop,
+                             skip_needing_importance=True)
     except Stopped:
         raise Cancelled("the sensitivity measurement was cancelled") from None
     except ValueError as error:
         raise SensitivityError(str(error)) from error
 
-    options = {name: tuple(_cost(table, name, measured) for measured in table.fitting_types(name)) for name in weights}
+    options = {name: tuple(_cost(table, name, measured) for measured in _writable(table, name, importance))
+               for name in weights}
     groups: dict[str, list[str]] = {}
     for name in weights:
         groups.setdefault(tensor_group(name, n_layers, layer_bands), []).append(name)
@@ -451,7 +540,7 @@ def measure_sensitivity(
     order = {name: index for index, name in enumerate(weights)}
     tensors.sort(key=lambda t: order[t.name])
     return Sensitivity(tuple(tensors), group_kld, probes, baseline, sum(len(c) - 1 - probe_ctx // 2 for c in chunks),
-                       time.monotonic() - started)
+                       time.monotonic() - started, tuple(type_name(ggml_type(name)) for name in candidate_types))
 
 
 def _input_rounding(reference: Path, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int,
