@@ -530,6 +530,26 @@ def _release(context: int, model: int, batch: llama.llama_batch | None, _keep_al
         llama.llama_batch_free(batch)
 
 
+def _apply_adapters(model: int, context: int, loras: Sequence[tuple[Path | str, float]], model_name: str) -> None:
+    """Load each LoRA adapter for `model` and set them all, with their scales, on `context`. The adapters belong to
+    the model from then on: llama.cpp frees them with it, also when this raises."""
+    if not loras:
+        return
+    adapters = []
+    for path, _ in loras:
+        adapter = llama.llama_adapter_lora_init(model, os.fsencode(path))
+        if not adapter:
+            raise EvaluationFailed(f"llama.cpp could not load the LoRA adapter {Path(path).name} for {model_name}; "
+                                   "check that it is a LoRA adapter GGUF made for this base model (`qdesk convert "
+                                   "ADAPTER_DIR` makes one).")
+        adapters.append(adapter)
+    handles = (llama.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+    scales = (ctypes.c_float * len(loras))(*(float(scale) for _, scale in loras))
+    if llama.llama_set_adapters_lora(context, handles, len(adapters), scales):
+        raise EvaluationFailed(f"llama.cpp could not set the LoRA adapters on the context of {model_name}; check "
+                               "that each was made for this base model.")
+
+
 class _WeightLocator:
     """An eval callback that notes where every named weight the graph reads lives, and asks for no node."""
 
@@ -602,6 +622,9 @@ class ModelEvaluator:
     `finish_spill()` writes its manifest once the last chunk is done: nothing of them is held in memory.
     `input_observer(name, rows)` is shown every dense weight's input rows (a view, valid during the call only), and
     the final norm's as `FINAL_NORM_INPUT`.
+    `loras` are LoRA adapter GGUFs with their scales, loaded for the model and set on its context (W·x + scale·B·A·x
+    in every adapted product); llama.cpp frees them with the model. A `vocab_only` evaluator has no context and
+    ignores them.
     """
 
     def __init__(
@@ -619,6 +642,7 @@ class ModelEvaluator:
         covariance_chunks: int = 0,
         spill: InputSpillWriter | None = None,
         input_observer: InputObserver | None = None,
+        loras: Sequence[tuple[Path | str, float]] = (),
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1 (got {n_ctx})")
@@ -695,6 +719,13 @@ class ModelEvaluator:
                 f"llama.cpp could not create a context of {n_ctx} tokens for {self._path.name}; "
                 "try a smaller context or fewer GPU layers."
             )
+        try:
+            _apply_adapters(self._model, self._context, loras, self._path.name)
+        except BaseException:
+            llama.llama_free(self._context)
+            llama.llama_model_free(self._model)
+            self._context = self._model = 0
+            raise
         self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
         self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._n_batch,))
         self._batch_positions = np.ctypeslib.as_array(self._batch.pos, shape=(self._n_batch,))

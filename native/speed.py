@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +73,15 @@ def measure_speed(
     n_gpu_layers: int = 0,
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    loras: Sequence[tuple[Path | str, float]] = (),
 ) -> SpeedResult:
-    """Measure prompt processing (pp`prompt_tokens`) and generation (tg`generated_tokens`) in tokens per second."""
+    """Measure prompt processing (pp`prompt_tokens`) and generation (tg`generated_tokens`) in tokens per second,
+    with the LoRA adapters `loras` (path, scale) applied as `ModelEvaluator` applies them."""
     if prompt_tokens < 1 or generated_tokens < 1 or repetitions < 1:
         raise ValueError("prompt_tokens, generated_tokens and repetitions must be at least 1")
     n_ctx = max(prompt_tokens, generated_tokens)
     with ModelEvaluator(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, collect=False,
-                        should_stop=should_stop) as evaluator:
+                        should_stop=should_stop, loras=loras) as evaluator:
         ids = np.random.default_rng(seed).integers(0, evaluator.n_vocab(), size=n_ctx, dtype=np.int64)
         prompt, generated = ids[:prompt_tokens], ids[:generated_tokens]
         _prompt_seconds(evaluator, prompt[: min(prompt_tokens, 32)])

@@ -218,16 +218,17 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.report is not None and args.report.suffix.lower() == ".json":
         raise UsageError("--report takes the HTML file's name (OUT.html); the JSON is written beside it")
+    loras = tuple(args.lora or ())
     if args.report is not None:
-        _check_outputs([args.ref, *args.candidates, *(args.text or ()), *_task_files(args.tasks)],
-                       [args.report, args.report.with_suffix(".json")])
+        _check_outputs([args.ref, *args.candidates, *(args.text or ()), *_task_files(args.tasks),
+                        *(lora.path for lora in loras)], [args.report, args.report.with_suffix(".json")])
     texts = read_eval_texts(args.text) if args.text else None
     bar = ProgressBar("eval")
     try:
         result = evaluate(args.ref, args.candidates, texts=texts, ctx=args.ctx, chunks=args.chunks,
                           tasks=args.tasks or (), threshold_pct=args.threshold, speed=args.speed,
                           memory_ctx=args.memory_ctx or None, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                          cache=not args.no_cache, progress=bar, rpc=_rpc_endpoints(args))
+                          cache=not args.no_cache, progress=bar, rpc=_rpc_endpoints(args), loras=loras)
     finally:
         bar.close()
     document = result.to_json()
@@ -723,6 +724,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
     evaluate.add_argument("--gpu-layers", type=int, default=0, metavar="N", help="layers to offload (default 0)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON document")
+    _lora_option(evaluate, "apply this GGUF LoRA adapter at SCALE (default 1; repeatable) to every model eval loads, "
+                 "the reference and each candidate, so the figures are what quantization costs the adapted model; "
+                 "an adapter that does not fit one of them stops eval before any model is loaded")
     _rpc_argument(evaluate)
 
     chat = command("chat", "chat with a model (interactive, or one answer with --prompt)", _run_chat)

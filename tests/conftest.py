@@ -71,6 +71,34 @@ def tiny_llama_hf(test_cache: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def smollm2_lora(test_cache: Path, smollm2_hf: Path) -> Path:
+    """A GGUF LoRA adapter (F32) for SmolLM2-135M-Instruct, made by PEFT with random A and B: rank 4 on q, v and
+    down, alpha small enough that the adapted model still speaks (its perplexity moves, it does not explode)."""
+    from converters.writing.lora import convert_adapter
+    from tests.builders.adapters import build_lora_adapter
+
+    def build(out: Path) -> None:
+        folder = build_lora_adapter(smollm2_hf, out.parent / "peft", r=4, lora_alpha=0.5,
+                                    target_modules=("q_proj", "v_proj", "down_proj"))
+        convert_adapter(folder, out, base=smollm2_hf, outtype="f32")
+
+    return _cached_gguf(test_cache, "smollm2-135m-lora-v1.gguf", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lora(test_cache: Path, tiny_llama_hf: Path) -> Path:
+    """A GGUF LoRA adapter for the tiny Llama (`tiny_llama_hf`): a llama adapter of the wrong shape for any real
+    model, such as the starter model."""
+    from converters.writing.lora import convert_adapter
+    from tests.builders.adapters import build_lora_adapter
+
+    def build(out: Path) -> None:
+        convert_adapter(build_lora_adapter(tiny_llama_hf, out.parent / "peft"), out, base=tiny_llama_hf)
+
+    return _cached_gguf(test_cache, "tiny-llama-lora-v1.gguf", build)
+
+
 KQUANT_SIZES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4}
 
 

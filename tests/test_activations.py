@@ -367,3 +367,44 @@ def test_embeddings_given_as_input_reproduce_the_token_lookup(smollm2_f16: Path)
         assert not np.allclose(np.concatenate(shifted), np.concatenate(looked_up))
         with pytest.raises(ValueError, match="embeddings must be"):
             evaluator.evaluate_embedding_logits(rows[:, :10], 0, lambda _p, _logits: None)
+
+
+# --- LoRA adapters applied to the evaluator's context ----------------------------------------------------------
+
+def _logits(model: Path, ids: list[int], loras: tuple[tuple[Path, float], ...] = ()) -> np.ndarray:
+    rows: list[np.ndarray] = []
+    with ModelEvaluator(model, n_ctx=len(ids), collect=False, loras=loras) as evaluator:
+        evaluator.evaluate_logits(ids, 0, lambda _position, logits: rows.append(logits.copy()))
+    return np.concatenate(rows)
+
+
+def test_lora_adapters_give_what_llama_cpp_python_gives(smollm2_f16: Path, smollm2_lora: Path) -> None:
+    import llama_cpp
+
+    with ModelEvaluator(smollm2_f16, vocab_only=True) as tokenizer:
+        ids = tokenizer.tokenize(VARIED_TEXT)[:32]
+    plain = _logits(smollm2_f16, ids)
+    np.testing.assert_array_equal(_logits(smollm2_f16, ids, ((smollm2_lora, 0.0),)), plain)
+    adapted = _logits(smollm2_f16, ids, ((smollm2_lora, 0.5),))
+    assert np.abs(adapted - plain).max() > 1.0, "the adapter must move the logits for this test to mean anything"
+    llm = llama_cpp.Llama(str(smollm2_f16), n_ctx=len(ids), n_batch=len(ids), logits_all=True, n_threads=2,
+                          flash_attn=True, verbose=False, lora_path=str(smollm2_lora), lora_scale=0.5)
+    try:
+        llm.eval(ids)
+        expected = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    tolerance = 1e-3 * np.abs(expected).max()
+    np.testing.assert_allclose(adapted, expected, rtol=0, atol=tolerance)
+    halves = _logits(smollm2_f16, ids, ((smollm2_lora, 0.25), (smollm2_lora, 0.25)))  # both set on the context
+    summed_in_another_order = 3 * tolerance
+    np.testing.assert_allclose(halves, adapted, rtol=0, atol=summed_in_another_order)
+
+
+def test_an_adapter_llama_cpp_cannot_load_is_one_sentence(starter_gguf: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    with pytest.raises(EvaluationFailed, match=rf"could not load the LoRA adapter {re.escape(starter_gguf.name)} for "
+                                               rf"{re.escape(starter_gguf.name)}; check") as raised:
+        ModelEvaluator(starter_gguf, n_ctx=32, collect=False, loras=((starter_gguf, 1.0),))
+    assert "\n" not in str(raised.value) and capfd.readouterr().err == ""

@@ -36,6 +36,7 @@ from converters.core.hyperparameters import check_model_gguf
 from converters.core.isolation import isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.mix.report import recorded_prediction
+from qdesk.chat.lora import LoraChoice, check_adapters
 from qdesk.evaluation.text import (
     DEFAULT_CTX,
     EvalError,
@@ -170,6 +171,8 @@ class Evaluation:
     sources: tuple[str, ...]
     sample_tokens: tuple[str, ...] = ()
     seconds: float = 0.0
+    loras: tuple[LoraChoice, ...] = ()
+    """The LoRA adapters applied to every model evaluated (the reference and each candidate)."""
 
     def to_json(self) -> dict[str, Any]:
         """The document of `qdesk eval --json` (docs/eval.md) and of the HTML report."""
@@ -189,6 +192,7 @@ class Evaluation:
             "text": {"tokens": self.chunks * self.ctx, "scored_tokens": self.scored_tokens,
                      "text_tokens": self.text_tokens, "chunks": self.chunks, "ctx": self.ctx,
                      "sources": list(self.sources)},
+            "loras": [{"path": str(lora.path), "scale": lora.scale} for lora in self.loras],
             "candidates": [candidate.to_json() for candidate in self.candidates],
             "sample": sample,
             "seconds": round(self.seconds, 2),
@@ -216,6 +220,13 @@ class _Settings:
     cancel: CancelToken | None
     rpc_free: tuple[int, ...] = ()
     """Free bytes of each RPC worker's device (added to this process); empty: no workers."""
+    loras: tuple[LoraChoice, ...] = ()
+    """LoRA adapters applied to every model opened for evaluation."""
+
+    @property
+    def adapters(self) -> tuple[tuple[Path, float], ...]:
+        """The adapters as `ModelEvaluator` and `measure_speed` take them."""
+        return tuple((lora.path, lora.scale) for lora in self.loras)
 
     def gpu_layers_for(self, path: Path) -> int:
         """The layers to offload: to the RPC workers in proportion to free memory when there are any."""
@@ -243,7 +254,7 @@ def _open(path: Path, settings: _Settings, *, vocab_only: bool = False) -> Model
     return ModelEvaluator(path, n_ctx=settings.ctx, n_gpu_layers=settings.gpu_layers_for(path),
                           n_threads=settings.n_threads,
                           collect=False, should_stop=None if cancel is None else (lambda: cancel.cancelled),
-                          vocab_only=vocab_only)
+                          vocab_only=vocab_only, loras=settings.adapters)
 
 
 def _stopped(cancel: CancelToken | None) -> None:
@@ -376,9 +387,12 @@ def _vocabulary_note(candidate: Path, reference: Path, candidate_vocab: list[byt
             "of the text.")
 
 
-def _check_models(reference: Path, candidates: Sequence[Path]) -> None:
+def _check_models(reference: Path, candidates: Sequence[Path], loras: tuple[LoraChoice, ...]) -> None:
+    """Every model is a GGUF llama.cpp can run, and every adapter fits every model, before any is loaded."""
     for path in (reference, *candidates):
         check_model_gguf(path)
+    for path in (reference, *candidates):
+        check_adapters(path, loras)
 
 
 @isolated("the evaluation")
@@ -399,6 +413,7 @@ def evaluate(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
     rpc: Sequence[str] = (),
+    loras: Sequence[LoraChoice] = (),
 ) -> Evaluation:
     """Evaluate each candidate GGUF against the reference GGUF on `texts` (built-in held-out text when None).
 
@@ -407,6 +422,9 @@ def evaluate(
     speed, `memory_ctx` sets the context for the memory estimate (None: no estimate). With `cache` the
     reference's distributions are kept in the user's cache for the next evaluation on the same text.
     `rpc` names RPC workers (`host:port`) that take a share of every model's layers by free memory.
+    `loras` are LoRA adapters applied to every model loaded (the reference and each candidate, for text, tasks and
+    speed), so the figures are what quantization costs the adapted model; each is checked against every model
+    first (`AdapterError` when one does not fit), and the cached reference is kept apart per adapters and scales.
     Raises `EvalError` for unusable input and `Cancelled` when `cancel` fires. It runs in a child process
     (`converters.core.isolation`): llama.cpp aborts on some models it cannot run, and the GUI must survive that.
     """
@@ -416,12 +434,13 @@ def evaluate(
     started = time.monotonic()
     reference_path = Path(reference)
     candidate_paths = [Path(path) for path in candidates]
+    adapters = tuple(loras)
     check_ctx(ctx)
-    _check_models(reference_path, candidate_paths)
+    _check_models(reference_path, candidate_paths, adapters)
     sources = list(texts) if texts else builtin_eval_texts()
     suites = _load_suites(tasks)
 
-    settings = _Settings(ctx, n_threads, n_gpu_layers, cancel, _add_rpc_workers(rpc) if rpc else ())
+    settings = _Settings(ctx, n_threads, n_gpu_layers, cancel, _add_rpc_workers(rpc) if rpc else (), adapters)
     with _open(reference_path, settings, vocab_only=True) as tokenizer:
         chunk_set = _chunks_of(tokenizer, sources, ctx, chunks)
         reference_vocab = tokenizer.vocabulary()
@@ -430,12 +449,13 @@ def evaluate(
                  + _extra_steps(suites, speed, 1 + len(candidate_paths)))
     work.step(0, "reading the text")
     key = reference_cache.entry_key(reference_path, chunk_set.ids, chunk_set.first_scored,
-                                    "rpc" if rpc else "gpu" if n_gpu_layers else "cpu")
+                                    "rpc" if rpc else "gpu" if n_gpu_layers else "cpu", settings.adapters)
     entry = reference_cache.open_entry(key, persistent=cache)
     try:
         reference_ppl, all_cached = _reference_pass(reference_path, chunk_set, entry, work, settings)
         if cache:
-            entry.touch({"reference": str(reference_path), "ctx": ctx, "chunks": chunk_set.count})
+            entry.touch({"reference": str(reference_path), "ctx": ctx, "chunks": chunk_set.count,
+                         "loras": [[str(path), scale] for path, scale in settings.adapters]})
             reference_cache.trim(keep=key)
         results = [_evaluate_candidate(path, reference_path, reference_vocab, sources, chunk_set, entry, work,
                                        settings) for path in candidate_paths]
@@ -447,7 +467,7 @@ def evaluate(
     reference_result = ReferenceResult(ModelFacts.of(reference_path), reference_ppl, cached=all_cached)
     candidates_result = tuple(results)
     reference_result, candidates_result = _add_tasks(reference_result, candidates_result, suites, threshold_pct,
-                                                     n_threads, n_gpu_layers, work, cancel, tuple(rpc))
+                                                     n_threads, n_gpu_layers, work, cancel, tuple(rpc), adapters)
     reference_result, candidates_result = _add_speed(reference_result, candidates_result, speed, n_threads,
                                                      settings, work, cancel)
     reference_result, candidates_result = _add_memory(reference_result, candidates_result, memory_ctx)
@@ -461,6 +481,7 @@ def evaluate(
         sources=tuple(source.name for source in sources),
         sample_tokens=sample_tokens,
         seconds=time.monotonic() - started,
+        loras=adapters,
     )
 
 
@@ -499,7 +520,7 @@ def _extra_steps(suites: list[TaskSuite], speed: bool, models: int) -> int:
 
 def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ...], suites: list[TaskSuite],
                threshold_pct: float, n_threads: int | None, n_gpu_layers: int, work: _Work,
-               cancel: CancelToken | None, rpc: tuple[str, ...] = ()
+               cancel: CancelToken | None, rpc: tuple[str, ...] = (), loras: tuple[LoraChoice, ...] = ()
                ) -> tuple[ReferenceResult, tuple[CandidateResult, ...]]:
     if not suites:
         return reference, candidates
@@ -515,7 +536,7 @@ def _add_tasks(reference: ReferenceResult, candidates: tuple[CandidateResult, ..
             work.progress(Progress(work.done, work.total, "steps", f"tasks on {path.name}: {progress.message}"))
 
         return run_tasks(path, suites, n_threads=n_threads, n_gpu_layers=n_gpu_layers, progress=advance,
-                         cancel=cancel, rpc=rpc)
+                         cancel=cancel, rpc=rpc, loras=loras)
 
     reference_run = run(reference.model.path)
     updated = []
@@ -539,7 +560,8 @@ def _add_speed(reference: ReferenceResult, candidates: tuple[CandidateResult, ..
     def measure(path: Path) -> SpeedResult:
         try:
             result = measure_speed(path, n_threads=n_threads, n_gpu_layers=settings.gpu_layers_for(path),
-                                   should_stop=None if cancel is None else (lambda: cancel.cancelled))
+                                   should_stop=None if cancel is None else (lambda: cancel.cancelled),
+                                   loras=settings.adapters)
         except Stopped as stopped:
             raise Cancelled("the evaluation was cancelled") from stopped
         work.step(1, f"speed of {path.name}")

@@ -1,7 +1,8 @@
 """On-disk cache of a reference model's next-token distributions, chunk by chunk, reused across candidates.
 
 An entry is a folder named by a key made of the reference model's fingerprint (size, header and sampled data),
-the token ids of the evaluation text, the chunk layout and the llama.cpp version. Each chunk is one file,
+the token ids of the evaluation text, the chunk layout, the llama.cpp version and the LoRA adapters applied
+(each one's fingerprint and scale). Each chunk is one file,
 written whole or not at all, holding the `ReferenceRows` of that chunk, the big array compressed (zlib over
 the high and low bytes of the 16-bit roots stored apart, about 3.5× smaller). An interrupted evaluation keeps
 the chunks it finished; the next one with the same key picks them up.
@@ -21,6 +22,7 @@ import shutil
 import time
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +48,16 @@ def cache_limit_bytes() -> int:
     return int(value) if value and value.isdigit() else DEFAULT_LIMIT_BYTES
 
 
-def entry_key(model: Path, chunks: np.ndarray, first_scored: int, device: str) -> str:
+def entry_key(model: Path, chunks: np.ndarray, first_scored: int, device: str,
+              loras: Sequence[tuple[Path, float]] = ()) -> str:
+    """The entry of `model` evaluated on `chunks`, with LoRA adapters (path, scale) applied in that order when given:
+    an adapted reference never shares an entry with the plain one, nor with the same adapters at other scales."""
     import llama_cpp
 
     digest = hashlib.sha256()
-    for part in (FORMAT, file_fingerprint(model), llama_cpp.__version__, device, str(first_scored), str(chunks.shape)):
+    adapters = [f"lora {file_fingerprint(path)} {float(scale)!r}" for path, scale in loras]
+    for part in (FORMAT, file_fingerprint(model), llama_cpp.__version__, device, str(first_scored), str(chunks.shape),
+                 *adapters):
         digest.update(part.encode() + b"\0")
     digest.update(np.ascontiguousarray(chunks, dtype=np.int32).tobytes())
     return digest.hexdigest()[:32]

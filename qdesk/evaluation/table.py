@@ -84,6 +84,8 @@ def render_evaluation(evaluation: Evaluation) -> str:
     lines = [
         f"text: {evaluation.chunks} chunks of {evaluation.ctx} tokens ({evaluation.scored_tokens} scored) from "
         + ", ".join(evaluation.sources),
+        *([f"LoRA adapters on every model: {', '.join(lora.label for lora in evaluation.loras)}"]
+          if evaluation.loras else []),
         "",
         *_table(_quality_rows(evaluation, with_speed)),
         *_task_lines(evaluation),

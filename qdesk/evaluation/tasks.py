@@ -28,6 +28,7 @@ from converters.core.errors import Cancelled, UserError
 from converters.core.jobs import CancelToken, Progress, ProgressFn
 from converters.core.paths import resources_dir
 from qdesk.chat.engine import EngineError, LoadedModel, LoadOptions, ModelCrashed, SamplingOptions, load_model
+from qdesk.chat.lora import LoraChoice
 from qdesk.evaluation.task_checkers import CHECKER_TYPES, Checker, CheckerSpecError, build_checker
 
 BUILTIN_SUITES = ("json", "arithmetic", "facts", "code")
@@ -326,10 +327,11 @@ def _answer(model: LoadedModel, item: TaskItem, cancel: CancelToken | None) -> s
 
 def run_tasks(model_path: str | Path, suites: str | Path | Sequence[str | Path | TaskSuite], *, n_ctx: int = 2048,
               n_threads: int | None = None, n_gpu_layers: int | str = 0, progress: ProgressFn | None = None,
-              cancel: CancelToken | None = None, rpc: Sequence[str] = ()) -> TaskRun:
-    """Answer every item of `suites` with the model at `model_path` (greedy, seed 0: reproducible) and check each
-    answer. Suites are loaded before the model, so a bad file fails fast. An item the engine refuses (a prompt
-    longer than the context) is recorded with the error; a crashed model ends the run (ModelCrashed)."""
+              cancel: CancelToken | None = None, rpc: Sequence[str] = (), loras: Sequence[LoraChoice] = ()) -> TaskRun:
+    """Answer every item of `suites` with the model at `model_path` (greedy, seed 0: reproducible), with the LoRA
+    adapters `loras` applied, and check each answer. Suites are loaded before the model, so a bad file fails fast.
+    An item the engine refuses (a prompt longer than the context) is recorded with the error; a crashed model ends
+    the run (ModelCrashed)."""
     loaded = load_suites(suites)
     total = sum(len(suite.items) for suite in loaded)
     report = progress or (lambda _: None)
@@ -337,7 +339,7 @@ def run_tasks(model_path: str | Path, suites: str | Path | Sequence[str | Path |
         cancel.raise_if_cancelled()
     report(Progress(0, total, "items", f"loading {Path(model_path).name}"))
     model = load_model(model_path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                                               rpc=tuple(rpc)))
+                                               rpc=tuple(rpc), loras=tuple(loras)))
     results: list[ItemResult] = []
     seconds_by_suite: dict[str, float] = {}
     try:
