@@ -135,7 +135,7 @@ def _apply_adapters(llm: llama_cpp.Llama, loras: list[tuple[str, float]]) -> Non
     adapters = []
     for path, _ in loras:
         adapter = llama_cpp.llama_adapter_lora_init(llm.model, path.encode("utf-8"))
-        if adapter is None:
+        if not adapter:  # ctypes gives a null pointer, which is falsy, not None
             said = next((line for line in reversed(_recent_log) if "lora" in line.lower()), "")
             reason = said.split(": ", 1)[-1].strip() if said else "llama.cpp gave no reason"
             raise AdapterLoadError(f"the adapter {os.path.basename(path)} does not fit this model: {reason}")
