@@ -296,7 +296,7 @@ def test_i_quants_join_a_remembered_measurement_and_take_the_mix_below_q2_k(
     for tensor in extended.tensors:
         types = {option.type for option in tensor.options}
         assert {"iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs"} <= types, tensor.name
-        assert (WRITTEN_ONLY_WITH_IMPORTANCE <= types) == (tensor.name in matrix.entries), tensor.name
+        assert (types >= WRITTEN_ONLY_WITH_IMPORTANCE) == (tensor.name in matrix.entries), tensor.name
         iq4, q4 = tensor.option("iq4_xs"), tensor.option("q4_K")
         assert iq4.bytes < q4.bytes and iq4.damage > 0
         assert iq4.input_damage == q4.input_damage  # both kernels round inputs in blocks of 256
