@@ -242,12 +242,11 @@ def test_an_adapter_for_another_base_is_refused(adapter: Path, tmp_path_factory:
     wider_gguf = convert_checkpoint(wider, tmp_path_factory.mktemp("wide-gguf") / "wide.gguf").path
     converted = convert_adapter(adapter, tmp_path_factory.mktemp("a") / "a.gguf")
     output = tmp_path_factory.mktemp("merged") / "m.gguf"
-    with pytest.raises(MergeError, match=r"adapts blk\.0\.attn_\w\.weight as \d+×64 but wide\.gguf holds it as "
-                                         r"\d+×128"):
-        merge_adapters(wider_gguf, [(converted.path, 1.0)], output)
-    assert list(output.parent.iterdir()) == []
     refusal = (r"a\.gguf does not fit wide\.gguf: it adapts blk\.0\.attn_\w\.weight with the shape 64×\d+ but "
                r"wide\.gguf holds it with the shape 128×\d+")
+    with pytest.raises(MergeError, match=refusal):
+        merge_adapters(wider_gguf, [(converted.path, 1.0)], output)
+    assert list(output.parent.iterdir()) == []
     with pytest.raises(AdapterError, match=refusal) as raised:
         load_model(wider_gguf, LoadOptions(n_ctx=64, loras=(LoraChoice(converted.path),)))
     assert "\n" not in str(raised.value)

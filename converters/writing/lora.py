@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import gguf
 import numpy as np
 
 from converters.core.atomic import atomic_output, check_free_space
-from converters.core.errors import UnsupportedModelError, UserError
+from converters.core.errors import GGUFFileError, UnsupportedModelError, UserError
+from converters.core.gguf_file import GGUFHeader, TensorHeader, check_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.reading.adapter import PeftAdapter, as_float32, read_adapter, resolve_base_folder
 from converters.reading.architectures import Architecture, ModelConfig, architecture_for
@@ -138,3 +140,50 @@ def _write_metadata(writer: gguf.GGUFWriter, adapter: PeftAdapter, base: Path, t
     writer.add_base_model_name(0, Path(adapter.base_name or base.name).name)
     if adapter.base_name and not Path(adapter.base_name).is_absolute() and adapter.base_name.count("/") == 1:
         writer.add_base_model_repo_url(0, f"https://huggingface.co/{adapter.base_name}")
+
+
+def adapter_mismatch(adapter: Path, model: GGUFHeader, model_name: str) -> str | None:
+    """Why the file `adapter` cannot be applied to (or merged into) the model whose header is `model`, as one
+    sentence; None when it fits. Read from the headers alone: the file is a LoRA adapter GGUF for the model's
+    architecture, every A has its B, and each pair multiplies into the shape of a weight the model has. llama.cpp's
+    loader does not always check the shapes itself (a wrong one crashed the generation), so they are checked here
+    first."""
+    adapter = Path(adapter)
+    try:
+        header = check_gguf(adapter)
+    except GGUFFileError as error:
+        return f"The adapter {adapter}: {str(error).rstrip('.')}."
+    metadata = header.metadata
+    if metadata.get("general.type") != "adapter" or metadata.get("adapter.type") != "lora":
+        return (f"{adapter.name} is not a LoRA adapter GGUF; convert the PEFT adapter folder with "
+                "`qdesk convert ADAPTER_DIR` first.")
+    architecture = model.metadata.get("general.architecture")
+    if metadata.get("general.architecture") != architecture:
+        return (f"{adapter.name} adapts a {metadata.get('general.architecture')} model but {model_name} is a "
+                f"{architecture} model; choose the adapter made for this base.")
+    problem = _shape_problem(header.tensors, {tensor.name: tensor.shape for tensor in model.tensors}, model_name)
+    if problem:
+        return f"{adapter.name} does not fit {model_name}: {problem}; choose the adapter made for this base."
+    return None
+
+
+def _shape_problem(adapter_tensors: Sequence[TensorHeader], shapes: Mapping[str, tuple[int, ...]],
+                   model_name: str) -> str | None:
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for tensor in adapter_tensors:
+        for suffix in (".lora_a", ".lora_b"):
+            if tensor.name.endswith(suffix):
+                pairs.setdefault(tensor.name.removesuffix(suffix), {})[suffix] = tensor.shape
+    for name, pair in pairs.items():
+        a, b = pair.get(".lora_a"), pair.get(".lora_b")
+        if a is None or b is None:
+            return f"it holds only one of {name}'s two LoRA matrices"
+        base = shapes.get(name)
+        if base is None:
+            return f"it adapts {name}, which {model_name} does not have"
+        if len(a) < 2 or len(b) < 2 or a[1] != b[0]:
+            return f"its matrices for {name} have shapes {a} and {b}, which do not multiply"
+        if (a[0], b[1]) != tuple(base[:2]):
+            return (f"it adapts {name} with the shape {a[0]}×{b[1]} but {model_name} holds it with the shape "
+                    f"{base[0]}×{base[1]}")
+    return None

@@ -18,10 +18,11 @@ import gguf
 import numpy as np
 
 from converters.core.atomic import atomic_output, check_free_space
-from converters.core.errors import GGUFFileError, UserError
-from converters.core.gguf_file import open_gguf
+from converters.core.errors import UserError
+from converters.core.gguf_file import check_gguf, open_gguf
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.writing.gguf_stream import StreamingGGUFWriter
+from converters.writing.lora import adapter_mismatch
 from converters.writing.tensor_types import encode
 
 QType = gguf.GGMLQuantizationType
@@ -66,19 +67,16 @@ def merge_adapters(base: Path, adapters: Sequence[tuple[Path, float]], output: P
     architecture = _string(reader, "general.architecture")
     if _string(reader, "general.type") == "adapter":
         raise MergeError(f"{base.name} is an adapter, not a model; give the base model's GGUF.")
+    header = check_gguf(base)
+    for path, _ in adapters:
+        problem = adapter_mismatch(Path(path), header, base.name)
+        if problem:
+            raise MergeError(problem)
     deltas: dict[str, list[AdapterDelta]] = {}
     base_tensors = {tensor.name: tensor for tensor in reader.tensors}
     for path, scale in adapters:
-        for name, delta in _adapter_deltas(Path(path), scale, architecture, base.name).items():
-            tensor = base_tensors.get(name)
-            if tensor is None:
-                raise MergeError(f"{Path(path).name} adapts {name}, which {base.name} does not have; choose the "
-                                 "adapter made for this base model.")
-            out_features, in_features = int(tensor.shape[1]), int(tensor.shape[0])
-            if delta.b.shape[0] != out_features or delta.a.shape[1] != in_features:
-                raise MergeError(f"{Path(path).name} adapts {name} as {delta.b.shape[0]}×{delta.a.shape[1]} but "
-                                 f"{base.name} holds it as {out_features}×{in_features}; choose the adapter made "
-                                 "for this base model.")
+        for name, delta in _adapter_deltas(Path(path), scale).items():
+            tensor = base_tensors[name]
             if tensor.tensor_type not in MERGEABLE:
                 raise MergeError(f"{base.name} stores {name} as {tensor.tensor_type.name}, and an adapter can be "
                                  "merged only into a float GGUF (F32, F16, BF16); merge first, then quantize.")
@@ -107,34 +105,17 @@ def merge_adapters(base: Path, adapters: Sequence[tuple[Path, float]], output: P
     return MergeResult(output, len(deltas), labels, output.stat().st_size, time.monotonic() - started)
 
 
-def _adapter_deltas(path: Path, scale: float, architecture: str | None, base_name: str) -> dict[str, AdapterDelta]:
-    try:
-        reader = open_gguf(path)
-    except GGUFFileError as error:
-        raise MergeError(f"The adapter {path}: {error}") from error
-    if _string(reader, "general.type") != "adapter" or _string(reader, "adapter.type") != "lora":
-        raise MergeError(f"{path.name} is not a LoRA adapter GGUF; convert the PEFT adapter folder with "
-                         "`qdesk convert ADAPTER_DIR` first.")
-    if _string(reader, "general.architecture") != architecture:
-        raise MergeError(f"{path.name} adapts a {_string(reader, 'general.architecture')} model but {base_name} is "
-                         f"a {architecture} model; choose the adapter made for this base.")
+def _adapter_deltas(path: Path, scale: float) -> dict[str, AdapterDelta]:
+    """The pairs of an adapter `adapter_mismatch` has passed, with the factor llama.cpp applies them at."""
+    reader = open_gguf(path)
     alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     alpha = float(alpha_field.contents()) if alpha_field is not None else 0.0
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     deltas = {}
     for name, tensor in tensors.items():
-        if not name.endswith(".lora_a"):
-            continue
-        base_name_of_pair = name.removesuffix(".lora_a")
-        partner = tensors.get(f"{base_name_of_pair}.lora_b")
-        if partner is None:
-            raise MergeError(f"{path.name} has {name} without its lora_b; convert the adapter again.")
-        a, b = _as_float(tensor), _as_float(partner)
-        if a.shape[0] != b.shape[1]:
-            raise MergeError(f"{path.name} pairs ranks {a.shape[0]} and {b.shape[1]} for {base_name_of_pair}; "
-                             "convert the adapter again.")
-        rank = a.shape[0]
-        deltas[base_name_of_pair] = AdapterDelta(a, b, scale * alpha / rank if alpha else scale)
+        if name.endswith(".lora_a"):
+            a, b = _as_float(tensor), _as_float(tensors[name.removesuffix(".lora_a") + ".lora_b"])
+            deltas[name.removesuffix(".lora_a")] = AdapterDelta(a, b, scale * alpha / a.shape[0] if alpha else scale)
     return deltas
 
 
