@@ -802,7 +802,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                    for report in reports},
         "timings_s": {"this_run": timings.steps, "cold": timings.cold},
     }
-    for path, content in ((args.json_out, json.dumps(document, indent=1) + "\n"), (args.svg_out, svg_plot(reports)),
+    write_outputs(args, document, reports, text)
+
+
+def write_outputs(args: argparse.Namespace, document: dict[str, object], reports: Sequence[ModelReport],
+                  text: str) -> None:
+    """The JSON document, the plot (when anything was measured) and the Markdown, where the options name them."""
+    plot = svg_plot(reports) if any(report.results for report in reports) else ""
+    for path, content in ((args.json_out, json.dumps(document, indent=1) + "\n"), (args.svg_out, plot),
                           (args.markdown_out, text + "\n")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")

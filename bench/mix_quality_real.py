@@ -26,7 +26,6 @@ are deleted after their evaluation unless `--keep-variants`. Prints figures; nev
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -57,7 +56,7 @@ from bench.mix_quality import (  # noqa: E402
     Variant,
     measure,
     model_context,
-    svg_plot,
+    write_outputs,
 )
 from converters.core.gguf_file import check_gguf  # noqa: E402
 from converters.mix.allocate import MixBudget, plan_mix  # noqa: E402
@@ -369,12 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    for report in reports},
         "seconds": {**timings.steps, "total (this run)": time.monotonic() - started},
     }
-    for path, content in ((args.json_out, json.dumps(document, indent=1) + "\n"),
-                          (args.svg_out, svg_plot(reports) if any(r.results for r in reports) else ""),
-                          (args.markdown_out, text + "\n")):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-    print(f"JSON: {args.json_out}\nSVG: {args.svg_out}\nMarkdown: {args.markdown_out}")
+    write_outputs(args, document, reports, text)
 
 
 if __name__ == "__main__":
