@@ -13,14 +13,14 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.calibration.imatrix import ImatrixEntry, ImatrixError, ImportanceMatrix
+from converters.calibration.imatrix import ImatrixEntry, ImatrixError, ImportanceMatrix, read_imatrix
 from converters.core.errors import Cancelled, GGUFFileError
 from converters.core.gguf_file import check_gguf
 from converters.core.jobs import CancelToken, Progress
 from converters.mix.report import save_plan
 from converters.quantization.plan import PlanError, QuantPlan
 from converters.quantization.presets import PRESETS
-from converters.quantization.quantize import QuantizeError, preset_plan, quantize
+from converters.quantization.quantize import QuantizeError, matrix_data, preset_plan, quantize
 from tests.builders.llama_quantizer import bare_llama_quantize
 
 REQUIRED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
@@ -221,3 +221,23 @@ def test_cli_applies_a_saved_plan(kquant_f16: Path, tmp_path: Path) -> None:
                    "-o", str(tmp_path / "out.gguf"))
     assert result.returncode == 0, result.stderr
     assert tensor_types(tmp_path / "out.gguf") == {name: type_.upper() for name, type_ in plan.types().items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_matrix(kquant_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> ImportanceMatrix:
+    from converters.calibration.calibrate import calibrate
+
+    path = tmp_path_factory.mktemp("iq") / "tiny.imatrix.gguf"
+    calibrate(kquant_f16, path, chunks=2, ctx=64)
+    return read_imatrix(path)
+
+
+@pytest.mark.parametrize("preset", [name for name in PRESETS if name.startswith("IQ")])
+def test_an_i_quant_preset_is_llama_cpps_with_the_same_matrix(preset: str, kquant_f16: Path,
+                                                              tiny_matrix: ImportanceMatrix, tmp_path: Path) -> None:
+    ours = quantize(kquant_f16, tmp_path / "ours.gguf", preset, tiny_matrix)
+    peer = tmp_path / "peer.gguf"
+    bare_llama_quantize(kquant_f16, peer, PRESETS[preset].ftype, imatrix=matrix_data(tiny_matrix))
+    assert tensor_types(ours.path) == tensor_types(peer)
+    assert any(name.startswith("IQ") for name in tensor_types(peer).values())
+    assert tensor_data(ours.path) == tensor_data(peer)

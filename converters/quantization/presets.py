@@ -44,11 +44,13 @@ _PRESET_LIST = (
     Preset("Q8_0", LlamaFileType.MOSTLY_Q8_0, "very large, practically lossless", uses_imatrix=False),
     Preset("F16", LlamaFileType.MOSTLY_F16, "16-bit floats: a reference to measure the others against",
            uses_imatrix=False),
-    Preset("IQ3_XXS", LlamaFileType.MOSTLY_IQ3_XXS, "3.06 bpw i-quant; needs an importance matrix",
-           requires_imatrix=True),
-    Preset("IQ2_XS", LlamaFileType.MOSTLY_IQ2_XS, "2.31 bpw i-quant; needs an importance matrix",
-           requires_imatrix=True),
+    *(Preset(name, LlamaFileType[f"MOSTLY_{name}"], f"{bits} bpw i-quant; needs an importance matrix",
+             requires_imatrix=True)
+      for name, bits in (("IQ4_NL", "4.50"), ("IQ4_XS", "4.25"), ("IQ3_M", "3.66"), ("IQ3_S", "3.44"),
+                         ("IQ3_XS", "3.3"), ("IQ3_XXS", "3.06"), ("IQ2_M", "2.7"), ("IQ2_S", "2.5"),
+                         ("IQ2_XS", "2.31"), ("IQ2_XXS", "2.06"), ("IQ1_M", "1.75"), ("IQ1_S", "1.56"))),
 )
+"""llama.cpp's i-quant file types with the bits per weight its quantizer quotes for a 7B model."""
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in _PRESET_LIST}
 
