@@ -1,7 +1,7 @@
 """Issue 20's quality bar: the sensitivity mix against llama.cpp's presets on real 256-aligned models.
 
     .venv/bin/python bench/mix_quality_real.py [--models qwen-1.5b,qwen-0.5b,starter] [--chunks 16] [--ctx 512]
-        [--presets Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K] [--feedback] [--mix-effort default]
+        [--presets Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K] [--feedback] [--mix-effort default] [--bpw 2.0,1.8]
         [--json-out FILE] [--svg-out FILE] [--markdown-out FILE] [--threads N] [--keep-variants]
 
 Models: the grid-broken Qwen2.5-Coder-1.5B-Instruct and Qwen2.5-Coder-0.5B (`bench/_support/real_models.py`: F16
@@ -14,7 +14,9 @@ text (`resources/eval/text`, never the calibration text; `--chunks` × `--ctx`, 
 * preset + feedback (`--feedback`): the preset's types with our error-feedback rounding (`--encoder feedback`);
 * mix: `qdesk quantize --like PRESET` as it is made by default (its encoder is recorded), with the KLD its plan
   predicts;
-* mix, ggml rounding: the same budget with llama.cpp's rounding, when that is not already the default.
+* mix, ggml rounding: the same budget with llama.cpp's rounding, when that is not already the default;
+* with `--bpw`, the mix at those bits per weight as well (below the smallest preset: the i-quants' range). The
+  i-quant presets (IQ4_XS, IQ3_S, IQ3_XXS, IQ2_XS, …) are named with `--presets` like the others.
 
 Prints, per model, mean KLD, its 99th percentile and top-1 agreement of every variant, the ratios mix/preset and
 mix/(preset + feedback) at each preset's size, and predicted against measured KLD; writes JSON, a Markdown table
@@ -113,7 +115,8 @@ def preset_variants(context: ModelContext, presets: Sequence[str], encoders: Seq
 
 
 def mix_variants(context: ModelContext, presets: Sequence[str], effort: str, with_feedback: bool,
-                 ablations: Sequence[str], log: Callable[[str], None]) -> list[Variant]:
+                 ablations: Sequence[str], log: Callable[[str], None], bpw_budgets: Sequence[float] = ()
+                 ) -> list[Variant]:
     """The mix at each preset's size, with the encoder `qdesk quantize` picks for it, and with ggml's rounding
     when that is another; keyed by the plan's types (the sensitivity is measured once and cached)."""
     from converters.mix.feedback import collect_input_covariances, feedback_sensitivity
@@ -138,17 +141,19 @@ def mix_variants(context: ModelContext, presets: Sequence[str], effort: str, wit
         if encoder == "feedback":
             covariances = collect_input_covariances(reference, chunks=FEEDBACK_CHUNKS)
             sensitivity = feedback_sensitivity(plain, reference, covariances, matrix)
-        for preset in presets:
-            like_bytes = preset_plan(reference, preset, matrix).n_bytes
-            mix = plan_mix(reference, header, MixBudget(like=preset), sensitivity, like_bytes)
+        budgets = [(f"mix like {preset}", MixBudget(like=preset)) for preset in presets]
+        budgets += [(f"mix {bpw:g} bpw", MixBudget(bpw=bpw)) for bpw in bpw_budgets]
+        for label, budget in budgets:
+            like_bytes = preset_plan(reference, budget.like, matrix).n_bytes if budget.like else None
+            mix = plan_mix(reference, header, budget, sensitivity, like_bytes)
 
-            def build(output: Path, preset: str = preset, encoder: str = encoder) -> None:
-                quantize(reference, output, MixBudget(like=preset), matrix, mix_effort=effort, encoder=encoder)
+            def build(output: Path, budget: MixBudget = budget, encoder: str = encoder) -> None:
+                quantize(reference, output, budget, matrix, mix_effort=effort, encoder=encoder)
 
             extra = {"mix": MIX_METHOD_KEY, **(encoder_extra(encoder) or {})}
             series = SERIES_MIX if encoder == default_encoder else (
                 SERIES_MIX_GGML if encoder == "ggml" else f"mix, {encoder}")
-            variants.append(Variant(f"mix like {preset}", series, context.fingerprint(mix.plan.types(), True, extra),
+            variants.append(Variant(label, series, context.fingerprint(mix.plan.types(), True, extra),
                                     build, note=f"{encoder} rounding", predicted_kld=mix.predicted_kld))
         if encoder != default_encoder:
             continue
@@ -197,7 +202,8 @@ ABLATIONS: dict[str, Callable[[Sensitivity], Sensitivity]] = {
 
 
 def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[str], with_mix: bool,
-              with_feedback: bool, effort: str, ablations: Sequence[str], log: Callable[[str], None]) -> ModelReport:
+              with_feedback: bool, effort: str, ablations: Sequence[str], log: Callable[[str], None],
+              bpw_budgets: Sequence[float] = ()) -> ModelReport:
     model = context.model
     store = ResultStore(model.reference.parent / f"results-real-{settings.chunks}x{settings.ctx}.json",
                         {"chunks": settings.chunks, "ctx": settings.ctx})
@@ -222,7 +228,7 @@ def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[st
                 f"top-1 {100 * result.top1:.2f} %  ({how})")
 
     run(preset_variants(context, presets, ["ggml"]))
-    mixes = mix_variants(context, presets, effort, with_feedback, ablations, log) if with_mix else []
+    mixes = mix_variants(context, presets, effort, with_feedback, ablations, log, bpw_budgets) if with_mix else []
     run([variant for variant in mixes if variant.series == SERIES_MIX])  # the bar's three series first
     if with_feedback:
         run(preset_variants(context, presets, ["feedback"]))
@@ -320,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="add the presets with error-feedback rounding (and the feedback mix where it is not "
                              "the default); the calibration inputs are spilled beside the reference")
     parser.add_argument("--no-mix", action="store_true", help="measure the presets only")
+    parser.add_argument("--bpw", default="", help="comma-separated bits per weight: mixes at these budgets too "
+                                                  "(below the smallest preset, say: 2.0,1.8)")
     parser.add_argument("--ablations", default="",
                         help=f"comma-separated, at the bar presets' sizes: {', '.join(ABLATIONS)}")
     parser.add_argument("--mix-effort", default="default")
@@ -351,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if name != STARTER:
             ablations = [a for a in ablations if a != "tied roles joined"]  # the Qwen models' output is untied
         report = run_model(model_context(model), settings, presets, not args.no_mix, args.feedback, args.mix_effort,
-                           ablations, lambda line: print(line, flush=True))
+                           ablations, lambda line: print(line, flush=True),
+                           [float(bpw) for bpw in args.bpw.split(",") if bpw.strip()])
         timings.steps[f"{name}: variants (this run)"] = time.monotonic() - model_started
         reports.append(report)
     text = markdown(reports, presets, settings)
