@@ -1,7 +1,8 @@
 """Issue 20's quality bar: the sensitivity mix against llama.cpp's presets on real 256-aligned models.
 
     .venv/bin/python bench/mix_quality_real.py [--models qwen-1.5b,qwen-0.5b,starter] [--chunks 16] [--ctx 512]
-        [--presets Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K] [--feedback] [--mix-effort default] [--bpw 2.0,1.8]
+        [--presets Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K] [--feedback] [--awq] [--mix-effort default]
+        [--bpw 2.0,1.8]
         [--json-out FILE] [--svg-out FILE] [--markdown-out FILE] [--threads N] [--keep-variants]
 
 Models: the grid-broken Qwen2.5-Coder-1.5B-Instruct and Qwen2.5-Coder-0.5B (`bench/_support/real_models.py`: F16
@@ -15,6 +16,8 @@ text (`resources/eval/text`, never the calibration text; `--chunks` × `--ctx`, 
 * mix: `qdesk quantize --like PRESET` as it is made by default (its encoder is recorded), with the KLD its plan
   predicts;
 * mix, ggml rounding: the same budget with llama.cpp's rounding, when that is not already the default;
+* with `--awq`, the bar presets (Q3_K_M, Q4_K_M, Q5_K_M) after activation-aware scaling (`--awq`), with
+  llama.cpp's rounding and with error feedback;
 * with `--bpw`, the mix at those bits per weight as well (below the smallest preset: the i-quants' range). The
   i-quant presets (IQ4_XS, IQ3_S, IQ3_XXS, IQ2_XS, …) are named with `--presets` like the others.
 
@@ -74,11 +77,15 @@ SERIES_MIX_GGML = "mix, ggml rounding"
 SERIES_ABLATION = "mix, "
 """Prefix of a mix planned with one method change undone (`ABLATIONS`)."""
 RESULTS_FORMAT = "qdesk.bench.mix_quality_real/1"
+MIX_METHOD_KEY = "sensitivity/2"
+AWQ_METHOD_KEY = "diagonal-search/1"
+SERIES_AWQ_SUFFIX = " + awq"
 SERIES_STYLE.update({  # each series of this benchmark its own marker in the plot
     SERIES_PRESET_FEEDBACK: ("#2ca02c", "circle", True),
     SERIES_MIX_GGML: ("#d62728", "diamond", False),
+    SERIES_PRESET + SERIES_AWQ_SUFFIX: ("#ff7f0e", "square", False),
+    SERIES_PRESET_FEEDBACK + SERIES_AWQ_SUFFIX: ("#9467bd", "square", True),
 })
-MIX_METHOD_KEY = "sensitivity/2"
 STARTER = "starter"
 ENCODER_FILE_TAG = {"ggml": None, "feedback": "error-feedback/1"}
 
@@ -98,7 +105,9 @@ def encoder_extra(encoder: str) -> dict[str, object] | None:
     return None if encoder == "ggml" else {"encoder": ENCODER_FILE_TAG[encoder], "feedback_chunks": FEEDBACK_CHUNKS}
 
 
-def preset_variants(context: ModelContext, presets: Sequence[str], encoders: Sequence[str]) -> list[Variant]:
+def preset_variants(context: ModelContext, presets: Sequence[str], encoders: Sequence[str],
+                    awq: bool = False) -> list[Variant]:
+    """Each preset with each encoder; with `awq`, after activation-aware scaling (`qdesk quantize --awq`)."""
     reference, matrix = context.model.reference, context.matrix
     variants = []
     for encoder in encoders:
@@ -106,11 +115,12 @@ def preset_variants(context: ModelContext, presets: Sequence[str], encoders: Seq
             types = preset_plan(reference, preset, matrix).types()
 
             def build(output: Path, preset: str = preset, encoder: str = encoder) -> None:
-                quantize(reference, output, preset, imatrix=matrix, encoder=encoder)
+                quantize(reference, output, preset, imatrix=matrix, encoder=encoder, awq=awq)
 
             series = SERIES_PRESET if encoder == "ggml" else SERIES_PRESET_FEEDBACK
-            variants.append(Variant(preset, series, context.fingerprint(types, True, extra=encoder_extra(encoder)),
-                                    build))
+            extra = {**(encoder_extra(encoder) or {}), **({"awq": AWQ_METHOD_KEY} if awq else {})} or None
+            variants.append(Variant(preset, series + (SERIES_AWQ_SUFFIX if awq else ""),
+                                    context.fingerprint(types, True, extra=extra), build))
     return variants
 
 
@@ -203,7 +213,7 @@ ABLATIONS: dict[str, Callable[[Sensitivity], Sensitivity]] = {
 
 def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[str], with_mix: bool,
               with_feedback: bool, effort: str, ablations: Sequence[str], log: Callable[[str], None],
-              bpw_budgets: Sequence[float] = ()) -> ModelReport:
+              bpw_budgets: Sequence[float] = (), awq: bool = False) -> ModelReport:
     model = context.model
     store = ResultStore(model.reference.parent / f"results-real-{settings.chunks}x{settings.ctx}.json",
                         {"chunks": settings.chunks, "ctx": settings.ctx})
@@ -233,6 +243,8 @@ def run_model(context: ModelContext, settings: RunSettings, presets: Sequence[st
     if with_feedback:
         run(preset_variants(context, presets, ["feedback"]))
     run([variant for variant in mixes if variant.series != SERIES_MIX])
+    if awq:
+        run(preset_variants(context, [p for p in presets if p in BAR_PRESETS], ["ggml", "feedback"], awq=True))
     return ModelReport(model.name, model.reference, model.reference.stat().st_size, context.base_plan.n_elements,
                        reference_ppl.get("ppl", math.nan), results, seconds)
 
@@ -304,6 +316,18 @@ def markdown(reports: Sequence[ModelReport], presets: Sequence[str], settings: R
                 mix_cell = _cell(mix.kld_mean if mix else None, ".5f")
                 lines.append(f"| {preset} | {mix_cell} | " + " | ".join(cells) + " |")
             lines.append("")
+        scaled = [(preset, find(report.results, series, preset), find(report.results, series + SERIES_AWQ_SUFFIX,
+                                                                        preset))
+                  for preset in presets for series in (SERIES_PRESET, SERIES_PRESET_FEEDBACK)]
+        scaled = [(preset, plain, awq) for preset, plain, awq in scaled if plain and awq]
+        if scaled:
+            lines += [f"Activation-aware scaling on {report.name} (`--awq`; same types):", "",
+                      "| preset | rounding | without | with --awq | ratio |", "|---|---|---:|---:|---:|"]
+            for preset, plain, awq in scaled:
+                rounding = "feedback" if plain.series == SERIES_PRESET_FEEDBACK else "ggml"
+                lines.append(f"| {preset} | {rounding} | {plain.kld_mean:.5f} | {awq.kld_mean:.5f} | "
+                             f"{awq.kld_mean / plain.kld_mean:.3f} |")
+            lines.append("")
         predicted = [m for m in report.results if m.predicted_kld]
         if predicted:
             lines += [f"Predicted against measured on {report.name}:", "",
@@ -326,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="add the presets with error-feedback rounding (and the feedback mix where it is not "
                              "the default); the calibration inputs are spilled beside the reference")
     parser.add_argument("--no-mix", action="store_true", help="measure the presets only")
+    parser.add_argument("--awq", action="store_true",
+                        help="add the bar presets with activation-aware scaling, alone and with feedback rounding")
     parser.add_argument("--bpw", default="", help="comma-separated bits per weight: mixes at these budgets too "
                                                   "(below the smallest preset, say: 2.0,1.8)")
     parser.add_argument("--ablations", default="",
@@ -360,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ablations = [a for a in ablations if a != "tied roles joined"]  # the Qwen models' output is untied
         report = run_model(model_context(model), settings, presets, not args.no_mix, args.feedback, args.mix_effort,
                            ablations, lambda line: print(line, flush=True),
-                           [float(bpw) for bpw in args.bpw.split(",") if bpw.strip()])
+                           [float(bpw) for bpw in args.bpw.split(",") if bpw.strip()], args.awq)
         timings.steps[f"{name}: variants (this run)"] = time.monotonic() - model_started
         reports.append(report)
     text = markdown(reports, presets, settings)

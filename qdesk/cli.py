@@ -324,7 +324,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             result = quantize(source, args.output, recipe, args.imatrix, texts=_calibration_texts(args),
                               chunks=args.chunks, ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads,
                               plan_out=args.plan_out, mix_effort=args.mix_effort, encoder=args.encoder,
-                              progress=bar)
+                              awq=args.awq, progress=bar)
     finally:
         bar.close()
     for warning in result.warnings:
@@ -334,6 +334,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     predictions = [tensor.predicted_kld for tensor in result.plan.tensors if tensor.predicted_kld is not None]
     predicted = f", predicted KLD {sum(predictions):.4g}" if predictions else ""
     feedback = ", error feedback" if result.plan.encoder == "feedback" else ""
+    feedback += ", activation-aware scaling" if args.awq else ""
     print(f"wrote {result.path} ({format_size(result.bytes)}, {result.plan.bits_per_weight:.2f} bpw; "
           f"{types}{matrix}{feedback}{predicted})")
     if predictions:
@@ -695,6 +696,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="ggml: llama.cpp's rounding; feedback: rounding errors compensated within each row "
                                "against the calibration text's input correlations (default: feedback for a mix, "
                                "the plan's own for --plan, ggml for a preset)")
+    quantize.add_argument("--awq", action="store_true",
+                          help="activation-aware scaling: scale each matrix's input channels by their activations "
+                               "before rounding, folded into the norms and matrices before them (an ordinary GGUF; "
+                               "needs an importance matrix)")
     quantize.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
     backends = command("backends", "the compute backends and devices llama.cpp can use here", _run_backends)

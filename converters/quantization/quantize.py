@@ -35,6 +35,7 @@ from converters.mix.allocate import MIX_BASE_PRESET, MixBudget, MixPlan, check_b
 from converters.mix.feedback import ENCODERS, FEEDBACK_CHUNKS, CalibrationInputs, apply_feedback, feedback_sensitivity
 from converters.mix.report import save_plan
 from converters.mix.sensitivity import ProbeEffort, cached_sensitivity, effort_named
+from converters.quantization.awq import awq_reference
 from converters.quantization.plan import PlannedTensor, QuantPlan, type_name
 from converters.quantization.presets import Preset, preset_named
 
@@ -93,6 +94,7 @@ def quantize(
     plan_out: str | Path | None = None,
     mix_effort: str = "default",
     encoder: str | None = None,
+    awq: bool = False,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> QuantizeResult:
@@ -103,6 +105,10 @@ def quantize(
     (converters/mix/feedback.py), whatever the model's size: the calibration inputs are spilled to a scratch folder
     beside the output and removed however the job ends. The default is "feedback" for a mix, the plan's own
     encoder for a plan, and "ggml" for a preset.
+
+    `awq` scales each weight matrix's input channels by their activations before rounding and folds the inverse
+    into what produces them (converters/quantization/awq.py): the reference, its importance matrix and everything
+    after them are then the scaled model's. It needs an importance matrix.
     """
     started = time.monotonic()
     cancel = cancel or CancelToken()
@@ -140,12 +146,24 @@ def quantize(
         chosen_encoder = _chosen_encoder(encoder, budget, plan)
         target = Path(output) if output is not None else default_output.with_name(
             variant_file_name(default_output, base.name if budget is None else "mix"))
+        calibration = _Calibration(texts, chunks, ctx, gpu_layers)
+        extra_metadata: dict[str, str | int | float] = {}
+        if awq:
+            matrix, use = _importance_matrix(imatrix, base, reference, header, calibration, None, progress, cancel)
+            if matrix is None:
+                raise QuantizeError("--awq needs an importance matrix: its scales come from the activations one "
+                                    "records; use --imatrix auto or --imatrix FILE.")
+            scaled = stack.enter_context(awq_reference(reference, matrix, _awq_types(reference, base, plan, budget,
+                                                                                      matrix),
+                                                       target.parent, progress=progress, cancel=cancel))
+            reference, matrix, header = scaled.path, scaled.matrix, check_model_gguf(scaled.path)
+            extra_metadata.update(scaled.metadata())
         inputs = None
         if chosen_encoder == "feedback":
             inputs = stack.enter_context(CalibrationInputs(reference, texts, chunks=min(chunks, FEEDBACK_CHUNKS),
                                                            ctx=ctx, gpu_layers=gpu_layers, scratch=target.parent))
-        matrix, use = _importance_matrix(imatrix, base, reference, header, _Calibration(texts, chunks, ctx, gpu_layers),
-                                         inputs, progress, cancel)
+        if not awq:
+            matrix, use = _importance_matrix(imatrix, base, reference, header, calibration, inputs, progress, cancel)
         if base.requires_imatrix and matrix is None:
             raise QuantizeError(f"{base.name} needs an importance matrix; use --imatrix auto or --imatrix FILE.")
         like_bytes = _like_bytes(budget, reference, header, matrix)
@@ -160,7 +178,7 @@ def quantize(
         with atomic_output(target) as temporary:
             try:
                 records = _run(reference, temporary, base, plan, matrix, use, requantize is not None, threads,
-                               progress, cancel, {**(mix.metadata() if mix is not None else {}),
+                               progress, cancel, {**(mix.metadata() if mix is not None else {}), **extra_metadata,
                                                   "qdesk.encoder": ENCODER_METADATA[chosen_encoder]})
             except QuantizeError as error:
                 raise disk_full(target) or error from error
@@ -180,6 +198,17 @@ def quantize(
         save_plan(result_plan, plan_out)
     return QuantizeResult(target, target.stat().st_size, result_plan, preset.name if preset else None, use,
                           tuple(warnings), time.monotonic() - started)
+
+
+def _awq_types(reference: Path, base: Preset, plan: QuantPlan | None, budget: MixBudget | None,
+               matrix: ImportanceMatrix) -> dict[str, str]:
+    """The types activation-aware scales are searched for: the plan's, the preset's, or for a mix the preset it
+    is like (Q4_K_M's for a size or bits-per-weight budget)."""
+    if plan is not None:
+        return plan.types()
+    if budget is not None:
+        return preset_plan(reference, budget.like or MIX_BASE_PRESET, matrix).types()
+    return preset_plan(reference, base.name, matrix).types()
 
 
 def _input_files(source: Path, imatrix: ImatrixChoice) -> list[Path]:
