@@ -44,6 +44,9 @@ from converters.writing.rewrite import FLOAT_TYPES, as_float, rewrite_gguf, row_
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 """Graphs whose norms, ffn_up and attn_v feed the scaled matrices directly, as folded here."""
 ALPHAS = tuple(step / 10 for step in range(11))
+MAGNITUDE_FLOOR = 1e-3
+"""Channels quieter than this share of the loudest are scaled as if they were this loud, so no scale (after
+centring, at most ~30× either way) takes a weight out of F16's range."""
 SEARCH_ROWS = 64
 """Rows per matrix (evenly spaced) on which each α is tried."""
 METADATA_KEY = "qdesk.awq"
@@ -187,7 +190,8 @@ def _search(group: ScalingGroup, tensors: Mapping[str, Any], matrix: ImportanceM
     if not rounded or any(entry is None or entry.n_mat != 1 for entry in entries):
         return GroupScale(group, 0.0, identity, 0.0, 0.0)
     column_means = np.mean([entry.mean_squares() for entry in entries if entry is not None], axis=0)
-    magnitude = np.sqrt(np.maximum(group.channel_means(column_means), 1e-12))
+    rms = np.sqrt(np.maximum(group.channel_means(column_means), 0.0))
+    magnitude = np.maximum(rms, max(float(rms.max()), 1e-12) * MAGNITUDE_FLOOR)
     samples = {}
     for name in rounded:
         rows = int(np.prod(tensors[name].shape[1:]))
