@@ -196,7 +196,7 @@ def _search(group: ScalingGroup, tensors: Mapping[str, Any], matrix: ImportanceM
     for name in rounded:
         rows = int(np.prod(tensors[name].shape[1:]))
         picked = np.unique(np.linspace(0, rows - 1, min(SEARCH_ROWS, rows)).astype(np.int64))
-        samples[name] = (as_float(tensors[name])[picked], rows / picked.size)
+        samples[name] = (as_float(tensors[name], rows=picked), rows / picked.size)
 
     def damage(scales: np.ndarray) -> float:
         columns = group.columns(scales).astype(np.float32)

@@ -58,12 +58,13 @@ def row_steps(tensor: Any) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + ROWS_PER_STEP)
 
 
-def as_float(tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows `start:stop` of a GGUF tensor as float32 (a 1-D tensor is one row)."""
+def as_float(tensor: Any, start: int = 0, stop: int | None = None, *, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows `start:stop` of a GGUF tensor, or the rows numbered `rows`, as float32 (a 1-D tensor is one row); only
+    those rows are read from the file."""
     data = np.asarray(tensor.data)
     if data.ndim == 1:
         data = data.reshape(1, -1)
-    data = data[start:stop]
+    data = data[rows] if rows is not None else data[start:stop]
     if tensor.tensor_type == QType.BF16:
         return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if tensor.tensor_type in (QType.F32, QType.F16):
