@@ -246,7 +246,7 @@ def mix_variants(context: ModelContext, budgets: Sequence[tuple[str, int]], log:
 
         variants.append(Variant(f"mix {label}", SERIES_MIX,
                                 context.fingerprint(mix.plan.types(), True,
-                                                    extra={"mix": SENSITIVITY_KEY, "encoder": "error-feedback/1",
+                                                    extra={"mix": SENSITIVITY_KEY, "encoder": "error-feedback/2",
                                                            "feedback_chunks": FEEDBACK_CHUNKS}), build,
                                 note=f"budget {budget / MB:.2f} MB", predicted_kld=mix.predicted_kld))
     return variants
@@ -262,7 +262,7 @@ def encoder_variants(context: ModelContext, results: Sequence[Measured]) -> list
     reference, matrix = context.model.reference, context.matrix
     header = check_gguf(reference)
     plain_sensitivity = mix_sensitivity(reference, matrix)
-    feedback = {"encoder": "error-feedback/1", "feedback_chunks": FEEDBACK_CHUNKS}
+    feedback = {"encoder": "error-feedback/2", "feedback_chunks": FEEDBACK_CHUNKS}
     variants = []
     for name, preset, rule in bar_peers(results):
         preset_types = preset_plan(reference, name, matrix).types()

@@ -65,7 +65,7 @@ from bench.mix_quality import (  # noqa: E402
 )
 from converters.core.gguf_file import check_gguf  # noqa: E402
 from converters.mix.allocate import MixBudget, plan_mix  # noqa: E402
-from converters.mix.feedback import FEEDBACK_CHUNKS  # noqa: E402
+from converters.mix.feedback import FEEDBACK_CHUNKS, FEEDBACK_METHOD  # noqa: E402
 from converters.mix.sensitivity import Sensitivity  # noqa: E402
 from converters.quantization.plan import QuantPlan  # noqa: E402
 from converters.quantization.quantize import _chosen_encoder, preset_plan, quantize  # noqa: E402
@@ -87,7 +87,7 @@ SERIES_STYLE.update({  # each series of this benchmark its own marker in the plo
     SERIES_PRESET_FEEDBACK + SERIES_AWQ_SUFFIX: ("#9467bd", "square", True),
 })
 STARTER = "starter"
-ENCODER_FILE_TAG = {"ggml": None, "feedback": "error-feedback/1"}
+ENCODER_FILE_TAG = {"ggml": None, "feedback": "error-feedback/2"}
 
 
 def prepare(name: str, calibration_chunks: int, timings: Timings) -> BenchModel:
@@ -102,7 +102,8 @@ def prepare(name: str, calibration_chunks: int, timings: Timings) -> BenchModel:
 
 
 def encoder_extra(encoder: str) -> dict[str, object] | None:
-    return None if encoder == "ggml" else {"encoder": ENCODER_FILE_TAG[encoder], "feedback_chunks": FEEDBACK_CHUNKS}
+    return None if encoder == "ggml" else {"encoder": ENCODER_FILE_TAG[encoder], "feedback_chunks": FEEDBACK_CHUNKS,
+                                           "method": FEEDBACK_METHOD}
 
 
 def preset_variants(context: ModelContext, presets: Sequence[str], encoders: Sequence[str],

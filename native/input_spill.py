@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
 
@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "HELD_OUT_EVERY",
     "MANIFEST",
     "InputSpillWriter",
+    "Part",
     "SpillMismatch",
     "SpilledInput",
     "SpilledInputs",
@@ -53,6 +55,11 @@ _TOP_EXPONENT = 15
 """Rows are scaled so that their largest magnitude lies in [2^14, 2^15), well inside float16's range."""
 _BLOCK_ROWS = 2048
 """Rows per float32 product when a covariance is formed; the products are accumulated in float64."""
+HELD_OUT_EVERY = 4
+"""Of each `HELD_OUT_EVERY` consecutive stretches of `HELD_OUT_ROWS` rows, the last is held out: the encoding
+is fit to the others' covariance and what it saves is measured on the held-out rows (`Part`)."""
+HELD_OUT_ROWS = 512
+"""One calibration chunk at the default context; shorter where an input has too few rows for four rounds."""
 _BAND_COLUMNS = 1024
 """x xᵀ is symmetric: only its upper triangle is computed, in bands of this many rows (about 40 % fewer products
 than the whole square for the widest inputs)."""
@@ -60,6 +67,24 @@ than the whole square for the widest inputs)."""
 
 class SpillMismatch(ValueError):
     """A spill file or manifest that does not belong to the model (or input) it is read for."""
+
+
+Part = Literal["all", "fit", "held-out"]
+"""Which of an input's rows: all of them, those an encoding is fit to, or those held out to test it on."""
+
+
+def part_ranges(rows: int, part: Part) -> list[tuple[int, int]]:
+    """The [start, stop) row ranges of `part` among `rows` rows (`HELD_OUT_EVERY`, `HELD_OUT_ROWS`)."""
+    if part == "all":
+        return [(0, rows)] if rows else []
+    held_out = part == "held-out"
+    stretch = max(1, min(HELD_OUT_ROWS, rows // (4 * HELD_OUT_EVERY)))
+    return [(start, min(rows, start + stretch)) for start in range(0, rows, stretch)
+            if ((start // stretch) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+
+
+def part_rows(rows: int, part: Part) -> int:
+    return sum(stop - start for start, stop in part_ranges(rows, part))
 
 
 def spill_tag(fingerprint: str) -> bytes:
@@ -221,20 +246,26 @@ class SpilledInputs:
                          shape=(spilled.rows, spilled.n_in + 1))
 
     def row_blocks(self, spilled: SpilledInput, device: torch.device | None = None,
-                   block_rows: int = _BLOCK_ROWS) -> Iterator[torch.Tensor]:
-        """The input's rows as float32 torch tensors on `device`, `block_rows` at a time."""
+                   block_rows: int = _BLOCK_ROWS, part: Part = "all") -> Iterator[torch.Tensor]:
+        """The rows of `part` of the input as float32 torch tensors on `device`, `block_rows` at a time."""
         import torch
 
         records = self.rows(spilled)
-        for start in range(0, records.shape[0], block_rows):
-            block = torch.from_numpy(np.array(records[start : start + block_rows])).to(device)
-            exponents = block[:, 0].view(torch.int16).to(torch.int32)
-            values = block[:, 1:].contiguous().view(torch.float16).to(torch.float32)
-            yield torch.ldexp(values, exponents[:, None].to(torch.float32))
+        for first, last in part_ranges(records.shape[0], part):
+            for start in range(first, last, block_rows):
+                block = torch.from_numpy(np.array(records[start : min(last, start + block_rows)])).to(device)
+                exponents = block[:, 0].view(torch.int16).to(torch.int32)
+                values = block[:, 1:].contiguous().view(torch.float16).to(torch.float32)
+                yield torch.ldexp(values, exponents[:, None].to(torch.float32))
 
-    def covariance(self, spilled: SpilledInput, device: torch.device | None = None) -> np.ndarray:
-        """Σ x xᵀ over the input's rows (float64, n_in × n_in): float32 products of blocks of rows (the upper
-        triangle, mirrored), summed in float64, on `device` (`native.compute_device.compute_device()` when None)."""
+    def part_rows(self, spilled: SpilledInput, part: Part) -> int:
+        return part_rows(spilled.rows, part)
+
+    def covariance(self, spilled: SpilledInput, device: torch.device | None = None,
+                   part: Part = "all") -> np.ndarray:
+        """Σ x xᵀ over the rows of `part` of the input (float64, n_in × n_in): float32 products of blocks of rows
+        (the upper triangle, mirrored), summed in float64, on `device` (`native.compute_device.compute_device()`
+        when None)."""
         import torch
 
         from native.compute_device import compute_device
@@ -244,7 +275,7 @@ class SpilledInputs:
         n_in = spilled.n_in
         total = torch.zeros((n_in, n_in), dtype=torch.float64, device=summing_on)
         edges = [*range(0, n_in, _BAND_COLUMNS), n_in]
-        for block in self.row_blocks(spilled, device):
+        for block in self.row_blocks(spilled, device, part=part):
             for first, last in itertools.pairwise(edges):  # the upper triangle, a band of rows at a time
                 total[first:last, first:] += (block[:, first:last].T @ block[:, first:]).to(summing_on, torch.float64)
         for first, last in itertools.pairwise(edges):  # mirror each band below the diagonal, in place

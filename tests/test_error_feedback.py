@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -27,6 +28,7 @@ from native.error_feedback import (
     new_input_sum,
     prepare_inputs,
     quantize_with_feedback,
+    shrinkage_for,
     supports_feedback,
 )
 from native.kernels import dequantize_rows, quantize_rows
@@ -182,6 +184,21 @@ def test_the_feed_matrix_factors_the_damped_inputs() -> None:
     np.testing.assert_allclose(prepared.block_inverses[1, :44, :44].numpy(), unit[256:, 256:], atol=1e-9)
 
 
+def test_shrinkage_takes_the_inputs_toward_their_diagonal_by_how_few_tokens_estimate_them() -> None:
+    inputs = _correlated_inputs(300, seed=13)
+    shrunk = prepare_inputs(inputs, damping=0.05, shrinkage=0.4, device="cpu", dtype=torch.float64)
+    by_hand = 0.6 * inputs + 0.4 * np.diag(np.diag(inputs))
+    expected = prepare_inputs(by_hand, damping=0.05, device="cpu", dtype=torch.float64)
+    np.testing.assert_allclose(shrunk.feed.numpy(), expected.feed.numpy(), atol=1e-12)
+    independent = prepare_inputs(inputs, shrinkage=1.0, device="cpu", dtype=torch.float64)
+    assert np.array_equal(independent.feed.numpy(), np.eye(300))  # nothing left to feed errors through
+    assert shrinkage_for(1536, 12288) == pytest.approx(0.75 * math.sqrt(1536 / 12288))
+    assert shrinkage_for(1536, 12288) < shrinkage_for(8960, 12288) < shrinkage_for(8960, 4096) == 1.0
+    assert shrinkage_for(512, 0) == 1.0
+    with pytest.raises(ValueError, match="shrinkage must lie in"):
+        prepare_inputs(inputs, shrinkage=1.5)
+
+
 def test_what_feedback_cannot_write_is_refused() -> None:
     assert supports_feedback("q4_0", 576) and not supports_feedback("q4_K", 576)
     assert supports_feedback("q2_K", 512) and supports_feedback("q3_k", 1536) and not supports_feedback("q3_K", 576)
@@ -308,7 +325,7 @@ def test_a_preset_with_feedback_keeps_llamas_layout_and_measures_closer(smollm2_
     assert fed.plan.types() == plain.plan.types() and fed.bytes == plain.bytes
     assert fed.plan.encoder == "feedback" and QuantPlan.load(tmp_path / "plan.json").encoder == "feedback"
     reader = gguf.GGUFReader(fed.path)
-    assert reader.fields["qdesk.encoder"].contents() == "error-feedback/1"
+    assert reader.fields["qdesk.encoder"].contents() == "error-feedback/2"
     before, after = _tensor_bytes(plain.path), _tensor_bytes(fed.path)
     changed = {name for name in before if before[name] != after[name]}
     assert "blk.0.attn_q.weight" in changed and "token_embd.weight" in changed

@@ -19,7 +19,14 @@ from converters.calibration.calibrate import builtin_texts, calibration_chunks
 from converters.core.errors import Cancelled, UserError
 from converters.core.jobs import CancelToken, Progress
 from converters.mix.allocate import MixBudget
-from converters.mix.feedback import FeedbackError, collect_input_covariances, feedback_sensitivity
+from converters.mix.feedback import (
+    FEEDBACK_METHOD,
+    RATIO_SAMPLE_ROWS,
+    FeedbackError,
+    collect_input_covariances,
+    feedback_sensitivity,
+)
+from converters.mix.feedback_cache import FeedbackCache
 from converters.mix.feedback_inputs import SPILL_PREFIX, CalibrationInputs, spill_bytes
 from converters.mix.sensitivity import Sensitivity, TensorSensitivity, TypeCost
 from converters.quantization.plan import QuantPlan
@@ -144,14 +151,14 @@ def _carrier(reference: Path, types: tuple[str, ...]) -> Sensitivity:
     return Sensitivity(tensors, {}, {}, 0.0, 0, 0.0)
 
 
-def test_ratios_measured_input_by_input_from_the_spill_match_those_from_memory(
+def test_ratios_from_the_spill_are_measured_on_held_out_rows_and_never_promise_more_than_ggml(
         kquant_f16: Path, tmp_path: Path, own_cache: Path) -> None:
     carrier = _carrier(kquant_f16, ("q4_K", "q8_0"))
     with ModelEvaluator(kquant_f16, n_ctx=128, covariance_chunks=2) as evaluator:
         for chunk in calibration_chunks(evaluator, builtin_texts(), 128, 2):
             evaluator.evaluate_chunk(chunk)
         in_memory = evaluator.stats().covariances
-    from_memory = feedback_sensitivity(carrier, kquant_f16, in_memory, None)
+    in_sample = feedback_sensitivity(carrier, kquant_f16, in_memory, None)
 
     stages: list[str] = []
     with collect_input_covariances(kquant_f16, chunks=2, ctx=128, scratch=tmp_path) as inputs:
@@ -160,10 +167,14 @@ def test_ratios_measured_input_by_input_from_the_spill_match_those_from_memory(
         assert len(_spills(tmp_path)) == 1
     assert _spills(tmp_path) == []
     assert stages.count("collecting inputs") == 3 and "forming input covariances" in stages
-    for fed, reference in zip(spilled.tensors, from_memory.tensors, strict=True):
-        for option, expected in zip(fed.options, reference.options, strict=True):
-            assert option.damage == pytest.approx(expected.damage, rel=0.03), (fed.name, option.type)
-    assert all(option.damage < 0.95 for option in spilled.tensor("blk.1.ffn_down.weight").options)
+    held = {(t.name, o.type): o.damage for t in spilled.tensors for o in t.options}
+    fitted = {(t.name, o.type): o.damage for t in in_sample.tensors for o in t.options}
+    assert held.keys() == fitted.keys()
+    assert all(ratio <= 1.0 for ratio in held.values())  # where feedback does not pay, ggml's bytes are kept
+    assert np.mean(list(held.values())) > 1.5 * np.mean(list(fitted.values()))  # in-sample promises too much
+    attention = [ratio for (name, _), ratio in held.items() if "attn_q" in name]
+    assert np.median(attention) < 0.9  # 256-wide inputs on 192 fitted tokens: feedback still pays on new text
+    assert all(held[(f"blk.{layer}.ffn_down.weight", "q4_K")] > 0.9 for layer in range(1, 8))  # 512 wide: barely
 
     again: list[str] = []  # a second measurement is read from the cache: no pass over the text
     with collect_input_covariances(kquant_f16, chunks=2, ctx=128, scratch=tmp_path) as inputs:
@@ -176,7 +187,7 @@ def test_a_mix_uses_feedback_by_default_and_leaves_no_scratch(kquant_f16: Path, 
     result = quantize(kquant_f16, tmp_path / "mix.gguf", MixBudget(like="Q4_K_M"), imatrix="auto", chunks=2, ctx=128,
                       mix_effort="fast", progress=lambda step: stages.append(step.message))
     assert result.plan.encoder == "feedback"
-    assert gguf.GGUFReader(result.path).fields["qdesk.encoder"].contents() == "error-feedback/1"
+    assert gguf.GGUFReader(result.path).fields["qdesk.encoder"].contents() == "error-feedback/2"
     assert "calibrating" in stages and "collecting inputs" not in stages  # one pass for the matrix and the inputs
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["mix.gguf"]
 
@@ -208,9 +219,7 @@ def test_cache_entries_of_another_key_or_damaged_are_never_used(kquant_f16: Path
     assert fresh_two != fresh_three
     folder_three = own_cache / "feedback" / "planted"  # the chunks=2 entries planted where chunks=3 looks
     with CalibrationInputs(kquant_f16, chunks=3, ctx=128) as inputs:
-        from converters.mix.feedback_cache import FeedbackCache
-
-        folder_three = FeedbackCache(inputs.fingerprint, None, inputs.provenance).folder
+        folder_three = FeedbackCache(inputs.fingerprint, None, (*inputs.provenance, FEEDBACK_METHOD)).folder
     shutil.copytree(folder_two, folder_three)
     assert run("planted.gguf", 3) == fresh_three
 
@@ -220,6 +229,27 @@ def test_cache_entries_of_another_key_or_damaged_are_never_used(kquant_f16: Path
         data[-1] ^= 0xFF
         entry.write_bytes(bytes(data))
     assert run("damaged.gguf", 2) == fresh_two
+
+
+def test_a_tensor_feedback_does_not_help_on_held_out_text_keeps_llama_cpps_bytes(kquant_f16: Path, tmp_path: Path,
+                                                                                own_cache: Path) -> None:
+    ggml = _tensor_bytes(quantize(kquant_f16, tmp_path / "ggml.gguf", "Q4_K_M", imatrix="none", encoder="ggml").path)
+    with CalibrationInputs(kquant_f16, chunks=2, ctx=128) as inputs:
+        cache = FeedbackCache(inputs.fingerprint, None, (*inputs.provenance, FEEDBACK_METHOD))
+    planted = {"blk.2.attn_q.weight": {"q4_K": 1.02}, "blk.2.attn_k.weight": {"q4_K": 0.5}}
+    cache.save_ratios(RATIO_SAMPLE_ROWS, planted)
+    fed = _tensor_bytes(quantize(kquant_f16, tmp_path / "fed.gguf", "Q4_K_M", imatrix="none", encoder="feedback",
+                                 chunks=2, ctx=128).path)
+    assert fed["blk.2.attn_q.weight"] == ggml["blk.2.attn_q.weight"]
+    assert fed["blk.2.attn_k.weight"] != ggml["blk.2.attn_k.weight"]
+    measured = cache.ratios(RATIO_SAMPLE_ROWS)  # the preset's other types were measured by the job and kept
+    assert measured["blk.2.attn_q.weight"] == {"q4_K": 1.02} and len(measured) > 40
+    assert fed.keys() == ggml.keys()
+    for name, ratios in measured.items():
+        if name in planted:
+            continue
+        (ratio,) = ratios.values()
+        assert (fed[name] == ggml[name]) == (ratio >= 1.0), name
 
 
 CANCEL_STAGES = {

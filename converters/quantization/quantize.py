@@ -49,7 +49,7 @@ NONE = "none"
 _UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 _UNQUANTIZED_PRESETS = {"F16"}
 _FALLBACK_SUMMARY = re.compile(r"(?P<count>\d+) of (?P<total>\d+) tensor\(s\) required fallback")
-ENCODER_METADATA = {"ggml": "ggml", "feedback": "error-feedback/1"}
+ENCODER_METADATA = {"ggml": "ggml", "feedback": "error-feedback/2"}
 """`qdesk.encoder` in the written file."""
 _TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*)$", re.IGNORECASE)
 
