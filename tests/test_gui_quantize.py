@@ -62,6 +62,9 @@ def test_size_preview_shows_exact_sizes_for_a_float_gguf(qtbot, main_window: Mai
     view.mix_slider.setValue(view.mix_slider.maximum())
     assert view.mix_bytes() == view.preview.presets["Q8_0"].file_bytes
     assert "fits" in view.mix_label.text()
+    view.mix_slider.setValue(view.mix_slider.minimum())  # rows of 256: the i-quants reach below Q2_K's size
+    assert view.mix_bytes() < 0.8 * view.preview.presets["Q2_K"].file_bytes
+    assert view.mix_label.text().startswith(format_size(view.mix_bytes()))
     assert view.start_button.isEnabled()
 
 

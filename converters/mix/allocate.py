@@ -15,9 +15,10 @@ Budgets: `MixBudget(like="Q4_K_M")` (no larger than llama.cpp's preset of this m
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from converters.core.errors import UserError
 from converters.core.gguf_file import GGUFHeader
@@ -195,12 +196,26 @@ def plan_mix(reference: Path, header: GGUFHeader, budget: MixBudget, sensitivity
     return MixPlan(plan, budget, allowed, predicted, sensitivity)
 
 
+class SizedTensor(Protocol):
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def n_bytes(self) -> int: ...
+
+
 def possible_tensor_bytes(header: GGUFHeader, candidate_types: Sequence[str] = CANDIDATE_TYPES) -> tuple[int, int]:
     """The fewest and the most bytes of tensor data a mix of this model can have, from its header alone."""
+    return tensor_bytes_range(header.tensors, candidate_types)
+
+
+def tensor_bytes_range(tensors: Iterable[SizedTensor], candidate_types: Sequence[str] = CANDIDATE_TYPES
+                       ) -> tuple[int, int]:
+    """The fewest and the most bytes of tensor data a mix of `tensors` (as stored in the reference) can have."""
     from native.kernels import quantizable_weight
 
     smallest = largest = 0
-    for tensor in header.tensors:
+    for tensor in tensors:
         sizes = [tensor_bytes(type_, tuple(tensor.shape)) for type_ in candidate_types if fits(type_, tensor.shape[0])]
         if quantizable_weight(tensor.name, len(tensor.shape)) and sizes:
             smallest, largest = smallest + min(sizes), largest + max(sizes)

@@ -28,6 +28,7 @@ from converters.core.isolation import run_isolated
 from converters.core.jobs import CancelToken, Progress, ProgressFn, no_progress
 from converters.core.leftovers import temporary_folder
 from converters.core.units import format_size
+from converters.mix.allocate import tensor_bytes_range
 from converters.quantization.plan import tensor_bytes, type_name
 from converters.quantization.quantize import preset_plan, reference_outtype
 from converters.reading.architectures.base import ModelConfig
@@ -112,10 +113,14 @@ class SizePreview:
                           fit_for_size(self.source, file_bytes, self.machine))
 
     def mix_range(self) -> tuple[int, int]:
-        """Budgets worth offering: from the smallest preset's size to the largest's."""
+        """Budgets worth offering: from the smallest mix the model's rows allow (the i-quants', below Q2_K's
+        size where rows are multiples of 256) or the smallest preset's size, to the largest preset's."""
         sizes = [choice.file_bytes for choice in self.presets.values()]
         reference = self.source.reference_bytes
-        return (min(sizes), max(sizes)) if sizes else (reference // 8, reference // 2)
+        if not sizes:
+            return reference // 8, reference // 2
+        smallest_mix = self.source.header_bytes + tensor_bytes_range(self.source.tensors)[0]
+        return min(min(sizes), smallest_mix), max(sizes)
 
 
 def this_machine() -> Machine:
