@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PySide6.QtWidgets import QMessageBox
 from qdesk.gui.context import AppContext
 from qdesk.gui.library_tree import NAME
 from qdesk.gui.library_view import LibraryView
+from qdesk.gui.type_map import cell_colour
 from tests.gui_support import drop
 
 WAIT_MS = 60_000
@@ -144,6 +146,13 @@ def test_tensor_types_show_bits_by_class_and_layer(qtbot, gui_context: AppContex
     assert grid.item(0, 0).text() == "5.0" and grid.item(0, 0).toolTip().startswith("q4_1")
     assert "token_embd" in dialog.details.text() and "q8_0" in dialog.details.text()
     dialog.close()
+
+
+def test_the_type_colours_tell_every_width_apart_from_iq1_s_to_q8_0() -> None:
+    widths = [1.5625, 2.0625, 2.3125, 2.625, 3.4375, 4.5, 5.5, 6.5625, 8.5]  # iq1_s iq2_xxs iq2_xs q2_K … q8_0
+    hues = [cell_colour(bits).hueF() for bits in widths]
+    assert all(cooler > warmer for cooler, warmer in itertools.pairwise(hues))
+    assert cell_colour(16.0) == cell_colour(8.5)
 
 
 def test_a_group_is_renamed_in_place_and_models_get_display_names(qtbot, gui_context: AppContext,

@@ -14,8 +14,9 @@ from qdesk.gui.context import AppContext
 from qdesk.gui.feedback import show_failure
 from qdesk.library.info import tensor_type_heatmap
 
-LOW_BITS, HIGH_BITS = 2.5, 8.5
-"""The colour scale's ends: q2_K-like cells are the coolest, q8_0 and above the warmest."""
+LOW_BITS, HIGH_BITS = 1.5, 8.5
+"""The colour scale's ends: iq1_s-like cells (1.56 bits) are the coolest, q8_0 and above the warmest, so that a
+mix's i-quants below q2_K's 2.6 bits stay apart."""
 
 
 def cell_colour(bpw: float) -> QColor:
