@@ -162,6 +162,32 @@ def test_cancelling_the_importance_matrix_skips_only_the_presets_that_need_it(qt
     assert main_window.statusBar().currentMessage() == "Quantize: the queue is done (1 made, 1 skipped)."
 
 
+def test_presets_can_be_rounded_with_feedback_and_scaled_activation_aware(qtbot, main_window: MainWindow,
+                                                                          gui_context, kquant_f16: Path) -> None:
+    import gguf
+
+    main_window.show_section("quantize")
+    view = _view(main_window)
+    view.set_source(kquant_f16)
+    _choose(view, {"Q4_K_M", "Q8_0"}, "none")
+    view.feedback_presets.setChecked(True)
+    view.awq_check.setChecked(True)
+    assert not view.start_button.isEnabled() and "needs calibration" in view.start_hint.text()
+    view.calibration_buttons["builtin"].setChecked(True)
+    qtbot.waitUntil(lambda: view.start_button.isEnabled(), timeout=TIMEOUT_MS)
+    view.start()
+    queued = view.queue.batches[-1]
+    qtbot.waitUntil(lambda: queued.over, timeout=TIMEOUT_MS)
+    assert [step.state for step in queued.steps] == [StepState.DONE] * 3, [s.describe() for s in queued.steps]
+    made = {path.name.rsplit("-", 1)[-1]: path for path in gui_context.models_folder.glob("*.gguf")}
+    q4, q8 = gguf.GGUFReader(made["Q4_K_M.gguf"]).fields, gguf.GGUFReader(made["Q8_0.gguf"]).fields
+    assert q4["qdesk.encoder"].contents() == q8["qdesk.encoder"].contents() == "error-feedback/2"
+    assert "qdesk.awq" in q4 and "qdesk.awq" not in q8  # Q8_0 uses no importance matrix: no scales to take
+    assert _leftovers(gui_context.models_folder) == []
+    view.feedback_presets.setChecked(False)
+    view.awq_check.setChecked(False)
+
+
 def test_job_titles_say_which_calibration_each_uses(tmp_path: Path) -> None:
     from qdesk.gui.quantize_queue_view import EMPTY_TEXT
     from qdesk.gui.quantize_view import job_title

@@ -69,6 +69,7 @@ class QuantizeView(QWidget):
         self.keep_reference.setObjectName("keepReference")
         self.keep_reference.setChecked(True)
         options.addWidget(self.keep_reference)
+        options.addWidget(self._rounding_box())
         self.start_button = QPushButton("&Quantize")
         self.start_button.setObjectName("startButton")
         self.start_button.setDefault(True)
@@ -142,6 +143,25 @@ class QuantizeView(QWidget):
         layout.addWidget(self.source_label)
         layout.addWidget(self.source_info)
         layout.addLayout(buttons)
+        return box
+
+    def _rounding_box(self) -> QGroupBox:
+        box = QGroupBox("Rounding")
+        self.feedback_presets = QCheckBox("Round the presets with error &feedback too (slower; the mix always is)")
+        self.feedback_presets.setObjectName("feedbackPresets")
+        self.feedback_presets.setToolTip("The preset's types, each weight rounded so that its error is compensated "
+                                         "by the rest of its row (a pass over the calibration text and a "
+                                         "re-encoding of every matrix; docs/mix.md). Off: llama.cpp's own rounding.")
+        self.awq_check = QCheckBox("&Activation-aware scaling before rounding (AWQ)")
+        self.awq_check.setObjectName("awqCheck")
+        self.awq_check.setToolTip("Scale each matrix's input channels by their measured activations before "
+                                  "rounding and fold the inverse into the norms before them (the function is "
+                                  "unchanged). Needs calibration; variants without an importance matrix (Q8_0) "
+                                  "are made without it.")
+        self.awq_check.toggled.connect(lambda _on: self._update_start())
+        layout = QVBoxLayout(box)
+        layout.addWidget(self.feedback_presets)
+        layout.addWidget(self.awq_check)
         return box
 
     def _presets_box(self) -> QGroupBox:
@@ -357,6 +377,8 @@ class QuantizeView(QWidget):
             return "Check at least one preset or the target size."
         if self.calibration_mode() == "files" and not self.text_files:
             return "Add your calibration text files, or choose the built-in text."
+        if self.awq_check.isChecked() and self.calibration_mode() == "none":
+            return "Activation-aware scaling needs calibration: choose the built-in text or your files."
         return ""
 
     def _update_start(self) -> None:
@@ -408,6 +430,8 @@ class QuantizeView(QWidget):
             chunks=calibration_chunks(choices) or DEFAULT_CHUNKS,
             gpu_layers=self.context.settings.gpu_layers,
             threads=self.context.settings.threads,
+            feedback_presets=self.feedback_presets.isChecked(),
+            awq=self.awq_check.isChecked(),
         )
 
     def start(self) -> None:
@@ -453,6 +477,8 @@ class QuantizeView(QWidget):
         state.setValue(STATE_PREFIX + "mix_position", self.mix_slider.value())
         state.setValue(STATE_PREFIX + "calibration", self.calibration_mode())
         state.setValue(STATE_PREFIX + "keep_reference", self.keep_reference.isChecked())
+        state.setValue(STATE_PREFIX + "feedback_presets", self.feedback_presets.isChecked())
+        state.setValue(STATE_PREFIX + "awq", self.awq_check.isChecked())
         state.setValue(STATE_PREFIX + "splitter", self.splitter.saveState())
 
     def restore_state(self, state: QSettings) -> None:
@@ -468,6 +494,8 @@ class QuantizeView(QWidget):
         self.calibration_buttons["builtin" if mode == "files" or mode not in CALIBRATION_MODES else mode].setChecked(
             True)
         self.keep_reference.setChecked(_truthy(state.value(STATE_PREFIX + "keep_reference", True)))
+        self.feedback_presets.setChecked(_truthy(state.value(STATE_PREFIX + "feedback_presets", False)))
+        self.awq_check.setChecked(_truthy(state.value(STATE_PREFIX + "awq", False)))
         splitter = state.value(STATE_PREFIX + "splitter")
         if splitter is not None:
             self.splitter.restoreState(splitter)

@@ -83,6 +83,11 @@ class BatchRequest:
     ctx: int = DEFAULT_CTX
     gpu_layers: int = 0
     threads: int = 0
+    feedback_presets: bool = False
+    """Round the presets' weights with error feedback too (`quantize(encoder="feedback")`); a mix always is."""
+    awq: bool = False
+    """Activation-aware scaling before rounding (`quantize(awq=True)`) for every choice that uses the importance
+    matrix; the others are made without it."""
 
 
 @dataclass(frozen=True)
@@ -182,9 +187,11 @@ class VariantBatch:
         reference = self._require_reference()
         target = self.request.output_folder / variant_file_name(reference, choice.type_label)
         matrix = self.matrix if choice.uses_imatrix and self.matrix is not None else NONE
+        encoder = "feedback" if choice.preset is not None and self.request.feedback_presets else None
         result: QuantizeResult = run_isolated(
             quantize, {"source": reference, "output": target, "plan_or_preset": choice.recipe, "imatrix": matrix,
-                       "texts": self.texts(), "gpu_layers": self.request.gpu_layers, "threads": self.request.threads},
+                       "texts": self.texts(), "gpu_layers": self.request.gpu_layers, "threads": self.request.threads,
+                       "encoder": encoder, "awq": self.request.awq and matrix is not NONE},
             progress=progress, cancel=cancel, what=f"quantizing to {choice.label}")
         self.outputs.append(result.path)
         return StepOutcome(result, result.path, self._add_to_library(result.path))
