@@ -14,6 +14,7 @@ from qdesk.quantization.timing import (
     estimate_steps,
     rate_of,
     record_step,
+    step_kind,
     step_units,
 )
 
@@ -35,6 +36,19 @@ def test_the_importance_matrix_is_most_of_a_default_job(tmp_path: Path) -> None:
     without = estimate_steps(BatchRequest(tmp_path / "SmolLM2", (Q4, Q8), tmp_path, use_imatrix=False),
                              is_checkpoint=True, reference_bytes=271_000_000, parameters=134_515_008)
     assert "calibrate" not in [step.key for step in without]
+
+
+def test_presets_rounded_with_feedback_are_timed_as_such(tmp_path: Path) -> None:
+    def seconds(feedback: bool) -> dict[str, float]:
+        request = BatchRequest(tmp_path / "m.gguf", (Q4, Q8), tmp_path, feedback_presets=feedback)
+        times = estimate_steps(request, is_checkpoint=False, reference_bytes=271_000_000, parameters=134_515_008)
+        return {step.key: step.seconds for step in times}
+
+    plain, fed = seconds(False), seconds(True)
+    assert fed["calibrate"] == plain["calibrate"] and fed["Q4_K_M"] > 10 * plain["Q4_K_M"]
+    record_step(step_kind("Q4_K_M", BatchRequest(tmp_path / "m.gguf", (Q4,), tmp_path, feedback_presets=True)),
+                271_000_000, 3.0 + 10.0)  # a fed-back preset teaches the feedback rate, not the plain one
+    assert rate_of("feedback") == (pytest.approx(27_100_000), True) and not rate_of("quantize")[1]
 
 
 def test_a_finished_step_teaches_this_machines_rate(tmp_path: Path) -> None:

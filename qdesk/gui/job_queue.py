@@ -175,7 +175,7 @@ class QuantizeQueue(QObject):
         step.state, step.outcome = StepState.DONE, outcome
         key = step.step.key
         if key in queued.work and step.job is not None and step.job.started_at is not None:
-            record_step(step_kind(key), queued.work[key], time.monotonic() - step.job.started_at)
+            record_step(step_kind(key, queued.batch.request), queued.work[key], time.monotonic() - step.job.started_at)
         if outcome.path is not None:
             self.context.library_changed.emit()
             self.variant_added.emit(outcome.path)

@@ -447,7 +447,7 @@ class QuantizeView(QWidget):
         work = {}
         if self.preview is not None:
             source = self.preview.source
-            work = {step.key: step_units(step_kind(step.key), reference_bytes=source.reference_bytes,
+            work = {step.key: step_units(step_kind(step.key, request), reference_bytes=source.reference_bytes,
                                          parameters=_parameters(self.preview), chunks=request.chunks, ctx=request.ctx)
                     for step in batch.steps()}
         self.queue.add(batch, job_title(request), work)

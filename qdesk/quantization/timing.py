@@ -34,6 +34,7 @@ DEFAULT_RATES = {
     "calibrate": 6e10,  # parameter-tokens per second, 2 cores (bench/imatrix_overhead.py: 466 tokens/s of 135M)
     "quantize": 80e6,  # reference bytes per second
     "mix": 4e6,  # reference bytes per second: sensitivity probes, error feedback and the quantization
+    "feedback": 3.2e6,  # reference bytes per second: a preset with error feedback, about 25× a preset (bench/README.md)
 }
 PROCESS_START_S = 3.0
 """Each step runs in a fresh child process (`converters.core.isolation`): the interpreter and libraries load first."""
@@ -108,11 +109,14 @@ def step_units(kind: str, *, reference_bytes: int, parameters: int, chunks: int 
     return float(parameters) * chunks * ctx if kind == "calibrate" else float(reference_bytes)
 
 
-def step_kind(key: str) -> str:
-    """The rate a step's key is timed by: convert, calibrate, mix (a `mix-…` label) or quantize."""
+def step_kind(key: str, request: BatchRequest | None = None) -> str:
+    """The rate a step's key is timed by: convert, calibrate, mix (a `mix-…` label), or for a preset feedback
+    (when `request` rounds its presets with error feedback) or quantize."""
     if key in ("convert", "calibrate"):
         return key
-    return "mix" if key.startswith("mix-") else "quantize"
+    if key.startswith("mix-"):
+        return "mix"
+    return "feedback" if request is not None and request.feedback_presets else "quantize"
 
 
 def estimate_steps(request: BatchRequest, *, is_checkpoint: bool, reference_bytes: int,
@@ -124,7 +128,7 @@ def estimate_steps(request: BatchRequest, *, is_checkpoint: bool, reference_byte
     keys += [choice.type_label for choice in request.choices]
     times = []
     for key in keys:
-        kind = step_kind(key)
+        kind = step_kind(key, request)
         rate, measured = rate_of(kind)
         units = step_units(kind, reference_bytes=reference_bytes, parameters=parameters, chunks=request.chunks,
                            ctx=request.ctx)
