@@ -35,11 +35,12 @@ abort through the abort callback, and the exception is raised again when `llama_
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import weakref
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ __all__ = [
     "LogitsConsumer",
     "MatrixStats",
     "ModelEvaluator",
+    "ProductAdjuster",
     "collect_activation_stats",
     "weight_name",
 ]
@@ -64,6 +66,9 @@ __all__ = [
 InputObserver = Callable[[str, np.ndarray], None]
 """Shown (weight name, its input rows as a view valid only during the call) for every dense product."""
 LogitsConsumer = Callable[[int, np.ndarray], None]
+ProductAdjuster = Callable[[str, np.ndarray, np.ndarray], None]
+"""Given (weight name, the product's input rows n × n_in, its output rows n × n_out, writable), changes the output
+in place before the rest of the graph reads it."""
 """Receives (position of the first row, logits of rows × n_vocab float32); the array is valid only during the call."""
 
 DEFAULT_UBATCH = 512
@@ -490,17 +495,19 @@ class _RawMemory:
 
     __slots__ = ("__array_interface__",)
 
-    def __init__(self, address: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, address: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: np.dtype, *,
+                 read_only: bool = True) -> None:
         self.__array_interface__ = {
-            "version": 3, "data": (address, True), "shape": shape, "strides": strides, "typestr": dtype.str,
+            "version": 3, "data": (address, read_only), "shape": shape, "strides": strides, "typestr": dtype.str,
         }
 
 
-def _array_at(address: int, tensor: GGMLTensor, dtype: type[np.generic]) -> np.ndarray:
-    """A read-only numpy view (ne3, ne2, ne1, ne0) with the tensor's byte strides, valid while the memory is."""
+def _array_at(address: int, tensor: GGMLTensor, dtype: type[np.generic], *, writable: bool = False) -> np.ndarray:
+    """A numpy view (ne3, ne2, ne1, ne0) with the tensor's byte strides, valid while the memory is; read-only unless
+    `writable`."""
     shape = tuple(int(tensor.ne[i]) for i in (3, 2, 1, 0))
     strides = tuple(int(tensor.nb[i]) for i in (3, 2, 1, 0))
-    return np.asarray(_RawMemory(address, shape, strides, np.dtype(dtype)))
+    return np.asarray(_RawMemory(address, shape, strides, np.dtype(dtype), read_only=not writable))
 
 
 def _column_square_sums(rows: np.ndarray) -> np.ndarray:
@@ -551,14 +558,25 @@ def _apply_adapters(model: int, context: int, loras: Sequence[tuple[Path | str, 
 
 
 class _WeightLocator:
-    """An eval callback that notes where every named weight the graph reads lives, and asks for no node."""
+    """An eval callback that notes where every named weight the graph reads lives and, while `adjust` is set, hands
+    it the products of the `adjusted` weights once they are computed (it asks for no other node)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lib: GGML) -> None:
+        self._lib = lib
         self.weights: dict[str, int] = {}
         self.error: BaseException | None = None
+        self.adjusted: frozenset[str] = frozenset()
+        self.adjust: ProductAdjuster | None = None
+        self.adjust_error: BaseException | None = None
+        self._output_staging = np.empty(0, dtype=np.uint8)
 
     def on_eval(self, node: int, ask: bool, _user_data: int | None) -> bool:
         if not ask:
+            try:
+                self._adjust_product(node)
+            except BaseException as error:  # nothing may escape into C; raised again after the decode
+                self.adjust_error = error
+                return False
             return True
         try:
             for index in range(MAX_SRC):
@@ -567,9 +585,46 @@ class _WeightLocator:
                     raw = ctypes.string_at(source + _NAME_OFFSET)
                     if raw.endswith(b"weight") and b"#" not in raw:
                         self.weights.setdefault(raw.decode("utf-8", errors="replace"), source)
+            return self.adjust is not None and self._is_adjusted_product(node)
         except BaseException as error:  # nothing may escape into C
             self.error = error
         return False
+
+    def _is_adjusted_product(self, node: int) -> bool:
+        if _read_int(node + _OP_OFFSET) != self._lib.op_mul_mat:
+            return False
+        weight = _read_pointer(node + _SRC_OFFSET)
+        activations = _read_pointer(node + _SRC1_OFFSET)
+        if not weight or not activations or _read_int(activations) != _TYPE_F32:
+            return False
+        return weight_name(ctypes.string_at(weight + _NAME_OFFSET)) in self.adjusted
+
+    def _adjust_product(self, node: int) -> None:
+        if self.adjust is None:
+            return
+        product = GGMLTensor.from_address(node)
+        weight = GGMLTensor.from_address(product.src[0])
+        if int(weight.ne[2]) != 1 or int(weight.ne[3]) != 1 or product.type != _TYPE_F32:
+            return
+        name = weight_name(ctypes.string_at(product.src[0] + _NAME_OFFSET))
+        inputs = GGMLTensor.from_address(product.src[1])
+        n_in, n_out = int(inputs.ne[0]), int(product.ne[0])
+        if self._lib.ggml_backend_buffer_is_host(inputs.buffer):
+            rows = _array_at(inputs.data, inputs, np.float32).reshape(-1, n_in)
+        else:
+            rows = np.empty(_extent(inputs, 4), dtype=np.uint8)
+            self._lib.ggml_backend_tensor_get(product.src[1], rows.ctypes.data, 0, rows.nbytes)
+            rows = _array_at(rows.ctypes.data, inputs, np.float32).reshape(-1, n_in).copy()
+        size = _extent(product, 4)
+        if self._lib.ggml_backend_buffer_is_host(product.buffer):
+            self.adjust(name, rows, _array_at(product.data, product, np.float32, writable=True).reshape(-1, n_out))
+            return
+        if self._output_staging.size < size:
+            self._output_staging = np.empty(size, dtype=np.uint8)
+        self._lib.ggml_backend_tensor_get(node, self._output_staging.ctypes.data, 0, size)
+        output = _array_at(self._output_staging.ctypes.data, product, np.float32, writable=True).reshape(-1, n_out)
+        self.adjust(name, rows, output)
+        self._lib.ggml_backend_tensor_set(node, self._output_staging.ctypes.data, 0, size)
 
 
 class _AbortPoll:
@@ -694,7 +749,7 @@ class ModelEvaluator:
         context_params.n_threads_batch = threads
         context_params.no_perf = True
         callbacks: list[object] = []
-        self._locator = _WeightLocator() if editable_weights and self._collector is None else None
+        self._locator = _WeightLocator(ggml()) if editable_weights and self._collector is None else None
         if self._locator is not None:
             locate_callback = llama.ggml_backend_sched_eval_callback(self._locator.on_eval)
             context_params.cb_eval = locate_callback
@@ -900,6 +955,21 @@ class ModelEvaluator:
             raise ValueError(f"{name} holds {size} bytes; got {raw.nbytes}")
         ggml().ggml_backend_tensor_set(tensor, raw.ctypes.data, 0, size)
 
+    @contextlib.contextmanager
+    def adjusting_products(self, weights: Iterable[str], adjust: ProductAdjuster) -> Iterator[None]:
+        """Within the block, every product of one of `weights` (2-D weights, F32 inputs) is handed to `adjust` as soon
+        as it is computed, which may change its output before the rest of the graph reads it: to emulate what a
+        kernel does that this model's weights do not (rounding the inputs, say). Editable evaluators only."""
+        if self._locator is None:
+            raise EvaluationFailed("open the evaluator with editable_weights=True (and collect=False) to adjust "
+                                   "products.")
+        self._live_context()
+        self._locator.adjusted, self._locator.adjust = frozenset(weights), adjust
+        try:
+            yield
+        finally:
+            self._locator.adjusted, self._locator.adjust = frozenset(), None
+
     def weight_type(self, name: str) -> str:
         """ggml's name of the stored type of weight `name` ("f16", "f32", …)."""
         return ggml().type_name(GGMLTensor.from_address(self._weight(name)).type)
@@ -987,6 +1057,8 @@ class ModelEvaluator:
 
     def _finish_decode(self, status: int, count: int) -> None:
         error = self._abort_poll.take_error()
+        if self._locator is not None and self._locator.adjust_error is not None:
+            error, self._locator.adjust_error = error or self._locator.adjust_error, None
         if error is not None:
             raise error
         if status == _DECODE_ABORTED and self._abort_poll.stop_requested:

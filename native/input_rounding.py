@@ -28,19 +28,29 @@ _HALF_SCALE_BLOCKS = (32,)
 """q8_0 and q8_1 keep their block scale as a 16-bit float (q8_K as a 32-bit one)."""
 
 
-def rounding_square_sums(rows: np.ndarray, block: int) -> np.ndarray:
-    """Σ over `rows` (tokens × n_in) of the squared error of rounding each row to 8 bits with one scale per `block`
-    values (the largest magnitude maps to ±127), per column; zeros when `block` does not divide n_in."""
+def rounded_rows(rows: np.ndarray, block: int) -> np.ndarray:
+    """`rows` (… × n_in) as a CPU kernel reads them: rounded to 8 bits with one scale per `block` values (the
+    largest magnitude maps to ±127), float32; `block` must divide n_in."""
     values = np.asarray(rows, dtype=np.float32)
     n_in = values.shape[-1]
     if n_in % block:
-        return np.zeros(n_in, dtype=np.float64)
+        raise ValueError(f"blocks of {block} do not divide rows of {n_in}")
     blocks = values.reshape(-1, n_in // block, block)
     step = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(_LEVELS)
     safe = np.where(step > 0, step, np.float32(1))
     stored = step.astype(np.float16).astype(np.float32) if block in _HALF_SCALE_BLOCKS else step
-    error = blocks - np.rint(blocks / safe) * stored
-    return np.square(error, dtype=np.float64).reshape(-1, n_in).sum(axis=0)
+    return (np.rint(blocks / safe) * stored).reshape(values.shape)
+
+
+def rounding_square_sums(rows: np.ndarray, block: int) -> np.ndarray:
+    """Σ over `rows` (tokens × n_in) of the squared error of rounding each row as `rounded_rows` does, per
+    column; zeros when `block` does not divide n_in."""
+    values = np.asarray(rows, dtype=np.float32)
+    n_in = values.shape[-1]
+    if n_in % block:
+        return np.zeros(n_in, dtype=np.float64)
+    error = values.reshape(-1, n_in) - rounded_rows(values, block).reshape(-1, n_in)
+    return np.square(error, dtype=np.float64).sum(axis=0)
 
 
 @dataclass

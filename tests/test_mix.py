@@ -7,8 +7,10 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
+import numpy as np
 import pytest
 
 from converters.mix.allocate import MixBudget, MixError, allocate
@@ -23,6 +25,9 @@ from converters.mix.report import (
 from converters.mix.sensitivity import TensorSensitivity, TypeCost, cached_sensitivity, tensor_group
 from converters.quantization.plan import QuantPlan
 from converters.quantization.quantize import preset_plan, quantize
+
+if TYPE_CHECKING:
+    from native.activations import ModelEvaluator
 
 
 @pytest.fixture(autouse=True)
@@ -311,3 +316,81 @@ def test_i_quants_join_a_remembered_measurement_and_take_the_mix_below_q2_k(
         logits: list[float] = []
         evaluator.evaluate_logits(list(range(1, 65)), 62, lambda _p, row: logits.append(float(row.max())))
     assert logits and all(value == value for value in logits)
+
+
+@pytest.mark.slow
+def test_a_measurement_remembered_before_the_input_probe_gets_only_that_probe_and_keeps_its_gains(
+        kquant_f16: Path, calibrated: Path, private_cache: Path) -> None:
+    from converters.calibration.imatrix import read_imatrix
+    from converters.mix.sensitivity import input_kind
+    from native.input_rounding import INPUT_BLOCK_OF_TYPE
+
+    matrix = read_imatrix(calibrated)
+    settings = {"layer_bands": 2, "probe_chunks": 1, "probe_ctx": 128, "gpu_layers": 0}
+    measured = cached_sensitivity(kquant_f16, matrix, **settings)
+    assert measured.input_scales is not None
+    kinds = {input_kind(tensor.name) for tensor in measured.tensors} - {"token_embd"}  # untied: a lookup only
+    assert {kind.split("/")[0] for kind in measured.input_scales} == kinds
+    assert all(0 <= scale < float("inf") for scale in measured.input_scales.values())
+
+    (stored,) = (private_cache / "sensitivity").glob("*.json")
+    document = json.loads(stored.read_text())
+    for tensor in document["tensors"]:  # as a measurement before the probe stored it: the charge unscaled
+        for option in tensor["options"]:
+            block = INPUT_BLOCK_OF_TYPE.get(option[0])
+            scale = measured.input_scales.get(f"{input_kind(tensor['name'])}/{block}", 1.0)
+            option[4] = option[4] / scale if scale else 0.0
+    document["input_scales"] = None
+    stored.write_text(json.dumps(document))
+
+    upgraded = cached_sensitivity(kquant_f16, matrix, **settings)
+    assert upgraded.group_kld == measured.group_kld
+    assert [tensor.gain for tensor in upgraded.tensors] == [tensor.gain for tensor in measured.tensors]
+    assert upgraded.input_scales == pytest.approx(measured.input_scales, rel=1e-6)
+    for old, new in zip(measured.tensors, upgraded.tensors, strict=True):
+        assert [o.input_damage for o in new.options] == pytest.approx([o.input_damage for o in old.options], rel=1e-6)
+    assert json.loads(stored.read_text())["input_scales"] == pytest.approx(measured.input_scales, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_measured_input_charge_predicts_llamas_kernels_better_than_the_formula(
+        smollm2_f16: Path, tmp_path: Path) -> None:
+    """On the real starter, every ffn_down (rows of 1536) stored as q8_0 and the rest F16: the prediction with the
+    probed input charge is near what llama.cpp's q8_0 kernel costs; the formula alone says 4-5x more."""
+    from converters.calibration.calibrate import builtin_texts, calibration_chunks
+    from converters.calibration.divergence import compare_candidate, encode_reference
+    from converters.mix.sensitivity import input_kind
+    from native.activations import ModelEvaluator
+
+    sensitivity = cached_sensitivity(smollm2_f16, None, layer_bands=2, probe_chunks=2, probe_ctx=256, gpu_layers=0)
+    assert sensitivity.input_scales is not None
+    chosen = [tensor for tensor in sensitivity.tensors if input_kind(tensor.name) == "ffn_down"]
+    scale = sensitivity.input_scales["ffn_down/32"]
+    weights_part = sum(tensor.gain * tensor.option("q8_0").damage for tensor in chosen)
+    input_part = sum(tensor.gain * tensor.option("q8_0").input_damage for tensor in chosen)
+    probed, formula = weights_part + input_part, weights_part + input_part / scale
+
+    names = {tensor.name for tensor in chosen}
+    base = preset_plan(smollm2_f16, "Q8_0")
+    plan = QuantPlan(tuple(replace(t, type="q8_0" if t.name in names else t.source_type) for t in base.tensors),
+                     "Q8_0", "ffn_down as q8_0, the rest F16")
+    candidate = tmp_path / "down-q8.gguf"
+    quantize(smollm2_f16, candidate, plan, None, encoder="ggml")
+    klds = []
+    with ModelEvaluator(smollm2_f16, n_ctx=256, collect=False) as reference, \
+            ModelEvaluator(candidate, n_ctx=256, collect=False) as quantized:
+        for chunk in calibration_chunks(reference, builtin_texts(), 256, 6)[2:]:  # not the probe's own chunks
+            targets = np.asarray(chunk[129:])
+            expected = encode_reference(_logits_from(reference, chunk, 128), targets)
+            klds.append(compare_candidate(_logits_from(quantized, chunk, 128), expected, targets).kld)
+    measured = float(np.concatenate(klds).mean())
+    assert formula > 2 * probed
+    assert abs(np.log(measured / probed)) < abs(np.log(measured / formula))
+    assert 0.4 < measured / probed < 2.5
+
+
+def _logits_from(evaluator: ModelEvaluator, chunk: list[int], first: int) -> np.ndarray:
+    """The logits of positions `first` … the one before the last: those predicting chunk[first + 1:]."""
+    rows: list[np.ndarray] = []
+    evaluator.evaluate_logits(chunk, first, lambda _position, logits: rows.append(logits.copy()))
+    return np.concatenate(rows)[:-1]

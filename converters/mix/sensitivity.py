@@ -1,6 +1,6 @@
 """How much each tensor's quantization error moves this model's output: the measured costs the mix is built from.
 
-Two measurements, combined per tensor t and candidate type τ:
+Measurements combined per tensor t and candidate type τ:
 
 * **Damage** E_t(τ): the importance-weighted squared error of t quantized to τ, Σ_rows Σ_j (ΔW_ij)² · E[x_j²],
   measured with ggml's own encoders (`native.kernels.measure_gguf`; the importance is the matrix's mean squared
@@ -11,16 +11,18 @@ Two measurements, combined per tensor t and candidate type τ:
   replaced by its own round trip through a probe type, the calibration chunks are evaluated, and the mean KL
   divergence from the untouched reference is measured; then the weights are put back. g_G = (KLD_G − KLD_0) /
   Σ_{t∈G} E_t(probe type).
+* **Input rounding** I_t(τ): what llama.cpp's CPU kernels add by rounding the product's inputs to 8 bits, charged
+  by formula (`native.input_rounding`) and scaled per kind of input by a probe of its own (`_input_scales`).
 
-The predicted contribution of t at τ to the mean KLD is then g_G(t) · E_t(τ): damage by what it does downstream,
-so a type is charged for what it costs this model on this text. KLD is quadratic in small output perturbations
-and E is a squared error, so the prediction is linear in E; contributions of different tensors are taken as
-additive.
+The predicted contribution of t at τ to the mean KLD is then g_G(t) · (E_t(τ) + I_t(τ)): damage by what it does
+downstream, so a type is charged for what it costs this model on this text. KLD is quadratic in small output
+perturbations and E is a squared error, so the prediction is linear in E; contributions of different tensors are
+taken as additive.
 
 Cost: the error table is one encode and decode of every weight per candidate type (on sampled rows), and the
-probing is (groups + 1) evaluations of `probe_chunks` chunks. Both grow linearly with the parameter count
-for a fixed number of groups; `layer_bands` sets how many groups per tensor class (see docs/mix.md for the cost
-model and the cheaper settings for large models).
+probing is (groups + 1) evaluations of `probe_chunks` chunks, plus one per kind of input and input block. Both
+grow linearly with the parameter count for a fixed number of groups; `layer_bands` sets how many groups per tensor
+class (see docs/mix.md for the cost model and the cheaper settings for large models).
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ DEFAULT_LAYER_BANDS = 4
 DEFAULT_SAMPLE_ROWS = 256
 INPUT_ROUNDING_CHUNKS = 8
 """Chunks (of the probe context) on which the rounding of every product's inputs is measured."""
+INPUT_PROBE_AMPLITUDE = 4.0
+"""The input rounding's output error is probed this many times larger (a²× the KLD, still small next to the weight
+probes), so that even a kind whose rounding costs little stands out of the probe's noise."""
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 TOKEN_EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"
@@ -154,6 +159,9 @@ class Sensitivity:
     seconds: float
     candidate_types: tuple[str, ...] = CANDIDATE_TYPES
     """The types whose damages were measured (a tensor's options are those of them that fit it)."""
+    input_scales: Mapping[str, float] | None = None
+    """Measured over charged KLD of rounding the inputs, per input kind and block ("ffn_down/256"), already applied
+    to every option's `input_damage`; None until measured (`measure_input_scales`)."""
 
     def tensor(self, name: str) -> TensorSensitivity:
         for tensor in self.tensors:
@@ -284,6 +292,7 @@ def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
         "probe_tokens": sensitivity.probe_tokens,
         "seconds": sensitivity.seconds,
         "candidate_types": list(sensitivity.candidate_types),
+        "input_scales": dict(sensitivity.input_scales) if sensitivity.input_scales is not None else None,
         "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
                      "gain": t.gain, "lookup_gain": t.lookup_gain,
                      "options": [[o.type, o.bytes, o.damage, o.lookup_damage, o.input_damage] for o in t.options]}
@@ -297,8 +306,10 @@ def _from_json(document: dict[str, Any]) -> Sensitivity:
                                             for o in t["options"]), float(t["lookup_gain"]))
                     for t in document["tensors"])
     measured = document.get("candidate_types") or K_AND_LEGACY_TYPES  # measurements saved before i-quants
+    scales = document.get("input_scales")
     return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
-                       int(document["probe_tokens"]), float(document["seconds"]), tuple(str(t) for t in measured))
+                       int(document["probe_tokens"]), float(document["seconds"]), tuple(str(t) for t in measured),
+                       {str(kind): float(scale) for kind, scale in scales.items()} if scales is not None else None)
 
 
 def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
@@ -306,7 +317,8 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
     """`measure_sensitivity`, remembered: a second mix of the same reference, matrix, text and settings (another
     budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key. The
     candidate types are not part of it either: a remembered measurement that lacks some of them has only their
-    damages measured (`with_types`), not the probing again."""
+    damages measured (`with_types`), not the probing again; one remembered before the inputs' rounding was probed
+    has only that probed (`measure_input_scales`)."""
     reference = Path(reference)
     check_gguf(reference)
     progress = settings.pop("progress", no_progress)
@@ -314,16 +326,24 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
     candidate_types = tuple(settings.pop("candidate_types", CANDIDATE_TYPES))
     key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
     path = sensitivity_cache_folder() / f"{key}.json"
-    cached = _read_cached(path)
-    if cached is not None and set(candidate_types) <= set(cached.candidate_types):
-        return cached
-    if cached is not None:
-        sensitivity = with_types(cached, reference, matrix, candidate_types,
-                                 sample_rows=settings.get("sample_rows", DEFAULT_SAMPLE_ROWS),
-                                 threads=settings.get("threads"), progress=progress, cancel=cancel)
-    else:
+    sensitivity = _read_cached(path)
+    complete = sensitivity is not None and sensitivity.input_scales is not None
+    if sensitivity is None:
         sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel,
                                           candidate_types=candidate_types, **settings)
+    elif not set(candidate_types) <= set(sensitivity.candidate_types):
+        complete = False
+        sensitivity = with_types(sensitivity, reference, matrix, candidate_types,
+                                 sample_rows=settings.get("sample_rows", DEFAULT_SAMPLE_ROWS),
+                                 threads=settings.get("threads"), progress=progress, cancel=cancel)
+    if complete:
+        return sensitivity
+    if sensitivity.input_scales is None:  # remembered before the input rounding was measured
+        sensitivity = measure_input_scales(sensitivity, reference, texts,
+                                           probe_chunks=settings.get("probe_chunks", DEFAULT_PROBE_CHUNKS),
+                                           probe_ctx=settings.get("probe_ctx", DEFAULT_PROBE_CTX),
+                                           threads=settings.get("threads"), gpu_layers=settings.get("gpu_layers", 0),
+                                           progress=progress, cancel=cancel)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = temporary_file(path.parent, path.name)
@@ -416,7 +436,6 @@ def measure_sensitivity(
     cancel: CancelToken | None = None,
 ) -> Sensitivity:
     """Measure the damage of every candidate type on every weight of `reference` and the gain of every group."""
-    from converters.calibration.divergence import compare_candidate, encode_reference
     from native.activations import ModelEvaluator
     from native.errors import NativeError, Stopped
     from native.kernels import measure_gguf, quantizable_weight
@@ -457,37 +476,11 @@ def measure_sensitivity(
                                    threads, gpu_layers, should_stop)
         with ModelEvaluator(reference, n_ctx=probe_ctx, n_gpu_layers=gpu_layers, n_threads=threads, collect=False,
                             should_stop=should_stop, editable_weights=True) as evaluator:
-            chunks = calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), probe_ctx, probe_chunks)
-            first = probe_ctx // 2
-
-            def chunk_logits(chunk: list[int], table: np.ndarray | None) -> np.ndarray:
-                rows: list[np.ndarray] = []
-                keep = lambda _p, logits: rows.append(logits.copy())  # noqa: E731
-                if table is None:
-                    evaluator.evaluate_logits(chunk, first, keep)
-                else:
-                    evaluator.evaluate_embedding_logits(table[np.asarray(chunk)], first, keep)
-                return np.concatenate(rows)[: len(chunk) - 1 - first]
-
-            references = [encode_reference(chunk_logits(chunk, None), np.asarray(chunk[first + 1 :]))
-                          for chunk in chunks]
-
-            def mean_kld(table: np.ndarray | None = None) -> float:
-                """Mean KLD from the reference; with `table`, the input rows are looked up there, not in the
-                model's own token embedding."""
-                total, count = 0.0, 0
-                for chunk, reference_rows in zip(chunks, references, strict=True):
-                    scored = compare_candidate(chunk_logits(chunk, table), reference_rows,
-                                               np.asarray(chunk[first + 1 :]))
-                    total += float(scored.kld.sum())
-                    count += scored.kld.size
-                return total / count
-
+            probe = _Probe.open(evaluator, texts, probe_ctx, probe_chunks)
             missing = [name for name in weights if name not in evaluator.weight_names()]
             if missing:
                 raise SensitivityError(f"llama.cpp's graph does not read {missing[0]} as a weight, so it cannot be "
                                        "probed; this architecture is not supported by the sensitivity mix yet.")
-            baseline = mean_kld()
             for index, (group, names) in enumerate(sorted(groups.items())):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
@@ -505,42 +498,179 @@ def measure_sensitivity(
                     if tied and names == [TOKEN_EMBEDDING]:
                         group_kld.update(_tied_roles(group, evaluator, originals[TOKEN_EMBEDDING],
                                                      degraded[TOKEN_EMBEDDING], weights[TOKEN_EMBEDDING].shape,
-                                                     mean_kld, baseline))
+                                                     probe.mean_kld, probe.baseline))
                     else:
-                        group_kld[group] = max(mean_kld() - baseline, 0.0)
+                        group_kld[group] = max(probe.mean_kld() - probe.baseline, 0.0)
                 finally:
                     for name, raw in originals.items():
                         evaluator.write_weight(name, raw)
             progress(Progress(len(groups), len(groups), "groups", "probing done"))
+
+            for name in weights:
+                if name in rounding and name in column_squares:
+                    options[name] = tuple(replace(option, input_damage=_input_damage(option.type, column_squares[name],
+                                                                                    rounding[name]))
+                                          for option in options[name])
+            if tied:
+                options[TOKEN_EMBEDDING] = tuple(
+                    replace(option, lookup_damage=_plain_error(table, TOKEN_EMBEDDING, option.type))
+                    for option in options[TOKEN_EMBEDDING])
+            tensors = []
+            for group, names in sorted(groups.items()):
+                probed = [next(o for o in options[name] if o.type == probes[group]) for name in names]
+                damage = sum(option.damage for option in probed)
+                gain = group_kld[group] / damage if damage > 0 else 0.0
+                lookup_damage = sum(option.lookup_damage for option in probed)
+                lookup_gain = group_kld.get(group + LOOKUP_ROLE, 0.0) / lookup_damage if lookup_damage > 0 else 0.0
+                for name in names:
+                    tensor = weights[name]
+                    tensors.append(TensorSensitivity(name, tuple(tensor.shape), tensor.type.name.lower(), group,
+                                                     gain, options[name], lookup_gain))
+            order = {name: index for index, name in enumerate(weights)}
+            tensors.sort(key=lambda t: order[t.name])
+            scales = _input_scales(probe, tensors, progress, cancel)
     except Stopped:
         raise Cancelled("the sensitivity measurement was cancelled") from None
     except NativeError as error:
         raise SensitivityError(str(error)) from error
 
-    for name in weights:
-        if name in rounding and name in column_squares:
-            options[name] = tuple(replace(option, input_damage=_input_damage(option.type, column_squares[name],
-                                                                            rounding[name]))
-                                  for option in options[name])
-    if tied:
-        options[TOKEN_EMBEDDING] = tuple(
-            replace(option, lookup_damage=_plain_error(table, TOKEN_EMBEDDING, option.type))
-            for option in options[TOKEN_EMBEDDING])
-    tensors = []
-    for group, names in sorted(groups.items()):
-        probed = [next(o for o in options[name] if o.type == probes[group]) for name in names]
-        damage = sum(option.damage for option in probed)
-        gain = group_kld[group] / damage if damage > 0 else 0.0
-        lookup_damage = sum(option.lookup_damage for option in probed)
-        lookup_gain = group_kld.get(group + LOOKUP_ROLE, 0.0) / lookup_damage if lookup_damage > 0 else 0.0
-        for name in names:
-            tensor = weights[name]
-            tensors.append(TensorSensitivity(name, tuple(tensor.shape), tensor.type.name.lower(), group, gain,
-                                             options[name], lookup_gain))
-    order = {name: index for index, name in enumerate(weights)}
-    tensors.sort(key=lambda t: order[t.name])
-    return Sensitivity(tuple(tensors), group_kld, probes, baseline, sum(len(c) - 1 - probe_ctx // 2 for c in chunks),
-                       time.monotonic() - started, tuple(type_name(ggml_type(name)) for name in candidate_types))
+    return Sensitivity(_with_input_scales(tensors, scales), group_kld, probes, probe.baseline, probe.tokens,
+                       time.monotonic() - started, tuple(type_name(ggml_type(name)) for name in candidate_types),
+                       scales)
+
+
+@isolated("measuring what rounding the inputs costs")
+def measure_input_scales(
+    sensitivity: Sensitivity,
+    reference: str | Path,
+    texts: Sequence[CalibrationText] | None = None,
+    *,
+    probe_chunks: int = DEFAULT_PROBE_CHUNKS,
+    probe_ctx: int = DEFAULT_PROBE_CTX,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Sensitivity:
+    """`sensitivity` with the charge for rounding the products' inputs measured per input kind (`_input_scales`),
+    for a measurement made before that charge was probed. The text and probe settings must be the measurement's."""
+    from native.activations import ModelEvaluator
+    from native.errors import NativeError, Stopped
+
+    started = time.monotonic()
+    try:
+        with ModelEvaluator(Path(reference), n_ctx=probe_ctx, n_gpu_layers=gpu_layers, n_threads=threads,
+                            collect=False, editable_weights=True,
+                            should_stop=(lambda: cancel.cancelled) if cancel is not None else None) as evaluator:
+            probe = _Probe.open(evaluator, texts, probe_ctx, probe_chunks)
+            scales = _input_scales(probe, sensitivity.tensors, progress, cancel)
+    except Stopped:
+        raise Cancelled("the sensitivity measurement was cancelled") from None
+    except NativeError as error:
+        raise SensitivityError(str(error)) from error
+    return replace(sensitivity, tensors=_with_input_scales(sensitivity.tensors, scales), input_scales=scales,
+                   seconds=sensitivity.seconds + time.monotonic() - started)
+
+
+class _Probe:
+    """The probe text's chunks evaluated once by the untouched reference: mean KLD from it, whatever changed since."""
+
+    def __init__(self, evaluator: ModelEvaluator, chunks: list[list[int]], first: int) -> None:
+        from converters.calibration.divergence import encode_reference
+
+        self.evaluator = evaluator
+        self._chunks = chunks
+        self._first = first
+        self._references = [encode_reference(self.logits(chunk), np.asarray(chunk[first + 1 :])) for chunk in chunks]
+        self.tokens = sum(len(chunk) - 1 - first for chunk in chunks)
+        self.baseline = self.mean_kld()
+
+    @classmethod
+    def open(cls, evaluator: ModelEvaluator, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int
+             ) -> _Probe:
+        return cls(evaluator, calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), ctx, chunks),
+                   ctx // 2)
+
+    def logits(self, chunk: list[int], table: np.ndarray | None = None) -> np.ndarray:
+        rows: list[np.ndarray] = []
+        keep = lambda _p, logits: rows.append(logits.copy())  # noqa: E731
+        if table is None:
+            self.evaluator.evaluate_logits(chunk, self._first, keep)
+        else:
+            self.evaluator.evaluate_embedding_logits(table[np.asarray(chunk)], self._first, keep)
+        return np.concatenate(rows)[: len(chunk) - 1 - self._first]
+
+    def mean_kld(self, table: np.ndarray | None = None) -> float:
+        """Mean KLD from the reference; with `table`, the input rows are looked up there, not in the model's own
+        token embedding."""
+        from converters.calibration.divergence import compare_candidate
+
+        total, count = 0.0, 0
+        for chunk, reference_rows in zip(self._chunks, self._references, strict=True):
+            scored = compare_candidate(self.logits(chunk, table), reference_rows,
+                                       np.asarray(chunk[self._first + 1 :]))
+            total += float(scored.kld.sum())
+            count += scored.kld.size
+        return total / count
+
+
+def input_kind(name: str) -> str:
+    """What a weight's input is, for the input-rounding probe: its class in a layer ("ffn_down"), else its name."""
+    match = _LAYER_NAME.match(name)
+    return (match.group(2) if match else name).removesuffix(".weight")
+
+
+def _input_scales(probe: _Probe, tensors: Sequence[TensorSensitivity], progress: ProgressFn,
+                  cancel: CancelToken | None) -> dict[str, float]:
+    """Measured over charged KLD of the inputs' rounding, per input kind and block ("attn_output/256").
+
+    The charge g · Σ_j ‖W_:,j‖² E[δ_j²] values an output error W δ as the group's weight errors are valued; but W δ
+    points where W's heavy columns write, which the rest of the model may weigh differently. So for each kind and
+    block, every product of the kind's weights gets INPUT_PROBE_AMPLITUDE · W δ added (δ: its inputs' rounding
+    as the CPU kernel makes it) in the probe evaluation, and the KLD it causes is compared with the charge. A kind
+    whose charge is zero keeps a scale of 1."""
+    from native.input_rounding import INPUT_BLOCK_OF_TYPE, INPUT_BLOCKS, rounded_rows
+
+    evaluator = probe.evaluator
+    charged: dict[tuple[str, int], dict[str, float]] = {}
+    for tensor in tensors:
+        for option in tensor.options:
+            block = INPUT_BLOCK_OF_TYPE.get(option.type)
+            if block is not None and option.input_damage > 0:
+                charge = tensor.gain * option.input_damage
+                charged.setdefault((input_kind(tensor.name), block), {})[tensor.name] = charge
+    shapes = {tensor.name: tensor.shape for tensor in tensors}
+    amplitude = np.float32(INPUT_PROBE_AMPLITUDE)
+    scales: dict[str, float] = {}
+    probes = sorted(charged, key=lambda kind_block: (kind_block[0], INPUT_BLOCKS.index(kind_block[1])))
+    for index, (kind, block) in enumerate(probes):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        progress(Progress(index, len(probes), "input kinds", f"probing the rounding of {kind}'s inputs ({block})"))
+
+        def add_rounding(name: str, rows: np.ndarray, output: np.ndarray, block: int = block) -> None:
+            weight = _as_float(evaluator.read_weight(name), evaluator.weight_type(name), shapes[name])
+            output += (amplitude * (rounded_rows(rows, block) - rows)) @ weight.T
+
+        with evaluator.adjusting_products(charged[kind, block], add_rounding):
+            measured = max(probe.mean_kld() - probe.baseline, 0.0) / float(amplitude) ** 2
+        charge = sum(charged[kind, block].values())
+        scales[f"{kind}/{block}"] = measured / charge if charge > 0 else 1.0
+    progress(Progress(len(probes), len(probes), "input kinds", "probing done"))
+    return scales
+
+
+def _with_input_scales(tensors: Sequence[TensorSensitivity], scales: Mapping[str, float]
+                       ) -> tuple[TensorSensitivity, ...]:
+    from native.input_rounding import INPUT_BLOCK_OF_TYPE
+
+    def scaled(tensor: TensorSensitivity, option: TypeCost) -> TypeCost:
+        block = INPUT_BLOCK_OF_TYPE.get(option.type)
+        scale = scales.get(f"{input_kind(tensor.name)}/{block}", 1.0)
+        return replace(option, input_damage=option.input_damage * scale) if option.input_damage else option
+
+    return tuple(replace(tensor, options=tuple(scaled(tensor, option) for option in tensor.options))
+                 for tensor in tensors)
 
 
 def _input_rounding(reference: Path, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int,
