@@ -73,6 +73,8 @@ INPUT_ROUNDING_CHUNKS = 8
 INPUT_PROBE_AMPLITUDE = 4.0
 """The input rounding's output error is probed this many times larger (a²× the KLD, still small next to the weight
 probes), so that even a kind whose rounding costs little stands out of the probe's noise."""
+_WEIGHT_ROWS_PER_STEP = 16384
+"""W δ is formed this many rows of W at a time: a 128k-row output matrix in float32 would be gigabytes at once."""
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 TOKEN_EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"
@@ -649,8 +651,13 @@ def _input_scales(probe: _Probe, tensors: Sequence[TensorSensitivity], progress:
         progress(Progress(index, len(probes), "input kinds", f"probing the rounding of {kind}'s inputs ({block})"))
 
         def add_rounding(name: str, rows: np.ndarray, output: np.ndarray, block: int = block) -> None:
-            weight = _as_float(evaluator.read_weight(name), evaluator.weight_type(name), shapes[name])
-            output += (amplitude * (rounded_rows(rows, block) - rows)) @ weight.T
+            delta = amplitude * (rounded_rows(rows, block) - rows)
+            raw, source_type, n_in = evaluator.read_weight(name), evaluator.weight_type(name), shapes[name][0]
+            row_bytes = raw.size // output.shape[1]
+            for start in range(0, output.shape[1], _WEIGHT_ROWS_PER_STEP):
+                stop = min(start + _WEIGHT_ROWS_PER_STEP, output.shape[1])
+                weight = _as_float(raw[start * row_bytes : stop * row_bytes], source_type, (n_in,))
+                output[:, start:stop] += delta @ weight.T
 
         with evaluator.adjusting_products(charged[kind, block], add_rounding):
             measured = max(probe.mean_kld() - probe.baseline, 0.0) / float(amplitude) ** 2
