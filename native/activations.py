@@ -66,10 +66,10 @@ __all__ = [
 InputObserver = Callable[[str, np.ndarray], None]
 """Shown (weight name, its input rows as a view valid only during the call) for every dense product."""
 LogitsConsumer = Callable[[int, np.ndarray], None]
+"""Receives (position of the first row, logits of rows × n_vocab float32); the array is valid only during the call."""
 ProductAdjuster = Callable[[str, np.ndarray, np.ndarray], None]
 """Given (weight name, the product's input rows n × n_in, its output rows n × n_out, writable), changes the output
 in place before the rest of the graph reads it."""
-"""Receives (position of the first row, logits of rows × n_vocab float32); the array is valid only during the call."""
 
 DEFAULT_UBATCH = 512
 """Tokens per `llama_decode` call and per physical batch (llama.cpp's default); longer chunks take several."""
@@ -670,7 +670,8 @@ class ModelEvaluator:
     With `vocab_only` only the tokenizer is loaded (fast, no weights): tokenize and read the vocabulary, no more.
     With `editable_weights` the weights are read into memory rather than mapped, and `write_weight` replaces a
     weight's data in place (to measure what degrading one tensor does to the output), once a decode has shown
-    where each weight lives.
+    where each weight lives; within `adjusting_products`, chosen products are handed to a function that may change
+    their outputs as they are computed.
     With `covariance_chunks` > 0 the sums of x xᵀ over every dense weight's input rows in that many first chunks
     are collected as well (`CollectedStats.covariances`): n_in² floats per distinct input, for error feedback.
     Given a `spill` writer, those rows are written to its files instead (`native.input_spill`), and
