@@ -6,7 +6,8 @@
 For one plan of the F16/F32 `REFERENCE` (the mix at a preset's size with llama.cpp's rounding, a preset's own types,
 or a saved plan) it measures on the held-out text (`--chunks` × `--ctx`, as `qdesk eval` scores them):
 
-* predicted: Σ g·E over the tensors (the sum the plan records), and per probe group;
+* predicted: Σ g·(E + I) over the tensors (the sum the plan records), and Σ g·E without the input-rounding
+  charge I (what the simulation can see), in all and per probe group;
 * simulated: the reference in writable memory with every planned weight replaced by its round trip through its
   planned type (ggml's encoder with the importance matrix), evaluated in the reference's own precision;
 * file: the quantized file llama.cpp writes for the plan (its kernels quantize the activations of each product
@@ -41,6 +42,7 @@ from converters.calibration.imatrix import ImportanceMatrix, read_imatrix  # noq
 from converters.core.gguf_file import check_gguf  # noqa: E402
 from converters.mix.sensitivity import (  # noqa: E402
     Sensitivity,
+    TensorSensitivity,
     _as_float,
     _importance,
     _round_trip,
@@ -96,6 +98,12 @@ class EditableReference:
                 self.evaluator.write_weight(name, raw)
 
 
+def weights_only(tensor: TensorSensitivity, type_name: str) -> float:
+    """The prediction without the input-rounding charge, which the simulation (F16 products) does not incur."""
+    option = tensor.option(type_name)
+    return tensor.gain * option.damage + tensor.lookup_gain * option.lookup_damage
+
+
 def chosen_plan(args: argparse.Namespace, reference: Path, matrix: ImportanceMatrix,
                 sensitivity: Sensitivity | None) -> tuple[QuantPlan, str]:
     from converters.mix.allocate import MixBudget, plan_mix
@@ -148,19 +156,23 @@ def main(argv: list[str] | None = None) -> None:
     measured = {t.name: t for t in sensitivity.tensors} if sensitivity is not None else {}
     planned = {name: types[name] for name in (measured or quantizable)}
     predicted = {name: measured[name].predicted_kld(type_) for name, type_ in planned.items()} if measured else {}
+    weights_predicted = {name: weights_only(measured[name], type_) for name, type_ in planned.items()} \
+        if measured else {}
     chunks = prepare_chunks(reference, ctx=args.ctx, chunks=args.chunks)
     print(f"{reference.name}: {label}, {plan.bits_per_weight:.3f} bpw; held-out text {chunks.count} × {chunks.ctx} "
           f"({chunks.scored_tokens} scored tokens)", flush=True)
     report: dict[str, object] = {"reference": str(reference), "plan": label, "bpw": plan.bits_per_weight,
                                  "chunks": chunks.count, "ctx": chunks.ctx,
-                                 "predicted": sum(predicted.values()) if predicted else None}
+                                 "predicted": sum(predicted.values()) if predicted else None,
+                                 "predicted_weights_only": sum(weights_predicted.values()) if predicted else None}
 
     shapes = {t.name: tuple(t.shape) for t in header.tensors}
     with ModelEvaluator(reference, n_ctx=args.ctx, collect=False, editable_weights=True) as evaluator:
         references = reference_rows(evaluator, chunks)
         editable = EditableReference(evaluator, shapes, _importance(matrix))
         report["simulated"] = editable.kld_with(planned, chunks, references)
-        print(f"predicted {report['predicted']}  simulated (all planned weights round-tripped) "
+        print(f"predicted {report['predicted']} (weights alone {report['predicted_weights_only']})  "
+              f"simulated (all planned weights round-tripped) "
               f"{report['simulated']:.5f}", flush=True)
         if args.halves:
             layer_of = {name: int(name.split(".")[1]) if name.startswith("blk.") else -1 for name in planned}
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         if sensitivity is not None and (args.groups or args.probe_types):
             for group, names in sorted(groups.items()):
                 row: dict[str, object] = {"group": group, "predicted": sum(predicted[n] for n in names),
+                                          "predicted_weights_only": sum(weights_predicted[n] for n in names),
                                           "types": sorted({planned[n] for n in names})}
                 if args.groups:
                     row["simulated"] = editable.kld_with({n: planned[n] for n in names}, chunks, references)

@@ -96,6 +96,23 @@ def test_tensors_are_grouped_by_class_and_band_of_layers() -> None:
     assert tensor_group("token_embd.weight", 30, 4) == "token_embd"
 
 
+def test_a_layer_far_from_its_bands_damage_is_probed_on_its_own() -> None:
+    from converters.mix.sensitivity import OUTLIER_DAMAGE_FACTOR, probe_groups
+
+    def options(damage: float) -> tuple[TypeCost, ...]:
+        return (TypeCost("q4_K", 100, damage), TypeCost("q8_0", 200, damage / 10))
+
+    band = {f"blk.{layer}.ffn_up.weight": options(10.0) for layer in range(1, 7)}
+    band["blk.3.ffn_up.weight"] = options(10.0 * OUTLIER_DAMAGE_FACTOR * 1.01)
+    band["blk.4.ffn_up.weight"] = options(10.0 * OUTLIER_DAMAGE_FACTOR * 0.99)
+    band["blk.0.ffn_up.weight"] = options(1000.0)  # the first layer is a group of its own anyway
+    groups = probe_groups(band, 8, 1)
+    assert groups == {"ffn_up@0": [f"blk.{layer}.ffn_up.weight" for layer in (1, 2, 4, 5, 6)],
+                      "ffn_up@layer3": ["blk.3.ffn_up.weight"], "ffn_up@first": ["blk.0.ffn_up.weight"]}
+    pair = {"blk.1.attn_q.weight": options(1.0), "blk.2.attn_q.weight": options(100.0)}
+    assert probe_groups(pair, 4, 1) == {"attn_q@0": list(pair)}  # two layers: no median to stand out from
+
+
 @pytest.fixture(scope="module")
 def calibrated(kquant_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from converters.calibration.calibrate import calibrate
@@ -350,6 +367,30 @@ def test_a_measurement_remembered_before_the_input_probe_gets_only_that_probe_an
     for old, new in zip(measured.tensors, upgraded.tensors, strict=True):
         assert [o.input_damage for o in new.options] == pytest.approx([o.input_damage for o in old.options], rel=1e-6)
     assert json.loads(stored.read_text())["input_scales"] == pytest.approx(measured.input_scales, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_measurement_grouped_otherwise_is_probed_again_and_keeps_its_damages(
+        kquant_f16: Path, calibrated: Path, private_cache: Path) -> None:
+    from converters.calibration.imatrix import read_imatrix
+
+    matrix = read_imatrix(calibrated)
+    settings = {"layer_bands": 2, "probe_chunks": 1, "probe_ctx": 128, "gpu_layers": 0}
+    measured = cached_sensitivity(kquant_f16, matrix, **settings)
+    (stored,) = (private_cache / "sensitivity").glob("*.json")
+    document = json.loads(stored.read_text())
+    for tensor in document["tensors"]:  # as an older grouping stored it: one group per tensor class
+        tensor["group"] = tensor["group"].split("@")[0] + "@all"
+        tensor["gain"] = 1.0
+    stored.write_text(json.dumps(document))
+
+    upgraded = cached_sensitivity(kquant_f16, matrix, **settings)
+    assert [t.group for t in upgraded.tensors] == [t.group for t in measured.tensors]
+    assert [t.gain for t in upgraded.tensors] == pytest.approx([t.gain for t in measured.tensors], rel=1e-6)
+    for old, new in zip(measured.tensors, upgraded.tensors, strict=True):
+        assert [o.damage for o in new.options] == [o.damage for o in old.options]
+        assert [o.input_damage for o in new.options] == pytest.approx([o.input_damage for o in old.options], rel=1e-6)
+    assert [t["group"] for t in json.loads(stored.read_text())["tensors"]] == [t.group for t in measured.tensors]
 
 
 @pytest.mark.slow

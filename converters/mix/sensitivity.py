@@ -68,6 +68,8 @@ DEFAULT_PROBE_CHUNKS = 2
 DEFAULT_PROBE_CTX = 256
 DEFAULT_LAYER_BANDS = 4
 DEFAULT_SAMPLE_ROWS = 256
+OUTLIER_DAMAGE_FACTOR = 3.0
+"""A layer whose damage at the probe type exceeds its band's median by this factor is probed on its own."""
 INPUT_ROUNDING_CHUNKS = 8
 """Chunks (of the probe context) on which the rounding of every product's inputs is measured."""
 INPUT_PROBE_AMPLITUDE = 4.0
@@ -320,7 +322,8 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
     budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key. The
     candidate types are not part of it either: a remembered measurement that lacks some of them has only their
     damages measured (`with_types`), not the probing again; one remembered before the inputs' rounding was probed
-    has only that probed (`measure_input_scales`)."""
+    has only that probed (`measure_input_scales`); one whose groups are not today's (`probe_groups`) keeps its
+    damages and is probed again (`reprobed`)."""
     reference = Path(reference)
     check_gguf(reference)
     progress = settings.pop("progress", no_progress)
@@ -338,6 +341,14 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
         sensitivity = with_types(sensitivity, reference, matrix, candidate_types,
                                  sample_rows=settings.get("sample_rows", DEFAULT_SAMPLE_ROWS),
                                  threads=settings.get("threads"), progress=progress, cancel=cancel)
+    layer_bands = settings.get("layer_bands", DEFAULT_LAYER_BANDS)
+    if not _grouped_as_now(sensitivity, layer_bands):  # remembered before outlier layers were probed alone
+        complete = False
+        sensitivity = reprobed(sensitivity, reference, matrix, texts,
+                               probe_chunks=settings.get("probe_chunks", DEFAULT_PROBE_CHUNKS),
+                               probe_ctx=settings.get("probe_ctx", DEFAULT_PROBE_CTX), layer_bands=layer_bands,
+                               threads=settings.get("threads"), gpu_layers=settings.get("gpu_layers", 0),
+                               progress=progress, cancel=cancel)
     if complete:
         return sensitivity
     if sensitivity.input_scales is None:  # remembered before the input rounding was measured
@@ -355,6 +366,14 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
         finally:
             temporary.unlink(missing_ok=True)
     return sensitivity
+
+
+def _grouped_as_now(sensitivity: Sensitivity, layer_bands: int) -> bool:
+    blocks = {int(m.group(1)) for t in sensitivity.tensors if (m := _LAYER_NAME.match(t.name))}
+    groups = probe_groups({t.name: t.options for t in sensitivity.tensors}, max(blocks) + 1 if blocks else 0,
+                          layer_bands)
+    now = {name: group for group, names in groups.items() for name in names}
+    return all(now[t.name] == t.group for t in sensitivity.tensors)
 
 
 def _read_cached(path: Path) -> Sensitivity | None:
@@ -438,16 +457,13 @@ def measure_sensitivity(
     cancel: CancelToken | None = None,
 ) -> Sensitivity:
     """Measure the damage of every candidate type on every weight of `reference` and the gain of every group."""
-    from native.activations import ModelEvaluator
-    from native.errors import NativeError, Stopped
+    from native.errors import Stopped
     from native.kernels import measure_gguf, quantizable_weight
 
     started = time.monotonic()
     reference = Path(reference)
     header = check_model_gguf(reference)
     weights = {t.name: t for t in header.tensors if quantizable_weight(t.name, len(t.shape))}
-    blocks = {int(m.group(1)) for name in weights if (m := _LAYER_NAME.match(name))}
-    n_layers = max(blocks) + 1 if blocks else 0
     importance = _importance(matrix)
     should_stop = (lambda: cancel.cancelled) if cancel is not None else None
 
@@ -465,9 +481,87 @@ def measure_sensitivity(
 
     options = {name: tuple(_cost(table, name, measured) for measured in _writable(table, name, importance))
                for name in weights}
-    groups: dict[str, list[str]] = {}
+    if TOKEN_EMBEDDING in weights and OUTPUT not in {t.name for t in header.tensors}:
+        options[TOKEN_EMBEDDING] = tuple(
+            replace(option, lookup_damage=_plain_error(table, TOKEN_EMBEDDING, option.type))
+            for option in options[TOKEN_EMBEDDING])
+    sensitivity = _probed(reference, options, importance, texts, probe_chunks=probe_chunks, probe_ctx=probe_ctx,
+                          layer_bands=layer_bands, threads=threads, gpu_layers=gpu_layers, progress=progress,
+                          cancel=cancel)
+    return replace(sensitivity, seconds=time.monotonic() - started,
+                   candidate_types=tuple(type_name(ggml_type(name)) for name in candidate_types))
+
+
+@isolated("probing the sensitivity again")
+def reprobed(
+    sensitivity: Sensitivity,
+    reference: str | Path,
+    matrix: ImportanceMatrix | None,
+    texts: Sequence[CalibrationText] | None = None,
+    *,
+    probe_chunks: int = DEFAULT_PROBE_CHUNKS,
+    probe_ctx: int = DEFAULT_PROBE_CTX,
+    layer_bands: int = DEFAULT_LAYER_BANDS,
+    threads: int | None = None,
+    gpu_layers: int = 0,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Sensitivity:
+    """`sensitivity`'s damages with every gain and input scale probed anew (other probe settings or grouping)."""
+    options = {tensor.name: tuple(replace(option, input_damage=0.0) for option in tensor.options)
+               for tensor in sensitivity.tensors}
+    probed = _probed(Path(reference), options, _importance(matrix), texts, probe_chunks=probe_chunks,
+                     probe_ctx=probe_ctx, layer_bands=layer_bands, threads=threads, gpu_layers=gpu_layers,
+                     progress=progress, cancel=cancel)
+    return replace(probed, seconds=sensitivity.seconds + probed.seconds, candidate_types=sensitivity.candidate_types)
+
+
+def probe_groups(weights: Mapping[str, Sequence[TypeCost]], n_layers: int, layer_bands: int) -> dict[str, list[str]]:
+    """The groups probed together: a tensor class in a band of layers (`tensor_group`), with a layer whose damage
+    at the probe type is more than `OUTLIER_DAMAGE_FACTOR` times its band's median probed on its own, so that one
+    outlier's damage does not set the gain of its neighbours."""
+    banded: dict[str, list[str]] = {}
     for name in weights:
-        groups.setdefault(tensor_group(name, n_layers, layer_bands), []).append(name)
+        banded.setdefault(tensor_group(name, n_layers, layer_bands), []).append(name)
+    groups: dict[str, list[str]] = {}
+    for group, names in banded.items():
+        probe = probe_type(weights[names[0]])
+        damage = {name: next(o.damage for o in weights[name] if o.type == probe) for name in names}
+        median = float(np.median(list(damage.values())))
+        outliers = [name for name in names if len(names) > 2 and damage[name] > OUTLIER_DAMAGE_FACTOR * median]
+        groups[group] = [name for name in names if name not in outliers]
+        for name in outliers:
+            match = _LAYER_NAME.match(name)
+            assert match is not None
+            groups[f"{group.split('@')[0]}@layer{match.group(1)}"] = [name]
+    return groups
+
+
+def _probed(
+    reference: Path,
+    options: dict[str, tuple[TypeCost, ...]],
+    importance: Mapping[str, np.ndarray] | None,
+    texts: Sequence[CalibrationText] | None,
+    *,
+    probe_chunks: int,
+    probe_ctx: int,
+    layer_bands: int,
+    threads: int | None,
+    gpu_layers: int,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> Sensitivity:
+    """The gain of every group and the input scales, probed, for weights whose damages are `options`."""
+    from native.activations import ModelEvaluator
+    from native.errors import NativeError, Stopped
+
+    started = time.monotonic()
+    header = check_model_gguf(reference)
+    weights = {t.name: t for t in header.tensors if t.name in options}
+    blocks = {int(m.group(1)) for name in weights if (m := _LAYER_NAME.match(name))}
+    n_layers = max(blocks) + 1 if blocks else 0
+    should_stop = (lambda: cancel.cancelled) if cancel is not None else None
+    groups = probe_groups(options, n_layers, layer_bands)
     probes = {group: probe_type(options[names[0]]) for group, names in groups.items()}
 
     tied = TOKEN_EMBEDDING in weights and OUTPUT not in {t.name for t in header.tensors}
@@ -513,10 +607,6 @@ def measure_sensitivity(
                     options[name] = tuple(replace(option, input_damage=_input_damage(option.type, column_squares[name],
                                                                                     rounding[name]))
                                           for option in options[name])
-            if tied:
-                options[TOKEN_EMBEDDING] = tuple(
-                    replace(option, lookup_damage=_plain_error(table, TOKEN_EMBEDDING, option.type))
-                    for option in options[TOKEN_EMBEDDING])
             tensors = []
             for group, names in sorted(groups.items()):
                 probed = [next(o for o in options[name] if o.type == probes[group]) for name in names]
@@ -537,8 +627,7 @@ def measure_sensitivity(
         raise SensitivityError(str(error)) from error
 
     return Sensitivity(_with_input_scales(tensors, scales), group_kld, probes, probe.baseline, probe.tokens,
-                       time.monotonic() - started, tuple(type_name(ggml_type(name)) for name in candidate_types),
-                       scales)
+                       time.monotonic() - started, input_scales=scales)
 
 
 @isolated("measuring what rounding the inputs costs")
