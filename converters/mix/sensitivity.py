@@ -10,7 +10,8 @@ Measurements combined per tensor t and candidate type τ:
   tensor class in a band of consecutive layers, the token embedding, the output matrix) every tensor of G is
   replaced by its own round trip through a probe type, the calibration chunks are evaluated, and the mean KL
   divergence from the untouched reference is measured; then the weights are put back. g_G = (KLD_G − KLD_0) /
-  Σ_{t∈G} E_t(probe type).
+  Σ_{t∈G} E_t(probe type). A layer whose damage stands far above its band's is a group of its own
+  (`probe_groups`).
 * **Input rounding** I_t(τ): what llama.cpp's CPU kernels add by rounding the product's inputs to 8 bits, charged
   by formula (`native.input_rounding`) and scaled per kind of input by a probe of its own (`_input_scales`).
 
