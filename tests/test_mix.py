@@ -153,7 +153,7 @@ def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibr
 
 
 def qdesk(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "qdesk", *args], capture_output=True, text=True, timeout=1200)
 
 
 @pytest.mark.slow
