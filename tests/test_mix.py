@@ -105,12 +105,15 @@ def test_a_layer_far_from_its_bands_damage_is_probed_on_its_own() -> None:
     band = {f"blk.{layer}.ffn_up.weight": options(10.0) for layer in range(1, 7)}
     band["blk.3.ffn_up.weight"] = options(10.0 * OUTLIER_DAMAGE_FACTOR * 1.01)
     band["blk.4.ffn_up.weight"] = options(10.0 * OUTLIER_DAMAGE_FACTOR * 0.99)
-    band["blk.0.ffn_up.weight"] = options(1000.0)  # the first layer is a group of its own anyway
-    groups = probe_groups(band, 8, 1)
+    band["blk.0.ffn_up.weight"] = options(1000.0)  # the first and the last layer are groups of their own anyway
+    band["blk.7.ffn_up.weight"] = options(1000.0)
+    groups = probe_groups(band, 1)
     assert groups == {"ffn_up@0": [f"blk.{layer}.ffn_up.weight" for layer in (1, 2, 4, 5, 6)],
-                      "ffn_up@layer3": ["blk.3.ffn_up.weight"], "ffn_up@first": ["blk.0.ffn_up.weight"]}
-    pair = {"blk.1.attn_q.weight": options(1.0), "blk.2.attn_q.weight": options(100.0)}
-    assert probe_groups(pair, 4, 1) == {"attn_q@0": list(pair)}  # two layers: no median to stand out from
+                      "ffn_up@layer3": ["blk.3.ffn_up.weight"], "ffn_up@first": ["blk.0.ffn_up.weight"],
+                      "ffn_up@last": ["blk.7.ffn_up.weight"]}
+    pair = {f"blk.{layer}.attn_q.weight": options(1.0 if layer != 2 else 100.0) for layer in range(4)}
+    band_of_two = ["blk.1.attn_q.weight", "blk.2.attn_q.weight"]
+    assert probe_groups(pair, 1)["attn_q@0"] == band_of_two  # no median to stand out from
 
 
 @pytest.fixture(scope="module")

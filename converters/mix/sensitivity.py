@@ -370,9 +370,7 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
 
 
 def _grouped_as_now(sensitivity: Sensitivity, layer_bands: int) -> bool:
-    blocks = {int(m.group(1)) for t in sensitivity.tensors if (m := _LAYER_NAME.match(t.name))}
-    groups = probe_groups({t.name: t.options for t in sensitivity.tensors}, max(blocks) + 1 if blocks else 0,
-                          layer_bands)
+    groups = probe_groups({t.name: t.options for t in sensitivity.tensors}, layer_bands)
     now = {name: group for group, names in groups.items() for name in names}
     return all(now[t.name] == t.group for t in sensitivity.tensors)
 
@@ -517,10 +515,12 @@ def reprobed(
     return replace(probed, seconds=sensitivity.seconds + probed.seconds, candidate_types=sensitivity.candidate_types)
 
 
-def probe_groups(weights: Mapping[str, Sequence[TypeCost]], n_layers: int, layer_bands: int) -> dict[str, list[str]]:
-    """The groups probed together: a tensor class in a band of layers (`tensor_group`), with a layer whose damage
-    at the probe type is more than `OUTLIER_DAMAGE_FACTOR` times its band's median probed on its own, so that one
-    outlier's damage does not set the gain of its neighbours."""
+def probe_groups(weights: Mapping[str, Sequence[TypeCost]], layer_bands: int) -> dict[str, list[str]]:
+    """The groups probed together: a tensor class in a band of layers (`tensor_group`; the layers are counted from
+    the weights' names), with a layer whose damage at the probe type is more than `OUTLIER_DAMAGE_FACTOR` times its
+    band's median probed on its own, so that one outlier's damage does not set the gain of its neighbours."""
+    blocks = {int(m.group(1)) for name in weights if (m := _LAYER_NAME.match(name))}
+    n_layers = max(blocks) + 1 if blocks else 0
     banded: dict[str, list[str]] = {}
     for name in weights:
         banded.setdefault(tensor_group(name, n_layers, layer_bands), []).append(name)
@@ -559,10 +559,8 @@ def _probed(
     started = time.monotonic()
     header = check_model_gguf(reference)
     weights = {t.name: t for t in header.tensors if t.name in options}
-    blocks = {int(m.group(1)) for name in weights if (m := _LAYER_NAME.match(name))}
-    n_layers = max(blocks) + 1 if blocks else 0
     should_stop = (lambda: cancel.cancelled) if cancel is not None else None
-    groups = probe_groups(options, n_layers, layer_bands)
+    groups = probe_groups(options, layer_bands)
     probes = {group: probe_type(options[names[0]]) for group, names in groups.items()}
 
     tied = TOKEN_EMBEDDING in weights and OUTPUT not in {t.name for t in header.tensors}
