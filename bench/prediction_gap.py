@@ -25,11 +25,12 @@ The reference's distributions stay in memory (n_vocab × 2 bytes per scored toke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,9 @@ class EditableReference:
                  importance: Mapping[str, np.ndarray] | None) -> None:
         self.evaluator, self.shapes, self.importance = evaluator, shapes, importance
 
-    def kld_with(self, types: Mapping[str, str], chunks: TokenChunks, references: list[ReferenceRows]) -> float:
+    @contextlib.contextmanager
+    def degraded(self, types: Mapping[str, str]) -> Iterator[None]:
+        """Within the block, each named weight holds its round trip through its type; afterwards its own data."""
         originals = {name: self.evaluator.read_weight(name) for name in types}
         try:
             for name, type_ in types.items():
@@ -92,10 +95,14 @@ class EditableReference:
                 values = _as_float(originals[name], source_type, self.shapes[name])
                 vector = self.importance.get(name) if self.importance is not None else None
                 self.evaluator.write_weight(name, _stored(_round_trip(values, type_, vector), source_type))
-            return mean_kld(self.evaluator, chunks, references)
+            yield
         finally:
             for name, raw in originals.items():
                 self.evaluator.write_weight(name, raw)
+
+    def kld_with(self, types: Mapping[str, str], chunks: TokenChunks, references: list[ReferenceRows]) -> float:
+        with self.degraded(types):
+            return mean_kld(self.evaluator, chunks, references)
 
 
 def weights_only(tensor: TensorSensitivity, type_name: str) -> float:

@@ -25,18 +25,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.prediction_gap import EditableReference  # noqa: E402
 from converters.calibration.calibrate import builtin_texts, calibration_chunks  # noqa: E402
 from converters.calibration.divergence import compare_candidate, encode_reference  # noqa: E402
 from converters.calibration.imatrix import read_imatrix  # noqa: E402
 from converters.core.gguf_file import check_gguf  # noqa: E402
-from converters.mix.sensitivity import (  # noqa: E402
-    _as_float,
-    _importance,
-    _round_trip,
-    _stored,
-    cached_sensitivity,
-    effort_named,
-)
+from converters.mix.sensitivity import _importance, cached_sensitivity, effort_named  # noqa: E402
 from native.activations import ModelEvaluator  # noqa: E402
 
 
@@ -71,7 +65,6 @@ def main() -> None:
     matrix = read_imatrix(args.imatrix)
     sensitivity = cached_sensitivity(args.reference, matrix, None, gpu_layers=0, layer_bands=effort.layer_bands,
                                      probe_chunks=effort.probe_chunks, probe_ctx=effort.probe_ctx)
-    importance = _importance(matrix)
     shapes = {t.name: tuple(t.shape) for t in check_gguf(args.reference).tensors}
     groups: dict[str, list[str]] = {}
     for tensor in sensitivity.tensors:
@@ -79,6 +72,7 @@ def main() -> None:
     klds: dict[str, np.ndarray] = {}
     started = time.monotonic()
     with ModelEvaluator(args.reference, n_ctx=args.ctx, collect=False, editable_weights=True) as evaluator:
+        editable = EditableReference(evaluator, shapes, _importance(matrix))
         chunks = calibration_chunks(evaluator, builtin_texts(), args.ctx, args.chunks)
         references = [encode_reference(chunk_logits(evaluator, chunk), np.asarray(chunk[1:])) for chunk in chunks]
         klds["@baseline"] = position_klds(evaluator, chunks, references)
@@ -86,18 +80,8 @@ def main() -> None:
         for group, names in sorted(groups.items()):
             if group not in wanted:
                 continue
-            originals = {name: evaluator.read_weight(name) for name in names}
-            try:
-                for name in names:
-                    source_type = evaluator.weight_type(name)
-                    values = _as_float(originals[name], source_type, shapes[name])
-                    vector = importance.get(name) if importance is not None else None
-                    evaluator.write_weight(name, _stored(_round_trip(values, sensitivity.probe_types[group], vector),
-                                                         source_type))
+            with editable.degraded({name: sensitivity.probe_types[group] for name in names}):
                 klds[group] = position_klds(evaluator, chunks, references)
-            finally:
-                for name, raw in originals.items():
-                    evaluator.write_weight(name, raw)
             print(f"{group}: {klds[group][:, args.ctx // 2:].mean():.5f} (all positions {klds[group].mean():.5f}) "
                   f"{time.monotonic() - started:.0f} s", flush=True)
     damages = {group: sum(sensitivity.tensor(name).option(sensitivity.probe_types[group]).damage for name in names)
