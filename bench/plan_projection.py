@@ -209,6 +209,11 @@ UNIT_ROWS: tuple[tuple[str, float, Callable[[UnitCosts], float]], ...] = (
 )
 
 
+INPUT_PROBES = 8 * 2
+"""The input-rounding probes after the groups: one per kind of input (q, k, v, attn_output, gate, up, down, output)
+and input block (32 and 256) for rows that are multiples of 256."""
+
+
 def stage_seconds(shape: Shape, costs: UnitCosts) -> dict[str, float]:
     """Each stage of a default-effort mix with error feedback, from the unit costs."""
     per_token = costs.eval_per_token_parameter * shape.product_parameters()
@@ -230,7 +235,7 @@ def stage_seconds(shape: Shape, costs: UnitCosts) -> dict[str, float]:
         "importance matrix": IMATRIX_CHUNKS * IMATRIX_CTX * per_token * COLLECTION_OVERHEAD,
         "damage table": sampled * sum(costs.ggml_per_weight.values()),
         "input rounding": INPUT_ROUNDING_CHUNKS * DEFAULT_PROBE_CTX * per_token * COLLECTION_OVERHEAD,
-        "probing": ((groups + 1) * DEFAULT_PROBE_CHUNKS * DEFAULT_PROBE_CTX * per_token
+        "probing": ((groups + 1 + INPUT_PROBES) * DEFAULT_PROBE_CHUNKS * DEFAULT_PROBE_CTX * per_token
                     + shape.parameters() * costs.ggml_per_weight["q4_K"]),
         "feedback inputs": feedback_tokens * per_token * COLLECTION_OVERHEAD,
         "feedback ratios": covariances + factors + sum(

@@ -22,7 +22,14 @@ from converters.mix.report import (
     save_plan,
     summary_lines,
 )
-from converters.mix.sensitivity import TensorSensitivity, TypeCost, cached_sensitivity, tensor_group
+from converters.mix.sensitivity import (
+    TensorSensitivity,
+    TypeCost,
+    _read_cached,
+    cached_sensitivity,
+    effort_named,
+    tensor_group,
+)
 from converters.quantization.plan import QuantPlan
 from converters.quantization.quantize import preset_plan, quantize
 
@@ -148,7 +155,9 @@ def test_like_a_preset_is_no_larger_and_records_the_mix(kquant_f16: Path, calibr
     assert again.plan.types() == saved.types()
 
     (stored,) = (private_cache / "sensitivity").glob("*.json")
-    first = cached_sensitivity(kquant_f16, matrix, layer_bands=4, probe_chunks=2, probe_ctx=256, gpu_layers=0)
+    default = effort_named("default")
+    first = cached_sensitivity(kquant_f16, matrix, layer_bands=default.layer_bands, probe_chunks=default.probe_chunks,
+                               probe_ctx=default.probe_ctx, gpu_layers=0)
     assert first.seconds == json.loads(stored.read_text())["seconds"]
     smaller = quantize(kquant_f16, tmp_path / "smaller.gguf", MixBudget(like="Q3_K_M"), matrix)
     assert smaller.plan.n_bytes < result.plan.n_bytes
@@ -339,37 +348,37 @@ def test_i_quants_join_a_remembered_measurement_and_take_the_mix_below_q2_k(
 
 
 @pytest.mark.slow
-def test_a_measurement_remembered_before_the_input_probe_gets_only_that_probe_and_keeps_its_gains(
+def test_a_measurement_probed_on_other_text_keeps_its_damages_and_each_probing_is_remembered(
         kquant_f16: Path, calibrated: Path, private_cache: Path) -> None:
     from converters.calibration.imatrix import read_imatrix
-    from converters.mix.sensitivity import input_kind
-    from native.input_rounding import INPUT_BLOCK_OF_TYPE
 
     matrix = read_imatrix(calibrated)
-    settings = {"layer_bands": 2, "probe_chunks": 1, "probe_ctx": 128, "gpu_layers": 0}
-    measured = cached_sensitivity(kquant_f16, matrix, **settings)
-    assert measured.input_scales is not None
-    kinds = {input_kind(tensor.name) for tensor in measured.tensors} - {"token_embd"}  # untied: a lookup only
-    assert {kind.split("/")[0] for kind in measured.input_scales} == kinds
-    assert all(0 <= scale < float("inf") for scale in measured.input_scales.values())
-
+    one_chunk = {"layer_bands": 2, "probe_chunks": 1, "probe_ctx": 128, "gpu_layers": 0}
+    measured = cached_sensitivity(kquant_f16, matrix, **one_chunk)
+    assert measured.probed_on is not None and measured.probed_on.first_scored == 16
+    assert measured.probe_tokens == 128 - 1 - 16
     (stored,) = (private_cache / "sensitivity").glob("*.json")
     document = json.loads(stored.read_text())
-    for tensor in document["tensors"]:  # as a measurement before the probe stored it: the charge unscaled
-        for option in tensor["options"]:
-            block = INPUT_BLOCK_OF_TYPE.get(option[0])
-            scale = measured.input_scales.get(f"{input_kind(tensor['name'])}/{block}", 1.0)
-            option[4] = option[4] / scale if scale else 0.0
-    document["input_scales"] = None
+    tensor = document["tensors"][0]
+    marked_option = next(o for o in tensor["options"] if o[0] != document["probe_types"][tensor["group"]])
+    marked_option[2] *= 2  # marks the damages (not the probe type's: that would move the groups)
+    document["probed_on"] = None  # as a measurement remembered before the probe's text was recorded
     stored.write_text(json.dumps(document))
+    marked = _read_cached(stored)
+    assert marked is not None
 
-    upgraded = cached_sensitivity(kquant_f16, matrix, **settings)
-    assert upgraded.group_kld == measured.group_kld
-    assert [tensor.gain for tensor in upgraded.tensors] == [tensor.gain for tensor in measured.tensors]
-    assert upgraded.input_scales == pytest.approx(measured.input_scales, rel=1e-6)
-    for old, new in zip(measured.tensors, upgraded.tensors, strict=True):
-        assert [o.input_damage for o in new.options] == pytest.approx([o.input_damage for o in old.options], rel=1e-6)
-    assert json.loads(stored.read_text())["input_scales"] == pytest.approx(measured.input_scales, rel=1e-6)
+    three_chunks = cached_sensitivity(kquant_f16, matrix, **{**one_chunk, "probe_chunks": 3})
+    assert three_chunks.probe_tokens == 3 * (128 - 1 - 16)
+    assert [t.options for t in three_chunks.tensors] == [
+        tuple(replace(o, input_damage=n.input_damage) for o, n in zip(t.options, new.options, strict=True))
+        for t, new in zip(marked.tensors, three_chunks.tensors, strict=True)]
+    assert three_chunks.input_scales is not None and three_chunks.group_kld != measured.group_kld
+    assert len(list((private_cache / "sensitivity").glob("*.json"))) == 2
+
+    reprobed_one = cached_sensitivity(kquant_f16, matrix, **one_chunk)
+    assert reprobed_one.group_kld == pytest.approx(measured.group_kld, rel=1e-6)
+    assert cached_sensitivity(kquant_f16, matrix, **{**one_chunk, "probe_chunks": 3}) == three_chunks
+    assert cached_sensitivity(kquant_f16, matrix, **one_chunk) == reprobed_one
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@ Measurements combined per tensor t and candidate type τ:
 * **Gain** g_G: how much a unit of that output error moves the model's next-token distribution, measured by
   probing. The reference is loaded once with its weights in writable memory; for each group G of tensors (one
   tensor class in a band of consecutive layers, the token embedding, the output matrix) every tensor of G is
-  replaced by its own round trip through a probe type, the calibration chunks are evaluated, and the mean KL
-  divergence from the untouched reference is measured; then the weights are put back. g_G = (KLD_G − KLD_0) /
+  replaced by its own round trip through a probe type, a chunk of each calibration text is evaluated, and the mean
+  KL divergence from the untouched reference over every position after the first 16 is measured; then the weights
+  are put back. g_G = (KLD_G − KLD_0) /
   Σ_{t∈G} E_t(probe type). A layer whose damage stands far above its band's is a group of its own
   (`probe_groups`).
 * **Input rounding** I_t(τ): what llama.cpp's CPU kernels add by rounding the product's inputs to 8 bits, charged
@@ -35,7 +36,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +66,11 @@ WRITTEN_ONLY_WITH_IMPORTANCE = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs",
 CANDIDATE_TYPES = K_AND_LEGACY_TYPES + I_QUANT_TYPES
 """Types a tensor may get: k-quants and i-quants where rows are multiples of 256, the legacy types and IQ4_NL
 where rows are multiples of 32, and F16."""
-DEFAULT_PROBE_CHUNKS = 2
+DEFAULT_PROBE_CHUNKS = 5
+"""One chunk of each built-in calibration text: the gains of code and math alone are 2–5× low on other text."""
 DEFAULT_PROBE_CTX = 256
+PROBE_CONTEXT_TOKENS = 16
+"""The first positions of a probe chunk only give context; every later one is scored (at most the second half)."""
 DEFAULT_LAYER_BANDS = 4
 DEFAULT_SAMPLE_ROWS = 256
 OUTLIER_DAMAGE_FACTOR = 3.0
@@ -95,10 +99,10 @@ class ProbeEffort:
 
 
 EFFORTS = {
-    "fast": ProbeEffort(layer_bands=2, probe_chunks=1, probe_ctx=256),
+    "fast": ProbeEffort(layer_bands=2, probe_chunks=5, probe_ctx=128),
     "default": ProbeEffort(layer_bands=DEFAULT_LAYER_BANDS, probe_chunks=DEFAULT_PROBE_CHUNKS,
                            probe_ctx=DEFAULT_PROBE_CTX),
-    "thorough": ProbeEffort(layer_bands=1 << 16, probe_chunks=4, probe_ctx=512),
+    "thorough": ProbeEffort(layer_bands=1 << 16, probe_chunks=5, probe_ctx=512),
 }
 """`fast` for large models (14 groups for a Llama), `thorough` probes every layer on its own."""
 
@@ -154,6 +158,16 @@ class TensorSensitivity:
 
 
 @dataclass(frozen=True)
+class ProbeText:
+    """The calibration tokens the gains were probed on: `chunks` chunks of `ctx` tokens, scored from
+    `first_scored` on."""
+
+    chunks: int
+    ctx: int
+    first_scored: int
+
+
+@dataclass(frozen=True)
 class Sensitivity:
     tensors: tuple[TensorSensitivity, ...]
     group_kld: Mapping[str, float]
@@ -166,7 +180,9 @@ class Sensitivity:
     """The types whose damages were measured (a tensor's options are those of them that fit it)."""
     input_scales: Mapping[str, float] | None = None
     """Measured over charged KLD of rounding the inputs, per input kind and block ("ffn_down/256"), already applied
-    to every option's `input_damage`; None until measured (`measure_input_scales`)."""
+    to every option's `input_damage`; None in a measurement remembered before they were probed."""
+    probed_on: ProbeText | None = None
+    """None in a measurement remembered before the probe's text was recorded."""
 
     def tensor(self, name: str) -> TensorSensitivity:
         for tensor in self.tensors:
@@ -298,6 +314,7 @@ def _to_json(sensitivity: Sensitivity) -> dict[str, object]:
         "seconds": sensitivity.seconds,
         "candidate_types": list(sensitivity.candidate_types),
         "input_scales": dict(sensitivity.input_scales) if sensitivity.input_scales is not None else None,
+        "probed_on": asdict(sensitivity.probed_on) if sensitivity.probed_on is not None else None,
         "tensors": [{"name": t.name, "shape": list(t.shape), "source_type": t.source_type, "group": t.group,
                      "gain": t.gain, "lookup_gain": t.lookup_gain,
                      "options": [[o.type, o.bytes, o.damage, o.lookup_damage, o.input_damage] for o in t.options]}
@@ -312,61 +329,70 @@ def _from_json(document: dict[str, Any]) -> Sensitivity:
                     for t in document["tensors"])
     measured = document.get("candidate_types") or K_AND_LEGACY_TYPES  # measurements saved before i-quants
     scales = document.get("input_scales")
+    probed_on = document.get("probed_on")
     return Sensitivity(tensors, document["group_kld"], document["probe_types"], float(document["baseline_kld"]),
                        int(document["probe_tokens"]), float(document["seconds"]), tuple(str(t) for t in measured),
-                       {str(kind): float(scale) for kind, scale in scales.items()} if scales is not None else None)
+                       {str(kind): float(scale) for kind, scale in scales.items()} if scales is not None else None,
+                       ProbeText(**{key: int(value) for key, value in probed_on.items()}) if probed_on else None)
 
 
 def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
                        texts: Sequence[CalibrationText] | None = None, **settings: Any) -> Sensitivity:
     """`measure_sensitivity`, remembered: a second mix of the same reference, matrix, text and settings (another
-    budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key. The
-    candidate types are not part of it either: a remembered measurement that lacks some of them has only their
-    damages measured (`with_types`), not the probing again; one remembered before the inputs' rounding was probed
-    has only that probed (`measure_input_scales`); one whose groups are not today's (`probe_groups`) keeps its
-    damages and is probed again (`reprobed`)."""
+    budget, say) reuses the measurement. `progress` and `cancel` are passed on and are not part of the key.
+
+    The damages are kept apart from how they were probed: a measurement of the same damages probed otherwise
+    (other probe text or layer bands, or remembered before the groups or the probe's text were today's) keeps its
+    damages and is probed again (`reprobed`), and each probing is remembered on its own. The candidate types are not
+    part of the key either: a remembered measurement that lacks some of them has only their damages measured
+    (`with_types`)."""
     reference = Path(reference)
     check_gguf(reference)
     progress = settings.pop("progress", no_progress)
     cancel = settings.pop("cancel", None)
     candidate_types = tuple(settings.pop("candidate_types", CANDIDATE_TYPES))
-    key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
-    path = sensitivity_cache_folder() / f"{key}.json"
-    sensitivity = _read_cached(path)
-    complete = sensitivity is not None and sensitivity.input_scales is not None
+    probe_chunks = settings.pop("probe_chunks", DEFAULT_PROBE_CHUNKS)
+    probe_ctx = settings.pop("probe_ctx", DEFAULT_PROBE_CTX)
+    layer_bands = settings.pop("layer_bands", DEFAULT_LAYER_BANDS)
+    wanted = ProbeText(probe_chunks, probe_ctx, first_scored(probe_ctx))
+    damages_key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
+    folder = sensitivity_cache_folder()
+    path = folder / f"{damages_key}-b{layer_bands}-{probe_chunks}x{probe_ctx}-s{wanted.first_scored}.json"
+    remembered = _read_cached(path)
+    sensitivity = remembered or _probed_otherwise(folder, damages_key)
     if sensitivity is None:
         sensitivity = measure_sensitivity(reference, matrix, texts, progress=progress, cancel=cancel,
-                                          candidate_types=candidate_types, **settings)
+                                          candidate_types=candidate_types, probe_chunks=probe_chunks,
+                                          probe_ctx=probe_ctx, layer_bands=layer_bands, **settings)
     elif not set(candidate_types) <= set(sensitivity.candidate_types):
-        complete = False
         sensitivity = with_types(sensitivity, reference, matrix, candidate_types,
                                  sample_rows=settings.get("sample_rows", DEFAULT_SAMPLE_ROWS),
                                  threads=settings.get("threads"), progress=progress, cancel=cancel)
-    layer_bands = settings.get("layer_bands", DEFAULT_LAYER_BANDS)
-    if not _grouped_as_now(sensitivity, layer_bands):  # remembered before outlier layers were probed alone
-        complete = False
-        sensitivity = reprobed(sensitivity, reference, matrix, texts,
-                               probe_chunks=settings.get("probe_chunks", DEFAULT_PROBE_CHUNKS),
-                               probe_ctx=settings.get("probe_ctx", DEFAULT_PROBE_CTX), layer_bands=layer_bands,
-                               threads=settings.get("threads"), gpu_layers=settings.get("gpu_layers", 0),
-                               progress=progress, cancel=cancel)
-    if complete:
+    if sensitivity.probed_on != wanted or not _grouped_as_now(sensitivity, layer_bands):
+        sensitivity = reprobed(sensitivity, reference, matrix, texts, probe_chunks=probe_chunks, probe_ctx=probe_ctx,
+                               layer_bands=layer_bands, threads=settings.get("threads"),
+                               gpu_layers=settings.get("gpu_layers", 0), progress=progress, cancel=cancel)
+    if sensitivity == remembered:
         return sensitivity
-    if sensitivity.input_scales is None:  # remembered before the input rounding was measured
-        sensitivity = measure_input_scales(sensitivity, reference, texts,
-                                           probe_chunks=settings.get("probe_chunks", DEFAULT_PROBE_CHUNKS),
-                                           probe_ctx=settings.get("probe_ctx", DEFAULT_PROBE_CTX),
-                                           threads=settings.get("threads"), gpu_layers=settings.get("gpu_layers", 0),
-                                           progress=progress, cancel=cancel)
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_file(path.parent, path.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_file(folder, path.name)
         try:
             temporary.write_text(json.dumps(_to_json(sensitivity)), encoding="utf-8")
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
     return sensitivity
+
+
+def _probed_otherwise(folder: Path, damages_key: str) -> Sensitivity | None:
+    """The most recent remembered measurement of the same damages, whatever it was probed on."""
+    with contextlib.suppress(OSError):
+        for path in sorted(folder.glob(f"{damages_key}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            sensitivity = _read_cached(path)
+            if sensitivity is not None:
+                return sensitivity
+    return None
 
 
 def _grouped_as_now(sensitivity: Sensitivity, layer_bands: int) -> bool:
@@ -626,40 +652,13 @@ def _probed(
         raise SensitivityError(str(error)) from error
 
     return Sensitivity(_with_input_scales(tensors, scales), group_kld, probes, probe.baseline, probe.tokens,
-                       time.monotonic() - started, input_scales=scales)
+                       time.monotonic() - started, input_scales=scales,
+                       probed_on=ProbeText(probe_chunks, probe_ctx, first_scored(probe_ctx)))
 
 
-@isolated("measuring what rounding the inputs costs")
-def measure_input_scales(
-    sensitivity: Sensitivity,
-    reference: str | Path,
-    texts: Sequence[CalibrationText] | None = None,
-    *,
-    probe_chunks: int = DEFAULT_PROBE_CHUNKS,
-    probe_ctx: int = DEFAULT_PROBE_CTX,
-    threads: int | None = None,
-    gpu_layers: int = 0,
-    progress: ProgressFn = no_progress,
-    cancel: CancelToken | None = None,
-) -> Sensitivity:
-    """`sensitivity` with the charge for rounding the products' inputs measured per input kind (`_input_scales`),
-    for a measurement made before that charge was probed. The text and probe settings must be the measurement's."""
-    from native.activations import ModelEvaluator
-    from native.errors import NativeError, Stopped
-
-    started = time.monotonic()
-    try:
-        with ModelEvaluator(Path(reference), n_ctx=probe_ctx, n_gpu_layers=gpu_layers, n_threads=threads,
-                            collect=False, editable_weights=True,
-                            should_stop=(lambda: cancel.cancelled) if cancel is not None else None) as evaluator:
-            probe = _Probe.open(evaluator, texts, probe_ctx, probe_chunks)
-            scales = _input_scales(probe, sensitivity.tensors, progress, cancel)
-    except Stopped:
-        raise Cancelled("the sensitivity measurement was cancelled") from None
-    except NativeError as error:
-        raise SensitivityError(str(error)) from error
-    return replace(sensitivity, tensors=_with_input_scales(sensitivity.tensors, scales), input_scales=scales,
-                   seconds=sensitivity.seconds + time.monotonic() - started)
+def first_scored(ctx: int) -> int:
+    """The first scored position of a probe chunk of `ctx` tokens."""
+    return min(PROBE_CONTEXT_TOKENS, ctx // 2)
 
 
 class _Probe:
@@ -679,7 +678,7 @@ class _Probe:
     def open(cls, evaluator: ModelEvaluator, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int
              ) -> _Probe:
         return cls(evaluator, calibration_chunks(evaluator, list(texts) if texts else builtin_texts(), ctx, chunks),
-                   ctx // 2)
+                   first_scored(ctx))
 
     def logits(self, chunk: list[int], table: np.ndarray | None = None) -> np.ndarray:
         rows: list[np.ndarray] = []
