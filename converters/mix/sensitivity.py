@@ -166,6 +166,11 @@ class ProbeText:
     ctx: int
     first_scored: int
 
+    @classmethod
+    def of(cls, chunks: int, ctx: int) -> ProbeText:
+        """`chunks` chunks of `ctx` tokens, scored as the probe scores them."""
+        return cls(chunks, ctx, first_scored(ctx))
+
 
 @dataclass(frozen=True)
 class Sensitivity:
@@ -354,7 +359,7 @@ def cached_sensitivity(reference: str | Path, matrix: ImportanceMatrix | None,
     probe_chunks = settings.pop("probe_chunks", DEFAULT_PROBE_CHUNKS)
     probe_ctx = settings.pop("probe_ctx", DEFAULT_PROBE_CTX)
     layer_bands = settings.pop("layer_bands", DEFAULT_LAYER_BANDS)
-    wanted = ProbeText(probe_chunks, probe_ctx, first_scored(probe_ctx))
+    wanted = ProbeText.of(probe_chunks, probe_ctx)
     damages_key = _cache_key(reference, matrix, texts, tuple(sorted(settings.items())))
     folder = sensitivity_cache_folder()
     path = folder / f"{damages_key}-b{layer_bands}-{probe_chunks}x{probe_ctx}-s{wanted.first_scored}.json"
@@ -653,7 +658,7 @@ def _probed(
 
     return Sensitivity(_with_input_scales(tensors, scales), group_kld, probes, probe.baseline, probe.tokens,
                        time.monotonic() - started, input_scales=scales,
-                       probed_on=ProbeText(probe_chunks, probe_ctx, first_scored(probe_ctx)))
+                       probed_on=ProbeText.of(probe_chunks, probe_ctx))
 
 
 def first_scored(ctx: int) -> int:
