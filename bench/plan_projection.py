@@ -211,7 +211,8 @@ UNIT_ROWS: tuple[tuple[str, float, Callable[[UnitCosts], float]], ...] = (
 
 INPUT_PROBES = 8 * 2
 """The input-rounding probes after the groups: one per kind of input (q, k, v, attn_output, gate, up, down, output)
-and input block (32 and 256) for rows that are multiples of 256."""
+and input block (32 and 256) for rows that are multiples of 256, each over the first half of every probe chunk."""
+INPUT_PROBE_SHARE = 0.5
 
 
 def stage_seconds(shape: Shape, costs: UnitCosts) -> dict[str, float]:
@@ -235,7 +236,8 @@ def stage_seconds(shape: Shape, costs: UnitCosts) -> dict[str, float]:
         "importance matrix": IMATRIX_CHUNKS * IMATRIX_CTX * per_token * COLLECTION_OVERHEAD,
         "damage table": sampled * sum(costs.ggml_per_weight.values()),
         "input rounding": INPUT_ROUNDING_CHUNKS * DEFAULT_PROBE_CTX * per_token * COLLECTION_OVERHEAD,
-        "probing": ((groups + 1 + INPUT_PROBES) * DEFAULT_PROBE_CHUNKS * DEFAULT_PROBE_CTX * per_token
+        "probing": ((groups + 1 + INPUT_PROBE_SHARE * INPUT_PROBES) * DEFAULT_PROBE_CHUNKS * DEFAULT_PROBE_CTX
+                    * per_token
                     + shape.parameters() * costs.ggml_per_weight["q4_K"]),
         "feedback inputs": feedback_tokens * per_token * COLLECTION_OVERHEAD,
         "feedback ratios": covariances + factors + sum(

@@ -678,6 +678,7 @@ class _Probe:
         self._references = [encode_reference(self.logits(chunk), np.asarray(chunk[first + 1 :])) for chunk in chunks]
         self.tokens = sum(len(chunk) - 1 - first for chunk in chunks)
         self.baseline = self.mean_kld()
+        self._baselines: dict[int, float] = {max(len(chunk) for chunk in chunks): self.baseline}
 
     @classmethod
     def open(cls, evaluator: ModelEvaluator, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int
@@ -694,18 +695,35 @@ class _Probe:
             self.evaluator.evaluate_embedding_logits(table[np.asarray(chunk)], self._first, keep)
         return np.concatenate(rows)[: len(chunk) - 1 - self._first]
 
-    def mean_kld(self, table: np.ndarray | None = None) -> float:
+    def mean_kld(self, table: np.ndarray | None = None, length: int | None = None) -> float:
         """Mean KLD from the reference; with `table`, the input rows are looked up there, not in the model's own
-        token embedding."""
+        token embedding; with `length`, over each chunk's first `length` tokens only (the model is causal, so
+        those positions score as they do in the whole chunk, at a fraction of the evaluation)."""
         from converters.calibration.divergence import compare_candidate
 
         total, count = 0.0, 0
         for chunk, reference_rows in zip(self._chunks, self._references, strict=True):
-            scored = compare_candidate(self.logits(chunk, table), reference_rows,
-                                       np.asarray(chunk[self._first + 1 :]))
+            head = chunk[:length] if length is not None else chunk
+            scored_rows = len(head) - 1 - self._first
+            if scored_rows <= 0:
+                continue
+            scored = compare_candidate(self.logits(head, table), reference_rows.window(slice(0, scored_rows)),
+                                       np.asarray(head[self._first + 1 :]))
             total += float(scored.kld.sum())
             count += scored.kld.size
         return total / count
+
+    def baseline_of(self, length: int) -> float:
+        """The untouched model's mean KLD over each chunk's first `length` tokens (the encoding's own error)."""
+        if length not in self._baselines:
+            self._baselines[length] = self.mean_kld(length=length)
+        return self._baselines[length]
+
+    def head_length(self) -> int:
+        """The chunk length the input-rounding probes score: the first half of each chunk (at least its context
+        and as many scored positions)."""
+        longest = max(len(chunk) for chunk in self._chunks)
+        return min(longest, max(longest // 2, 2 * self._first + 2))
 
 
 def input_kind(name: str) -> str:
@@ -721,8 +739,9 @@ def _input_scales(probe: _Probe, tensors: Sequence[TensorSensitivity], progress:
     The charge g · Σ_j ‖W_:,j‖² E[δ_j²] values an output error W δ as the group's weight errors are valued; but W δ
     points where W's heavy columns write, which the rest of the model may weigh differently. So for each kind and
     block, every product of the kind's weights gets INPUT_PROBE_AMPLITUDE · W δ added (δ: its inputs' rounding
-    as the CPU kernel makes it) in the probe evaluation, and the KLD it causes is compared with the charge. A kind
-    whose charge is zero keeps a scale of 1."""
+    as the CPU kernel makes it) in an evaluation of the first half of each probe chunk (amplified, the error stands
+    out of the noise on half the tokens, for half the time), and the KLD it causes is compared with the charge. A
+    kind whose charge is zero keeps a scale of 1."""
     from native.input_rounding import INPUT_BLOCK_OF_TYPE, INPUT_BLOCKS, rounded_rows
 
     evaluator = probe.evaluator
@@ -737,6 +756,8 @@ def _input_scales(probe: _Probe, tensors: Sequence[TensorSensitivity], progress:
     amplitude = np.float32(INPUT_PROBE_AMPLITUDE)
     scales: dict[str, float] = {}
     probes = sorted(charged, key=lambda kind_block: (kind_block[0], INPUT_BLOCKS.index(kind_block[1])))
+    length = probe.head_length()
+    baseline = probe.baseline_of(length) if probes else probe.baseline
     for index, (kind, block) in enumerate(probes):
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -752,7 +773,7 @@ def _input_scales(probe: _Probe, tensors: Sequence[TensorSensitivity], progress:
                 output[:, start:stop] += delta @ weight.T
 
         with evaluator.adjusting_products(charged[kind, block], add_rounding):
-            measured = max(probe.mean_kld() - probe.baseline, 0.0) / float(amplitude) ** 2
+            measured = max(probe.mean_kld(length=length) - baseline, 0.0) / float(amplitude) ** 2
         charge = sum(charged[kind, block].values())
         scales[f"{kind}/{block}"] = measured / charge if charge > 0 else 1.0
     progress(Progress(len(probes), len(probes), "input kinds", "probing done"))
