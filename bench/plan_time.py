@@ -1,7 +1,7 @@
 """What planning a sensitivity mix from scratch costs, stage by stage, in time and in memory.
 
     python bench/plan_time.py REFERENCE.gguf [--like Q4_K_M] [--encoder ggml|feedback] [--imatrix FILE]
-                              [--mix-effort fast|default|thorough] [--chunks N]
+                              [--mix-effort fast|default|thorough] [--chunks N] [--keep OUT.gguf]
 
 Runs `converters.quantization.quantize.quantize(REFERENCE, OUT, MixBudget(like=…))` with an empty `QDESK_CACHE_DIR`
 (a temporary folder, so the importance matrix unless given, the sensitivity measurement, the feedback ratios and
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=None, help="calibration chunks (default: quantize's)")
     parser.add_argument("--scratch", type=Path, default=None, help="where the output, cache and spill go "
                         "(default: beside the reference)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="GGUF",
+                        help="keep the planned model there, to measure its quality (default: deleted with the rest)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.scratch or args.reference.parent, prefix="plan-time-") as scratch:
@@ -122,6 +125,8 @@ def main() -> None:
             sampler.join()
             clock.switch(None)
         total = time.monotonic() - started
+        if args.keep is not None:
+            shutil.move(Path(scratch) / "out.gguf", args.keep)
     reference_gb = args.reference.stat().st_size / 1e9
     print(f"{args.reference.name} ({reference_gb:.2f} GB), like {args.like.upper()}, effort {args.mix_effort}, "
           f"imatrix {args.imatrix}, encoder {result.plan.encoder}: {total:.1f} s wall; peak RSS of the process tree "
