@@ -54,6 +54,7 @@ class StageClock:
         now = time.monotonic()
         if self.stage is not None:
             self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self._since
+            print(f"  ({now - self._since:.1f} s in {self.stage})", flush=True)
         self.stage, self._since = stage, now
 
     def note_memory(self, rss: int) -> None:
