@@ -678,7 +678,6 @@ class _Probe:
         self._references = [encode_reference(self.logits(chunk), np.asarray(chunk[first + 1 :])) for chunk in chunks]
         self.tokens = sum(len(chunk) - 1 - first for chunk in chunks)
         self.baseline = self.mean_kld()
-        self._baselines: dict[int, float] = {max(len(chunk) for chunk in chunks): self.baseline}
 
     @classmethod
     def open(cls, evaluator: ModelEvaluator, texts: Sequence[CalibrationText] | None, ctx: int, chunks: int
@@ -712,12 +711,6 @@ class _Probe:
             total += float(scored.kld.sum())
             count += scored.kld.size
         return total / count
-
-    def baseline_of(self, length: int) -> float:
-        """The untouched model's mean KLD over each chunk's first `length` tokens (the encoding's own error)."""
-        if length not in self._baselines:
-            self._baselines[length] = self.mean_kld(length=length)
-        return self._baselines[length]
 
     def head_length(self) -> int:
         """The chunk length the input-rounding probes score: the first half of each chunk (at least its context
@@ -757,7 +750,7 @@ def _input_scales(probe: _Probe, tensors: Sequence[TensorSensitivity], progress:
     scales: dict[str, float] = {}
     probes = sorted(charged, key=lambda kind_block: (kind_block[0], INPUT_BLOCKS.index(kind_block[1])))
     length = probe.head_length()
-    baseline = probe.baseline_of(length) if probes else probe.baseline
+    baseline = probe.mean_kld(length=length) if probes else probe.baseline  # the untouched model, same positions
     for index, (kind, block) in enumerate(probes):
         if cancel is not None:
             cancel.raise_if_cancelled()
