@@ -14,8 +14,8 @@ import pytest
 from converters.core.errors import UserError
 from qdesk.chat.compare import compare, first_divergence
 from qdesk.chat.engine import ChatResult, GenerationStats, LoadOptions, SamplingOptions
+from tests.starter_prompts import CAPITAL_QUESTION, SYSTEM
 
-SYSTEM = "You are a helpful assistant."
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24, seed=0)
 
 
@@ -41,7 +41,7 @@ def test_first_divergence() -> None:
 def test_same_variant_twice_gives_the_same_answer(starter_gguf: Path, tmp_path: Path) -> None:
     twin = tmp_path / "twin.gguf"
     shutil.copyfile(starter_gguf, twin)
-    result = compare([starter_gguf, twin], "What is the capital of France?", system=SYSTEM, sampling=GREEDY,
+    result = compare([starter_gguf, twin], CAPITAL_QUESTION, system=SYSTEM, sampling=GREEDY,
                      load=LoadOptions(n_ctx=256))
     first, second = result.answers
     assert "Paris" in first.text and first.text == second.text
@@ -69,12 +69,12 @@ def test_compare_refuses_bad_requests(starter_gguf: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_chat_compare_and_models(starter_gguf: Path, tmp_path: Path) -> None:
-    chat = qdesk("chat", str(starter_gguf), "--prompt", "What is the capital of France?", "--system", SYSTEM,
+    chat = qdesk("chat", str(starter_gguf), "--prompt", CAPITAL_QUESTION, "--system", SYSTEM,
                  "--temp", "0", "--max-tokens", "24", "--ctx", "256")
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout
 
-    compared = qdesk("compare", str(starter_gguf), str(starter_gguf), "--prompt", "What is the capital of France?",
+    compared = qdesk("compare", str(starter_gguf), str(starter_gguf), "--prompt", CAPITAL_QUESTION,
                      "--system", SYSTEM, "--max-tokens", "16", "--ctx", "256", "--json")
     assert compared.returncode == 0, compared.stderr
     document = json.loads(compared.stdout)

@@ -25,9 +25,9 @@ from qdesk.chat.engine import (
     TokenEvent,
     load_model,
 )
+from tests.starter_prompts import CAPITAL_QUESTION, SYSTEM
 
-SYSTEM = "You are a helpful assistant."
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": CAPITAL_QUESTION}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
 STOP_DEADLINE_S = 5.0

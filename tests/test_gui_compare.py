@@ -14,8 +14,8 @@ from qdesk.chat.engine import GenerationStats, SamplingOptions
 from qdesk.gui.compare_prompt import PromptBox
 from qdesk.gui.compare_view import MAX_PANES, MIN_PANES, CompareView
 from qdesk.gui.context import AppContext
+from tests.starter_prompts import CAPITAL_QUESTION, SYSTEM
 
-SYSTEM = "You are a helpful assistant."
 LOAD_AND_ANSWER_MS = 180_000
 
 
@@ -173,7 +173,7 @@ def test_two_variants_answer_side_by_side(qtbot, gui_context: AppContext, starte
     view.show()
     qtbot.waitUntil(lambda: all(pane.runner.model is not None for pane in view.panes), timeout=LOAD_AND_ANSWER_MS)
 
-    qtbot.keyClicks(view.prompt, "What is the capital of France?")
+    qtbot.keyClicks(view.prompt, CAPITAL_QUESTION)
     qtbot.keyClick(view.prompt, Qt.Key.Key_Return)
     assert view.busy and view.stop_button.isEnabled() and not view.send_button.isEnabled()
     qtbot.waitUntil(lambda: not view.busy, timeout=LOAD_AND_ANSWER_MS)
@@ -226,7 +226,7 @@ def test_two_variants_answer_side_by_side(qtbot, gui_context: AppContext, starte
     assert "## Turn 1" in markdown and "## Turn 2" in markdown and "Paris" in markdown
     assert f"### Pane 2: {q8_variant.name}" in markdown
     document = json.loads((tmp_path / "talk.json").read_text(encoding="utf-8"))
-    assert [turn["prompt"] for turn in document["turns"]] == ["What is the capital of France?",
+    assert [turn["prompt"] for turn in document["turns"]] == [CAPITAL_QUESTION,
                                                               "Tell me a long story about a dragon."]
     assert document["turns"][0]["answers"][1]["model"] == str(q8_variant)
 
