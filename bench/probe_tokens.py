@@ -1,7 +1,7 @@
 """How many probe tokens, from how many texts, the sensitivity's gains need: each group's probe KLD per token.
 
     .venv/bin/python bench/probe_tokens.py REFERENCE IMATRIX [--chunks 10] [--ctx 256] [--effort default]
-        [--groups output,ffn_down@0] --out FILE.npz
+        [--groups output,ffn_down@0] [--sensitivity FILE.json] --out FILE.npz
 
 The sensitivity probes each group (one tensor class in a band of layers) by putting its weights through the probe
 type and measuring the mean KLD on a few chunks of the built-in calibration text. This records, for every group, the
@@ -9,7 +9,8 @@ KLD of every position of `--chunks` calibration chunks (taken in turn from each 
 them), so that any probe setting (how many chunks, scored from which position) can be compared afterwards without
 re-evaluating: per text and per stretch of positions, against the same groups' probe KLD on the held-out text
 (`bench/prediction_gap.py --probe-types`). Uses the cached sensitivity of the same reference (its groups, probe
-types and damages). Prints figures; never fails.
+types and damages), or with `--sensitivity` a remembered one read from its file (one a plan measured with an
+importance matrix that was not kept, say). Prints figures; never fails.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from converters.calibration.calibrate import builtin_texts, calibration_chunks  
 from converters.calibration.divergence import compare_candidate, encode_reference  # noqa: E402
 from converters.calibration.imatrix import read_imatrix  # noqa: E402
 from converters.core.gguf_file import check_gguf  # noqa: E402
-from converters.mix.sensitivity import _importance, cached_sensitivity, effort_named  # noqa: E402
+from converters.mix.sensitivity import _importance, _read_cached, cached_sensitivity, effort_named  # noqa: E402
 from native.activations import ModelEvaluator  # noqa: E402
 
 
@@ -58,13 +59,19 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--effort", default="default")
     parser.add_argument("--groups", help="comma-separated groups to probe (default: all)")
+    parser.add_argument("--sensitivity", type=Path, help="a remembered sensitivity file to take the groups from")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     effort = effort_named(args.effort)
     matrix = read_imatrix(args.imatrix)
-    sensitivity = cached_sensitivity(args.reference, matrix, None, gpu_layers=0, layer_bands=effort.layer_bands,
-                                     probe_chunks=effort.probe_chunks, probe_ctx=effort.probe_ctx)
+    if args.sensitivity is not None:
+        sensitivity = _read_cached(args.sensitivity)
+        if sensitivity is None:
+            raise SystemExit(f"{args.sensitivity} is not a sensitivity file this version reads")
+    else:
+        sensitivity = cached_sensitivity(args.reference, matrix, None, gpu_layers=0, layer_bands=effort.layer_bands,
+                                         probe_chunks=effort.probe_chunks, probe_ctx=effort.probe_ctx)
     shapes = {t.name: tuple(t.shape) for t in check_gguf(args.reference).tensors}
     groups: dict[str, list[str]] = {}
     for tensor in sensitivity.tensors:
