@@ -22,10 +22,11 @@ from native.rpc import RemoteDevice, rpc_available
 from qdesk.chat.engine import LoadOptions, ModelCrashed, SamplingOptions, load_model
 from qdesk.rpc.endpoints import WorkerUnreachable, exposure_warnings, parse_endpoints
 from qdesk.rpc.placement import device_of_layers, place_layers
+from tests.starter_prompts import CAPITAL_QUESTION
 from tests.test_engine import worker_children
 
 REPO = Path(__file__).resolve().parent.parent
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": CAPITAL_QUESTION}]
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=12)
 START_TIMEOUT_S = 60.0
 LOGIT_TOLERANCE = 1e-3

@@ -19,9 +19,10 @@ import pytest
 from qdesk.chat.engine import LoadOptions
 from qdesk.serve.server import RunningServer, ServeError, ServeOptions, start_server
 from qdesk.serve.stops import StopScanner
+from tests.starter_prompts import CAPITAL_QUESTION
 from tests.test_engine import worker_children
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": CAPITAL_QUESTION}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 CLIENT_TIMEOUT_S = 180.0
 """Every request is bounded: a server that hangs fails the test instead of holding it."""
